@@ -1,0 +1,74 @@
+#include "backend.h"
+
+#include <algorithm>
+#include <string>
+
+#include "errors.h"
+#include "ggml-cpu.h"
+
+namespace slot {
+
+GraphBuilder::GraphBuilder(size_t n_tensors) {
+    ggml_init_params p{};
+    p.mem_size = ggml_tensor_overhead() * n_tensors + ggml_graph_overhead();
+    p.no_alloc = true;
+    ctx = ggml_init(p);
+    if (ctx == nullptr) throw Error("ggml_init failed");
+    graph = ggml_new_graph(ctx);
+}
+
+GraphBuilder::~GraphBuilder() { ggml_free(ctx); }
+
+ggml_tensor* GraphBuilder::input(ggml_type type, int64_t ne0, int64_t ne1) {
+    ggml_tensor* t = ggml_new_tensor_2d(ctx, type, ne0, ne1);
+    ggml_set_input(t);
+    return t;
+}
+
+void GraphBuilder::output(ggml_tensor* t) {
+    ggml_set_output(t);
+    ggml_build_forward_expand(graph, t);
+}
+
+StaticTensors::StaticTensors(size_t n_tensors) {
+    ggml_init_params p{};
+    p.mem_size = ggml_tensor_overhead() * n_tensors;
+    p.no_alloc = true;
+    ctx = ggml_init(p);
+    if (ctx == nullptr) throw Error("ggml_init failed");
+}
+
+StaticTensors::~StaticTensors() {
+    if (buffer) ggml_backend_buffer_free(buffer);
+    ggml_free(ctx);
+}
+
+ComputeBackend::ComputeBackend(int n_threads) : n_threads_(std::max(1, n_threads)) {
+    backend_ = ggml_backend_cpu_init();
+    if (backend_ == nullptr) throw Error("could not initialise the ggml CPU backend");
+    ggml_backend_cpu_set_n_threads(backend_, n_threads_);
+    galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
+    if (galloc_ == nullptr) throw Error("could not create a ggml graph allocator");
+}
+
+ComputeBackend::~ComputeBackend() {
+    ggml_gallocr_free(galloc_);
+    ggml_backend_free(backend_);
+}
+
+void ComputeBackend::allocate(StaticTensors& tensors, const char* what) {
+    tensors.buffer = ggml_backend_alloc_ctx_tensors(tensors.ctx, backend_);
+    if (tensors.buffer == nullptr) throw Error(std::string("out of memory allocating ") + what);
+}
+
+void ComputeBackend::prepare(GraphBuilder& g) {
+    if (!ggml_gallocr_alloc_graph(galloc_, g.graph)) throw Error("could not allocate a ggml graph");
+}
+
+void ComputeBackend::compute(GraphBuilder& g, const char* what) {
+    if (ggml_backend_graph_compute(backend_, g.graph) != GGML_STATUS_SUCCESS) {
+        throw Error(std::string("ggml computation failed: ") + what);
+    }
+}
+
+}  // namespace slot

@@ -1,0 +1,56 @@
+// A ggml compute backend with its graph allocator: the place where SLOT's
+// products and reductions run as ggml graphs.
+#pragma once
+
+#include <cstddef>
+
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml.h"
+
+namespace slot {
+
+// A ggml context holding only tensor headers, plus one graph.
+struct GraphBuilder {
+    ggml_context* ctx = nullptr;
+    ggml_cgraph* graph = nullptr;
+    explicit GraphBuilder(size_t n_tensors);
+    ~GraphBuilder();
+    GraphBuilder(const GraphBuilder&) = delete;
+    GraphBuilder& operator=(const GraphBuilder&) = delete;
+
+    ggml_tensor* input(ggml_type type, int64_t ne0, int64_t ne1 = 1);
+    void output(ggml_tensor* t);
+};
+
+// Tensors that outlive a graph (weights, caches) live in a StaticTensors.
+struct StaticTensors {
+    ggml_context* ctx = nullptr;
+    ggml_backend_buffer_t buffer = nullptr;
+    explicit StaticTensors(size_t n_tensors);
+    ~StaticTensors();
+    StaticTensors(const StaticTensors&) = delete;
+    StaticTensors& operator=(const StaticTensors&) = delete;
+};
+
+class ComputeBackend {
+public:
+    explicit ComputeBackend(int n_threads);
+    ~ComputeBackend();
+    ComputeBackend(const ComputeBackend&) = delete;
+    ComputeBackend& operator=(const ComputeBackend&) = delete;
+
+    int n_threads() const { return n_threads_; }
+    // Allocates every tensor of `tensors` on this backend.
+    void allocate(StaticTensors& tensors, const char* what);
+    // Allocates the graph's intermediate tensors; set inputs after this.
+    void prepare(GraphBuilder& g);
+    void compute(GraphBuilder& g, const char* what);
+
+private:
+    int n_threads_ = 1;
+    ggml_backend_t backend_ = nullptr;
+    ggml_gallocr_t galloc_ = nullptr;
+};
+
+}  // namespace slot

@@ -1,0 +1,309 @@
+#include "engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+
+#include "errors.h"
+#include "log.h"
+
+namespace slot {
+namespace {
+
+struct BatchHolder {
+    llama_batch batch;
+    explicit BatchHolder(int n) : batch(llama_batch_init(n, 0, 1)) {}
+    ~BatchHolder() { llama_batch_free(batch); }
+    BatchHolder(const BatchHolder&) = delete;
+    BatchHolder& operator=(const BatchHolder&) = delete;
+};
+
+struct SamplerDeleter { void operator()(llama_sampler* s) const { llama_sampler_free(s); } };
+
+std::string with_log_detail(const std::string& message) {
+    const std::string detail = last_error_line();
+    return detail.empty() ? message : message + " (llama.cpp: " + detail + ")";
+}
+
+void ensure_backend() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        install_log_callback();
+        llama_backend_init();
+    });
+}
+
+}  // namespace
+
+Engine::Engine(const EngineParams& params) : params_(params) {
+    if (params.n_ctx < 0) throw std::invalid_argument("n_ctx must be >= 0");
+    if (params.n_batch < 1) throw std::invalid_argument("n_batch must be >= 1");
+    if (params.n_threads < 0) throw std::invalid_argument("n_threads must be >= 0");
+    if (params.n_gpu_layers < -1) throw std::invalid_argument("n_gpu_layers must be >= -1");
+    ensure_backend();
+
+    info_ = read_model_file_info(params.model_path);
+    if (info_.n_tensors == 0) {
+        throw ModelLoadError("GGUF file has no tensors (vocabulary-only file?): " + params.model_path);
+    }
+    if (!info_.has_head) {
+        throw ModelLoadError("GGUF file has no output head (neither output.weight nor "
+                             "token_embd.weight): " + params.model_path);
+    }
+
+    n_threads_ = params.n_threads > 0
+                     ? params.n_threads
+                     : std::max(1u, std::thread::hardware_concurrency());
+
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = params.n_gpu_layers < 0 ? -1 : params.n_gpu_layers;
+    if (!params.use_mmap) mp.load_mode = LLAMA_LOAD_MODE_NONE;
+    clear_last_error_line();
+    model_.reset(llama_model_load_from_file(params.model_path.c_str(), mp));
+    if (!model_) {
+        throw ModelLoadError(with_log_detail("llama.cpp could not load the model from " +
+                                             params.model_path));
+    }
+    if (llama_model_has_encoder(model_.get())) {
+        throw UnsupportedModelError("encoder-decoder models are not supported: " + params.model_path);
+    }
+    vocab_ = llama_model_get_vocab(model_.get());
+    n_vocab_ = llama_vocab_n_tokens(vocab_);
+    n_embd_ = llama_model_n_embd_out(model_.get());
+    if (n_embd_ <= 0) n_embd_ = llama_model_n_embd(model_.get());
+
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = static_cast<uint32_t>(params.n_ctx);
+    cp.n_batch = static_cast<uint32_t>(params.n_batch);
+    cp.n_ubatch = static_cast<uint32_t>(params.n_batch);
+    cp.n_threads = n_threads_;
+    cp.n_threads_batch = n_threads_;
+    cp.pooling_type = LLAMA_POOLING_TYPE_NONE;
+    cp.embeddings = false;
+    cp.no_perf = true;
+    cp.abort_callback = &Engine::abort_trampoline;
+    cp.abort_callback_data = this;
+    ctx_.reset(llama_init_from_model(model_.get(), cp));
+    if (!ctx_) {
+        throw ModelLoadError(with_log_detail("llama.cpp could not create a context for " +
+                                             params.model_path));
+    }
+}
+
+int Engine::n_ctx() const { return static_cast<int>(llama_n_ctx(ctx_.get())); }
+
+bool Engine::abort_trampoline(void* data) {
+    auto* self = static_cast<Engine*>(data);
+    return self->active_check_ != nullptr && *self->active_check_ && (*self->active_check_)();
+}
+
+void Engine::check_tokens(const std::vector<int32_t>& tokens) const {
+    for (int32_t t : tokens) {
+        if (t < 0 || t >= n_vocab_) {
+            throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                                        std::to_string(n_vocab_) + ")");
+        }
+    }
+}
+
+std::vector<int32_t> Engine::tokenize(const std::string& text, bool add_special, bool parse_special) const {
+    if (text.size() > static_cast<size_t>(INT32_MAX / 2)) throw std::invalid_argument("text is too long");
+    std::vector<int32_t> out(text.size() + 8);
+    int32_t n = llama_tokenize(vocab_, text.data(), static_cast<int32_t>(text.size()), out.data(),
+                               static_cast<int32_t>(out.size()), add_special, parse_special);
+    if (n == INT32_MIN) throw std::invalid_argument("text produces too many tokens");
+    if (n < 0) {
+        out.resize(static_cast<size_t>(-n));
+        n = llama_tokenize(vocab_, text.data(), static_cast<int32_t>(text.size()), out.data(),
+                           static_cast<int32_t>(out.size()), add_special, parse_special);
+        if (n < 0) throw Error("tokenization failed");
+    }
+    out.resize(static_cast<size_t>(n));
+    return out;
+}
+
+std::string Engine::token_piece(int32_t token, bool render_special) const {
+    char buf[256];
+    int32_t n = llama_token_to_piece(vocab_, token, buf, sizeof(buf), 0, render_special);
+    if (n >= 0) return std::string(buf, static_cast<size_t>(n));
+    std::string big(static_cast<size_t>(-n), '\0');
+    n = llama_token_to_piece(vocab_, token, big.data(), static_cast<int32_t>(big.size()), 0, render_special);
+    if (n < 0) throw Error("detokenization failed for token " + std::to_string(token));
+    big.resize(static_cast<size_t>(n));
+    return big;
+}
+
+std::string Engine::detokenize(const std::vector<int32_t>& tokens) const {
+    check_tokens(tokens);
+    std::string out(tokens.size() * 8 + 16, '\0');
+    int32_t n = llama_detokenize(vocab_, tokens.data(), static_cast<int32_t>(tokens.size()), out.data(),
+                                 static_cast<int32_t>(out.size()), false, false);
+    if (n < 0) {
+        out.resize(static_cast<size_t>(-n));
+        n = llama_detokenize(vocab_, tokens.data(), static_cast<int32_t>(tokens.size()), out.data(),
+                             static_cast<int32_t>(out.size()), false, false);
+        if (n < 0) throw Error("detokenization failed");
+    }
+    out.resize(static_cast<size_t>(n));
+    return out;
+}
+
+bool Engine::is_eog(int32_t token) const { return llama_vocab_is_eog(vocab_, token); }
+
+bool Engine::has_chat_template() const { return llama_model_chat_template(model_.get(), nullptr) != nullptr; }
+
+std::string Engine::apply_chat_template(const std::vector<ChatMessage>& messages, bool add_assistant,
+                                        const std::string& template_name) const {
+    const char* tmpl = template_name.empty() ? llama_model_chat_template(model_.get(), nullptr)
+                                             : template_name.c_str();
+    if (tmpl == nullptr) {
+        throw std::invalid_argument(
+            "this model has no chat template; pass chat_template with a built-in name "
+            "(see slot_cpp.chat_templates()) or a template string");
+    }
+    std::vector<llama_chat_message> chat;
+    size_t total = 0;
+    for (const auto& m : messages) {
+        chat.push_back({m.role.c_str(), m.content.c_str()});
+        total += m.role.size() + m.content.size();
+    }
+    std::string buf(total * 2 + 1024, '\0');
+    int32_t n = llama_chat_apply_template(tmpl, chat.data(), chat.size(), add_assistant, buf.data(),
+                                          static_cast<int32_t>(buf.size()));
+    if (n < 0) {
+        throw std::invalid_argument("chat template '" + std::string(template_name.empty() ? "(model's own)" : template_name) +
+                                    "' is not supported by llama.cpp's built-in formatter");
+    }
+    if (static_cast<size_t>(n) > buf.size()) {
+        buf.resize(static_cast<size_t>(n));
+        n = llama_chat_apply_template(tmpl, chat.data(), chat.size(), add_assistant, buf.data(),
+                                      static_cast<int32_t>(buf.size()));
+        if (n < 0) throw Error("chat template formatting failed");
+    }
+    buf.resize(static_cast<size_t>(n));
+    return buf;
+}
+
+void Engine::decode_checked(llama_batch& batch, const InterruptCheck& interrupted, const char* what) {
+    active_check_ = &interrupted;
+    clear_last_error_line();
+    const int32_t rc = llama_decode(ctx_.get(), batch);
+    active_check_ = nullptr;
+    if (rc == 0) return;
+    if (rc == 2 && interrupted && interrupted()) throw Interrupted();
+    if (rc == 2) throw Interrupted();
+    if (rc == 1) {
+        throw ContextLengthError(with_log_detail(std::string(what) + ": no room in the KV cache (n_ctx=" +
+                                                 std::to_string(n_ctx()) + ")"));
+    }
+    throw Error(with_log_detail(std::string(what) + ": llama_decode failed with code " + std::to_string(rc)));
+}
+
+void Engine::prefill(const std::vector<int32_t>& tokens, bool all_positions, int max_rows_per_batch,
+                     const PrefillSink& sink, const InterruptCheck& interrupted) {
+    if (tokens.empty()) throw std::invalid_argument("the prompt has no tokens");
+    check_tokens(tokens);
+    const int n = static_cast<int>(tokens.size());
+    if (n > n_ctx()) {
+        throw ContextLengthError("the prompt has " + std::to_string(n) + " tokens but the context holds " +
+                                 std::to_string(n_ctx()));
+    }
+    last_logits_ = nullptr;
+    llama_memory_clear(llama_get_memory(ctx_.get()), true);
+    if (embeddings_on_ != all_positions) {
+        llama_set_embeddings(ctx_.get(), all_positions);
+        embeddings_on_ = all_positions;
+    }
+    int rows = params_.n_batch;
+    if (all_positions && max_rows_per_batch > 0) rows = std::min(rows, max_rows_per_batch);
+    rows = std::max(1, rows);
+    BatchHolder holder(rows);
+    llama_batch& batch = holder.batch;
+    for (int start = 0; start < n; start += rows) {
+        const int count = std::min(rows, n - start);
+        batch.n_tokens = count;
+        for (int i = 0; i < count; ++i) {
+            batch.token[i] = tokens[static_cast<size_t>(start + i)];
+            batch.pos[i] = start + i;
+            batch.n_seq_id[i] = 1;
+            batch.seq_id[i][0] = 0;
+            batch.logits[i] = (all_positions || start + i == n - 1) ? 1 : 0;
+        }
+        decode_checked(batch, interrupted, "prefill");
+        if (all_positions && sink) {
+            const float* logits = llama_get_logits(ctx_.get());
+            const float* hidden = llama_get_embeddings(ctx_.get());
+            if (logits == nullptr || hidden == nullptr) throw Error("llama.cpp returned no prefill outputs");
+            sink(start, count, logits, hidden);
+        }
+        if (interrupted && start + count < n && interrupted()) throw Interrupted();
+    }
+    last_logits_ = llama_get_logits_ith(ctx_.get(), -1);
+    if (last_logits_ == nullptr) throw Error("llama.cpp returned no logits for the last prompt position");
+}
+
+void Engine::decode_next(int32_t token, int pos, const InterruptCheck& interrupted) {
+    if (token < 0 || token >= n_vocab_) throw std::invalid_argument("token id out of range");
+    if (pos >= n_ctx()) throw ContextLengthError("the context window is full");
+    if (embeddings_on_) {
+        llama_set_embeddings(ctx_.get(), false);
+        embeddings_on_ = false;
+    }
+    BatchHolder holder(1);
+    llama_batch& batch = holder.batch;
+    batch.n_tokens = 1;
+    batch.token[0] = token;
+    batch.pos[0] = pos;
+    batch.n_seq_id[0] = 1;
+    batch.seq_id[0][0] = 0;
+    batch.logits[0] = 1;
+    last_logits_ = nullptr;
+    decode_checked(batch, interrupted, "decode");
+    last_logits_ = llama_get_logits_ith(ctx_.get(), -1);
+    if (last_logits_ == nullptr) throw Error("llama.cpp returned no logits");
+}
+
+std::vector<int32_t> Engine::reference_greedy(const std::vector<int32_t>& prompt, int n_new,
+                                              const InterruptCheck& interrupted, double* decode_seconds) {
+    if (prompt.empty()) throw std::invalid_argument("the prompt has no tokens");
+    if (n_new < 0) throw std::invalid_argument("n_new must be >= 0");
+    check_tokens(prompt);
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = static_cast<uint32_t>(prompt.size() + static_cast<size_t>(n_new) + 8);
+    cp.n_batch = static_cast<uint32_t>(std::max<size_t>(prompt.size(), 512));
+    cp.n_ubatch = static_cast<uint32_t>(params_.n_batch);
+    cp.n_threads = n_threads_;
+    cp.n_threads_batch = n_threads_;
+    cp.no_perf = true;
+    cp.abort_callback = &Engine::abort_trampoline;
+    cp.abort_callback_data = this;
+    ContextPtr ctx(llama_init_from_model(model_.get(), cp));
+    if (!ctx) throw Error(with_log_detail("could not create a reference context"));
+    std::unique_ptr<llama_sampler, SamplerDeleter> chain(llama_sampler_chain_init(llama_sampler_chain_default_params()));
+    llama_sampler_chain_add(chain.get(), llama_sampler_init_greedy());
+
+    std::vector<int32_t> tokens(prompt);
+    std::vector<int32_t> out;
+    active_check_ = &interrupted;
+    llama_batch batch = llama_batch_get_one(tokens.data(), static_cast<int32_t>(tokens.size()));
+    int32_t rc = llama_decode(ctx.get(), batch);
+    double seconds = 0.0;
+    while (rc == 0 && static_cast<int>(out.size()) < n_new) {
+        const auto t0 = std::chrono::steady_clock::now();
+        int32_t next = llama_sampler_sample(chain.get(), ctx.get(), -1);
+        if (llama_vocab_is_eog(vocab_, next)) break;
+        out.push_back(next);
+        batch = llama_batch_get_one(&out.back(), 1);
+        rc = llama_decode(ctx.get(), batch);
+        seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    active_check_ = nullptr;
+    if (rc == 2) throw Interrupted();
+    if (rc != 0) throw Error(with_log_detail("reference decode failed with code " + std::to_string(rc)));
+    if (decode_seconds) *decode_seconds = seconds;
+    return out;
+}
+
+}  // namespace slot

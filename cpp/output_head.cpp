@@ -1,0 +1,213 @@
+#include "output_head.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+
+#include "errors.h"
+
+namespace slot {
+namespace {
+
+// ggml's CPU out_prod (our W^T*g) handles these stored types directly; any
+// other type is widened to float32 once at load.
+bool out_prod_supports(ggml_type t) {
+    switch (t) {
+        case GGML_TYPE_F32: case GGML_TYPE_F16:
+        case GGML_TYPE_Q4_0: case GGML_TYPE_Q4_1: case GGML_TYPE_Q5_0: case GGML_TYPE_Q5_1:
+        case GGML_TYPE_Q8_0: case GGML_TYPE_Q2_K: case GGML_TYPE_Q3_K: case GGML_TYPE_Q4_K:
+        case GGML_TYPE_Q5_K: case GGML_TYPE_Q6_K: case GGML_TYPE_IQ4_NL: case GGML_TYPE_IQ4_XS:
+            return true;
+        default:
+            return false;
+    }
+}
+
+struct FileCloser { void operator()(std::FILE* f) const { if (f) std::fclose(f); } };
+
+std::vector<uint8_t> read_bytes(const std::string& path, uint64_t offset, uint64_t nbytes) {
+    std::unique_ptr<std::FILE, FileCloser> f(std::fopen(path.c_str(), "rb"));
+    if (!f) throw ModelLoadError("cannot open model file: " + path);
+    if (std::fseek(f.get(), static_cast<long>(offset), SEEK_SET) != 0) {
+        throw ModelLoadError("cannot seek to the output head in " + path);
+    }
+    std::vector<uint8_t> bytes(nbytes);
+    if (nbytes > 0 && std::fread(bytes.data(), 1, nbytes, f.get()) != nbytes) {
+        throw ModelLoadError("GGUF file is truncated: could not read the output head from " + path);
+    }
+    return bytes;
+}
+
+int64_t slab_count(int64_t extent, int n_threads) {
+    return std::max<int64_t>(1, std::min<int64_t>(extent, static_cast<int64_t>(n_threads) * 4));
+}
+
+}  // namespace
+
+RowSplitProduct build_row_split_product(ggml_context* ctx, ggml_tensor* a, ggml_tensor* x, int n_threads) {
+    const int64_t ne0 = a->ne[0], rows = a->ne[1];
+    const int64_t k = slab_count(rows, n_threads);
+    const int64_t per = rows / k;
+    const int64_t done = per * k;
+    RowSplitProduct p;
+    ggml_tensor* av = ggml_view_3d(ctx, a, ne0, per, k, a->nb[1], a->nb[1] * per, 0);
+    ggml_tensor* xv = ggml_view_3d(ctx, x, 1, per, k, sizeof(float), sizeof(float) * per, 0);
+    p.parts = ggml_out_prod(ctx, av, xv);
+    if (done < rows) {
+        ggml_tensor* at = ggml_view_2d(ctx, a, ne0, rows - done, a->nb[1], a->nb[1] * done);
+        ggml_tensor* xt = ggml_view_2d(ctx, x, 1, rows - done, sizeof(float), sizeof(float) * done);
+        p.tail = ggml_out_prod(ctx, at, xt);
+    }
+    return p;
+}
+
+void read_row_split_product(const RowSplitProduct& p, int64_t ne0, float* out) {
+    const int64_t k = p.parts->ne[2];
+    std::vector<float> parts(static_cast<size_t>(ne0 * k));
+    ggml_backend_tensor_get(p.parts, parts.data(), 0, parts.size() * sizeof(float));
+    std::vector<double> acc(static_cast<size_t>(ne0), 0.0);
+    for (int64_t s = 0; s < k; ++s) {
+        for (int64_t i = 0; i < ne0; ++i) acc[static_cast<size_t>(i)] += parts[static_cast<size_t>(s * ne0 + i)];
+    }
+    if (p.tail != nullptr) {
+        std::vector<float> t(static_cast<size_t>(ne0));
+        ggml_backend_tensor_get(p.tail, t.data(), 0, t.size() * sizeof(float));
+        for (int64_t i = 0; i < ne0; ++i) acc[static_cast<size_t>(i)] += t[static_cast<size_t>(i)];
+    }
+    for (int64_t i = 0; i < ne0; ++i) out[i] = static_cast<float>(acc[static_cast<size_t>(i)]);
+}
+
+ColumnSplitProduct build_column_split_product(GraphBuilder& g, ggml_tensor* a, int n_threads) {
+    const int64_t ne0 = a->ne[0], rows = a->ne[1];
+    const int64_t k = slab_count(ne0, n_threads);
+    const int64_t slab = ne0 / k;
+    const int64_t done = slab * k;
+    ColumnSplitProduct p;
+    p.rows = rows;
+    p.k = k;
+    p.x = g.input(GGML_TYPE_F32, rows * (k + 1));
+    // Slab s covers columns [s*slab, (s+1)*slab) and reads copy s of x.
+    ggml_tensor* av = ggml_view_3d(g.ctx, a, slab, rows, k, a->nb[1], sizeof(float) * slab, 0);
+    ggml_tensor* xv = ggml_view_3d(g.ctx, p.x, 1, rows, k, sizeof(float), sizeof(float) * rows, 0);
+    p.main = ggml_out_prod(g.ctx, av, xv);
+    g.output(p.main);
+    if (done < ne0) {
+        ggml_tensor* at = ggml_view_2d(g.ctx, a, ne0 - done, rows, a->nb[1], sizeof(float) * done);
+        ggml_tensor* xt = ggml_view_2d(g.ctx, p.x, 1, rows, sizeof(float), sizeof(float) * rows * k);
+        p.tail = ggml_out_prod(g.ctx, at, xt);
+        g.output(p.tail);
+    }
+    return p;
+}
+
+void set_column_split_input(const ColumnSplitProduct& p, const float* x) {
+    const size_t bytes = static_cast<size_t>(p.rows) * sizeof(float);
+    for (int64_t s = 0; s <= p.k; ++s) ggml_backend_tensor_set(p.x, x, static_cast<size_t>(s) * bytes, bytes);
+}
+
+void read_column_split_product(const ColumnSplitProduct& p, float* out) {
+    const size_t main_bytes = ggml_nbytes(p.main);
+    ggml_backend_tensor_get(p.main, out, 0, main_bytes);
+    if (p.tail != nullptr) {
+        ggml_backend_tensor_get(p.tail, out + main_bytes / sizeof(float), 0, ggml_nbytes(p.tail));
+    }
+}
+
+OutputHead::OutputHead(const ModelFileInfo& info, ComputeBackend& backend) : backend_(backend) {
+    if (!info.has_head) throw ModelLoadError("the model file has no output head");
+    n_vocab_ = info.head.ne1;
+    n_embd_ = info.head.ne0;
+    stored_type_ = info.head.type;
+    if (n_vocab_ <= 0 || n_embd_ <= 0) throw ModelLoadError("output head has an empty shape");
+    const int64_t blck = ggml_blck_size(stored_type_);
+    if (blck <= 0 || n_embd_ % blck != 0 ||
+        ggml_row_size(stored_type_, n_embd_) * static_cast<size_t>(n_vocab_) != info.head.nbytes) {
+        throw ModelLoadError("output head '" + info.head.name + "' has a size that does not match its shape and type");
+    }
+    const auto* traits = ggml_get_type_traits(stored_type_);
+    if (traits == nullptr || traits->to_float == nullptr) {
+        throw UnsupportedModelError(std::string("output head type ") + ggml_type_name(stored_type_) +
+                                    " cannot be dequantised");
+    }
+
+    std::vector<uint8_t> raw = read_bytes(info.path, info.head.file_offset, info.head.nbytes);
+    const ggml_type kept = out_prod_supports(stored_type_) ? stored_type_ : GGML_TYPE_F32;
+    std::vector<float> widened;
+    if (kept != stored_type_) {
+        widened.resize(static_cast<size_t>(n_vocab_ * n_embd_));
+        traits->to_float(raw.data(), widened.data(), n_vocab_ * n_embd_);
+        std::vector<uint8_t>().swap(raw);
+    }
+    if (info.has_head_bias) {
+        std::vector<uint8_t> b = read_bytes(info.path, info.head_bias.file_offset, info.head_bias.nbytes);
+        bias_.resize(static_cast<size_t>(n_vocab_));
+        std::memcpy(bias_.data(), b.data(), bias_.size() * sizeof(float));
+    }
+
+    weight_ = ggml_new_tensor_2d(tensors_.ctx, kept, n_embd_, n_vocab_);
+    ggml_set_name(weight_, "slot_head_w");
+    backend_.allocate(tensors_, "the output head");
+    if (kept == stored_type_) {
+        ggml_backend_tensor_set(weight_, raw.data(), 0, raw.size());
+    } else {
+        ggml_backend_tensor_set(weight_, widened.data(), 0, widened.size() * sizeof(float));
+    }
+}
+
+void OutputHead::project(const float* delta, float* out) {
+    GraphBuilder g(4);
+    ggml_tensor* d = g.input(GGML_TYPE_F32, n_embd_);
+    ggml_tensor* b = ggml_mul_mat(g.ctx, weight_, d);
+    g.output(b);
+    backend_.prepare(g);
+    ggml_backend_tensor_set(d, delta, 0, ggml_nbytes(d));
+    backend_.compute(g, "W*delta");
+    ggml_backend_tensor_get(b, out, 0, ggml_nbytes(b));
+}
+
+void OutputHead::project_transposed(const float* gvec, float* out) {
+    GraphBuilder g(12);
+    ggml_tensor* x = g.input(GGML_TYPE_F32, n_vocab_);
+    RowSplitProduct p = build_row_split_product(g.ctx, weight_, x, backend_.n_threads());
+    g.output(p.parts);
+    if (p.tail) g.output(p.tail);
+    backend_.prepare(g);
+    ggml_backend_tensor_set(x, gvec, 0, ggml_nbytes(x));
+    backend_.compute(g, "W^T*g");
+    read_row_split_product(p, n_embd_, out);
+}
+
+void OutputHead::logits(const float* hidden, int64_t n_rows, float* out) {
+    if (n_rows <= 0) return;
+    GraphBuilder g(6);
+    ggml_tensor* h = g.input(GGML_TYPE_F32, n_embd_, n_rows);
+    ggml_tensor* z = ggml_mul_mat(g.ctx, weight_, h);  // [n_vocab, n_rows]
+    ggml_tensor* bias = nullptr;
+    if (!bias_.empty()) {
+        bias = g.input(GGML_TYPE_F32, n_vocab_);
+        z = ggml_add(g.ctx, z, bias);
+    }
+    g.output(z);
+    backend_.prepare(g);
+    ggml_backend_tensor_set(h, hidden, 0, ggml_nbytes(h));
+    if (bias) ggml_backend_tensor_set(bias, bias_.data(), 0, ggml_nbytes(bias));
+    backend_.compute(g, "W*H");
+    ggml_backend_tensor_get(z, out, 0, ggml_nbytes(z));
+}
+
+void OutputHead::dequantize(float* out) const {
+    const size_t row_bytes = weight_->nb[1];
+    std::vector<uint8_t> row(row_bytes);
+    const auto* traits = ggml_get_type_traits(weight_->type);
+    for (int64_t v = 0; v < n_vocab_; ++v) {
+        ggml_backend_tensor_get(weight_, row.data(), static_cast<size_t>(v) * row_bytes, row_bytes);
+        if (weight_->type == GGML_TYPE_F32) {
+            std::memcpy(out + v * n_embd_, row.data(), row_bytes);
+        } else {
+            traits->to_float(row.data(), out + v * n_embd_, n_embd_);
+        }
+    }
+}
+
+}  // namespace slot

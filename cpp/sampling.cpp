@@ -1,0 +1,101 @@
+#include "sampling.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <unordered_set>
+
+namespace slot {
+
+void validate(const SamplingParams& p) {
+    if (!(p.temperature >= 0.0) || !std::isfinite(p.temperature)) {
+        throw std::invalid_argument("temperature must be a finite number >= 0");
+    }
+    if (p.top_k < 0) throw std::invalid_argument("top_k must be >= 0");
+    if (!(p.top_p > 0.0 && p.top_p <= 1.0)) throw std::invalid_argument("top_p must be in (0, 1]");
+    if (!(p.min_p >= 0.0 && p.min_p <= 1.0)) throw std::invalid_argument("min_p must be in [0, 1]");
+    if (!(p.repeat_penalty > 0.0) || !std::isfinite(p.repeat_penalty)) {
+        throw std::invalid_argument("repeat_penalty must be a finite number > 0");
+    }
+    if (p.repeat_last_n < 0) throw std::invalid_argument("repeat_last_n must be >= 0");
+}
+
+Sampler::Sampler(const SamplingParams& params, int64_t n_vocab)
+    : params_(params), n_vocab_(n_vocab), rng_(params.seed), work_(static_cast<size_t>(n_vocab)) {
+    validate(params);
+}
+
+int32_t Sampler::sample(const float* logits, const float* bias, const std::vector<int32_t>& history) {
+    float* z = work_.data();
+    if (bias != nullptr) {
+        for (int64_t v = 0; v < n_vocab_; ++v) z[v] = logits[v] + bias[v];
+    } else {
+        std::copy(logits, logits + n_vocab_, z);
+    }
+    if (params_.repeat_penalty != 1.0 && params_.repeat_last_n > 0 && !history.empty()) {
+        const size_t from = history.size() > static_cast<size_t>(params_.repeat_last_n)
+                                ? history.size() - static_cast<size_t>(params_.repeat_last_n) : 0;
+        std::unordered_set<int32_t> seen(history.begin() + static_cast<ptrdiff_t>(from), history.end());
+        const float pen = static_cast<float>(params_.repeat_penalty);
+        for (int32_t t : seen) {
+            if (t < 0 || t >= n_vocab_) continue;
+            z[t] = z[t] > 0.0f ? z[t] / pen : z[t] * pen;
+        }
+    }
+    if (params_.temperature == 0.0) {
+        return static_cast<int32_t>(std::max_element(z, z + n_vocab_) - z);
+    }
+
+    auto& cand = candidates_;
+    cand.clear();
+    cand.reserve(static_cast<size_t>(n_vocab_));
+    for (int64_t v = 0; v < n_vocab_; ++v) {
+        if (std::isfinite(z[v])) cand.emplace_back(z[v], static_cast<int32_t>(v));
+    }
+    if (cand.empty()) throw std::runtime_error("every logit is non-finite; cannot sample");
+    auto by_logit = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+        return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    if (params_.top_k > 0 && static_cast<size_t>(params_.top_k) < cand.size()) {
+        std::nth_element(cand.begin(), cand.begin() + params_.top_k, cand.end(), by_logit);
+        cand.resize(static_cast<size_t>(params_.top_k));
+    }
+    std::sort(cand.begin(), cand.end(), by_logit);
+
+    // Probabilities at the sampling temperature.
+    const double inv_t = 1.0 / params_.temperature;
+    const double top = cand.front().first;
+    std::vector<double> probs(cand.size());
+    double sum = 0.0;
+    for (size_t i = 0; i < cand.size(); ++i) {
+        probs[i] = std::exp((cand[i].first - top) * inv_t);
+        sum += probs[i];
+    }
+    size_t keep = cand.size();
+    if (params_.min_p > 0.0) {
+        const double floor = params_.min_p * probs[0];
+        while (keep > 1 && probs[keep - 1] < floor) --keep;
+    }
+    if (params_.top_p < 1.0) {
+        double acc = 0.0;
+        for (size_t i = 0; i < keep; ++i) {
+            acc += probs[i] / sum;
+            if (acc >= params_.top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    // Inverse-CDF draw from a 53-bit uniform: identical on every platform for a seed.
+    double total = 0.0;
+    for (size_t i = 0; i < keep; ++i) total += probs[i];
+    const double u = static_cast<double>(rng_() >> 11) * (1.0 / 9007199254740992.0) * total;
+    double acc = 0.0;
+    for (size_t i = 0; i < keep; ++i) {
+        acc += probs[i];
+        if (u < acc) return cand[i].second;
+    }
+    return cand[keep - 1].second;
+}
+
+}  // namespace slot

@@ -1,0 +1,274 @@
+#include "slot_optimizer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+#include "errors.h"
+
+namespace slot {
+namespace {
+
+// A target probability below this is recomputed in double from the logits, so
+// that float underflow in P0 never turns into an infinite loss.
+constexpr double kTinyProbability = 1e-30;
+
+double log_sum_exp(const float* x, int64_t n) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+    if (!std::isfinite(m)) return m;
+    double s = 0.0;
+    for (int64_t i = 0; i < n; ++i) s += std::exp(static_cast<double>(x[i]) - m);
+    return m + std::log(s);
+}
+
+bool all_finite(const std::vector<float>& v) {
+    for (float x : v) {
+        if (!std::isfinite(x)) return false;
+    }
+    return true;
+}
+
+}  // namespace
+
+void validate(const SlotConfig& c) {
+    if (c.steps < 0) throw std::invalid_argument("steps must be >= 0");
+    if (!(c.lr > 0.0) || !std::isfinite(c.lr)) throw std::invalid_argument("lr must be a finite number > 0");
+    if (!(c.beta1 >= 0.0 && c.beta1 < 1.0)) throw std::invalid_argument("beta1 must be in [0, 1)");
+    if (!(c.beta2 >= 0.0 && c.beta2 < 1.0)) throw std::invalid_argument("beta2 must be in [0, 1)");
+    if (!(c.eps > 0.0) || !std::isfinite(c.eps)) throw std::invalid_argument("eps must be a finite number > 0");
+    if (!(c.weight_decay >= 0.0) || !std::isfinite(c.weight_decay)) {
+        throw std::invalid_argument("weight_decay must be a finite number >= 0");
+    }
+    if (c.memory_budget < (int64_t(1) << 20)) throw std::invalid_argument("memory_budget must be at least 1 MiB");
+}
+
+PromptCache::PromptCache(OutputHead& head, const std::vector<int32_t>& tokens, const SlotConfig& config)
+    : head_(head), V_(head.n_vocab()), d_(head.n_embd()) {
+    n_ = tokens.empty() ? 0 : static_cast<int>(tokens.size()) - 1;
+    targets_.assign(tokens.begin() + (tokens.empty() ? 0 : 1), tokens.end());
+    const int64_t row_bytes = V_ * static_cast<int64_t>(sizeof(float));
+    // A quarter of the budget bounds llama.cpp's own prefill logits buffer.
+    prefill_rows_ = static_cast<int>(std::clamp<int64_t>(config.memory_budget / 4 / row_bytes, 1, 512));
+    const int64_t rest = config.memory_budget - prefill_rows_ * row_bytes;
+    cached_ = !config.recompute && static_cast<int64_t>(n_) * row_bytes <= rest;
+    recompute_rows_ = static_cast<int>(std::clamp<int64_t>(rest / (2 * row_bytes), 1, 256));
+    if (n_ == 0) return;
+    if (cached_) {
+        target_logp0_.assign(static_cast<size_t>(n_), 0.0);
+        p0_ = std::make_unique<StaticTensors>(1);
+        p0_tensor_ = ggml_new_tensor_2d(p0_->ctx, GGML_TYPE_F32, V_, n_);
+        head_.backend().allocate(*p0_, "the SLOT prompt cache");
+    } else {
+        hidden_.assign(static_cast<size_t>(n_) * static_cast<size_t>(d_), 0.0f);
+    }
+}
+
+PromptCache::~PromptCache() = default;
+
+int64_t PromptCache::bytes() const {
+    if (n_ == 0) return 0;
+    return cached_ ? static_cast<int64_t>(ggml_nbytes(p0_tensor_))
+                   : static_cast<int64_t>(hidden_.size() * sizeof(float));
+}
+
+double PromptCache::target_logprob_from_logits(const float* row, int32_t target) const {
+    return static_cast<double>(row[target]) - log_sum_exp(row, V_);
+}
+
+void PromptCache::add(int first, int count, const float* logits, const float* hidden) {
+    const int end = std::min(first + count, n_);
+    if (end <= first) return;
+    const int c = end - first;
+    if (!cached_) {
+        std::copy(hidden, hidden + static_cast<size_t>(c) * static_cast<size_t>(d_),
+                  hidden_.begin() + static_cast<ptrdiff_t>(first) * d_);
+        return;
+    }
+    GraphBuilder g(6);
+    ggml_tensor* z = g.input(GGML_TYPE_F32, V_, c);
+    ggml_tensor* p = ggml_soft_max(g.ctx, z);
+    ggml_tensor* dst = ggml_view_2d(g.ctx, p0_tensor_, V_, c, p0_tensor_->nb[1], p0_tensor_->nb[1] * first);
+    g.output(ggml_cpy(g.ctx, p, dst));
+    head_.backend().prepare(g);
+    ggml_backend_tensor_set(z, logits, 0, ggml_nbytes(z));
+    head_.backend().compute(g, "prompt softmax");
+    for (int i = 0; i < c; ++i) {
+        const int t = first + i;
+        float prob = 0.0f;
+        const size_t offset = p0_tensor_->nb[1] * static_cast<size_t>(t) + sizeof(float) * static_cast<size_t>(targets_[t]);
+        ggml_backend_tensor_get(p0_tensor_, &prob, offset, sizeof(float));
+        target_logp0_[static_cast<size_t>(t)] =
+            prob > kTinyProbability ? std::log(static_cast<double>(prob))
+                                    : target_logprob_from_logits(logits + static_cast<size_t>(i) * V_, targets_[t]);
+    }
+}
+
+double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, std::vector<float>& grad) {
+    const int threads = head_.backend().n_threads();
+    std::vector<float> b(static_cast<size_t>(V_)), q(static_cast<size_t>(V_)), S(static_cast<size_t>(n_));
+    {
+        GraphBuilder g(8);
+        ggml_tensor* din = g.input(GGML_TYPE_F32, d_);
+        ggml_tensor* bt = ggml_mul_mat(g.ctx, head_.weight(), din);
+        ggml_tensor* qt = ggml_soft_max(g.ctx, bt);
+        ggml_tensor* st = ggml_mul_mat(g.ctx, p0_tensor_, qt);
+        g.output(bt);
+        g.output(qt);
+        g.output(st);
+        head_.backend().prepare(g);
+        ggml_backend_tensor_set(din, delta.data(), 0, ggml_nbytes(din));
+        head_.backend().compute(g, "SLOT step (W*delta, P0*q)");
+        ggml_backend_tensor_get(bt, b.data(), 0, ggml_nbytes(bt));
+        ggml_backend_tensor_get(qt, q.data(), 0, ggml_nbytes(qt));
+        ggml_backend_tensor_get(st, S.data(), 0, ggml_nbytes(st));
+    }
+    const double lse_b = log_sum_exp(b.data(), V_);
+    const double inv_n = 1.0 / n_;
+    double loss = 0.0;
+    std::vector<float> r(static_cast<size_t>(n_));
+    for (int t = 0; t < n_; ++t) {
+        const double s = S[static_cast<size_t>(t)];
+        loss += -target_logp0_[static_cast<size_t>(t)] + lse_b + std::log(s) - b[static_cast<size_t>(targets_[t])];
+        r[static_cast<size_t>(t)] = static_cast<float>(inv_n / s);
+    }
+    loss *= inv_n;
+    if (!std::isfinite(loss)) return loss;
+
+    std::vector<float> u(static_cast<size_t>(V_));
+    {
+        GraphBuilder g(10);
+        ColumnSplitProduct prod = build_column_split_product(g, p0_tensor_, threads);
+        head_.backend().prepare(g);
+        set_column_split_input(prod, r.data());
+        head_.backend().compute(g, "SLOT step (P0^T*r)");
+        read_column_split_product(prod, u.data());
+    }
+    std::vector<float> gvec(static_cast<size_t>(V_));
+    for (int64_t v = 0; v < V_; ++v) gvec[static_cast<size_t>(v)] = q[static_cast<size_t>(v)] * u[static_cast<size_t>(v)];
+    for (int t = 0; t < n_; ++t) gvec[static_cast<size_t>(targets_[t])] -= static_cast<float>(inv_n);
+    head_.project_transposed(gvec.data(), grad.data());
+    return loss;
+}
+
+double PromptCache::loss_and_gradient_recompute(const std::vector<float>& delta, std::vector<float>& grad,
+                                                const InterruptCheck& interrupted) {
+    const int threads = head_.backend().n_threads();
+    const double inv_n = 1.0 / n_;
+    std::vector<double> u(static_cast<size_t>(V_), 0.0);
+    std::vector<float> part(static_cast<size_t>(V_));
+    std::vector<float> rows;
+    std::vector<float> weights;
+    double loss = 0.0;
+    for (int r0 = 0; r0 < n_; r0 += recompute_rows_) {
+        const int c = std::min(recompute_rows_, n_ - r0);
+        rows.assign(hidden_.begin() + static_cast<ptrdiff_t>(r0) * d_,
+                    hidden_.begin() + static_cast<ptrdiff_t>(r0 + c) * d_);
+        for (int i = 0; i < c; ++i) {
+            for (int64_t j = 0; j < d_; ++j) rows[static_cast<size_t>(i * d_ + j)] += delta[static_cast<size_t>(j)];
+        }
+        GraphBuilder g(16);
+        ggml_tensor* h = g.input(GGML_TYPE_F32, d_, c);
+        ggml_tensor* z = ggml_mul_mat(g.ctx, head_.weight(), h);
+        ggml_tensor* bias = nullptr;
+        if (head_.has_bias()) {
+            bias = g.input(GGML_TYPE_F32, V_);
+            z = ggml_add(g.ctx, z, bias);
+        }
+        ggml_tensor* p = ggml_soft_max(g.ctx, z);
+        g.output(p);
+        ColumnSplitProduct prod = build_column_split_product(g, p, threads);
+        head_.backend().prepare(g);
+        ggml_backend_tensor_set(h, rows.data(), 0, ggml_nbytes(h));
+        if (bias) ggml_backend_tensor_set(bias, head_.bias().data(), 0, ggml_nbytes(bias));
+        weights.assign(static_cast<size_t>(c), static_cast<float>(inv_n));
+        set_column_split_input(prod, weights.data());
+        head_.backend().compute(g, "SLOT recompute step");
+        read_column_split_product(prod, part.data());
+        for (int64_t v = 0; v < V_; ++v) u[static_cast<size_t>(v)] += part[static_cast<size_t>(v)];
+        for (int i = 0; i < c; ++i) {
+            const int t = r0 + i;
+            float prob = 0.0f;
+            ggml_backend_tensor_get(p, &prob, p->nb[1] * static_cast<size_t>(i) + sizeof(float) * static_cast<size_t>(targets_[t]),
+                                    sizeof(float));
+            double logp;
+            if (prob > kTinyProbability) {
+                logp = std::log(static_cast<double>(prob));
+            } else {
+                std::vector<float> zrow(static_cast<size_t>(V_));
+                head_.logits(rows.data() + static_cast<size_t>(i) * d_, 1, zrow.data());
+                logp = target_logprob_from_logits(zrow.data(), targets_[t]);
+            }
+            loss -= logp;
+        }
+        if (interrupted && r0 + c < n_ && interrupted()) throw Interrupted();
+    }
+    loss *= inv_n;
+    std::vector<float> gvec(static_cast<size_t>(V_));
+    for (int64_t v = 0; v < V_; ++v) gvec[static_cast<size_t>(v)] = static_cast<float>(u[static_cast<size_t>(v)]);
+    for (int t = 0; t < n_; ++t) gvec[static_cast<size_t>(targets_[t])] -= static_cast<float>(inv_n);
+    head_.project_transposed(gvec.data(), grad.data());
+    return loss;
+}
+
+double PromptCache::loss_and_gradient(const std::vector<float>& delta, std::vector<float>& grad,
+                                     const InterruptCheck& interrupted) {
+    if (static_cast<int64_t>(delta.size()) != d_) throw std::invalid_argument("delta has the wrong length");
+    if (n_ == 0) throw std::invalid_argument("the prompt needs at least two tokens for a SLOT loss");
+    grad.assign(static_cast<size_t>(d_), 0.0f);
+    return cached_ ? loss_and_gradient_cached(delta, grad) : loss_and_gradient_recompute(delta, grad, interrupted);
+}
+
+SlotOutcome PromptCache::optimise(const SlotConfig& config, const InterruptCheck& interrupted) {
+    validate(config);
+    SlotOutcome out;
+    out.delta.assign(static_cast<size_t>(d_), 0.0f);
+    out.path = cached_ ? "cached" : "recompute";
+    out.cache_bytes = bytes();
+    if (config.steps == 0) {
+        out.stop_reason = "no steps requested";
+        return out;
+    }
+    if (n_ == 0) {
+        out.stop_reason = "no loss positions (the prompt has one token)";
+        return out;
+    }
+    std::vector<float> delta(static_cast<size_t>(d_), 0.0f), grad(static_cast<size_t>(d_));
+    std::vector<double> m(static_cast<size_t>(d_), 0.0), v(static_cast<size_t>(d_), 0.0);
+    out.stop_reason = "completed";
+    for (int step = 1; step <= config.steps; ++step) {
+        if (interrupted && interrupted()) throw Interrupted();
+        const double loss = loss_and_gradient(delta, grad, interrupted);
+        if (!std::isfinite(loss) || !all_finite(grad)) {
+            out.stop_reason = "non-finite loss or gradient at step " + std::to_string(step) +
+                              "; kept the last finite delta";
+            break;
+        }
+        out.losses.push_back(loss);
+        // AdamW with decoupled weight decay, as torch.optim.AdamW.
+        const double bc1 = 1.0 - std::pow(config.beta1, step);
+        const double bc2 = 1.0 - std::pow(config.beta2, step);
+        std::vector<float> next(delta);
+        for (int64_t i = 0; i < d_; ++i) {
+            const size_t k = static_cast<size_t>(i);
+            const double gi = grad[k];
+            double p = next[k] * (1.0 - config.lr * config.weight_decay);
+            m[k] = config.beta1 * m[k] + (1.0 - config.beta1) * gi;
+            v[k] = config.beta2 * v[k] + (1.0 - config.beta2) * gi * gi;
+            const double denom = std::sqrt(v[k]) / std::sqrt(bc2) + config.eps;
+            p -= (config.lr / bc1) * m[k] / denom;
+            next[k] = static_cast<float>(p);
+        }
+        if (!all_finite(next)) {
+            out.stop_reason = "non-finite delta after step " + std::to_string(step) + "; kept the last finite delta";
+            break;
+        }
+        delta.swap(next);
+        out.steps_done = step;
+    }
+    out.delta = delta;
+    return out;
+}
+
+}  // namespace slot

@@ -1,0 +1,85 @@
+// SLOT: one vector delta added to the final normed hidden state, learned with
+// AdamW on the prompt's own next-token cross-entropy.
+//
+// The head is linear, so W(h_t + delta) = z0_t + b with b = W*delta. The
+// default ("cached") path keeps P0 = softmax(z0) for every loss position, so a
+// step costs two matrix-vector products over P0 plus b = W*delta and W^T*g:
+//   lse(z0_t + b) = lse(z0_t) + lse(b) + log S_t,  S_t = sum_v P0_tv q_v,
+//   q = softmax(b),  g = (1/n) sum_t p_t - onehot(y_t),  p_tv = P0_tv q_v / S_t.
+// The "recompute" path (the published algorithm) evaluates W(H + delta) every
+// step; it is used on request and when P0 would exceed the memory budget.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend.h"
+#include "engine.h"
+#include "output_head.h"
+
+namespace slot {
+
+struct SlotConfig {
+    int steps = 5;
+    double lr = 0.1;
+    double beta1 = 0.9;
+    double beta2 = 0.999;
+    double eps = 1e-5;
+    double weight_decay = 1e-8;
+    int64_t memory_budget = int64_t(1) << 30;  // bytes for SLOT's prompt caches
+    bool recompute = false;                    // force the published per-step recomputation
+};
+
+void validate(const SlotConfig& config);
+
+struct SlotOutcome {
+    std::vector<float> delta;     // n_embd
+    std::vector<double> losses;   // loss of the delta each step started from
+    int steps_done = 0;
+    std::string stop_reason;      // "completed", "no loss positions", "non-finite ..."
+    std::string path;             // "cached" or "recompute"
+    int64_t cache_bytes = 0;
+};
+
+// What the optimiser needs of the prompt, filled batch by batch from prefill.
+class PromptCache {
+public:
+    PromptCache(OutputHead& head, const std::vector<int32_t>& tokens, const SlotConfig& config);
+    ~PromptCache();
+
+    int n_positions() const { return n_; }  // loss positions: prompt length - 1
+    bool cached() const { return cached_; }
+    int prefill_rows() const { return prefill_rows_; }
+    int64_t bytes() const;
+    // The prefill sink: rows [first, first+count) of logits (n_vocab each) and
+    // hidden states (n_embd each).
+    void add(int first, int count, const float* logits, const float* hidden);
+
+    SlotOutcome optimise(const SlotConfig& config, const InterruptCheck& interrupted);
+    // The loss at `delta` and its gradient dL/d delta (n_embd) on this cache's path.
+    double loss_and_gradient(const std::vector<float>& delta, std::vector<float>& grad,
+                             const InterruptCheck& interrupted);
+
+private:
+    double loss_and_gradient_cached(const std::vector<float>& delta, std::vector<float>& grad);
+    double loss_and_gradient_recompute(const std::vector<float>& delta, std::vector<float>& grad,
+                                       const InterruptCheck& interrupted);
+    double target_logprob_from_logits(const float* row, int32_t target) const;
+
+    OutputHead& head_;
+    int n_ = 0;
+    int64_t V_ = 0;
+    int64_t d_ = 0;
+    bool cached_ = true;
+    int prefill_rows_ = 1;
+    int recompute_rows_ = 1;
+    std::vector<int32_t> targets_;        // y_t = x_{t+1}
+    std::vector<double> target_logp0_;    // log P0_t(y_t), cached path
+    std::vector<float> hidden_;           // n x d, recompute path
+    std::unique_ptr<StaticTensors> p0_;   // [V, n] softmax(z0), cached path
+    ggml_tensor* p0_tensor_ = nullptr;
+};
+
+}  // namespace slot

@@ -1,0 +1,487 @@
+"""The typed Python face of the native core: Model, results, validation."""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _core
+from ._default_model import default_model_path
+
+Message = Mapping[str, str]
+Prompt = Union[str, Sequence[Message]]
+TextCallback = Callable[[str], Optional[bool]]
+
+ROLES = frozenset({"system", "user", "assistant"})
+DEFAULT_MEMORY_BUDGET = 1 << 30
+
+
+class ModelClosedError(_core.SlotError):
+    """The Model was closed; create a new one."""
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Wall-clock seconds of each stage of one call."""
+
+    prefill: float
+    optimise: float
+    generate: float
+
+    @property
+    def total(self) -> float:
+        return self.prefill + self.optimise + self.generate
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What one generation produced, and what SLOT did on the way."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    """"eos", "length", "stop", "callback" or "context_full"."""
+    delta: Optional[np.ndarray]
+    """The delta used (float32, n_embd), or None for plain generation."""
+    losses: list[float]
+    """Prompt loss at the start of each optimisation step."""
+    steps_done: int
+    slot_status: str
+    """Why optimisation ended, or why it did not run."""
+    slot_path: str
+    """"cached" (logit-cache fast path), "recompute" (published algorithm) or ""."""
+    slot_cache_bytes: int
+    prompt_tokens: int
+    timings: Timings
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.timings.generate if self.timings.generate > 0 else 0.0
+
+    @property
+    def delta_norm(self) -> float:
+        return float(np.linalg.norm(self.delta)) if self.delta is not None else 0.0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts read from the GGUF file."""
+
+    path: str
+    architecture: str
+    name: str
+    n_embd: int
+    n_vocab: int
+    n_ctx: int
+    head_tensor: str
+    head_type: str
+    tied_embeddings: bool
+    head_bias: bool
+    final_logit_softcapping: float
+    logit_scale: float
+    has_chat_template: bool
+    file_size: int
+    slot_supported: bool
+    slot_unsupported_reason: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_float(name: str, value: Any, *, low: float, high: float = math.inf,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value}")
+    bad_low = v <= low if low_open else v < low
+    bad_high = v >= high if high_open else v > high
+    if bad_low or bad_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open or high == math.inf else "]"
+        raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {value}")
+    return v
+
+
+def _check_delta(delta: Any, n_embd: int) -> np.ndarray:
+    arr = np.asarray(delta)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"delta must be a floating-point array, got dtype {arr.dtype}")
+    if arr.ndim != 1 or arr.shape[0] != n_embd:
+        raise ValueError(f"delta must have shape ({n_embd},), got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("delta contains NaN or infinite values")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+class Model:
+    """A GGUF model loaded through llama.cpp, ready for SLOT generation.
+
+    Use it as a context manager or call :meth:`close`. One Model may be shared
+    by threads: calls are serialised.
+    """
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike[str], None] = None,
+        *,
+        n_ctx: int = 4096,
+        n_threads: Optional[int] = None,
+        n_gpu_layers: int = 0,
+        n_batch: int = 512,
+        seed: int = 0,
+        use_mmap: bool = True,
+    ) -> None:
+        n_ctx = _check_int("n_ctx", n_ctx, 0)
+        n_batch = _check_int("n_batch", n_batch, 1)
+        threads = 0 if n_threads is None else _check_int("n_threads", n_threads, 1)
+        n_gpu_layers = _check_int("n_gpu_layers", n_gpu_layers, -1)
+        self._seed = _check_int("seed", seed, 0)
+        if path is None:
+            path = default_model_path()
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        self._path = str(Path(path))
+        self._session: Optional[_core.Session] = None
+        self._session = _core.Session(self._path, n_ctx, n_batch, threads, n_gpu_layers, bool(use_mmap))
+
+    # ---- lifecycle -------------------------------------------------------
+    def close(self) -> None:
+        """Free the model and its context. Safe to call more than once."""
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._session is None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"Model({self._path!r}, {state})"
+
+    def _s(self) -> _core.Session:
+        if self._session is None:
+            raise ModelClosedError("this Model is closed")
+        return self._session
+
+    # ---- facts -----------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def n_vocab(self) -> int:
+        return self._s().n_vocab
+
+    @property
+    def n_embd(self) -> int:
+        return self._s().n_embd
+
+    @property
+    def n_ctx(self) -> int:
+        return self._s().n_ctx
+
+    @property
+    def info(self) -> ModelInfo:
+        s = self._s()
+        raw = s.file_info()
+        reason = raw["slot_unsupported_reason"]
+        return ModelInfo(
+            path=raw["path"], architecture=raw["architecture"], name=raw["name"],
+            n_embd=s.n_embd, n_vocab=s.n_vocab, n_ctx=s.n_ctx, head_tensor=raw["head_tensor"],
+            head_type=raw["head_type"], tied_embeddings=raw["tied_embeddings"], head_bias=raw["head_bias"],
+            final_logit_softcapping=raw["final_logit_softcapping"], logit_scale=raw["logit_scale"],
+            has_chat_template=s.has_chat_template, file_size=raw["file_size"],
+            slot_supported=not reason, slot_unsupported_reason=reason,
+        )
+
+    # ---- text ------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return list(self._s().tokenize(text, add_special, parse_special))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._s().detokenize(self._check_tokens(tokens)).decode("utf-8", "replace")
+
+    def apply_chat_template(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
+                            template: Optional[str] = None) -> str:
+        """Format messages with the model's chat template (or a built-in one by name)."""
+        pairs = self._check_messages(messages)
+        if template is not None and not isinstance(template, str):
+            raise TypeError("template must be a str or None")
+        out = self._s().apply_chat_template(pairs, add_generation_prompt, template or "")
+        return out.decode("utf-8", "replace")
+
+    def _check_messages(self, messages: Any) -> list[tuple[str, str]]:
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise TypeError("messages must be a list of {'role': ..., 'content': ...} mappings")
+        if len(messages) == 0:
+            raise ValueError("messages is empty")
+        pairs = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+                raise TypeError(f"message {i} must be a mapping with 'role' and 'content'")
+            role, content = m["role"], m["content"]
+            if role not in ROLES:
+                raise ValueError(f"message {i} has unknown role {role!r}; expected one of {sorted(ROLES)}")
+            if not isinstance(content, str):
+                raise TypeError(f"message {i} content must be a str")
+            pairs.append((role, content))
+        return pairs
+
+    def _check_tokens(self, tokens: Any) -> list[int]:
+        out = []
+        n_vocab = self.n_vocab
+        for t in tokens:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise TypeError(f"token ids must be ints, got {type(t).__name__}")
+            if not 0 <= t < n_vocab:
+                raise ValueError(f"token id {t} is outside the vocabulary [0, {n_vocab})")
+            out.append(int(t))
+        return out
+
+    def prompt_tokens(self, prompt: Prompt, *, chat_template: Optional[str] = None,
+                      system: Optional[str] = None) -> list[int]:
+        """Token ids of a prompt: raw text, or chat messages formatted with the template."""
+        if isinstance(prompt, str):
+            if system is not None:
+                text = self.apply_chat_template(
+                    [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+                    template=chat_template)
+            elif chat_template is not None:
+                text = self.apply_chat_template([{"role": "user", "content": prompt}], template=chat_template)
+            else:
+                text = prompt
+        else:
+            text = self.apply_chat_template(prompt, template=chat_template)
+        if text == "":
+            raise ValueError("the prompt is empty")
+        tokens = self.tokenize(text)
+        if not tokens:
+            raise ValueError("the prompt produced no tokens")
+        return tokens
+
+    # ---- generation --------------------------------------------------------
+    def generate_with_slot(
+        self,
+        prompt: Prompt,
+        *,
+        steps: int = 5,
+        lr: float = 0.1,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        seed: Optional[int] = None,
+        stop: Sequence[str] = (),
+        delta: Optional[np.ndarray] = None,
+        chat_template: Optional[str] = None,
+        system: Optional[str] = None,
+        ignore_eos: bool = False,
+        on_text: Optional[TextCallback] = None,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-5,
+        weight_decay: float = 1e-8,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        recompute: bool = False,
+        prompt_token_ids: Optional[Sequence[int]] = None,
+    ) -> GenerationResult:
+        """Learn delta on the prompt with ``steps`` AdamW steps, then generate with it.
+
+        ``prompt`` is raw text or a list of chat messages (formatted with the
+        model's chat template, or ``chat_template``). ``steps=0`` is plain
+        generation. A given ``delta`` is applied without optimisation.
+        ``on_text`` receives text pieces as they are generated; returning
+        False stops generation. Temperature 0 is greedy decoding.
+        """
+        s = self._s()
+        steps = _check_int("steps", steps, 0)
+        lr = _check_float("lr", lr, low=0.0, low_open=True)
+        max_tokens = _check_int("max_tokens", max_tokens, 0)
+        temperature = _check_float("temperature", temperature, low=0.0)
+        top_k = _check_int("top_k", top_k, 0)
+        top_p = _check_float("top_p", top_p, low=0.0, high=1.0, low_open=True)
+        min_p = _check_float("min_p", min_p, low=0.0, high=1.0)
+        repeat_penalty = _check_float("repeat_penalty", repeat_penalty, low=0.0, low_open=True)
+        repeat_last_n = _check_int("repeat_last_n", repeat_last_n, 0)
+        seed = self._seed if seed is None else _check_int("seed", seed, 0)
+        beta1 = _check_float("beta1", beta1, low=0.0, high=1.0, high_open=True)
+        beta2 = _check_float("beta2", beta2, low=0.0, high=1.0, high_open=True)
+        eps = _check_float("eps", eps, low=0.0, low_open=True)
+        weight_decay = _check_float("weight_decay", weight_decay, low=0.0)
+        memory_budget = _check_int("memory_budget", memory_budget, 1 << 20)
+        if isinstance(stop, str):
+            stop = [stop]
+        stop_list = list(stop)
+        for item in stop_list:
+            if not isinstance(item, str) or item == "":
+                raise ValueError("stop must be a list of non-empty strings")
+        delta_arr = None if delta is None else _check_delta(delta, s.n_embd)
+        if on_text is not None and not callable(on_text):
+            raise TypeError("on_text must be callable")
+
+        if prompt_token_ids is not None:
+            tokens = self._check_tokens(prompt_token_ids)
+            if not tokens:
+                raise ValueError("the prompt is empty")
+        else:
+            tokens = self.prompt_tokens(prompt, chat_template=chat_template, system=system)
+
+        callback = None
+        if on_text is not None:
+            user_callback = on_text
+
+            def callback(piece: bytes) -> bool:
+                keep = user_callback(piece.decode("utf-8", "replace"))
+                return keep is None or bool(keep)
+
+        raw = s.generate(tokens, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+                         seed, stop_list, steps, lr, beta1, beta2, eps, weight_decay, memory_budget,
+                         bool(recompute), delta_arr, bool(ignore_eos), callback)
+        return GenerationResult(
+            text=raw.text_bytes.decode("utf-8", "replace"),
+            tokens=list(raw.tokens),
+            finish_reason=raw.finish_reason,
+            delta=raw.delta,
+            losses=list(raw.losses),
+            steps_done=raw.steps_done,
+            slot_status=raw.slot_status,
+            slot_path=raw.slot_path,
+            slot_cache_bytes=raw.slot_cache_bytes,
+            prompt_tokens=raw.prompt_tokens,
+            timings=Timings(raw.prefill_seconds, raw.optimise_seconds, raw.generate_seconds),
+        )
+
+    def generate(self, prompt: Prompt, **kwargs: Any) -> GenerationResult:
+        """Plain generation (``steps=0``), or generation with a given ``delta``."""
+        if "steps" in kwargs:
+            raise TypeError("generate() takes no 'steps'; use generate_with_slot()")
+        return self.generate_with_slot(prompt, steps=0, **kwargs)
+
+    def stream(self, prompt: Prompt, **kwargs: Any) -> "TextStream":
+        """Like generate_with_slot, but yields text pieces as they come."""
+        if "on_text" in kwargs:
+            raise TypeError("stream() takes no 'on_text'")
+        return TextStream(self, prompt, kwargs)
+
+    # ---- inspection ----------------------------------------------------------
+    def output_matrix(self) -> np.ndarray:
+        """The output head W as float32, shape (n_vocab, n_embd)."""
+        return self._s().output_matrix()
+
+    def prompt_states(self, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Final normed hidden states (N, n_embd) and logits (N, n_vocab) of a prompt."""
+        toks = self._check_tokens(tokens)
+        if not toks:
+            raise ValueError("tokens is empty")
+        return self._s().prompt_states(toks)
+
+    def slot_loss_and_gradient(self, tokens: Sequence[int], delta: np.ndarray, *,
+                               recompute: bool = False) -> tuple[float, np.ndarray]:
+        """SLOT's prompt loss at ``delta`` and its analytical gradient."""
+        toks = self._check_tokens(tokens)
+        if len(toks) < 2:
+            raise ValueError("the prompt needs at least two tokens for a SLOT loss")
+        d = _check_delta(delta, self.n_embd)
+        return self._s().slot_loss_and_gradient(toks, d, bool(recompute))
+
+    def logit_bias(self, delta: np.ndarray) -> np.ndarray:
+        """b = W delta: the logit bias that delta adds at every position."""
+        return self._s().logit_bias(_check_delta(delta, self.n_embd))
+
+    def reference_greedy(self, tokens: Sequence[int], n_new: int) -> tuple[list[int], float]:
+        """Greedy tokens from llama.cpp's own decode loop and sampler (a reference)."""
+        toks = self._check_tokens(tokens)
+        if not toks:
+            raise ValueError("tokens is empty")
+        out, seconds = self._s().reference_greedy(toks, _check_int("n_new", n_new, 0))
+        return list(out), float(seconds)
+
+
+class TextStream:
+    """Iterator over generated text pieces; ``result`` holds the full result after it ends."""
+
+    _DONE = object()
+
+    def __init__(self, model: Model, prompt: Prompt, kwargs: dict[str, Any]) -> None:
+        self._queue: "queue.Queue[object]" = queue.Queue()
+        self._cancel = threading.Event()
+        self.result: Optional[GenerationResult] = None
+        self._error: Optional[BaseException] = None
+
+        def on_text(piece: str) -> bool:
+            self._queue.put(piece)
+            return not self._cancel.is_set()
+
+        def work() -> None:
+            try:
+                self.result = model.generate_with_slot(prompt, on_text=on_text, **kwargs)
+            except BaseException as exc:  # re-raised in the consumer
+                self._error = exc
+            finally:
+                self._queue.put(self._DONE)
+
+        self._thread = threading.Thread(target=work, name="slot_cpp-stream", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is self._DONE:
+                    break
+                assert isinstance(item, str)
+                yield item
+        finally:
+            self._cancel.set()
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+
+def generate_with_slot(model_path: Union[str, os.PathLike[str], None], prompt: Prompt,
+                       **kwargs: Any) -> GenerationResult:
+    """One-off: load the model, run SLOT generation, free the model."""
+    model_keys = {"n_ctx", "n_threads", "n_gpu_layers", "n_batch", "seed", "use_mmap"}
+    model_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in model_keys}
+    with Model(model_path, **model_kwargs) as model:
+        return model.generate_with_slot(prompt, **kwargs)
