@@ -126,7 +126,7 @@ OutputHead::OutputHead(const ModelFileInfo& info, ComputeBackend& backend) : bac
         throw ModelLoadError("output head '" + info.head.name + "' has a size that does not match its shape and type");
     }
     const auto* traits = ggml_get_type_traits(stored_type_);
-    if (traits == nullptr || traits->to_float == nullptr) {
+    if (stored_type_ != GGML_TYPE_F32 && (traits == nullptr || traits->to_float == nullptr)) {
         throw UnsupportedModelError(std::string("output head type ") + ggml_type_name(stored_type_) +
                                     " cannot be dequantised");
     }

@@ -1,0 +1,103 @@
+"""Bad input gets a specific Python exception and leaves the Model usable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import slot_cpp
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(slot_cpp.ModelLoadError, match="not found"):
+        slot_cpp.Model(tmp_path / "nope.gguf")
+
+
+def test_directory(tmp_path):
+    with pytest.raises(slot_cpp.ModelLoadError, match="directory"):
+        slot_cpp.Model(tmp_path)
+
+
+def test_not_gguf(tmp_path):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(b"hello world, not a model" * 10)
+    with pytest.raises(slot_cpp.ModelLoadError, match="not a GGUF"):
+        slot_cpp.Model(p)
+
+
+def test_truncated_gguf(tmp_path, tiny_path):
+    data = tiny_path.read_bytes()
+    for keep in (16, len(data) // 3, len(data) - 100):
+        p = tmp_path / f"cut{keep}.gguf"
+        p.write_bytes(data[:keep])
+        with pytest.raises(slot_cpp.ModelLoadError):
+            slot_cpp.Model(p)
+
+
+def test_vocabulary_only_gguf(vocab_gguf):
+    with pytest.raises(slot_cpp.ModelLoadError, match="no tensors|no output head"):
+        slot_cpp.Model(vocab_gguf)
+
+
+def test_wrong_path_type():
+    with pytest.raises(TypeError):
+        slot_cpp.Model(123)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        (dict(steps=-1), ValueError),
+        (dict(lr=0.0), ValueError),
+        (dict(lr=float("nan")), ValueError),
+        (dict(temperature=-0.1), ValueError),
+        (dict(top_p=0.0), ValueError),
+        (dict(top_p=1.5), ValueError),
+        (dict(top_k=-1), ValueError),
+        (dict(max_tokens=-1), ValueError),
+        (dict(steps=1.5), TypeError),
+        (dict(stop=[""]), ValueError),
+        (dict(delta=np.zeros(3, dtype=np.float32)), ValueError),
+        (dict(delta=np.zeros(64, dtype=np.int32)), TypeError),
+        (dict(delta=np.full(64, np.nan, dtype=np.float32)), ValueError),
+    ],
+)
+def test_bad_generation_arguments(tiny_model, kwargs, exc):
+    with pytest.raises(exc):
+        tiny_model.generate_with_slot("hello there", **{"max_tokens": 2, **kwargs})
+    # The model still works afterwards.
+    assert tiny_model.generate("hello there", max_tokens=2, ignore_eos=True).generated_tokens == 2
+
+
+def test_prompt_too_long(tiny_model):
+    with pytest.raises(slot_cpp.ContextLengthError):
+        tiny_model.generate_with_slot("", prompt_token_ids=[1] * 600, max_tokens=1)
+    assert tiny_model.generate("hi", max_tokens=1, ignore_eos=True).generated_tokens == 1
+
+
+def test_empty_prompt_and_unknown_role(tiny_model):
+    with pytest.raises(ValueError, match="empty"):
+        tiny_model.generate_with_slot("")
+    with pytest.raises(ValueError, match="role"):
+        tiny_model.generate_with_slot([{"role": "wizard", "content": "hi"}])
+
+
+def test_one_token_prompt_skips_optimisation(tiny_model):
+    result = tiny_model.generate_with_slot("", prompt_token_ids=[42], steps=5, max_tokens=3, ignore_eos=True)
+    assert result.steps_done == 0 and "one token" in result.slot_status
+    assert result.generated_tokens == 3
+
+
+def test_closed_model(tiny_path):
+    model = slot_cpp.Model(tiny_path, n_ctx=128)
+    model.close()
+    model.close()  # idempotent
+    with pytest.raises(slot_cpp.ModelClosedError):
+        model.generate("hi")
+
+
+def test_chat_template_missing_is_explained(tiny_model):
+    with pytest.raises(ValueError, match="chat template"):
+        tiny_model.generate_with_slot([{"role": "user", "content": "hi"}], max_tokens=1)
+    text = tiny_model.apply_chat_template([{"role": "user", "content": "hi"}], template="chatml")
+    assert "<|im_start|>user" in text

@@ -1,0 +1,93 @@
+"""SLOT's numerics against independent float64 statements of the method,
+on a tiny random model run by llama.cpp."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reference import slot_adamw, slot_loss, slot_loss_and_grad
+
+TEXT = "The quick brown fox jumps over the lazy dog. A stitch in time saves nine, they said."
+
+
+@pytest.fixture(scope="module")
+def states(tiny_model):
+    tokens = tiny_model.tokenize(TEXT)
+    hidden, logits = tiny_model.prompt_states(tokens)
+    weight = tiny_model.output_matrix()
+    return tokens, hidden, logits, weight
+
+
+def test_engine_hidden_states_reproduce_its_logits(states):
+    tokens, hidden, logits, weight = states
+    assert hidden.shape == (len(tokens), weight.shape[1])
+    np.testing.assert_allclose(hidden @ weight.T, logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["cached", "recompute"])
+def test_gradient_matches_central_differences(tiny_model, states, recompute):
+    tokens, hidden, _, weight = states
+    rng = np.random.default_rng(7)
+    delta = (0.3 * rng.standard_normal(weight.shape[1])).astype(np.float32)
+    loss, grad = tiny_model.slot_loss_and_gradient(tokens, delta, recompute=recompute)
+
+    h = 1e-4
+    fd = np.empty(weight.shape[1])
+    d64 = delta.astype(np.float64)
+    for i in range(weight.shape[1]):
+        e = np.zeros_like(d64)
+        e[i] = h
+        fd[i] = (slot_loss(hidden, weight, tokens, d64 + e) - slot_loss(hidden, weight, tokens, d64 - e)) / (2 * h)
+    assert loss == pytest.approx(slot_loss(hidden, weight, tokens, d64), rel=1e-5)
+    assert np.linalg.norm(grad - fd) / np.linalg.norm(fd) < 1e-4
+    assert np.linalg.norm(fd) > 1e-3  # the check is not vacuous
+
+
+def test_optimiser_matches_numpy_adamw(tiny_model, states):
+    tokens, hidden, _, weight = states
+    ref_delta, ref_losses = slot_adamw(hidden, weight, tokens, steps=5, lr=0.1)
+    result = tiny_model.generate_with_slot("", prompt_token_ids=tokens, steps=5, lr=0.1, max_tokens=0)
+    assert result.steps_done == 5 and result.slot_status == "completed" and result.slot_path == "cached"
+    assert result.delta is not None and result.delta.dtype == np.float32
+    rel = np.linalg.norm(result.delta - ref_delta) / np.linalg.norm(ref_delta)
+    assert rel < 1e-5
+    np.testing.assert_allclose(result.losses, ref_losses, rtol=1e-5)
+
+
+def test_recompute_path_and_memory_fallback_agree_with_cached(tiny_model, states):
+    tokens = states[0]
+    common = dict(prompt_token_ids=tokens, steps=5, lr=0.05, max_tokens=0)
+    cached = tiny_model.generate_with_slot("", **common)
+    forced = tiny_model.generate_with_slot("", recompute=True, **common)
+    # A budget too small for the logit cache falls back to recomputation by itself.
+    squeezed = tiny_model.generate_with_slot("", memory_budget=1 << 20, **common)
+    assert cached.slot_path == "cached"
+    assert forced.slot_path == "recompute" and squeezed.slot_path == "recompute"
+    for other in (forced, squeezed):
+        assert np.linalg.norm(other.delta - cached.delta) / np.linalg.norm(cached.delta) < 1e-4
+        np.testing.assert_allclose(other.losses, cached.losses, rtol=1e-5)
+
+
+def test_generation_applies_delta_as_logit_bias(tiny_model, states):
+    tokens, hidden, _, weight = states
+    rng = np.random.default_rng(3)
+    delta = rng.standard_normal(weight.shape[1]).astype(np.float32)
+    np.testing.assert_allclose(tiny_model.logit_bias(delta), weight @ delta, rtol=1e-4, atol=1e-4)
+    # Greedy decoding with delta must follow argmax of W(h + delta) at each step.
+    result = tiny_model.generate("", prompt_token_ids=tokens, delta=delta, max_tokens=6, ignore_eos=True)
+    seq = list(tokens)
+    for tok in result.tokens:
+        h, _ = tiny_model.prompt_states(seq)
+        assert tok == int(np.argmax(weight @ (h[-1] + delta)))
+        seq.append(tok)
+
+
+def test_loss_helpers_agree():
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((6, 8))
+    weight = rng.standard_normal((11, 8))
+    tokens = [1, 4, 2, 9, 3, 0]
+    delta = rng.standard_normal(8)
+    loss, _ = slot_loss_and_grad(hidden, weight, tokens, delta)
+    assert loss == pytest.approx(slot_loss(hidden, weight, tokens, delta), rel=1e-12)
