@@ -1,0 +1,143 @@
+"""Side-by-side timing of plain generation, SLOT (cached fast path) and SLOT
+(recompute path, the published algorithm) in one process and one run.
+
+    python benchmarks/bench_slot.py --data ../shared/data/gsm8k/train.jsonl --prompts 8
+
+Writes benchmarks/results/bench_slot.json and .md. Not a test: numbers depend
+on the machine; ratios are taken within the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import slot_cpp
+
+FALLBACK_QUESTIONS = [
+    "A baker makes 24 muffins in the morning and twice as many in the afternoon. He sells 50 of them. "
+    "How many muffins does he have left at the end of the day?",
+    "Tom has 3 boxes with 12 pencils each. He gives 9 pencils to his sister and buys 5 more. "
+    "How many pencils does Tom have now?",
+    "A train travels 60 miles per hour for 2.5 hours and then 40 miles per hour for 1.5 hours. "
+    "How many miles does it travel in total?",
+    "Sara saves 15 dollars a week for 8 weeks. She then spends a third of her savings on a gift. "
+    "How many dollars does she have left?",
+]
+
+
+def load_questions(path: str | None, count: int) -> list[str]:
+    questions: list[str] = []
+    if path and Path(path).exists():
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                questions.append(json.loads(line)["question"])
+                if len(questions) >= count:
+                    break
+    while len(questions) < count:
+        questions.append(FALLBACK_QUESTIONS[len(questions) % len(FALLBACK_QUESTIONS)])
+    return questions
+
+
+def peak_rss_mib() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / (1024 * 1024)
+
+
+def run(args: argparse.Namespace) -> dict:
+    questions = load_questions(args.data, args.prompts)
+    rows = {"plain": [], "slot_cached": [], "slot_recompute": [], "llama_cpp_greedy": []}
+    with slot_cpp.Model(args.model, n_ctx=args.n_ctx, n_threads=args.threads) as model:
+        prompts = [f"Question: {q}\nAnswer:" for q in questions]
+        model.generate(prompts[0], max_tokens=4)  # warm-up: page in weights, build graphs
+        model.generate_with_slot(prompts[0], steps=1, max_tokens=1)
+        common = dict(max_tokens=args.max_tokens, ignore_eos=True, lr=args.lr)
+        for prompt in prompts:
+            for name, kwargs in (("plain", dict(steps=0)),
+                                 ("slot_cached", dict(steps=args.steps)),
+                                 ("slot_recompute", dict(steps=args.steps, recompute=True))):
+                r = model.generate_with_slot(prompt, **kwargs, **common)
+                rows[name].append(dict(prompt_tokens=r.prompt_tokens, prefill=r.timings.prefill,
+                                       optimise=r.timings.optimise, generate=r.timings.generate,
+                                       total=r.timings.total, tokens=r.generated_tokens,
+                                       tps=r.tokens_per_second, cache_bytes=r.slot_cache_bytes))
+            tokens = model.tokenize(prompt)
+            start = time.perf_counter()
+            out, decode_s = model.reference_greedy(tokens, args.max_tokens)
+            rows["llama_cpp_greedy"].append(dict(prompt_tokens=len(tokens), total=time.perf_counter() - start,
+                                                 generate=decode_s, tokens=len(out),
+                                                 tps=len(out) / decode_s if decode_s else 0.0))
+        info = model.info
+    mean = {k: {f: statistics.fmean(r[f] for r in v) for f in v[0]} for k, v in rows.items()}
+    plain, fast, slow = mean["plain"], mean["slot_cached"], mean["slot_recompute"]
+    ratios = {
+        "slot_end_to_end_vs_plain": fast["total"] / plain["total"],
+        "prompt_stage_speedup_vs_recompute": (slow["prefill"] + slow["optimise"]) / (fast["prefill"] + fast["optimise"]),
+        "optimise_vs_extra_head_pass": fast["optimise"] / max(fast["prefill"] - plain["prefill"], 1e-9),
+        "decode_tps_with_delta_vs_plain": fast["tps"] / plain["tps"],
+        "plain_decode_tps_vs_llama_cpp": plain["tps"] / mean["llama_cpp_greedy"]["tps"],
+    }
+    return {
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "model": {"path": info.path, "architecture": info.architecture, "head_type": info.head_type,
+                  "n_vocab": info.n_vocab, "n_embd": info.n_embd},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "threads": args.threads, "system_info": slot_cpp.system_info().strip()},
+        "settings": {"prompts": len(questions), "max_tokens": args.max_tokens, "steps": args.steps, "lr": args.lr},
+        "mean": mean, "ratios": ratios, "peak_rss_mib": peak_rss_mib(), "runs": rows,
+    }
+
+
+def markdown(report: dict) -> str:
+    m = report["mean"]
+    lines = [
+        f"`{report['command']}`  ",
+        f"model: {report['model']['architecture']} ({report['model']['head_type']} head, "
+        f"vocab {report['model']['n_vocab']}), {report['settings']['prompts']} prompts of "
+        f"{m['plain']['prompt_tokens']:.0f} tokens on average, {report['settings']['max_tokens']} new tokens, "
+        f"steps {report['settings']['steps']}, lr {report['settings']['lr']}",
+        "",
+        "| mode | prefill s | optimise s | generate s | total s | decode tok/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in ("plain", "slot_cached", "slot_recompute"):
+        r = m[name]
+        lines.append(f"| {name} | {r['prefill']:.3f} | {r['optimise']:.3f} | {r['generate']:.3f} | "
+                     f"{r['total']:.3f} | {r['tps']:.1f} |")
+    g = m["llama_cpp_greedy"]
+    lines.append(f"| llama.cpp greedy loop | | | {g['generate']:.3f} | {g['total']:.3f} | {g['tps']:.1f} |")
+    lines += ["", "| ratio | value |", "| --- | ---: |"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()]
+    lines.append(f"| peak RSS (MiB) | {report['peak_rss_mib']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="GGUF path (default: the embedded Gemma 3 270M)")
+    p.add_argument("--data", default=None, help="GSM8K-format JSONL to take questions from")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args()
+    report = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_slot.json").write_text(json.dumps(report, indent=2))
+    (out / "bench_slot.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Interruption, lifecycle, concurrency and property-based checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import slot_cpp
+from conftest import PROMPT
+
+
+def _interrupt_after(seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, os.kill, args=(os.getpid(), signal.SIGINT))
+    timer.start()
+    return timer
+
+
+@pytest.mark.parametrize("phase", ["prefill", "optimise", "generate"])
+def test_ctrl_c_interrupts_each_phase_and_model_recovers(gemma, phase):
+    baseline = gemma.generate(PROMPT, max_tokens=12)
+    if phase == "prefill":
+        call = dict(prompt=PROMPT * 40, steps=0, max_tokens=1)  # ~2000 prompt tokens
+    elif phase == "optimise":
+        call = dict(prompt=PROMPT, steps=100000, recompute=True, max_tokens=1)
+    else:
+        call = dict(prompt=PROMPT, steps=0, max_tokens=100000, ignore_eos=True)
+    prompt = call.pop("prompt")
+    timer = _interrupt_after(0.5)
+    start = time.perf_counter()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            gemma.generate_with_slot(prompt, **call)
+    finally:
+        timer.cancel()
+    assert time.perf_counter() - start < 60  # it stopped long before finishing
+    again = gemma.generate(PROMPT, max_tokens=12)
+    assert again.tokens == baseline.tokens
+
+
+def test_threads_share_one_model_safely(tiny_model):
+    prompts = [f"Item {i}: the colour of the sky is" for i in range(8)]
+    expected = {p: tiny_model.generate(p, max_tokens=6, ignore_eos=True).tokens for p in prompts}
+    failures: list[str] = []
+
+    def worker(k: int) -> None:
+        for j in range(20):
+            p = prompts[(k + j) % len(prompts)]
+            steps = j % 2
+            got = tiny_model.generate_with_slot(p, steps=steps, max_tokens=6, ignore_eos=True)
+            if steps == 0 and got.tokens != expected[p]:
+                failures.append(p)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+def test_no_leak_over_many_model_lifecycles(tiny_path):
+    psutil = pytest.importorskip("psutil")
+    proc = psutil.Process()
+
+    def cycle() -> None:
+        with slot_cpp.Model(tiny_path, n_ctx=128, n_threads=1) as model:
+            model.generate_with_slot("hello world again", steps=1, max_tokens=2, ignore_eos=True)
+
+    for _ in range(20):
+        cycle()
+    before = proc.memory_info().rss
+    for _ in range(180):
+        cycle()
+    growth = proc.memory_info().rss - before
+    assert growth < 40 * 1024 * 1024, f"resident memory grew by {growth / 2**20:.1f} MiB"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    steps=st.integers(0, 3),
+    lr=st.floats(1e-4, 2.0),
+    temperature=st.floats(0.0, 2.0),
+    top_k=st.integers(0, 100),
+    top_p=st.floats(0.01, 1.0),
+    min_p=st.floats(0.0, 1.0),
+    repeat_penalty=st.floats(0.5, 2.0),
+    max_tokens=st.integers(0, 5),
+    seed=st.integers(0, 2**32),
+)
+def test_any_valid_parameters_give_a_well_formed_result(tiny_model, steps, lr, temperature, top_k, top_p,
+                                                        min_p, repeat_penalty, max_tokens, seed):
+    r = tiny_model.generate_with_slot("Once upon a time", steps=steps, lr=lr, temperature=temperature,
+                                      top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                                      max_tokens=max_tokens, seed=seed)
+    assert len(r.tokens) <= max_tokens
+    assert all(0 <= t < tiny_model.n_vocab for t in r.tokens)
+    assert r.finish_reason in {"eos", "length", "stop"}
+    assert len(r.losses) == r.steps_done <= steps
+    assert all(np.isfinite(r.losses))
+    if steps:
+        assert r.delta is not None and np.all(np.isfinite(r.delta))
+
+
+def test_corrupted_gguf_files_raise_and_never_crash(tmp_path, tiny_path):
+    # In a child process, so that a crash shows up as a failure instead of killing the run.
+    script = textwrap.dedent(f"""
+        import random, sys
+        import slot_cpp
+        data = open({str(tiny_path)!r}, "rb").read()
+        rng = random.Random(5)
+        header = 4096
+        ok = failed = 0
+        for i in range(60):
+            blob = bytearray(data)
+            if i % 3 == 0:
+                blob = blob[: rng.randrange(0, len(blob))]
+            else:
+                for _ in range(rng.randrange(1, 8)):
+                    pos = rng.randrange(0, header)
+                    blob[pos] ^= 1 << rng.randrange(8)
+            path = {str(tmp_path)!r} + f"/fuzz{{i}}.gguf"
+            open(path, "wb").write(bytes(blob))
+            try:
+                with slot_cpp.Model(path, n_ctx=64, n_threads=1) as m:
+                    m.generate_with_slot("hi there", steps=1, max_tokens=1)
+                ok += 1
+            except (slot_cpp.SlotError, ValueError) as exc:
+                failed += 1
+        print("done", ok, failed)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("done")
