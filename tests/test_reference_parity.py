@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (a test extra: its absence must fail, not skip)
 
 TEXT = "In the beginning the universe was created. This has made a lot of people very angry."
 

@@ -69,7 +69,7 @@ def test_threads_share_one_model_safely(tiny_model):
 
 
 def test_no_leak_over_many_model_lifecycles(tiny_path):
-    psutil = pytest.importorskip("psutil")
+    import psutil
     proc = psutil.Process()
 
     def cycle() -> None:
