@@ -61,6 +61,11 @@ PYBIND11_MODULE(_core, m) {
 #ifdef SLOT_CPP_VERSION
     m.attr("__version__") = SLOT_CPP_VERSION;
 #endif
+#ifdef SLOT_CPP_LLAMA_SOURCE
+    m.attr("llama_cpp_source") = SLOT_CPP_LLAMA_SOURCE;
+#else
+    m.attr("llama_cpp_source") = "unknown";
+#endif
 
     auto base = py::register_exception<slot::Error>(m, "SlotError", PyExc_RuntimeError);
     py::register_exception<slot::ModelLoadError>(m, "ModelLoadError", base.ptr());
@@ -287,6 +292,17 @@ PYBIND11_MODULE(_core, m) {
                  return to_numpy(b, {static_cast<py::ssize_t>(b.size())});
              },
              py::arg("delta"))
+        .def("token_logprobs",
+             [](slot::Session& s, const std::vector<int32_t>& tokens, int first, py::object delta) {
+                 std::vector<float> d;
+                 if (!delta.is_none()) {
+                     d = from_numpy(delta.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>());
+                 }
+                 InterruptCheck check = make_interrupt_check();
+                 py::gil_scoped_release release;
+                 return s.token_logprobs(tokens, first, d, check);
+             },
+             py::arg("tokens"), py::arg("first"), py::arg("delta"))
         .def("reference_greedy", [](slot::Session& s, const std::vector<int32_t>& prompt, int n_new) {
             InterruptCheck check = make_interrupt_check();
             double seconds = 0.0;

@@ -290,6 +290,42 @@ std::vector<float> Session::logit_bias(const std::vector<float>& delta) {
     return b;
 }
 
+std::vector<double> Session::token_logprobs(const std::vector<int32_t>& tokens, int first,
+                                            const std::vector<float>& delta, const InterruptCheck& interrupted) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Engine& e = engine();
+    if (first < 1 || first >= static_cast<int>(tokens.size())) {
+        throw std::invalid_argument("first must index a token after the first one");
+    }
+    const int64_t V = e.n_vocab();
+    std::vector<float> bias;
+    if (!delta.empty()) {
+        OutputHead& h = head();
+        if (static_cast<int64_t>(delta.size()) != h.n_embd()) throw std::invalid_argument("delta has the wrong length");
+        bias.resize(static_cast<size_t>(V));
+        h.project(delta.data(), bias.data());
+    }
+    std::vector<double> out;
+    out.reserve(tokens.size() - static_cast<size_t>(first));
+    // Row r's logits predict tokens[r + 1]; only rows first-1 .. N-2 are scored.
+    e.prefill(tokens, true, 256,
+              [&](int start, int count, const float* logits, const float*) {
+                  for (int i = 0; i < count; ++i) {
+                      const int r = start + i;
+                      if (r < first - 1 || r + 1 >= static_cast<int>(tokens.size())) continue;
+                      const float* z = logits + static_cast<size_t>(i) * static_cast<size_t>(V);
+                      double m = -INFINITY;
+                      for (int64_t v = 0; v < V; ++v) m = std::max(m, double(z[v]) + (bias.empty() ? 0.0 : bias[v]));
+                      double sum = 0.0;
+                      for (int64_t v = 0; v < V; ++v) sum += std::exp(double(z[v]) + (bias.empty() ? 0.0 : bias[v]) - m);
+                      const int32_t y = tokens[static_cast<size_t>(r + 1)];
+                      out.push_back(double(z[y]) + (bias.empty() ? 0.0 : bias[y]) - m - std::log(sum));
+                  }
+              },
+              interrupted);
+    return out;
+}
+
 std::vector<int32_t> Session::reference_greedy(const std::vector<int32_t>& prompt, int n_new,
                                                const InterruptCheck& interrupted, double* decode_seconds) {
     std::lock_guard<std::mutex> lock(mutex_);

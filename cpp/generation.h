@@ -78,6 +78,10 @@ public:
     double slot_loss_and_gradient(const std::vector<int32_t>& tokens, const std::vector<float>& delta,
                                   bool recompute, std::vector<float>& grad, const InterruptCheck& interrupted);
     std::vector<float> logit_bias(const std::vector<float>& delta);
+    // log p(tokens[i] | tokens[<i]) for i >= first (teacher forcing), with
+    // delta's logit bias when delta is non-empty.
+    std::vector<double> token_logprobs(const std::vector<int32_t>& tokens, int first,
+                                       const std::vector<float>& delta, const InterruptCheck& interrupted);
     std::vector<int32_t> reference_greedy(const std::vector<int32_t>& prompt, int n_new,
                                           const InterruptCheck& interrupted, double* decode_seconds);
 

@@ -38,3 +38,79 @@ def test_bad_arguments_exit_with_a_message(tmp_path):
     assert proc.returncode == 2 and "not found" in proc.stderr
     proc = _run("generate", "hi", "--steps", "-3", "--model", str(tmp_path / "missing.gguf"))
     assert proc.returncode == 2
+
+
+DATA = __import__("pathlib").Path(__file__).parent / "data" / "gsm8k_tiny.jsonl"
+
+
+def test_eval_gsm8k_resumes_after_interruption(gemma_path, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "eval.jsonl"
+    args = ["eval", "gsm8k", "--data", str(DATA), "--model", str(gemma_path), "--steps", "0,2", "--lr", "0.05",
+            "--max-tokens", "48", "--output", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "slot_cpp", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    first = out.read_text().splitlines()
+    assert 2 <= len(first) < 8
+
+    done = _run(*args)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stderr
+    lines = out.read_text().splitlines()
+    assert lines[: len(first)] == first  # earlier records kept, not redone
+    records = [json.loads(x) for x in lines]
+    assert sorted((r["index"], r["setting"]) for r in records) == sorted(
+        (i, s) for i in range(4) for s in ("steps=0,lr=0.05", "steps=2,lr=0.05"))
+    assert "| steps=2,lr=0.05 | 4 |" in done.stdout and "McNemar" in done.stdout
+    for r in records:
+        assert r["prediction"] is None or isinstance(r["prediction"], str)
+        assert isinstance(r["correct"], bool) and r["reference"]
+
+
+def test_eval_gsm8k_nll_metric(gemma_path, tmp_path):
+    out = tmp_path / "nll.jsonl"
+    proc = _run("eval", "gsm8k", "--data", str(DATA), "--model", str(gemma_path), "--metric", "nll",
+                "--steps", "0,3", "--lr", "0.01", "--limit", "2", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(records) == 4 and all(r["nll"] > 0 for r in records)
+    base = {r["index"]: r["nll"] for r in records if r["steps"] == 0}
+    slot = {r["index"]: r["nll"] for r in records if r["steps"] == 3}
+    assert base.keys() == slot.keys() and base != slot  # delta does change the solution's likelihood
+    assert "NLL/token" in proc.stdout
+
+
+def test_explain_lists_token_shifts_and_plots(gemma_path, tmp_path):
+    png = tmp_path / "explain.png"
+    proc = _run("explain", PROMPT, "--model", str(gemma_path), "--steps", "3", "--top", "5", "--json",
+                "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert len(report["losses"]) == 3 and report["delta_norm"] > 0
+    assert len(report["raised"]) == 5 and len(report["lowered"]) == 5
+    assert report["raised"][0]["logit_change"] > 0 > report["lowered"][0]["logit_change"]
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_info_reports_model_and_build(gemma_path):
+    proc = _run("info", "--model", str(gemma_path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["model"]["architecture"] == "gemma3" and data["model"]["n_vocab"] == 262144
+    assert data["model"]["tied_embeddings"] is True and data["model"]["slot_supported"] is True
+    assert "0.3.36" in data["build"]["llama_cpp"] and any("CPU" in d for d in data["build"]["devices"])
+
+
+def test_chat_reads_turns_from_stdin(gemma_path):
+    proc = _run("chat", "--model", str(gemma_path), "--chat-template", "gemma", "--steps", "1",
+                "--max-tokens", "8", stdin="Hello!\nWhat is 2 + 2?\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("[slot] loss per step") == 2

@@ -425,6 +425,16 @@ class Model:
         """b = W delta: the logit bias that delta adds at every position."""
         return self._s().logit_bias(_check_delta(delta, self.n_embd))
 
+    def token_logprobs(self, tokens: Sequence[int], first: int,
+                       delta: Optional[np.ndarray] = None) -> np.ndarray:
+        """log p(tokens[i] | tokens[:i]) for i >= first, under delta's logit bias if given."""
+        toks = self._check_tokens(tokens)
+        first = _check_int("first", first, 1)
+        if first >= len(toks):
+            raise ValueError(f"first ({first}) must be < the number of tokens ({len(toks)})")
+        d = None if delta is None else _check_delta(delta, self.n_embd)
+        return np.asarray(self._s().token_logprobs(toks, first, d), dtype=np.float64)
+
     def reference_greedy(self, tokens: Sequence[int], n_new: int) -> tuple[list[int], float]:
         """Greedy tokens from llama.cpp's own decode loop and sampler (a reference)."""
         toks = self._check_tokens(tokens)
