@@ -131,6 +131,14 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("slot_status", &slot::GenerationResult::slot_status)
         .def_readonly("slot_path", &slot::GenerationResult::slot_path)
         .def_readonly("slot_cache_bytes", &slot::GenerationResult::slot_cache_bytes)
+        .def_property_readonly("slot_profile", [](const slot::GenerationResult& r) {
+            py::dict d;
+            d["forward"] = r.slot_profile.forward;
+            d["cache"] = r.slot_profile.cache;
+            d["backward"] = r.slot_profile.backward;
+            d["host"] = r.slot_profile.host;
+            return d;
+        })
         .def_readonly("prompt_tokens", &slot::GenerationResult::prompt_tokens)
         .def_readonly("prefill_seconds", &slot::GenerationResult::prefill_seconds)
         .def_readonly("optimise_seconds", &slot::GenerationResult::optimise_seconds)

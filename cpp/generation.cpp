@@ -133,6 +133,7 @@ GenerationResult Session::generate(const GenerationRequest& req, const TextCallb
         res.slot_status = outcome.stop_reason;
         res.slot_path = outcome.path;
         res.slot_cache_bytes = outcome.cache_bytes;
+        res.slot_profile = outcome.profile;
     } else {
         e.prefill(req.prompt, false, 0, {}, interrupted);
         res.prefill_seconds = seconds_since(t0);

@@ -40,6 +40,7 @@ struct GenerationResult {
     std::string slot_status;    // why optimisation ended, or why it did not run
     std::string slot_path;      // "cached", "recompute" or ""
     int64_t slot_cache_bytes = 0;
+    StepProfile slot_profile;
     int prompt_tokens = 0;
     double prefill_seconds = 0.0;
     double optimise_seconds = 0.0;

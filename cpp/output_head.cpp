@@ -6,23 +6,10 @@
 #include <stdexcept>
 
 #include "errors.h"
+#include "head_kernels.h"
 
 namespace slot {
 namespace {
-
-// ggml's CPU out_prod (our W^T*g) handles these stored types directly; any
-// other type is widened to float32 once at load.
-bool out_prod_supports(ggml_type t) {
-    switch (t) {
-        case GGML_TYPE_F32: case GGML_TYPE_F16:
-        case GGML_TYPE_Q4_0: case GGML_TYPE_Q4_1: case GGML_TYPE_Q5_0: case GGML_TYPE_Q5_1:
-        case GGML_TYPE_Q8_0: case GGML_TYPE_Q2_K: case GGML_TYPE_Q3_K: case GGML_TYPE_Q4_K:
-        case GGML_TYPE_Q5_K: case GGML_TYPE_Q6_K: case GGML_TYPE_IQ4_NL: case GGML_TYPE_IQ4_XS:
-            return true;
-        default:
-            return false;
-    }
-}
 
 struct FileCloser { void operator()(std::FILE* f) const { if (f) std::fclose(f); } };
 
@@ -44,39 +31,6 @@ int64_t slab_count(int64_t extent, int n_threads) {
 }
 
 }  // namespace
-
-RowSplitProduct build_row_split_product(ggml_context* ctx, ggml_tensor* a, ggml_tensor* x, int n_threads) {
-    const int64_t ne0 = a->ne[0], rows = a->ne[1];
-    const int64_t k = slab_count(rows, n_threads);
-    const int64_t per = rows / k;
-    const int64_t done = per * k;
-    RowSplitProduct p;
-    ggml_tensor* av = ggml_view_3d(ctx, a, ne0, per, k, a->nb[1], a->nb[1] * per, 0);
-    ggml_tensor* xv = ggml_view_3d(ctx, x, 1, per, k, sizeof(float), sizeof(float) * per, 0);
-    p.parts = ggml_out_prod(ctx, av, xv);
-    if (done < rows) {
-        ggml_tensor* at = ggml_view_2d(ctx, a, ne0, rows - done, a->nb[1], a->nb[1] * done);
-        ggml_tensor* xt = ggml_view_2d(ctx, x, 1, rows - done, sizeof(float), sizeof(float) * done);
-        p.tail = ggml_out_prod(ctx, at, xt);
-    }
-    return p;
-}
-
-void read_row_split_product(const RowSplitProduct& p, int64_t ne0, float* out) {
-    const int64_t k = p.parts->ne[2];
-    std::vector<float> parts(static_cast<size_t>(ne0 * k));
-    ggml_backend_tensor_get(p.parts, parts.data(), 0, parts.size() * sizeof(float));
-    std::vector<double> acc(static_cast<size_t>(ne0), 0.0);
-    for (int64_t s = 0; s < k; ++s) {
-        for (int64_t i = 0; i < ne0; ++i) acc[static_cast<size_t>(i)] += parts[static_cast<size_t>(s * ne0 + i)];
-    }
-    if (p.tail != nullptr) {
-        std::vector<float> t(static_cast<size_t>(ne0));
-        ggml_backend_tensor_get(p.tail, t.data(), 0, t.size() * sizeof(float));
-        for (int64_t i = 0; i < ne0; ++i) acc[static_cast<size_t>(i)] += t[static_cast<size_t>(i)];
-    }
-    for (int64_t i = 0; i < ne0; ++i) out[i] = static_cast<float>(acc[static_cast<size_t>(i)]);
-}
 
 ColumnSplitProduct build_column_split_product(GraphBuilder& g, ggml_tensor* a, int n_threads) {
     const int64_t ne0 = a->ne[0], rows = a->ne[1];
@@ -132,27 +86,16 @@ OutputHead::OutputHead(const ModelFileInfo& info, ComputeBackend& backend) : bac
     }
 
     std::vector<uint8_t> raw = read_bytes(info.path, info.head.file_offset, info.head.nbytes);
-    const ggml_type kept = out_prod_supports(stored_type_) ? stored_type_ : GGML_TYPE_F32;
-    std::vector<float> widened;
-    if (kept != stored_type_) {
-        widened.resize(static_cast<size_t>(n_vocab_ * n_embd_));
-        traits->to_float(raw.data(), widened.data(), n_vocab_ * n_embd_);
-        std::vector<uint8_t>().swap(raw);
-    }
     if (info.has_head_bias) {
         std::vector<uint8_t> b = read_bytes(info.path, info.head_bias.file_offset, info.head_bias.nbytes);
         bias_.resize(static_cast<size_t>(n_vocab_));
         std::memcpy(bias_.data(), b.data(), bias_.size() * sizeof(float));
     }
 
-    weight_ = ggml_new_tensor_2d(tensors_.ctx, kept, n_embd_, n_vocab_);
+    weight_ = ggml_new_tensor_2d(tensors_.ctx, stored_type_, n_embd_, n_vocab_);
     ggml_set_name(weight_, "slot_head_w");
     backend_.allocate(tensors_, "the output head");
-    if (kept == stored_type_) {
-        ggml_backend_tensor_set(weight_, raw.data(), 0, raw.size());
-    } else {
-        ggml_backend_tensor_set(weight_, widened.data(), 0, widened.size() * sizeof(float));
-    }
+    ggml_backend_tensor_set(weight_, raw.data(), 0, raw.size());
 }
 
 void OutputHead::project(const float* delta, float* out) {
@@ -167,15 +110,21 @@ void OutputHead::project(const float* delta, float* out) {
 }
 
 void OutputHead::project_transposed(const float* gvec, float* out) {
-    GraphBuilder g(12);
+    GraphBuilder g(4);
     ggml_tensor* x = g.input(GGML_TYPE_F32, n_vocab_);
-    RowSplitProduct p = build_row_split_product(g.ctx, weight_, x, backend_.n_threads());
-    g.output(p.parts);
-    if (p.tail) g.output(p.tail);
+    const int parts = backend_.n_threads();
+    ggml_tensor* partial = transposed_head_product(g.ctx, weight_, x, parts);
+    g.output(partial);
     backend_.prepare(g);
     ggml_backend_tensor_set(x, gvec, 0, ggml_nbytes(x));
     backend_.compute(g, "W^T*g");
-    read_row_split_product(p, n_embd_, out);
+    std::vector<float> sums(static_cast<size_t>(n_embd_ * parts));
+    ggml_backend_tensor_get(partial, sums.data(), 0, sums.size() * sizeof(float));
+    for (int64_t i = 0; i < n_embd_; ++i) {
+        double acc = 0.0;
+        for (int p = 0; p < parts; ++p) acc += sums[static_cast<size_t>(p * n_embd_ + i)];
+        out[i] = static_cast<float>(acc);
+    }
 }
 
 void OutputHead::logits(const float* hidden, int64_t n_rows, float* out) {

@@ -19,7 +19,6 @@ public:
     int64_t n_vocab() const { return n_vocab_; }
     int64_t n_embd() const { return n_embd_; }
     ggml_type weight_type() const { return weight_->type; }
-    ggml_type stored_type() const { return stored_type_; }
     size_t weight_bytes() const { return ggml_nbytes(weight_); }
     bool has_bias() const { return !bias_.empty(); }
     const std::vector<float>& bias() const { return bias_; }
@@ -45,18 +44,9 @@ private:
     std::vector<float> bias_;
 };
 
-// Products with a matrix's transpose, y = A^T x for A = [ne0, rows] (rows of
-// ne0 elements) and x of `rows` elements, as ggml out_prod graphs. ggml's
-// out_prod parallelises over output rows only, so the work is cut into slabs.
-
-// For few outputs and many rows (W^T g): slabs of rows, partial sums added on
-// the host. A may be quantised.
-struct RowSplitProduct {
-    ggml_tensor* parts = nullptr;  // [ne0, 1, k]
-    ggml_tensor* tail = nullptr;   // [ne0, 1] or null
-};
-RowSplitProduct build_row_split_product(ggml_context* ctx, ggml_tensor* a, ggml_tensor* x, int n_threads);
-void read_row_split_product(const RowSplitProduct& p, int64_t ne0, float* out);
+// y = A^T x for A = [ne0, rows] (rows of ne0 elements) and x of `rows`
+// elements, as a ggml out_prod graph. ggml's out_prod parallelises over output
+// rows only, so the work is cut into slabs.
 
 // For many outputs and few rows (P^T r): slabs of output columns written in
 // place. A must be float32. The input holds one copy of x per slab, since a

@@ -1,6 +1,7 @@
 #include "slot_optimizer.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -22,6 +23,19 @@ double log_sum_exp(const float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) s += std::exp(static_cast<double>(x[i]) - m);
     return m + std::log(s);
 }
+
+// Adds the seconds since construction to a counter when it goes out of scope.
+class ScopedTimer {
+public:
+    explicit ScopedTimer(double& sink) : sink_(sink), start_(std::chrono::steady_clock::now()) {}
+    ~ScopedTimer() { sink_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count(); }
+    ScopedTimer(const ScopedTimer&) = delete;
+    ScopedTimer& operator=(const ScopedTimer&) = delete;
+
+private:
+    double& sink_;
+    std::chrono::steady_clock::time_point start_;
+};
 
 bool all_finite(const std::vector<float>& v) {
     for (float x : v) {
@@ -119,6 +133,7 @@ double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, st
         g.output(st);
         head_.backend().prepare(g);
         ggml_backend_tensor_set(din, delta.data(), 0, ggml_nbytes(din));
+        ScopedTimer timer(profile_.forward);
         head_.backend().compute(g, "SLOT step (W*delta, P0*q)");
         ggml_backend_tensor_get(bt, b.data(), 0, ggml_nbytes(bt));
         ggml_backend_tensor_get(qt, q.data(), 0, ggml_nbytes(qt));
@@ -142,12 +157,14 @@ double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, st
         ColumnSplitProduct prod = build_column_split_product(g, p0_tensor_, threads);
         head_.backend().prepare(g);
         set_column_split_input(prod, r.data());
+        ScopedTimer timer(profile_.cache);
         head_.backend().compute(g, "SLOT step (P0^T*r)");
         read_column_split_product(prod, u.data());
     }
     std::vector<float> gvec(static_cast<size_t>(V_));
     for (int64_t v = 0; v < V_; ++v) gvec[static_cast<size_t>(v)] = q[static_cast<size_t>(v)] * u[static_cast<size_t>(v)];
     for (int t = 0; t < n_; ++t) gvec[static_cast<size_t>(targets_[t])] -= static_cast<float>(inv_n);
+    ScopedTimer timer(profile_.backward);
     head_.project_transposed(gvec.data(), grad.data());
     return loss;
 }
@@ -184,7 +201,10 @@ double PromptCache::loss_and_gradient_recompute(const std::vector<float>& delta,
         if (bias) ggml_backend_tensor_set(bias, head_.bias().data(), 0, ggml_nbytes(bias));
         weights.assign(static_cast<size_t>(c), static_cast<float>(inv_n));
         set_column_split_input(prod, weights.data());
-        head_.backend().compute(g, "SLOT recompute step");
+        {
+            ScopedTimer timer(profile_.forward);
+            head_.backend().compute(g, "SLOT recompute step");
+        }
         read_column_split_product(prod, part.data());
         for (int64_t v = 0; v < V_; ++v) u[static_cast<size_t>(v)] += part[static_cast<size_t>(v)];
         for (int i = 0; i < c; ++i) {
@@ -208,6 +228,7 @@ double PromptCache::loss_and_gradient_recompute(const std::vector<float>& delta,
     std::vector<float> gvec(static_cast<size_t>(V_));
     for (int64_t v = 0; v < V_; ++v) gvec[static_cast<size_t>(v)] = static_cast<float>(u[static_cast<size_t>(v)]);
     for (int t = 0; t < n_; ++t) gvec[static_cast<size_t>(targets_[t])] -= static_cast<float>(inv_n);
+    ScopedTimer timer(profile_.backward);
     head_.project_transposed(gvec.data(), grad.data());
     return loss;
 }
@@ -237,6 +258,8 @@ SlotOutcome PromptCache::optimise(const SlotConfig& config, const InterruptCheck
     std::vector<float> delta(static_cast<size_t>(d_), 0.0f), grad(static_cast<size_t>(d_));
     std::vector<double> m(static_cast<size_t>(d_), 0.0), v(static_cast<size_t>(d_), 0.0);
     out.stop_reason = "completed";
+    profile_ = StepProfile{};
+    const auto started = std::chrono::steady_clock::now();
     for (int step = 1; step <= config.steps; ++step) {
         if (interrupted && interrupted()) throw Interrupted();
         const double loss = loss_and_gradient(delta, grad, interrupted);
@@ -268,6 +291,9 @@ SlotOutcome PromptCache::optimise(const SlotConfig& config, const InterruptCheck
         out.steps_done = step;
     }
     out.delta = delta;
+    profile_.host = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count() -
+                    profile_.forward - profile_.cache - profile_.backward;
+    out.profile = profile_;
     return out;
 }
 

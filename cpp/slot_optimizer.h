@@ -34,6 +34,14 @@ struct SlotConfig {
 
 void validate(const SlotConfig& config);
 
+// Where optimisation time went, summed over steps (seconds).
+struct StepProfile {
+    double forward = 0.0;   // b = W*delta and the normalisers (recompute: W*(H+delta) and softmax)
+    double cache = 0.0;     // P0^T * r (cached path only)
+    double backward = 0.0;  // W^T * g
+    double host = 0.0;      // loss, AdamW and transfers
+};
+
 struct SlotOutcome {
     std::vector<float> delta;     // n_embd
     std::vector<double> losses;   // loss of the delta each step started from
@@ -41,6 +49,7 @@ struct SlotOutcome {
     std::string stop_reason;      // "completed", "no loss positions", "non-finite ..."
     std::string path;             // "cached" or "recompute"
     int64_t cache_bytes = 0;
+    StepProfile profile;
 };
 
 // What the optimiser needs of the prompt, filled batch by batch from prefill.
@@ -80,6 +89,7 @@ private:
     std::vector<float> hidden_;           // n x d, recompute path
     std::unique_ptr<StaticTensors> p0_;   // [V, n] softmax(z0), cached path
     ggml_tensor* p0_tensor_ = nullptr;
+    StepProfile profile_;
 };
 
 }  // namespace slot

@@ -60,6 +60,9 @@ class GenerationResult:
     slot_cache_bytes: int
     prompt_tokens: int
     timings: Timings
+    slot_profile: dict[str, float] = field(default_factory=dict)
+    """Optimisation seconds by part: forward (W*delta and normalisers), cache
+    (P0^T*r), backward (W^T*g), host (loss, AdamW, transfers)."""
 
     @property
     def generated_tokens(self) -> int:
@@ -386,6 +389,7 @@ class Model:
             slot_cache_bytes=raw.slot_cache_bytes,
             prompt_tokens=raw.prompt_tokens,
             timings=Timings(raw.prefill_seconds, raw.optimise_seconds, raw.generate_seconds),
+            slot_profile=dict(raw.slot_profile),
         )
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> GenerationResult:
