@@ -45,6 +45,33 @@ def load_questions(path: str | None, count: int) -> list[str]:
     return questions
 
 
+def torch_reference(path: str, prompt_ids: list[list[int]], args: argparse.Namespace) -> list[dict]:
+    """The published prompt stage in PyTorch/transformers (float32) on the same prompts:
+    hidden states once, then W(H + delta), loss and backward every step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    p = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    rows = []
+    for ids in [prompt_ids[0]] + prompt_ids:  # the first run warms up and is dropped
+        input_ids = torch.tensor([ids])
+        start = time.perf_counter()
+        with torch.no_grad():
+            hidden = model.model(input_ids).last_hidden_state
+        delta = torch.zeros(1, 1, hidden.shape[-1], requires_grad=True)
+        opt = torch.optim.AdamW([delta], lr=args.lr, betas=(0.9, 0.999), eps=1e-5, weight_decay=1e-8)
+        for _ in range(args.steps):
+            logits = model.lm_head(hidden + delta)
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], input_ids[0, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        rows.append(dict(prompt_tokens=len(ids), total=time.perf_counter() - start))
+    return rows[1:]
+
+
 def peak_rss_mib() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1024 if sys.platform != "darwin" else rss / (1024 * 1024)
@@ -53,6 +80,7 @@ def peak_rss_mib() -> float:
 def run(args: argparse.Namespace) -> dict:
     questions = load_questions(args.data, args.prompts)
     rows = {"plain": [], "slot_cached": [], "slot_recompute": [], "llama_cpp_greedy": []}
+    prompt_ids: list[list[int]] = []
     with slot_cpp.Model(args.model, n_ctx=args.n_ctx, n_threads=args.threads) as model:
         prompts = [f"Question: {q}\nAnswer:" for q in questions]
         model.generate(prompts[0], max_tokens=4)  # warm-up: page in weights, build graphs
@@ -66,14 +94,18 @@ def run(args: argparse.Namespace) -> dict:
                 rows[name].append(dict(prompt_tokens=r.prompt_tokens, prefill=r.timings.prefill,
                                        optimise=r.timings.optimise, generate=r.timings.generate,
                                        total=r.timings.total, tokens=r.generated_tokens,
-                                       tps=r.tokens_per_second, cache_bytes=r.slot_cache_bytes))
+                                       tps=r.tokens_per_second, cache_bytes=r.slot_cache_bytes,
+                                       **{f"opt_{k}": v for k, v in r.slot_profile.items()}))
             tokens = model.tokenize(prompt)
+            prompt_ids.append(tokens)
             start = time.perf_counter()
             out, decode_s = model.reference_greedy(tokens, args.max_tokens)
             rows["llama_cpp_greedy"].append(dict(prompt_tokens=len(tokens), total=time.perf_counter() - start,
                                                  generate=decode_s, tokens=len(out),
                                                  tps=len(out) / decode_s if decode_s else 0.0))
         info = model.info
+    if args.torch_reference:
+        rows["torch_reference_prompt_stage"] = torch_reference(info.path, prompt_ids, args)
     mean = {k: {f: statistics.fmean(r[f] for r in v) for f in v[0]} for k, v in rows.items()}
     plain, fast, slow = mean["plain"], mean["slot_cached"], mean["slot_recompute"]
     ratios = {
@@ -83,6 +115,9 @@ def run(args: argparse.Namespace) -> dict:
         "decode_tps_with_delta_vs_plain": fast["tps"] / plain["tps"],
         "plain_decode_tps_vs_llama_cpp": plain["tps"] / mean["llama_cpp_greedy"]["tps"],
     }
+    if "torch_reference_prompt_stage" in mean:
+        ratios["prompt_stage_speedup_vs_torch_reference"] = (
+            mean["torch_reference_prompt_stage"]["total"] / (fast["prefill"] + fast["optimise"]))
     return {
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "model": {"path": info.path, "architecture": info.architecture, "head_type": info.head_type,
@@ -112,6 +147,13 @@ def markdown(report: dict) -> str:
                      f"{r['total']:.3f} | {r['tps']:.1f} |")
     g = m["llama_cpp_greedy"]
     lines.append(f"| llama.cpp greedy loop | | | {g['generate']:.3f} | {g['total']:.3f} | {g['tps']:.1f} |")
+    if "torch_reference_prompt_stage" in m:
+        lines.append(f"| transformers reference, prompt stage only | | | | "
+                     f"{m['torch_reference_prompt_stage']['total']:.3f} | |")
+    f = m["slot_cached"]
+    lines += ["", f"slot_cached optimisation by part (s, {report['settings']['steps']} steps): "
+              f"W*delta and normalisers {f['opt_forward']:.3f}, P0^T*r {f['opt_cache']:.3f}, "
+              f"W^T*g {f['opt_backward']:.3f}, host {f['opt_host']:.3f}"]
     lines += ["", "| ratio | value |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()]
     lines.append(f"| peak RSS (MiB) | {report['peak_rss_mib']:.0f} |")
@@ -128,6 +170,8 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument("--torch-reference", action="store_true",
+                   help="also time the published prompt stage in PyTorch/transformers")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     report = run(args)

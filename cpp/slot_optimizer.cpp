@@ -63,9 +63,10 @@ PromptCache::PromptCache(OutputHead& head, const std::vector<int32_t>& tokens, c
     n_ = tokens.empty() ? 0 : static_cast<int>(tokens.size()) - 1;
     targets_.assign(tokens.begin() + (tokens.empty() ? 0 : 1), tokens.end());
     const int64_t row_bytes = V_ * static_cast<int64_t>(sizeof(float));
-    // A quarter of the budget bounds llama.cpp's own prefill logits buffer.
-    prefill_rows_ = static_cast<int>(std::clamp<int64_t>(config.memory_budget / 4 / row_bytes, 1, 512));
-    const int64_t rest = config.memory_budget - prefill_rows_ * row_bytes;
+    // A quarter of the budget goes to llama.cpp's prefill logits: the graph's
+    // output tensor and the copy in its output buffer, prefill_rows rows each.
+    prefill_rows_ = static_cast<int>(std::clamp<int64_t>(config.memory_budget / 8 / row_bytes, 1, 512));
+    const int64_t rest = config.memory_budget - 2 * prefill_rows_ * row_bytes;
     cached_ = !config.recompute && static_cast<int64_t>(n_) * row_bytes <= rest;
     recompute_rows_ = static_cast<int>(std::clamp<int64_t>(rest / (2 * row_bytes), 1, 256));
     if (n_ == 0) return;

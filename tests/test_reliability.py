@@ -141,3 +141,31 @@ def test_corrupted_gguf_files_raise_and_never_crash(tmp_path, tiny_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("done")
+
+
+def test_long_prompt_stays_within_the_memory_budget(gemma_path):
+    # A ~4k-token prompt: its logit cache would take 4 GiB, over the budget, so
+    # SLOT falls back to recomputing in chunks. Measured in a fresh process.
+    budget = 512 * 2**20
+    script = textwrap.dedent(f"""
+        import resource, sys
+        import slot_cpp
+        from conftest import PROMPT
+
+        def rss():
+            return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+
+        model = slot_cpp.Model({str(gemma_path)!r}, n_ctx=4608)
+        model.generate(PROMPT * 90, max_tokens=2)   # llama.cpp's own buffers, warmed on a long prompt
+        base = rss()
+        tokens = model.prompt_tokens(PROMPT * 90)
+        r = model.generate_with_slot("", prompt_token_ids=tokens, steps=1, max_tokens=1, memory_budget={budget})
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(len(tokens), r.slot_path, r.steps_done, peak - base)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
+                          cwd=os.path.dirname(__file__))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n_tokens, path, steps, growth = proc.stdout.split()
+    assert int(n_tokens) > 3500 and path == "recompute" and steps == "1"
+    assert int(growth) < budget * 1.1, f"SLOT used {int(growth) / 2**20:.0f} MiB over a {budget / 2**20:.0f} MiB budget"
