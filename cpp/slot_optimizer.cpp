@@ -285,6 +285,7 @@ SlotOutcome PromptCache::optimise(const SlotConfig& config, const InterruptCheck
             next[k] = static_cast<float>(p);
         }
         if (!all_finite(next)) {
+            out.losses.pop_back();  // losses[i] belongs to completed step i+1 only
             out.stop_reason = "non-finite delta after step " + std::to_string(step) + "; kept the last finite delta";
             break;
         }

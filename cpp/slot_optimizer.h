@@ -44,7 +44,7 @@ struct StepProfile {
 
 struct SlotOutcome {
     std::vector<float> delta;     // n_embd
-    std::vector<double> losses;   // loss of the delta each step started from
+    std::vector<double> losses;   // losses[i]: loss at the start of completed step i+1
     int steps_done = 0;
     std::string stop_reason;      // "completed", "no loss positions", "non-finite ..."
     std::string path;             // "cached" or "recompute"

@@ -101,3 +101,31 @@ def test_chat_template_missing_is_explained(tiny_model):
         tiny_model.generate_with_slot([{"role": "user", "content": "hi"}], max_tokens=1)
     text = tiny_model.apply_chat_template([{"role": "user", "content": "hi"}], template="chatml")
     assert "<|im_start|>user" in text
+
+
+def test_unsupported_architecture(tmp_path, tiny_path):
+    import gguf
+
+    reader = gguf.GGUFReader(str(tiny_path))
+    writer = gguf.GGUFWriter(str(tmp_path / "alien.gguf"), "alien-arch")
+    for name, field in reader.fields.items():
+        if name.startswith("tokenizer."):
+            sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
+    writer.add_tensor("token_embd.weight", np.zeros((len(reader.fields["tokenizer.ggml.tokens"].contents()), 64),
+                                                    dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(slot_cpp.ModelLoadError, match="alien-arch|could not load"):
+        slot_cpp.Model(tmp_path / "alien.gguf")
+
+
+def test_non_finite_optimisation_keeps_last_finite_delta(tiny_model):
+    result = tiny_model.generate_with_slot("The quick brown fox jumps over the lazy dog", steps=5, lr=1e37,
+                                           max_tokens=2, ignore_eos=True)
+    assert "non-finite" in result.slot_status
+    assert result.steps_done < 5 and len(result.losses) == result.steps_done
+    assert result.delta is not None and np.all(np.isfinite(result.delta))
+    assert result.generated_tokens == 2
