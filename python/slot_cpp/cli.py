@@ -174,7 +174,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(json.dumps(result_json(result), indent=2))
         else:
             result = model.generate_with_slot(prompt, on_text=lambda s: print(s, end="", flush=True), **kwargs)
-            print()
+            print(flush=True)
             _report_slot(result, sys.stderr)
         if args.save_delta and result.delta is not None:
             np.save(args.save_delta, result.delta)
@@ -205,7 +205,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             result = model.generate_with_slot(
                 messages, steps=args.steps, lr=args.lr, stop=args.stop, chat_template=args.chat_template,
                 on_text=lambda s: print(s, end="", flush=True), **_sampling_kwargs(args))
-            print()
+            print(flush=True)
             _report_slot(result, sys.stderr)
             messages.append({"role": "assistant", "content": result.text})
     return 0
