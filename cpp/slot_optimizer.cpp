@@ -140,7 +140,10 @@ double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, st
         ggml_backend_tensor_get(qt, q.data(), 0, ggml_nbytes(qt));
         ggml_backend_tensor_get(st, S.data(), 0, ggml_nbytes(st));
     }
-    const double lse_b = log_sum_exp(b.data(), V_);
+    // lse(b) from the softmax already computed: q at argmax(b) is 1/sum exp(b - max b),
+    // at least 1/n_vocab, so its logarithm is well conditioned.
+    const int64_t top = std::max_element(b.begin(), b.end()) - b.begin();
+    const double lse_b = b[static_cast<size_t>(top)] - std::log(static_cast<double>(q[static_cast<size_t>(top)]));
     const double inv_n = 1.0 / n_;
     double loss = 0.0;
     std::vector<float> r(static_cast<size_t>(n_));
