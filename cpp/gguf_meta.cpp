@@ -59,6 +59,89 @@ bool locate(const gguf_context* ctx, ggml_context* meta, const char* name, uint6
     return true;
 }
 
+// Reads the GGUF header with bounds checks and checks every stored enum value
+// (KV value types, tensor types) before ggml's reader loads them as enums.
+class HeaderScanner {
+public:
+    HeaderScanner(std::FILE* f, uint64_t size) : f_(f), size_(size) {}
+
+    void scan(const std::string& path) {
+        uint32_t version = 0;
+        uint64_t n_tensors = 0, n_kv = 0;
+        skip(4);  // magic, checked by the caller
+        read(&version);
+        read(&n_tensors);
+        read(&n_kv);
+        if (version < 2 || version > 3) fail(path, "unsupported GGUF version " + std::to_string(version));
+        for (uint64_t i = 0; i < n_kv; ++i) {
+            const std::string key = string(path);
+            uint32_t type = 0;
+            read(&type);
+            uint64_t count = 1;
+            if (type == GGUF_TYPE_ARRAY) {
+                read(&type);
+                read(&count);
+                if (type == GGUF_TYPE_ARRAY) fail(path, "key '" + key + "' holds nested arrays");
+            }
+            if (type >= GGUF_TYPE_COUNT) {
+                fail(path, "key '" + key + "' has invalid value type " + std::to_string(type));
+            }
+            if (type == GGUF_TYPE_STRING) {
+                for (uint64_t j = 0; j < count; ++j) string(path);
+            } else {
+                static const uint64_t widths[GGUF_TYPE_COUNT] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+                const uint64_t width = widths[type];
+                if (count > (size_ - pos_) / std::max<uint64_t>(width, 1)) fail(path, "key '" + key + "' runs past the end");
+                skip(count * width);
+            }
+        }
+        for (uint64_t i = 0; i < n_tensors; ++i) {
+            const std::string name = string(path);
+            uint32_t n_dims = 0, type = 0;
+            read(&n_dims);
+            if (n_dims > GGML_MAX_DIMS) fail(path, "tensor '" + name + "' has " + std::to_string(n_dims) + " dimensions");
+            skip(static_cast<uint64_t>(n_dims) * sizeof(int64_t));
+            read(&type);
+            if (type >= GGML_TYPE_COUNT || ggml_type_size(static_cast<ggml_type>(type)) == 0) {
+                fail(path, "tensor '" + name + "' has invalid type " + std::to_string(type));
+            }
+            skip(sizeof(uint64_t));
+        }
+    }
+
+private:
+    [[noreturn]] static void fail(const std::string& path, const std::string& what) {
+        throw ModelLoadError("GGUF file is corrupted (" + what + "): " + path);
+    }
+    template <typename T>
+    void read(T* out) {
+        if (size_ - pos_ < sizeof(T) || std::fread(out, sizeof(T), 1, f_) != 1) {
+            throw ModelLoadError("GGUF file is truncated inside its header");
+        }
+        pos_ += sizeof(T);
+    }
+    void skip(uint64_t n) {
+        if (n > size_ - pos_) throw ModelLoadError("GGUF file is truncated inside its header");
+        if (std::fseek(f_, static_cast<long>(n), SEEK_CUR) != 0) throw ModelLoadError("cannot read the GGUF header");
+        pos_ += n;
+    }
+    std::string string(const std::string& path) {
+        uint64_t len = 0;
+        read(&len);
+        if (len > size_ - pos_ || len > (uint64_t(1) << 24)) fail(path, "a string length is out of range");
+        std::string s(static_cast<size_t>(len), '\0');
+        if (len > 0 && std::fread(s.data(), 1, static_cast<size_t>(len), f_) != len) {
+            throw ModelLoadError("GGUF file is truncated inside its header");
+        }
+        pos_ += len;
+        return s;
+    }
+
+    std::FILE* f_;
+    uint64_t size_;
+    uint64_t pos_ = 0;
+};
+
 }  // namespace
 
 std::string ModelFileInfo::slot_unsupported_reason() const {
@@ -99,12 +182,14 @@ ModelFileInfo read_model_file_info(const std::string& path) {
     {
         std::FILE* f = std::fopen(path.c_str(), "rb");
         if (f == nullptr) throw ModelLoadError("cannot open model file: " + path);
+        std::unique_ptr<std::FILE, int (*)(std::FILE*)> closer(f, &std::fclose);
         char magic[4] = {0, 0, 0, 0};
         const size_t got = std::fread(magic, 1, 4, f);
-        std::fclose(f);
         if (got != 4 || magic[0] != 'G' || magic[1] != 'G' || magic[2] != 'U' || magic[3] != 'F') {
             throw ModelLoadError("not a GGUF file (bad magic): " + path);
         }
+        std::rewind(f);
+        HeaderScanner(f, info.file_size).scan(path);
     }
 
     ggml_context* meta_raw = nullptr;
