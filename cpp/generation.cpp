@@ -119,11 +119,7 @@ GenerationResult Session::generate(const GenerationRequest& req, const TextCallb
     if (learn && n_prompt >= 2) {
         OutputHead& h = head();
         PromptCache cache(h, req.prompt, req.slot);
-        e.prefill(req.prompt, true, cache.prefill_rows(),
-                  [&cache](int first, int count, const float* logits, const float* hidden) {
-                      cache.add(first, count, logits, hidden);
-                  },
-                  interrupted);
+        fill_prompt_cache(e, cache, req.prompt, interrupted);
         res.prefill_seconds = seconds_since(t0);
         t0 = Clock::now();
         SlotOutcome outcome = cache.optimise(req.slot, interrupted);
@@ -276,9 +272,7 @@ double Session::slot_loss_and_gradient(const std::vector<int32_t>& tokens, const
     SlotConfig config;
     config.recompute = recompute;
     PromptCache cache(h, tokens, config);
-    e.prefill(tokens, true, cache.prefill_rows(),
-              [&cache](int first, int count, const float* z, const float* hid) { cache.add(first, count, z, hid); },
-              interrupted);
+    fill_prompt_cache(e, cache, tokens, interrupted);
     return cache.loss_and_gradient(delta, grad, interrupted);
 }
 
@@ -308,6 +302,7 @@ std::vector<double> Session::token_logprobs(const std::vector<int32_t>& tokens, 
     }
     std::vector<double> out;
     out.reserve(tokens.size() - static_cast<size_t>(first));
+    std::vector<float> row(static_cast<size_t>(V));
     // Row r's logits predict tokens[r + 1]; only rows first-1 .. N-2 are scored.
     e.prefill(tokens, true, 256,
               [&](int start, int count, const float* logits, const float*) {
@@ -315,12 +310,12 @@ std::vector<double> Session::token_logprobs(const std::vector<int32_t>& tokens, 
                       const int r = start + i;
                       if (r < first - 1 || r + 1 >= static_cast<int>(tokens.size())) continue;
                       const float* z = logits + static_cast<size_t>(i) * static_cast<size_t>(V);
-                      double m = -INFINITY;
-                      for (int64_t v = 0; v < V; ++v) m = std::max(m, double(z[v]) + (bias.empty() ? 0.0 : bias[v]));
-                      double sum = 0.0;
-                      for (int64_t v = 0; v < V; ++v) sum += std::exp(double(z[v]) + (bias.empty() ? 0.0 : bias[v]) - m);
+                      if (!bias.empty()) {
+                          for (int64_t v = 0; v < V; ++v) row[static_cast<size_t>(v)] = z[v] + bias[static_cast<size_t>(v)];
+                          z = row.data();
+                      }
                       const int32_t y = tokens[static_cast<size_t>(r + 1)];
-                      out.push_back(double(z[y]) + (bias.empty() ? 0.0 : bias[y]) - m - std::log(sum));
+                      out.push_back(static_cast<double>(z[y]) - log_sum_exp(z, V));
                   }
               },
               interrupted);

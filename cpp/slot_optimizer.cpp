@@ -15,15 +15,6 @@ namespace {
 // that float underflow in P0 never turns into an infinite loss.
 constexpr double kTinyProbability = 1e-30;
 
-double log_sum_exp(const float* x, int64_t n) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
-    if (!std::isfinite(m)) return m;
-    double s = 0.0;
-    for (int64_t i = 0; i < n; ++i) s += std::exp(static_cast<double>(x[i]) - m);
-    return m + std::log(s);
-}
-
 // Adds the seconds since construction to a counter when it goes out of scope.
 class ScopedTimer {
 public:
@@ -45,6 +36,24 @@ bool all_finite(const std::vector<float>& v) {
 }
 
 }  // namespace
+
+double log_sum_exp(const float* x, int64_t n) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+    if (!std::isfinite(m)) return m;
+    double s = 0.0;
+    for (int64_t i = 0; i < n; ++i) s += std::exp(static_cast<double>(x[i]) - m);
+    return m + std::log(s);
+}
+
+void fill_prompt_cache(Engine& engine, PromptCache& cache, const std::vector<int32_t>& tokens,
+                       const InterruptCheck& interrupted) {
+    engine.prefill(tokens, true, cache.prefill_rows(),
+                   [&cache](int first, int count, const float* logits, const float* hidden) {
+                       cache.add(first, count, logits, hidden);
+                   },
+                   interrupted);
+}
 
 void validate(const SlotConfig& c) {
     if (c.steps < 0) throw std::invalid_argument("steps must be >= 0");

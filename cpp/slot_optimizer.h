@@ -34,6 +34,9 @@ struct SlotConfig {
 
 void validate(const SlotConfig& config);
 
+// log(sum_i exp(x_i)), accumulated in double.
+double log_sum_exp(const float* x, int64_t n);
+
 // Where optimisation time went, summed over steps (seconds).
 struct StepProfile {
     double forward = 0.0;   // b = W*delta and the normalisers (recompute: W*(H+delta) and softmax)
@@ -91,5 +94,9 @@ private:
     ggml_tensor* p0_tensor_ = nullptr;
     StepProfile profile_;
 };
+
+// Prefills `tokens` from an empty KV cache, feeding every position to `cache`.
+void fill_prompt_cache(Engine& engine, PromptCache& cache, const std::vector<int32_t>& tokens,
+                       const InterruptCheck& interrupted);
 
 }  // namespace slot

@@ -91,3 +91,17 @@ def test_loss_helpers_agree():
     delta = rng.standard_normal(8)
     loss, _ = slot_loss_and_grad(hidden, weight, tokens, delta)
     assert loss == pytest.approx(slot_loss(hidden, weight, tokens, delta), rel=1e-12)
+
+
+def test_token_logprobs_match_float64_log_softmax(tiny_model, states):
+    tokens, hidden, _, weight = states
+    delta = np.random.default_rng(0).standard_normal(weight.shape[1]).astype(np.float32)
+    for d in (None, delta):
+        got = tiny_model.token_logprobs(tokens, 3, d)
+        h = hidden.astype(np.float64) + (0.0 if d is None else d.astype(np.float64))
+        z = h @ weight.astype(np.float64).T
+        m = z.max(axis=1)
+        lse = m + np.log(np.exp(z - m[:, None]).sum(axis=1))
+        rows = np.arange(2, len(tokens) - 1)
+        want = z[rows, np.asarray(tokens)[rows + 1]] - lse[rows]
+        np.testing.assert_allclose(got, want, atol=1e-4)

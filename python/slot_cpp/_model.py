@@ -97,7 +97,6 @@ class ModelInfo:
     file_size: int
     slot_supported: bool
     slot_unsupported_reason: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:

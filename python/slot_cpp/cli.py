@@ -369,7 +369,7 @@ def cmd_info(args: argparse.Namespace) -> int:
              "gpu_offload": _core.supports_gpu_offload(), "system_info": _core.system_info().strip()}
     with _open_model(args) as model:
         info = model.info
-        data = {"model": {k: v for k, v in info.__dict__.items() if k != "extra"}, "build": build}
+        data = {"model": dict(info.__dict__), "build": build}
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
