@@ -7,10 +7,26 @@
 
 #include "ggml-cpu.h"
 
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#include <immintrin.h>
+#endif
+
 namespace slot {
 namespace {
 
-float half_to_float(uint16_t h) {
+// ggml's Q8_0 block: one fp16 scale and 32 signed bytes.
+constexpr int64_t kQ8Block = 32;
+constexpr size_t kQ8Bytes = 2 + kQ8Block;
+// Vocabulary rows per tile in W^T g: the tile's Q8_0 rows (34 bytes per 32
+// columns) stay in L1 while every column block is swept over them.
+constexpr int kTileRows = 32;
+
+float half_to_float(const uint8_t* p) {
+    uint16_t h;
+    std::memcpy(&h, p, sizeof(h));
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
     const uint32_t exponent = (h >> 10) & 0x1fu;
     const uint32_t mantissa = h & 0x3ffu;
@@ -23,56 +39,134 @@ float half_to_float(uint16_t h) {
     float f;
     std::memcpy(&f, &bits, sizeof(f));
     return f;
+#endif
 }
 
-// ggml's Q8_0 block: one fp16 scale and 32 signed bytes.
-constexpr int64_t kQ8Block = 32;
-constexpr size_t kQ8Bytes = 2 + kQ8Block;
+// ---- SIMD pieces: 32 int8 of one Q8_0 block as floats, times a scale ----
+#if defined(__AVX512F__)
+constexpr bool kSimdProduct = true;
+inline __m512 int8x16(const uint8_t* q) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+}
+// acc[0..32) += c * q[0..32)
+struct Block32 {
+    __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+    void fma(float c, const uint8_t* q) {
+        const __m512 s = _mm512_set1_ps(c);
+        lo = _mm512_fmadd_ps(s, int8x16(q), lo);
+        hi = _mm512_fmadd_ps(s, int8x16(q + 16), hi);
+    }
+    void add_to(const Block32& o, float* out) const {
+        _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), _mm512_add_ps(lo, o.lo)));
+        _mm512_storeu_ps(out + 16, _mm512_add_ps(_mm512_loadu_ps(out + 16), _mm512_add_ps(hi, o.hi)));
+    }
+};
+// One vocabulary row of W (Q8_0) dotted with x, in float32.
+inline float row_dot(const uint8_t* row, const float* x, int64_t blocks) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+        const uint8_t* k0 = row + static_cast<size_t>(b) * kQ8Bytes;
+        const uint8_t* k1 = k0 + kQ8Bytes;
+        const float* x0 = x + b * kQ8Block;
+        __m512 t0 = _mm512_mul_ps(int8x16(k0 + 2), _mm512_loadu_ps(x0));
+        t0 = _mm512_fmadd_ps(int8x16(k0 + 18), _mm512_loadu_ps(x0 + 16), t0);
+        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(k0)), t0, acc0);
+        __m512 t1 = _mm512_mul_ps(int8x16(k1 + 2), _mm512_loadu_ps(x0 + 32));
+        t1 = _mm512_fmadd_ps(int8x16(k1 + 18), _mm512_loadu_ps(x0 + 48), t1);
+        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(k1)), t1, acc1);
+    }
+    if (b < blocks) {
+        const uint8_t* k0 = row + static_cast<size_t>(b) * kQ8Bytes;
+        const float* x0 = x + b * kQ8Block;
+        __m512 t0 = _mm512_mul_ps(int8x16(k0 + 2), _mm512_loadu_ps(x0));
+        t0 = _mm512_fmadd_ps(int8x16(k0 + 18), _mm512_loadu_ps(x0 + 16), t0);
+        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(half_to_float(k0)), t0, acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+constexpr bool kSimdProduct = true;
+inline __m256 int8x8(const uint8_t* q) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+}
+struct Block32 {
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    void fma(float c, const uint8_t* q) {
+        const __m256 s = _mm256_set1_ps(c);
+        for (int k = 0; k < 4; ++k) a[k] = _mm256_fmadd_ps(s, int8x8(q + 8 * k), a[k]);
+    }
+    void add_to(const Block32& o, float* out) const {
+        for (int k = 0; k < 4; ++k) {
+            _mm256_storeu_ps(out + 8 * k, _mm256_add_ps(_mm256_loadu_ps(out + 8 * k), _mm256_add_ps(a[k], o.a[k])));
+        }
+    }
+};
+inline float row_dot(const uint8_t* row, const float* x, int64_t blocks) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* k = row + static_cast<size_t>(b) * kQ8Bytes;
+        const float* xb = x + b * kQ8Block;
+        __m256 t = _mm256_mul_ps(int8x8(k + 2), _mm256_loadu_ps(xb));
+        t = _mm256_fmadd_ps(int8x8(k + 10), _mm256_loadu_ps(xb + 8), t);
+        t = _mm256_fmadd_ps(int8x8(k + 18), _mm256_loadu_ps(xb + 16), t);
+        t = _mm256_fmadd_ps(int8x8(k + 26), _mm256_loadu_ps(xb + 24), t);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(k)), t, acc);
+    }
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+#else
+// Portable: plain loops the compiler vectorises (no reductions across lanes).
+constexpr bool kSimdProduct = false;
+struct Block32 {
+    float a[kQ8Block] = {};
+    void fma(float c, const uint8_t* q) {
+        const auto* s = reinterpret_cast<const int8_t*>(q);
+        for (int64_t j = 0; j < kQ8Block; ++j) a[j] += c * static_cast<float>(s[j]);
+    }
+    void add_to(const Block32& o, float* out) const {
+        for (int64_t j = 0; j < kQ8Block; ++j) out[j] += a[j] + o.a[j];
+    }
+};
+inline float row_dot(const uint8_t*, const float*, int64_t) { return 0.0f; }  // not used: ggml_mul_mat instead
+#endif
 
-void rows_q8_0(const uint8_t* w, size_t row_bytes, int64_t d, const float* g, int64_t v0, int64_t v1, float* acc) {
+// acc += sum over rows v in [v0, v1) of g[v] * W[v, :], for Q8_0 W. Rows are
+// taken a tile at a time; within a tile each 32-column block is swept over the
+// tile's rows with its accumulators in registers.
+void transposed_rows_q8_0(const uint8_t* w, size_t row_bytes, int64_t d, const float* g, int64_t v0, int64_t v1,
+                          float* acc) {
     const int64_t blocks = d / kQ8Block;
-    auto scale_of = [](const uint8_t* blk) {
-        uint16_t half;
-        std::memcpy(&half, blk, sizeof(half));
-        return half_to_float(half);
-    };
-    int64_t v = v0;
-    // Four rows at a time: each accumulator is loaded and stored once per four rows.
-    for (; v + 4 <= v1; v += 4) {
-        const uint8_t* r0 = w + static_cast<size_t>(v) * row_bytes;
-        const uint8_t* r1 = r0 + row_bytes;
-        const uint8_t* r2 = r1 + row_bytes;
-        const uint8_t* r3 = r2 + row_bytes;
-        const float s0 = g[v], s1 = g[v + 1], s2 = g[v + 2], s3 = g[v + 3];
-        for (int64_t b = 0; b < blocks; ++b) {
-            const size_t off = static_cast<size_t>(b) * kQ8Bytes;
-            const float c0 = s0 * scale_of(r0 + off), c1 = s1 * scale_of(r1 + off);
-            const float c2 = s2 * scale_of(r2 + off), c3 = s3 * scale_of(r3 + off);
-            const auto* q0 = reinterpret_cast<const int8_t*>(r0 + off + 2);
-            const auto* q1 = reinterpret_cast<const int8_t*>(r1 + off + 2);
-            const auto* q2 = reinterpret_cast<const int8_t*>(r2 + off + 2);
-            const auto* q3 = reinterpret_cast<const int8_t*>(r3 + off + 2);
-            float* a = acc + b * kQ8Block;
-            for (int64_t j = 0; j < kQ8Block; ++j) {
-                a[j] += c0 * static_cast<float>(q0[j]) + c1 * static_cast<float>(q1[j]) +
-                        c2 * static_cast<float>(q2[j]) + c3 * static_cast<float>(q3[j]);
+    std::vector<float> scale(static_cast<size_t>(blocks) * kTileRows);  // [block][row in tile]
+    for (int64_t vt = v0; vt < v1; vt += kTileRows) {
+        const int n = static_cast<int>(std::min<int64_t>(kTileRows, v1 - vt));
+        const uint8_t* tile = w + static_cast<size_t>(vt) * row_bytes;
+        for (int i = 0; i < n; ++i) {
+            const uint8_t* row = tile + static_cast<size_t>(i) * row_bytes;
+            const float gi = g[vt + i];
+            for (int64_t b = 0; b < blocks; ++b) {
+                scale[static_cast<size_t>(b * kTileRows + i)] = gi * half_to_float(row + static_cast<size_t>(b) * kQ8Bytes);
             }
         }
-    }
-    for (; v < v1; ++v) {
-        const float s = g[v];
-        const uint8_t* row = w + static_cast<size_t>(v) * row_bytes;
         for (int64_t b = 0; b < blocks; ++b) {
-            const uint8_t* blk = row + static_cast<size_t>(b) * kQ8Bytes;
-            const float scale = s * scale_of(blk);
-            const auto* q = reinterpret_cast<const int8_t*>(blk + 2);
-            float* a = acc + b * kQ8Block;
-            for (int64_t j = 0; j < kQ8Block; ++j) a[j] += scale * static_cast<float>(q[j]);
+            const uint8_t* q = tile + static_cast<size_t>(b) * kQ8Bytes + 2;
+            const float* c = scale.data() + b * kTileRows;
+            Block32 even, odd;  // two independent chains hide the FMA latency
+            int i = 0;
+            for (; i + 2 <= n; i += 2) {
+                even.fma(c[i], q + static_cast<size_t>(i) * row_bytes);
+                odd.fma(c[i + 1], q + static_cast<size_t>(i + 1) * row_bytes);
+            }
+            if (i < n) even.fma(c[i], q + static_cast<size_t>(i) * row_bytes);
+            even.add_to(odd, acc + b * kQ8Block);
         }
     }
 }
 
-void rows_f32(const uint8_t* w, size_t row_bytes, int64_t d, const float* g, int64_t v0, int64_t v1, float* acc) {
+void transposed_rows_f32(const uint8_t* w, size_t row_bytes, int64_t d, const float* g, int64_t v0, int64_t v1,
+                         float* acc) {
     for (int64_t v = v0; v < v1; ++v) {
         const float s = g[v];
         if (s == 0.0f) continue;
@@ -81,7 +175,7 @@ void rows_f32(const uint8_t* w, size_t row_bytes, int64_t d, const float* g, int
     }
 }
 
-void rows_generic(const ggml_tensor* wt, const float* g, int64_t v0, int64_t v1, float* acc) {
+void transposed_rows_generic(const ggml_tensor* wt, const float* g, int64_t v0, int64_t v1, float* acc) {
     const int64_t d = wt->ne[0];
     const size_t row_bytes = wt->nb[1];
     const auto* w = static_cast<const uint8_t*>(wt->data);
@@ -112,19 +206,41 @@ void transposed_product_op(ggml_tensor* dst, int ith, int nth, void*) {
         std::fill(acc, acc + d, 0.0f);
         const int64_t v0 = V * part / parts, v1 = V * (part + 1) / parts;
         switch (w->type) {
-            case GGML_TYPE_Q8_0: rows_q8_0(wdata, w->nb[1], d, gdata, v0, v1, acc); break;
-            case GGML_TYPE_F32: rows_f32(wdata, w->nb[1], d, gdata, v0, v1, acc); break;
-            default: rows_generic(w, gdata, v0, v1, acc); break;
+            case GGML_TYPE_Q8_0: transposed_rows_q8_0(wdata, w->nb[1], d, gdata, v0, v1, acc); break;
+            case GGML_TYPE_F32: transposed_rows_f32(wdata, w->nb[1], d, gdata, v0, v1, acc); break;
+            default: transposed_rows_generic(w, gdata, v0, v1, acc); break;
         }
     }
 }
 
+void product_op(ggml_tensor* dst, int ith, int nth, void*) {
+    const ggml_tensor* w = dst->src[0];
+    const auto* x = static_cast<const float*>(dst->src[1]->data);
+    const int64_t V = w->ne[1], blocks = w->ne[0] / kQ8Block;
+    const size_t row_bytes = w->nb[1];
+    const auto* wdata = static_cast<const uint8_t*>(w->data);
+    auto* out = static_cast<float*>(dst->data);
+    const int64_t v0 = V * ith / nth, v1 = V * (ith + 1) / nth;
+    for (int64_t v = v0; v < v1; ++v) out[v] = row_dot(wdata + static_cast<size_t>(v) * row_bytes, x, blocks);
+}
+
+void check_q8_0_layout() {
+    GGML_ASSERT(ggml_blck_size(GGML_TYPE_Q8_0) == kQ8Block && ggml_type_size(GGML_TYPE_Q8_0) == kQ8Bytes);
+}
+
 }  // namespace
+
+ggml_tensor* head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int n_tasks) {
+    GGML_ASSERT(x->type == GGML_TYPE_F32 && ggml_is_contiguous(x) && ggml_nelements(x) == w->ne[0]);
+    if (!kSimdProduct || w->type != GGML_TYPE_Q8_0) return ggml_mul_mat(ctx, w, x);
+    check_q8_0_layout();
+    ggml_tensor* args[] = {w, x};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], 1, 1, 1, args, 2, product_op, n_tasks, nullptr);
+}
 
 ggml_tensor* transposed_head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* g, int n_parts) {
     GGML_ASSERT(g->type == GGML_TYPE_F32 && ggml_is_contiguous(g) && ggml_nelements(g) == w->ne[1]);
-    GGML_ASSERT(w->type != GGML_TYPE_Q8_0 ||
-                (ggml_blck_size(GGML_TYPE_Q8_0) == kQ8Block && ggml_type_size(GGML_TYPE_Q8_0) == kQ8Bytes));
+    if (w->type == GGML_TYPE_Q8_0) check_q8_0_layout();
     ggml_tensor* args[] = {w, g};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[0], n_parts, 1, 1, args, 2, transposed_product_op,
                           n_parts, nullptr);

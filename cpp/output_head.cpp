@@ -101,7 +101,7 @@ OutputHead::OutputHead(const ModelFileInfo& info, ComputeBackend& backend) : bac
 void OutputHead::project(const float* delta, float* out) {
     GraphBuilder g(4);
     ggml_tensor* d = g.input(GGML_TYPE_F32, n_embd_);
-    ggml_tensor* b = ggml_mul_mat(g.ctx, weight_, d);
+    ggml_tensor* b = head_product(g.ctx, weight_, d, backend_.n_threads());
     g.output(b);
     backend_.prepare(g);
     ggml_backend_tensor_set(d, delta, 0, ggml_nbytes(d));

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "errors.h"
+#include "head_kernels.h"
 
 namespace slot {
 namespace {
@@ -110,13 +111,14 @@ void PromptCache::add(int first, int count, const float* logits, const float* hi
                   hidden_.begin() + static_cast<ptrdiff_t>(first) * d_);
         return;
     }
-    GraphBuilder g(6);
-    ggml_tensor* z = g.input(GGML_TYPE_F32, V_, c);
-    ggml_tensor* p = ggml_soft_max(g.ctx, z);
-    ggml_tensor* dst = ggml_view_2d(g.ctx, p0_tensor_, V_, c, p0_tensor_->nb[1], p0_tensor_->nb[1] * first);
-    g.output(ggml_cpy(g.ctx, p, dst));
+    // The logits go straight into the cache rows and are normalised in place:
+    // no intermediate N x vocab buffer.
+    const size_t offset = p0_tensor_->nb[1] * static_cast<size_t>(first);
+    ggml_backend_tensor_set(p0_tensor_, logits, offset, p0_tensor_->nb[1] * static_cast<size_t>(c));
+    GraphBuilder g(4);
+    ggml_tensor* rows = ggml_view_2d(g.ctx, p0_tensor_, V_, c, p0_tensor_->nb[1], offset);
+    g.output(ggml_soft_max_inplace(g.ctx, rows));
     head_.backend().prepare(g);
-    ggml_backend_tensor_set(z, logits, 0, ggml_nbytes(z));
     head_.backend().compute(g, "prompt softmax");
     for (int i = 0; i < c; ++i) {
         const int t = first + i;
@@ -135,7 +137,7 @@ double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, st
     {
         GraphBuilder g(8);
         ggml_tensor* din = g.input(GGML_TYPE_F32, d_);
-        ggml_tensor* bt = ggml_mul_mat(g.ctx, head_.weight(), din);
+        ggml_tensor* bt = head_product(g.ctx, head_.weight(), din, threads);
         ggml_tensor* qt = ggml_soft_max(g.ctx, bt);
         ggml_tensor* st = ggml_mul_mat(g.ctx, p0_tensor_, qt);
         g.output(bt);

@@ -57,8 +57,9 @@ def _hf_qwen2(n_vocab: int, seed: int) -> Any:
     return model
 
 
-def write_qwen2_gguf(model: Any, path: Path, vocab_path: Path = VOCAB_GGUF) -> Path:
-    """Write a transformers Qwen2 model as an F32 GGUF llama.cpp loads."""
+def write_qwen2_gguf(model: Any, path: Path, vocab_path: Path = VOCAB_GGUF, head_type: str = "F32") -> Path:
+    """Write a transformers Qwen2 model as a GGUF llama.cpp loads: F32 weights,
+    with the output head in `head_type` (F32 or Q8_0)."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "qwen2")
@@ -87,7 +88,11 @@ def write_qwen2_gguf(model: Any, path: Path, vocab_path: Path = VOCAB_GGUF) -> P
     }
     for key, value in sd.items():
         if key == "lm_head.weight":
-            writer.add_tensor("output.weight", np.ascontiguousarray(value))
+            if head_type == "Q8_0":
+                q8 = gguf.GGMLQuantizationType.Q8_0
+                writer.add_tensor("output.weight", gguf.quants.quantize(value, q8), raw_dtype=q8)
+            else:
+                writer.add_tensor("output.weight", np.ascontiguousarray(value))
             continue
         assert key.startswith("model."), key
         rest = key[len("model."):]
@@ -119,6 +124,18 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory, vocab_gguf: Path) -> tu
     model = _hf_qwen2(n_vocab, seed=1234)
     path = write_qwen2_gguf(model, tmp_path_factory.mktemp("tiny") / "tiny-qwen2-f32.gguf")
     return path, model
+
+
+@pytest.fixture(scope="session")
+def tiny_q8_head(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: tuple[Path, Any]):
+    """The tiny model with its output head stored as Q8_0, the format of Gemma's head."""
+    import slot_cpp
+
+    path = write_qwen2_gguf(tiny_qwen2[1], tmp_path_factory.mktemp("tiny-q8") / "tiny-qwen2-q8head.gguf",
+                            head_type="Q8_0")
+    model = slot_cpp.Model(path, n_ctx=512, n_threads=2)
+    yield path, model
+    model.close()
 
 
 @pytest.fixture(scope="session")
