@@ -43,10 +43,18 @@ StaticTensors::~StaticTensors() {
     ggml_free(ctx);
 }
 
-ComputeBackend::ComputeBackend(int n_threads) : n_threads_(std::max(1, n_threads)) {
-    backend_ = ggml_backend_cpu_init();
-    if (backend_ == nullptr) throw Error("could not initialise the ggml CPU backend");
-    ggml_backend_cpu_set_n_threads(backend_, n_threads_);
+ComputeBackend::ComputeBackend(int n_threads, ggml_backend_dev_t device)
+    : n_threads_(std::max(1, n_threads)), is_cpu_(device == nullptr) {
+    if (is_cpu_) {
+        backend_ = ggml_backend_cpu_init();
+        if (backend_ == nullptr) throw Error("could not initialise the ggml CPU backend");
+        ggml_backend_cpu_set_n_threads(backend_, n_threads_);
+    } else {
+        backend_ = ggml_backend_dev_init(device, nullptr);
+        if (backend_ == nullptr) {
+            throw Error(std::string("could not initialise the ggml backend of ") + ggml_backend_dev_name(device));
+        }
+    }
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
     if (galloc_ == nullptr) throw Error("could not create a ggml graph allocator");
 }
@@ -62,6 +70,14 @@ void ComputeBackend::allocate(StaticTensors& tensors, const char* what) {
 }
 
 void ComputeBackend::prepare(GraphBuilder& g) {
+    for (int i = 0; i < ggml_graph_n_nodes(g.graph); ++i) {
+        const ggml_tensor* node = ggml_graph_node(g.graph, i);
+        if (!ggml_backend_supports_op(backend_, node)) {
+            throw UnsupportedModelError(std::string("the ") + name() + " backend cannot run " + ggml_op_desc(node) +
+                                        " on " + ggml_type_name(node->src[0] ? node->src[0]->type : node->type) +
+                                        " tensors");
+        }
+    }
     if (!ggml_gallocr_alloc_graph(galloc_, g.graph)) throw Error("could not allocate a ggml graph");
 }
 

@@ -33,22 +33,29 @@ struct StaticTensors {
     StaticTensors& operator=(const StaticTensors&) = delete;
 };
 
+// The ggml backend of one device: the CPU (device == nullptr) or a GPU that
+// ggml was built for (CUDA, Metal, ...).
 class ComputeBackend {
 public:
-    explicit ComputeBackend(int n_threads);
+    ComputeBackend(int n_threads, ggml_backend_dev_t device = nullptr);
     ~ComputeBackend();
     ComputeBackend(const ComputeBackend&) = delete;
     ComputeBackend& operator=(const ComputeBackend&) = delete;
 
     int n_threads() const { return n_threads_; }
+    bool is_cpu() const { return is_cpu_; }
+    const char* name() const { return ggml_backend_name(backend_); }
     // Allocates every tensor of `tensors` on this backend.
     void allocate(StaticTensors& tensors, const char* what);
-    // Allocates the graph's intermediate tensors; set inputs after this.
+    // Checks that the backend supports every op of the graph (an unsupported op
+    // would abort inside ggml) and allocates its intermediate tensors; set
+    // inputs after this.
     void prepare(GraphBuilder& g);
     void compute(GraphBuilder& g, const char* what);
 
 private:
     int n_threads_ = 1;
+    bool is_cpu_ = true;
     ggml_backend_t backend_ = nullptr;
     ggml_gallocr_t galloc_ = nullptr;
 };

@@ -257,6 +257,7 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("n_threads", &slot::Session::n_threads)
         .def_property_readonly("has_chat_template", &slot::Session::has_chat_template)
         .def("is_eog", &slot::Session::is_eog, py::arg("token"))
+        .def("slot_backend", &slot::Session::slot_backend, py::call_guard<py::gil_scoped_release>())
         .def("output_matrix", [](slot::Session& s) {
             std::vector<float> w;
             {

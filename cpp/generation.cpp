@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <stdexcept>
 
 #include "errors.h"
@@ -44,7 +45,26 @@ size_t safe_emit_end(const std::string& s, size_t limit) {
 
 }  // namespace
 
-Session::Session(const EngineParams& params) : engine_(std::make_unique<Engine>(params)) {}
+Session::Session(const EngineParams& params) : engine_(std::make_unique<Engine>(params)) {
+    const char* portable = std::getenv("SLOT_CPP_PORTABLE_HEAD_OPS");
+    portable_head_ops_ = portable != nullptr && std::string(portable) == "1";
+}
+
+namespace {
+
+// The device that holds the offloaded layers (the first GPU), or null for the
+// CPU: SLOT's head products run where the model's output runs.
+ggml_backend_dev_t head_device(const EngineParams& params) {
+    if (params.n_gpu_layers == 0) return nullptr;
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        const auto type = ggml_backend_dev_type(dev);
+        if (type == GGML_BACKEND_DEVICE_TYPE_GPU || type == GGML_BACKEND_DEVICE_TYPE_IGPU) return dev;
+    }
+    return nullptr;
+}
+
+}  // namespace
 
 void Session::close() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -74,11 +94,24 @@ OutputHead& Session::head() {
                                         std::to_string(info.head.ne0) + ") does not match the model (" +
                                         std::to_string(e.n_vocab()) + " x " + std::to_string(e.n_embd()) + ")");
         }
-        auto backend = std::make_unique<ComputeBackend>(e.n_threads());
-        head_ = std::make_unique<OutputHead>(info, *backend);
+        auto backend = std::make_unique<ComputeBackend>(e.n_threads(), head_device(e.params()));
+        head_ = std::make_unique<OutputHead>(info, *backend, portable_head_ops_);
         backend_ = std::move(backend);
     }
     return *head_;
+}
+
+std::string Session::slot_backend() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    OutputHead& h = head();
+    std::string out = h.backend().name();
+    if (h.portable_ops()) {
+        out += " (portable ggml ops; transposed head copy " +
+               std::to_string((h.transposed_copy_bytes() + (1u << 19)) >> 20) + " MiB)";
+    } else {
+        out += " (CPU head kernels)";
+    }
+    return out;
 }
 
 GenerationResult Session::generate(const GenerationRequest& req, const TextCallback& on_text,

@@ -71,6 +71,8 @@ public:
     int n_threads();
     bool has_chat_template();
     bool is_eog(int32_t token);
+    // Where SLOT's head products run, e.g. "CPU (CPU head kernels)"; loads the head.
+    std::string slot_backend();
 
     // For tests and inspection.
     std::vector<float> output_matrix();  // n_vocab x n_embd
@@ -94,6 +96,7 @@ private:
     std::unique_ptr<Engine> engine_;
     std::unique_ptr<ComputeBackend> backend_;
     std::unique_ptr<OutputHead> head_;
+    bool portable_head_ops_ = false;  // SLOT_CPP_PORTABLE_HEAD_OPS=1: the GPU code path on any backend
 };
 
 }  // namespace slot

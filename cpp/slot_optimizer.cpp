@@ -7,7 +7,6 @@
 #include <stdexcept>
 
 #include "errors.h"
-#include "head_kernels.h"
 
 namespace slot {
 namespace {
@@ -132,12 +131,11 @@ void PromptCache::add(int first, int count, const float* logits, const float* hi
 }
 
 double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, std::vector<float>& grad) {
-    const int threads = head_.backend().n_threads();
     std::vector<float> b(static_cast<size_t>(V_)), q(static_cast<size_t>(V_)), S(static_cast<size_t>(n_));
     {
         GraphBuilder g(8);
         ggml_tensor* din = g.input(GGML_TYPE_F32, d_);
-        ggml_tensor* bt = head_product(g.ctx, head_.weight(), din, threads);
+        ggml_tensor* bt = head_.product(g.ctx, din);
         ggml_tensor* qt = ggml_soft_max(g.ctx, bt);
         ggml_tensor* st = ggml_mul_mat(g.ctx, p0_tensor_, qt);
         g.output(bt);
@@ -169,7 +167,7 @@ double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, st
     std::vector<float> u(static_cast<size_t>(V_));
     {
         GraphBuilder g(10);
-        ColumnSplitProduct prod = build_column_split_product(g, p0_tensor_, threads);
+        ColumnSplitProduct prod = build_column_split_product(g, p0_tensor_, head_.column_slabs());
         head_.backend().prepare(g);
         set_column_split_input(prod, r.data());
         ScopedTimer timer(profile_.cache);
@@ -186,7 +184,6 @@ double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, st
 
 double PromptCache::loss_and_gradient_recompute(const std::vector<float>& delta, std::vector<float>& grad,
                                                 const InterruptCheck& interrupted) {
-    const int threads = head_.backend().n_threads();
     const double inv_n = 1.0 / n_;
     std::vector<double> u(static_cast<size_t>(V_), 0.0);
     std::vector<float> part(static_cast<size_t>(V_));
@@ -210,7 +207,7 @@ double PromptCache::loss_and_gradient_recompute(const std::vector<float>& delta,
         }
         ggml_tensor* p = ggml_soft_max(g.ctx, z);
         g.output(p);
-        ColumnSplitProduct prod = build_column_split_product(g, p, threads);
+        ColumnSplitProduct prod = build_column_split_product(g, p, head_.column_slabs());
         head_.backend().prepare(g);
         ggml_backend_tensor_set(h, rows.data(), 0, ggml_nbytes(h));
         if (bias) ggml_backend_tensor_set(bias, head_.bias().data(), 0, ggml_nbytes(bias));

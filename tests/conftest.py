@@ -138,6 +138,16 @@ def tiny_q8_head(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: tuple[Pat
     model.close()
 
 
+def open_with_portable_head_ops(path: Path):
+    """A Model whose SLOT head products use ggml's portable ops (the code path
+    of GPU backends) on the CPU backend."""
+    import slot_cpp
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLOT_CPP_PORTABLE_HEAD_OPS", "1")
+        return slot_cpp.Model(path, n_ctx=512, n_threads=2)
+
+
 @pytest.fixture(scope="session")
 def tiny_path(tiny_qwen2: tuple[Path, Any]) -> Path:
     return tiny_qwen2[0]

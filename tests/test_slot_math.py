@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import open_with_portable_head_ops
 from reference import slot_adamw, slot_loss, slot_loss_and_grad
 
 TEXT = "The quick brown fox jumps over the lazy dog. A stitch in time saves nine, they said."
@@ -19,6 +20,29 @@ def states(tiny_model):
     return tokens, hidden, logits, weight
 
 
+@pytest.fixture(scope="module", params=["cpu-kernels", "portable-ops"])
+def head_model(request, tiny_model, tiny_path):
+    """The tiny model with SLOT's head products on the CPU kernels, and on the
+    portable ggml ops that GPU backends use."""
+    if request.param == "cpu-kernels":
+        yield tiny_model
+        return
+    model = open_with_portable_head_ops(tiny_path)
+    yield model
+    model.close()
+
+
+def test_slot_backend_names_the_code_path(head_model, states):
+    weight = states[3]
+    backend = head_model.slot_backend
+    assert backend.startswith("CPU")
+    if head_model.slot_backend.endswith("(CPU head kernels)"):
+        return
+    # float32 head: a float32 transposed copy
+    mib = round(weight.size * 4 / 2**20)
+    assert backend == f"CPU (portable ggml ops; transposed head copy {mib} MiB)"
+
+
 def test_engine_hidden_states_reproduce_its_logits(states):
     tokens, hidden, logits, weight = states
     assert hidden.shape == (len(tokens), weight.shape[1])
@@ -26,11 +50,11 @@ def test_engine_hidden_states_reproduce_its_logits(states):
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["cached", "recompute"])
-def test_gradient_matches_central_differences(tiny_model, states, recompute):
+def test_gradient_matches_central_differences(head_model, states, recompute):
     tokens, hidden, _, weight = states
     rng = np.random.default_rng(7)
     delta = (0.3 * rng.standard_normal(weight.shape[1])).astype(np.float32)
-    loss, grad = tiny_model.slot_loss_and_gradient(tokens, delta, recompute=recompute)
+    loss, grad = head_model.slot_loss_and_gradient(tokens, delta, recompute=recompute)
 
     h = 1e-4
     fd = np.empty(weight.shape[1])
@@ -44,10 +68,10 @@ def test_gradient_matches_central_differences(tiny_model, states, recompute):
     assert np.linalg.norm(fd) > 1e-3  # the check is not vacuous
 
 
-def test_optimiser_matches_numpy_adamw(tiny_model, states):
+def test_optimiser_matches_numpy_adamw(head_model, states):
     tokens, hidden, _, weight = states
     ref_delta, ref_losses = slot_adamw(hidden, weight, tokens, steps=5, lr=0.1)
-    result = tiny_model.generate_with_slot("", prompt_token_ids=tokens, steps=5, lr=0.1, max_tokens=0)
+    result = head_model.generate_with_slot("", prompt_token_ids=tokens, steps=5, lr=0.1, max_tokens=0)
     assert result.steps_done == 5 and result.slot_status == "completed" and result.slot_path == "cached"
     assert result.delta is not None and result.delta.dtype == np.float32
     rel = np.linalg.norm(result.delta - ref_delta) / np.linalg.norm(ref_delta)
@@ -55,13 +79,13 @@ def test_optimiser_matches_numpy_adamw(tiny_model, states):
     np.testing.assert_allclose(result.losses, ref_losses, rtol=1e-5)
 
 
-def test_recompute_path_and_memory_fallback_agree_with_cached(tiny_model, states):
+def test_recompute_path_and_memory_fallback_agree_with_cached(head_model, states):
     tokens = states[0]
     common = dict(prompt_token_ids=tokens, steps=5, lr=0.05, max_tokens=0)
-    cached = tiny_model.generate_with_slot("", **common)
-    forced = tiny_model.generate_with_slot("", recompute=True, **common)
+    cached = head_model.generate_with_slot("", **common)
+    forced = head_model.generate_with_slot("", recompute=True, **common)
     # A budget too small for the logit cache falls back to recomputation by itself.
-    squeezed = tiny_model.generate_with_slot("", memory_budget=1 << 20, **common)
+    squeezed = head_model.generate_with_slot("", memory_budget=1 << 20, **common)
     assert cached.slot_path == "cached"
     assert forced.slot_path == "recompute" and squeezed.slot_path == "recompute"
     for other in (forced, squeezed):
@@ -69,13 +93,13 @@ def test_recompute_path_and_memory_fallback_agree_with_cached(tiny_model, states
         np.testing.assert_allclose(other.losses, cached.losses, rtol=1e-5)
 
 
-def test_generation_applies_delta_as_logit_bias(tiny_model, states):
+def test_generation_applies_delta_as_logit_bias(head_model, tiny_model, states):
     tokens, hidden, _, weight = states
     rng = np.random.default_rng(3)
     delta = rng.standard_normal(weight.shape[1]).astype(np.float32)
-    np.testing.assert_allclose(tiny_model.logit_bias(delta), weight @ delta, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(head_model.logit_bias(delta), weight @ delta, rtol=1e-4, atol=1e-4)
     # Greedy decoding with delta must follow argmax of W(h + delta) at each step.
-    result = tiny_model.generate("", prompt_token_ids=tokens, delta=delta, max_tokens=6, ignore_eos=True)
+    result = head_model.generate("", prompt_token_ids=tokens, delta=delta, max_tokens=6, ignore_eos=True)
     seq = list(tokens)
     for tok in result.tokens:
         h, _ = tiny_model.prompt_states(seq)

@@ -215,6 +215,13 @@ class Model:
         return self._s().n_ctx
 
     @property
+    def slot_backend(self) -> str:
+        """Where SLOT's output-head products run: the model's GPU when layers
+        are offloaded to one (with ggml's portable ops and a transposed copy
+        of the head), else the CPU. Loads the head on first use."""
+        return self._s().slot_backend()
+
+    @property
     def info(self) -> ModelInfo:
         s = self._s()
         raw = s.file_info()
