@@ -54,6 +54,11 @@ std::vector<float> from_numpy(const py::array_t<float, py::array::c_style | py::
 
 py::object g_log_sink;  // the Python callable; cleared at interpreter exit
 
+// Every Session call takes the session's mutex, which a generating thread
+// holds while it briefly needs the GIL (Ctrl-C checks, callbacks): so no
+// Session call may wait for the mutex while holding the GIL.
+const auto kNoGil = py::call_guard<py::gil_scoped_release>();
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -140,73 +145,90 @@ PYBIND11_MODULE(_core, m) {
             return d;
         })
         .def_readonly("prompt_tokens", &slot::GenerationResult::prompt_tokens)
+        .def_readonly("cached_tokens", &slot::GenerationResult::cached_tokens)
+        .def_readonly("seed", &slot::GenerationResult::seed)
+        .def_readonly("token_logprobs", &slot::GenerationResult::token_logprobs)
+        .def_readonly("top_logprobs", &slot::GenerationResult::top_logprobs)
         .def_readonly("prefill_seconds", &slot::GenerationResult::prefill_seconds)
         .def_readonly("optimise_seconds", &slot::GenerationResult::optimise_seconds)
         .def_readonly("generate_seconds", &slot::GenerationResult::generate_seconds);
 
+#define SLOT_FIELD(name, member) \
+    def_property(name, [](const slot::GenerationRequest& r) { return r.member; }, \
+                 [](slot::GenerationRequest& r, decltype(slot::GenerationRequest{}.member) v) { r.member = std::move(v); })
+    py::class_<slot::GenerationRequest>(m, "Request")
+        .def(py::init<>())
+        .SLOT_FIELD("prompt", prompt)
+        .SLOT_FIELD("response_prefix", response_prefix)
+        .SLOT_FIELD("n", n)
+        .SLOT_FIELD("max_tokens", max_tokens)
+        .SLOT_FIELD("temperature", sampling.temperature)
+        .SLOT_FIELD("top_k", sampling.top_k)
+        .SLOT_FIELD("top_p", sampling.top_p)
+        .SLOT_FIELD("min_p", sampling.min_p)
+        .SLOT_FIELD("repeat_penalty", sampling.repeat_penalty)
+        .SLOT_FIELD("repeat_last_n", sampling.repeat_last_n)
+        .SLOT_FIELD("seed", sampling.seed)
+        .SLOT_FIELD("stop", stop)
+        .SLOT_FIELD("steps", slot.steps)
+        .SLOT_FIELD("lr", slot.lr)
+        .SLOT_FIELD("beta1", slot.beta1)
+        .SLOT_FIELD("beta2", slot.beta2)
+        .SLOT_FIELD("eps", slot.eps)
+        .SLOT_FIELD("weight_decay", slot.weight_decay)
+        .SLOT_FIELD("memory_budget", slot.memory_budget)
+        .SLOT_FIELD("recompute", slot.recompute)
+        .SLOT_FIELD("ignore_eos", ignore_eos)
+        .SLOT_FIELD("logprobs", logprobs)
+        .SLOT_FIELD("top_logprobs", top_logprobs)
+        .SLOT_FIELD("cache_prompt", cache_prompt)
+        .def_property("delta",
+                      [](const slot::GenerationRequest& r) -> py::object {
+                          if (r.delta.empty()) return py::none();
+                          return to_numpy(r.delta, {static_cast<py::ssize_t>(r.delta.size())});
+                      },
+                      [](slot::GenerationRequest& r, py::object d) {
+                          if (d.is_none()) r.delta.clear();
+                          else r.delta = from_numpy(d.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>());
+                      });
+#undef SLOT_FIELD
+
     py::class_<slot::Session>(m, "Session")
         .def(py::init([](const std::string& path, int n_ctx, int n_batch, int n_threads, int n_gpu_layers,
-                         bool use_mmap) {
+                         int n_parallel, bool use_mmap) {
                  slot::EngineParams p;
                  p.model_path = path;
                  p.n_ctx = n_ctx;
                  p.n_batch = n_batch;
                  p.n_threads = n_threads;
                  p.n_gpu_layers = n_gpu_layers;
+                 p.n_parallel = n_parallel;
                  p.use_mmap = use_mmap;
                  return std::make_unique<slot::Session>(p);
              }),
              py::arg("path"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("n_gpu_layers"),
-             py::arg("use_mmap"), py::call_guard<py::gil_scoped_release>())
+             py::arg("n_parallel"), py::arg("use_mmap"), py::call_guard<py::gil_scoped_release>())
         .def("close", &slot::Session::close, py::call_guard<py::gil_scoped_release>())
-        .def_property_readonly("closed", &slot::Session::closed)
-        .def("generate",
-             [](slot::Session& s, std::vector<int32_t> prompt, int max_tokens, double temperature, int top_k,
-                double top_p, double min_p, double repeat_penalty, int repeat_last_n, uint64_t seed,
-                std::vector<std::string> stop, int steps, double lr, double beta1, double beta2, double eps,
-                double weight_decay, int64_t memory_budget, bool recompute, py::object delta, bool ignore_eos,
-                py::object on_text) {
-                 slot::GenerationRequest req;
-                 req.prompt = std::move(prompt);
-                 req.max_tokens = max_tokens;
-                 req.sampling.temperature = temperature;
-                 req.sampling.top_k = top_k;
-                 req.sampling.top_p = top_p;
-                 req.sampling.min_p = min_p;
-                 req.sampling.repeat_penalty = repeat_penalty;
-                 req.sampling.repeat_last_n = repeat_last_n;
-                 req.sampling.seed = seed;
-                 req.stop = std::move(stop);
-                 req.slot.steps = steps;
-                 req.slot.lr = lr;
-                 req.slot.beta1 = beta1;
-                 req.slot.beta2 = beta2;
-                 req.slot.eps = eps;
-                 req.slot.weight_decay = weight_decay;
-                 req.slot.memory_budget = memory_budget;
-                 req.slot.recompute = recompute;
-                 req.ignore_eos = ignore_eos;
-                 if (!delta.is_none()) {
-                     req.delta = from_numpy(delta.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>());
-                 }
-                 slot::TextCallback callback;
+        .def_property_readonly("closed", py::cpp_function(&slot::Session::closed, kNoGil))
+        .def("generate_batch",
+             [](slot::Session& s, const std::vector<slot::GenerationRequest>& requests, py::object on_text) {
+                 slot::BatchTextCallback callback;
                  if (!on_text.is_none()) {
                      py::object* fn = &on_text;  // owned by this frame; called with the GIL held
-                     callback = [fn](const std::string& piece) {
+                     callback = [fn](int index, const std::string& piece) {
                          py::gil_scoped_acquire gil;
-                         py::object r = (*fn)(py::bytes(piece));
+                         py::object r = (*fn)(index, py::bytes(piece));
                          return r.is_none() || r.cast<bool>();
                      };
                  }
                  InterruptCheck check = make_interrupt_check();
                  py::gil_scoped_release release;
-                 return s.generate(req, callback, check);
+                 return s.generate_batch(requests, callback, check);
              },
-             py::arg("prompt"), py::arg("max_tokens"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
-             py::arg("min_p"), py::arg("repeat_penalty"), py::arg("repeat_last_n"), py::arg("seed"), py::arg("stop"),
-             py::arg("steps"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-             py::arg("weight_decay"), py::arg("memory_budget"), py::arg("recompute"), py::arg("delta"),
-             py::arg("ignore_eos"), py::arg("on_text"))
+             py::arg("requests"), py::arg("on_text"))
+        .def("clear_cache", &slot::Session::clear_cache, py::call_guard<py::gil_scoped_release>())
+        .def_property_readonly("n_parallel", py::cpp_function(&slot::Session::n_parallel, kNoGil))
+        .def_property_readonly("decoded_tokens", py::cpp_function(&slot::Session::decoded_tokens, kNoGil))
         .def("tokenize", &slot::Session::tokenize, py::arg("text"), py::arg("add_special"), py::arg("parse_special"),
              py::call_guard<py::gil_scoped_release>())
         .def("detokenize", [](slot::Session& s, const std::vector<int32_t>& t) {
@@ -217,7 +239,14 @@ PYBIND11_MODULE(_core, m) {
                  }
                  return py::bytes(out);
              }, py::arg("tokens"))
-        .def("token_piece", [](slot::Session& s, int32_t t) { return py::bytes(s.token_piece(t)); }, py::arg("token"))
+        .def("token_piece", [](slot::Session& s, int32_t t) {
+                 std::string piece;
+                 {
+                     py::gil_scoped_release release;
+                     piece = s.token_piece(t);
+                 }
+                 return py::bytes(piece);
+             }, py::arg("token"))
         .def("apply_chat_template",
              [](slot::Session& s, const std::vector<std::pair<std::string, std::string>>& messages, bool add_assistant,
                 const std::string& template_name) {
@@ -232,7 +261,11 @@ PYBIND11_MODULE(_core, m) {
              },
              py::arg("messages"), py::arg("add_assistant"), py::arg("template_name"))
         .def("file_info", [](slot::Session& s) {
-            const slot::ModelFileInfo& i = s.file_info();
+            slot::ModelFileInfo i;
+            {
+                py::gil_scoped_release release;
+                i = s.file_info();
+            }
             py::dict d;
             d["path"] = i.path;
             d["architecture"] = i.architecture;
@@ -251,32 +284,37 @@ PYBIND11_MODULE(_core, m) {
             d["slot_unsupported_reason"] = i.slot_unsupported_reason();
             return d;
         })
-        .def_property_readonly("n_vocab", &slot::Session::n_vocab)
-        .def_property_readonly("n_embd", &slot::Session::n_embd)
-        .def_property_readonly("n_ctx", &slot::Session::n_ctx)
-        .def_property_readonly("n_threads", &slot::Session::n_threads)
-        .def_property_readonly("has_chat_template", &slot::Session::has_chat_template)
-        .def("is_eog", &slot::Session::is_eog, py::arg("token"))
+        .def_property_readonly("n_vocab", py::cpp_function(&slot::Session::n_vocab, kNoGil))
+        .def_property_readonly("n_embd", py::cpp_function(&slot::Session::n_embd, kNoGil))
+        .def_property_readonly("n_ctx", py::cpp_function(&slot::Session::n_ctx, kNoGil))
+        .def_property_readonly("n_threads", py::cpp_function(&slot::Session::n_threads, kNoGil))
+        .def_property_readonly("has_chat_template", py::cpp_function(&slot::Session::has_chat_template, kNoGil))
+        .def("is_eog", &slot::Session::is_eog, py::arg("token"), kNoGil)
         .def("slot_backend", &slot::Session::slot_backend, py::call_guard<py::gil_scoped_release>())
         .def("output_matrix", [](slot::Session& s) {
             std::vector<float> w;
+            int n_embd = 0;
             {
                 py::gil_scoped_release release;
                 w = s.output_matrix();
+                n_embd = s.n_embd();
             }
-            const auto d = static_cast<py::ssize_t>(s.n_embd());
+            const auto d = static_cast<py::ssize_t>(n_embd);
             return to_numpy(w, {static_cast<py::ssize_t>(w.size()) / d, d});
         })
         .def("prompt_states", [](slot::Session& s, const std::vector<int32_t>& tokens) {
             std::vector<float> hidden, logits;
             InterruptCheck check = make_interrupt_check();
+            int n_embd = 0, n_vocab = 0;
             {
                 py::gil_scoped_release release;
                 s.prompt_states(tokens, hidden, logits, check);
+                n_embd = s.n_embd();
+                n_vocab = s.n_vocab();
             }
             const auto n = static_cast<py::ssize_t>(tokens.size());
-            return py::make_tuple(to_numpy(hidden, {n, static_cast<py::ssize_t>(s.n_embd())}),
-                                  to_numpy(logits, {n, static_cast<py::ssize_t>(s.n_vocab())}));
+            return py::make_tuple(to_numpy(hidden, {n, static_cast<py::ssize_t>(n_embd)}),
+                                  to_numpy(logits, {n, static_cast<py::ssize_t>(n_vocab)}));
         }, py::arg("tokens"))
         .def("slot_loss_and_gradient",
              [](slot::Session& s, const std::vector<int32_t>& tokens,
@@ -321,5 +359,16 @@ PYBIND11_MODULE(_core, m) {
                 out = s.reference_greedy(prompt, n_new, check, &seconds);
             }
             return py::make_tuple(out, seconds);
-        }, py::arg("prompt"), py::arg("n_new"));
+        }, py::arg("prompt"), py::arg("n_new"))
+        .def("reference_greedy_batch", [](slot::Session& s, const std::vector<std::vector<int32_t>>& prompts,
+                                          int n_new) {
+            InterruptCheck check = make_interrupt_check();
+            double seconds = 0.0;
+            std::vector<std::vector<int32_t>> out;
+            {
+                py::gil_scoped_release release;
+                out = s.reference_greedy_batch(prompts, n_new, check, &seconds);
+            }
+            return py::make_tuple(out, seconds);
+        }, py::arg("prompts"), py::arg("n_new"));
 }

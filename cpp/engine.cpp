@@ -20,6 +20,9 @@ struct BatchHolder {
     BatchHolder& operator=(const BatchHolder&) = delete;
 };
 
+// llama.cpp's own limit on sequence ids (LLAMA_MAX_SEQ, not in its public header).
+constexpr int kMaxSequences = 256;
+
 struct SamplerDeleter { void operator()(llama_sampler* s) const { llama_sampler_free(s); } };
 
 std::string with_log_detail(const std::string& message) {
@@ -42,6 +45,14 @@ Engine::Engine(const EngineParams& params) : params_(params) {
     if (params.n_batch < 1) throw std::invalid_argument("n_batch must be >= 1");
     if (params.n_threads < 0) throw std::invalid_argument("n_threads must be >= 0");
     if (params.n_gpu_layers < -1) throw std::invalid_argument("n_gpu_layers must be >= -1");
+    if (params.n_parallel < 1) throw std::invalid_argument("n_parallel must be >= 1");
+    if (params.n_parallel > params.n_batch) {
+        throw std::invalid_argument("n_parallel (" + std::to_string(params.n_parallel) +
+                                    ") must not exceed n_batch (" + std::to_string(params.n_batch) + ")");
+    }
+    if (params.n_parallel > kMaxSequences) {
+        throw std::invalid_argument("n_parallel must be <= " + std::to_string(kMaxSequences));
+    }
     ensure_backend();
 
     info_ = read_model_file_info(params.model_path);
@@ -83,6 +94,12 @@ Engine::Engine(const EngineParams& params) : params_(params) {
     cp.pooling_type = LLAMA_POOLING_TYPE_NONE;
     cp.embeddings = false;
     cp.no_perf = true;
+    // All sequences share the n_ctx cells, so that they can share a prompt's
+    // cells; a full-size sliding-window cache lets any sequence be cut back
+    // to any position (forks, the prompt cache).
+    cp.n_seq_max = static_cast<uint32_t>(params.n_parallel);
+    cp.kv_unified = true;
+    cp.swa_full = true;
     cp.abort_callback = &Engine::abort_trampoline;
     cp.abort_callback_data = this;
     ctx_.reset(llama_init_from_model(model_.get(), cp));
@@ -90,6 +107,7 @@ Engine::Engine(const EngineParams& params) : params_(params) {
         throw ModelLoadError(with_log_detail("llama.cpp could not create a context for " +
                                              params.model_path));
     }
+    seq_tokens_.assign(static_cast<size_t>(params.n_parallel), {});
 }
 
 int Engine::n_ctx() const { return static_cast<int>(llama_n_ctx(ctx_.get())); }
@@ -186,36 +204,86 @@ std::string Engine::apply_chat_template(const std::vector<ChatMessage>& messages
     return buf;
 }
 
-void Engine::decode_checked(llama_batch& batch, const InterruptCheck& interrupted, const char* what) {
+int Engine::decode_checked(llama_batch& batch, const InterruptCheck& interrupted, const char* what) {
     active_check_ = &interrupted;
     clear_last_error_line();
     const int32_t rc = llama_decode(ctx_.get(), batch);
     active_check_ = nullptr;
-    if (rc == 0) return;
-    if (rc == 2 && interrupted && interrupted()) throw Interrupted();
-    if (rc == 2) throw Interrupted();
-    if (rc == 1) {
-        throw ContextLengthError(with_log_detail(std::string(what) + ": no room in the KV cache (n_ctx=" +
-                                                 std::to_string(n_ctx()) + ")"));
+    if (rc == 0) {
+        ++decode_calls_;
+        decoded_tokens_ += batch.n_tokens;
+        return 0;
     }
+    if (rc == 1) return 1;
+    // An abort or a failure may leave part of the batch in the cache: the
+    // record of what each sequence holds is no longer true, so drop it all.
+    clear_all();
+    if (rc == 2) throw Interrupted();
     throw Error(with_log_detail(std::string(what) + ": llama_decode failed with code " + std::to_string(rc)));
 }
 
-void Engine::prefill(const std::vector<int32_t>& tokens, bool all_positions, int max_rows_per_batch,
-                     const PrefillSink& sink, const InterruptCheck& interrupted) {
+void Engine::set_embeddings(bool on) {
+    if (embeddings_on_ != on) {
+        llama_set_embeddings(ctx_.get(), on);
+        embeddings_on_ = on;
+    }
+}
+
+const std::vector<int32_t>& Engine::seq_tokens(int seq) const {
+    if (seq < 0 || seq >= n_parallel()) throw std::out_of_range("sequence id out of range");
+    return seq_tokens_[static_cast<size_t>(seq)];
+}
+
+void Engine::seq_clear(int seq) {
+    seq_tokens(seq);
+    llama_memory_seq_rm(llama_get_memory(ctx_.get()), seq, -1, -1);
+    seq_tokens_[static_cast<size_t>(seq)].clear();
+}
+
+bool Engine::seq_truncate(int seq, int n) {
+    auto& held = seq_tokens_.at(static_cast<size_t>(seq));
+    if (n >= static_cast<int>(held.size())) return true;
+    if (n <= 0 || !llama_memory_seq_rm(llama_get_memory(ctx_.get()), seq, n, -1)) {
+        seq_clear(seq);
+        return n <= 0;
+    }
+    held.resize(static_cast<size_t>(n));
+    return true;
+}
+
+void Engine::seq_fork(int src, int dst, int n) {
+    const auto& from = seq_tokens(src);
+    seq_tokens(dst);
+    if (src == dst) throw std::invalid_argument("cannot fork a sequence into itself");
+    n = std::min<int>(n, static_cast<int>(from.size()));
+    seq_clear(dst);
+    if (n <= 0) return;
+    llama_memory_seq_cp(llama_get_memory(ctx_.get()), src, dst, 0, n);
+    seq_tokens_[static_cast<size_t>(dst)].assign(from.begin(), from.begin() + n);
+}
+
+void Engine::clear_all() {
+    llama_memory_clear(llama_get_memory(ctx_.get()), true);
+    for (auto& t : seq_tokens_) t.clear();
+    last_logits_ = nullptr;
+    output_rows_.clear();
+}
+
+void Engine::append(int seq, const std::vector<int32_t>& tokens, Outputs outputs, int max_rows_per_batch,
+                    const PrefillSink& sink, const MakeRoom& make_room, const InterruptCheck& interrupted) {
+    const bool all_positions = outputs == Outputs::All;
     if (tokens.empty()) throw std::invalid_argument("the prompt has no tokens");
     check_tokens(tokens);
+    auto& held = seq_tokens_.at(static_cast<size_t>(seq));
+    const int start_pos = static_cast<int>(held.size());
     const int n = static_cast<int>(tokens.size());
-    if (n > n_ctx()) {
-        throw ContextLengthError("the prompt has " + std::to_string(n) + " tokens but the context holds " +
-                                 std::to_string(n_ctx()));
+    if (start_pos + n > n_ctx()) {
+        throw ContextLengthError("the prompt has " + std::to_string(start_pos + n) +
+                                 " tokens but the context holds " + std::to_string(n_ctx()));
     }
     last_logits_ = nullptr;
-    llama_memory_clear(llama_get_memory(ctx_.get()), true);
-    if (embeddings_on_ != all_positions) {
-        llama_set_embeddings(ctx_.get(), all_positions);
-        embeddings_on_ = all_positions;
-    }
+    output_rows_.clear();
+    set_embeddings(all_positions);
     int rows = params_.n_batch;
     if (all_positions && max_rows_per_batch > 0) rows = std::min(rows, max_rows_per_batch);
     rows = std::max(1, rows);
@@ -226,43 +294,89 @@ void Engine::prefill(const std::vector<int32_t>& tokens, bool all_positions, int
         batch.n_tokens = count;
         for (int i = 0; i < count; ++i) {
             batch.token[i] = tokens[static_cast<size_t>(start + i)];
-            batch.pos[i] = start + i;
+            batch.pos[i] = start_pos + start + i;
             batch.n_seq_id[i] = 1;
-            batch.seq_id[i][0] = 0;
-            batch.logits[i] = (all_positions || start + i == n - 1) ? 1 : 0;
+            batch.seq_id[i][0] = seq;
+            batch.logits[i] = (all_positions || (outputs == Outputs::Last && start + i == n - 1)) ? 1 : 0;
         }
-        decode_checked(batch, interrupted, "prefill");
+        while (decode_checked(batch, interrupted, "prefill") == 1) {
+            if (!make_room || !make_room()) {
+                throw ContextLengthError(with_log_detail("no room in the KV cache (n_ctx=" + std::to_string(n_ctx()) +
+                                                         ") for the prompt"));
+            }
+        }
+        held.insert(held.end(), tokens.begin() + start, tokens.begin() + start + count);
         if (all_positions && sink) {
             const float* logits = llama_get_logits(ctx_.get());
             const float* hidden = llama_get_embeddings(ctx_.get());
             if (logits == nullptr || hidden == nullptr) throw Error("llama.cpp returned no prefill outputs");
-            sink(start, count, logits, hidden);
+            sink(start_pos + start, count, logits, hidden);
         }
         if (interrupted && start + count < n && interrupted()) throw Interrupted();
     }
+    if (outputs == Outputs::None) return;
     last_logits_ = llama_get_logits_ith(ctx_.get(), -1);
     if (last_logits_ == nullptr) throw Error("llama.cpp returned no logits for the last prompt position");
 }
 
-void Engine::decode_next(int32_t token, int pos, const InterruptCheck& interrupted) {
-    if (token < 0 || token >= n_vocab_) throw std::invalid_argument("token id out of range");
-    if (pos >= n_ctx()) throw ContextLengthError("the context window is full");
-    if (embeddings_on_) {
-        llama_set_embeddings(ctx_.get(), false);
-        embeddings_on_ = false;
+void Engine::append_context(int seq, const std::vector<int32_t>& tokens, const MakeRoom& make_room,
+                            const InterruptCheck& interrupted) {
+    if (tokens.empty()) throw std::invalid_argument("the prompt has no tokens");
+    if (tokens.size() > 1) {
+        append(seq, std::vector<int32_t>(tokens.begin(), tokens.end() - 1), Outputs::None, 0, {}, make_room,
+               interrupted);
     }
-    BatchHolder holder(1);
-    llama_batch& batch = holder.batch;
-    batch.n_tokens = 1;
-    batch.token[0] = token;
-    batch.pos[0] = pos;
-    batch.n_seq_id[0] = 1;
-    batch.seq_id[0][0] = 0;
-    batch.logits[0] = 1;
+    append(seq, {tokens.back()}, Outputs::Last, 0, {}, make_room, interrupted);
+}
+
+void Engine::prefill(const std::vector<int32_t>& tokens, bool all_positions, int max_rows_per_batch,
+                     const PrefillSink& sink, const InterruptCheck& interrupted) {
+    if (tokens.empty()) throw std::invalid_argument("the prompt has no tokens");
+    clear_all();
+    append(0, tokens, all_positions ? Outputs::All : Outputs::Last, max_rows_per_batch, sink, {}, interrupted);
+}
+
+void Engine::decode(const std::vector<BatchToken>& tokens, const MakeRoom& make_room,
+                    const InterruptCheck& interrupted) {
+    if (tokens.empty()) return;
+    if (static_cast<int>(tokens.size()) > params_.n_batch) throw std::invalid_argument("batch larger than n_batch");
     last_logits_ = nullptr;
-    decode_checked(batch, interrupted, "decode");
-    last_logits_ = llama_get_logits_ith(ctx_.get(), -1);
-    if (last_logits_ == nullptr) throw Error("llama.cpp returned no logits");
+    output_rows_.clear();
+    set_embeddings(false);
+    BatchHolder holder(static_cast<int>(tokens.size()));
+    llama_batch& batch = holder.batch;
+    batch.n_tokens = static_cast<int32_t>(tokens.size());
+    std::vector<int> next_pos(seq_tokens_.size());
+    for (size_t s = 0; s < seq_tokens_.size(); ++s) next_pos[s] = static_cast<int>(seq_tokens_[s].size());
+    for (size_t i = 0; i < tokens.size(); ++i) {
+        const BatchToken& t = tokens[i];
+        seq_tokens(t.seq);
+        if (t.token < 0 || t.token >= n_vocab_) throw std::invalid_argument("token id out of range");
+        const int pos = next_pos[static_cast<size_t>(t.seq)]++;
+        if (pos >= n_ctx()) throw ContextLengthError("the context window is full");
+        batch.token[i] = t.token;
+        batch.pos[i] = pos;
+        batch.n_seq_id[i] = 1;
+        batch.seq_id[i][0] = t.seq;
+        batch.logits[i] = t.logits ? 1 : 0;
+    }
+    while (decode_checked(batch, interrupted, "decode") == 1) {
+        if (!make_room || !make_room()) {
+            throw ContextLengthError(with_log_detail("no room in the KV cache (n_ctx=" + std::to_string(n_ctx()) +
+                                                     ") for the next tokens"));
+        }
+    }
+    for (size_t i = 0; i < tokens.size(); ++i) {
+        seq_tokens_[static_cast<size_t>(tokens[i].seq)].push_back(tokens[i].token);
+        if (tokens[i].logits) output_rows_.push_back(static_cast<int>(i));
+    }
+}
+
+const float* Engine::logits_row(int i) const {
+    if (i < 0 || i >= static_cast<int>(output_rows_.size())) throw std::out_of_range("no such output row");
+    const float* row = llama_get_logits_ith(ctx_.get(), output_rows_[static_cast<size_t>(i)]);
+    if (row == nullptr) throw Error("llama.cpp returned no logits");
+    return row;
 }
 
 std::vector<int32_t> Engine::reference_greedy(const std::vector<int32_t>& prompt, int n_new,
@@ -287,8 +401,15 @@ std::vector<int32_t> Engine::reference_greedy(const std::vector<int32_t>& prompt
     std::vector<int32_t> tokens(prompt);
     std::vector<int32_t> out;
     active_check_ = &interrupted;
-    llama_batch batch = llama_batch_get_one(tokens.data(), static_cast<int32_t>(tokens.size()));
-    int32_t rc = llama_decode(ctx.get(), batch);
+    // The prompt in the batches slot_cpp uses (all but the last token, then
+    // the last alone), so that the comparison is of the token loop alone.
+    int32_t rc = 0;
+    if (tokens.size() > 1) {
+        llama_batch head = llama_batch_get_one(tokens.data(), static_cast<int32_t>(tokens.size() - 1));
+        rc = llama_decode(ctx.get(), head);
+    }
+    llama_batch batch = llama_batch_get_one(&tokens.back(), 1);
+    if (rc == 0) rc = llama_decode(ctx.get(), batch);
     double seconds = 0.0;
     while (rc == 0 && static_cast<int>(out.size()) < n_new) {
         const auto t0 = std::chrono::steady_clock::now();
@@ -302,6 +423,109 @@ std::vector<int32_t> Engine::reference_greedy(const std::vector<int32_t>& prompt
     active_check_ = nullptr;
     if (rc == 2) throw Interrupted();
     if (rc != 0) throw Error(with_log_detail("reference decode failed with code " + std::to_string(rc)));
+    if (decode_seconds) *decode_seconds = seconds;
+    return out;
+}
+
+std::vector<std::vector<int32_t>> Engine::reference_greedy_batch(const std::vector<std::vector<int32_t>>& prompts,
+                                                                 int n_new, const InterruptCheck& interrupted,
+                                                                 double* decode_seconds) {
+    if (prompts.empty()) throw std::invalid_argument("no prompts");
+    if (n_new < 0) throw std::invalid_argument("n_new must be >= 0");
+    size_t total = 0;
+    for (const auto& p : prompts) {
+        if (p.empty()) throw std::invalid_argument("the prompt has no tokens");
+        check_tokens(p);
+        total += p.size() + static_cast<size_t>(n_new);
+    }
+    const int n_seq = static_cast<int>(prompts.size());
+    if (n_seq > kMaxSequences) throw std::invalid_argument("too many prompts for one context");
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = static_cast<uint32_t>(total + 8);
+    cp.n_batch = static_cast<uint32_t>(std::max<size_t>(params_.n_batch, static_cast<size_t>(n_seq)));
+    cp.n_ubatch = cp.n_batch;
+    cp.n_seq_max = static_cast<uint32_t>(n_seq);
+    cp.kv_unified = true;
+    cp.n_threads = n_threads_;
+    cp.n_threads_batch = n_threads_;
+    cp.no_perf = true;
+    cp.abort_callback = &Engine::abort_trampoline;
+    cp.abort_callback_data = this;
+    ContextPtr ctx(llama_init_from_model(model_.get(), cp));
+    if (!ctx) throw Error(with_log_detail("could not create a reference context"));
+    std::vector<std::unique_ptr<llama_sampler, SamplerDeleter>> samplers;
+    for (int s = 0; s < n_seq; ++s) {
+        samplers.emplace_back(llama_sampler_chain_init(llama_sampler_chain_default_params()));
+        llama_sampler_chain_add(samplers.back().get(), llama_sampler_init_greedy());
+    }
+    struct ActiveGuard {
+        Engine* e;
+        ~ActiveGuard() { e->active_check_ = nullptr; }
+    } guard{this};
+    active_check_ = &interrupted;
+    auto run = [&](llama_batch& b) {
+        const int32_t rc = llama_decode(ctx.get(), b);
+        if (rc == 2) throw Interrupted();
+        if (rc != 0) throw Error(with_log_detail("reference decode failed with code " + std::to_string(rc)));
+    };
+    std::vector<std::vector<int32_t>> out(prompts.size());
+    std::vector<int> row(prompts.size(), -1), pos(prompts.size(), 0);
+    // Prompts one sequence at a time, as the example does (each its own prefill).
+    for (int s = 0; s < n_seq; ++s) {
+        const auto& p = prompts[static_cast<size_t>(s)];
+        // All but the last token in batches, then the last alone, as slot_cpp does.
+        std::vector<std::pair<size_t, size_t>> chunks;
+        for (size_t start = 0; start + 1 < p.size(); start += cp.n_batch) {
+            chunks.emplace_back(start, std::min<size_t>(cp.n_batch, p.size() - 1 - start));
+        }
+        chunks.emplace_back(p.size() - 1, 1);
+        for (const auto& [start, count] : chunks) {
+            BatchHolder holder(static_cast<int>(count));
+            llama_batch& b = holder.batch;
+            b.n_tokens = static_cast<int32_t>(count);
+            for (size_t i = 0; i < count; ++i) {
+                b.token[i] = p[start + i];
+                b.pos[i] = static_cast<llama_pos>(start + i);
+                b.n_seq_id[i] = 1;
+                b.seq_id[i][0] = s;
+                b.logits[i] = start + i + 1 == p.size();
+            }
+            run(b);
+        }
+        pos[static_cast<size_t>(s)] = static_cast<int>(p.size());
+        const int32_t next = llama_sampler_sample(samplers[static_cast<size_t>(s)].get(), ctx.get(), -1);
+        if (n_new > 0 && !llama_vocab_is_eog(vocab_, next)) out[static_cast<size_t>(s)].push_back(next);
+        else row[static_cast<size_t>(s)] = -2;  // finished
+    }
+    double seconds = 0.0;
+    BatchHolder holder(n_seq);
+    llama_batch& b = holder.batch;
+    while (true) {
+        const auto t0 = std::chrono::steady_clock::now();
+        b.n_tokens = 0;
+        for (int s = 0; s < n_seq; ++s) {
+            auto& o = out[static_cast<size_t>(s)];
+            if (row[static_cast<size_t>(s)] == -2 || static_cast<int>(o.size()) >= n_new) continue;
+            const int i = b.n_tokens++;
+            b.token[i] = o.back();
+            b.pos[i] = pos[static_cast<size_t>(s)]++;
+            b.n_seq_id[i] = 1;
+            b.seq_id[i][0] = s;
+            b.logits[i] = 1;
+            row[static_cast<size_t>(s)] = i;
+        }
+        if (b.n_tokens == 0) break;
+        run(b);
+        for (int s = 0; s < n_seq; ++s) {
+            auto& o = out[static_cast<size_t>(s)];
+            if (row[static_cast<size_t>(s)] < 0 || static_cast<int>(o.size()) >= n_new) continue;
+            const int32_t next = llama_sampler_sample(samplers[static_cast<size_t>(s)].get(), ctx.get(),
+                                                      row[static_cast<size_t>(s)]);
+            if (llama_vocab_is_eog(vocab_, next)) row[static_cast<size_t>(s)] = -2;
+            else o.push_back(next);
+        }
+        seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
     if (decode_seconds) *decode_seconds = seconds;
     return out;
 }

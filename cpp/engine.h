@@ -1,6 +1,8 @@
-// The llama.cpp engine: one model, one context, its tokenizer and chat
-// template, and the prompt prefill that SLOT builds on. Owns every llama.cpp
-// handle through RAII; all llama.cpp return codes are checked here.
+// The llama.cpp engine: one model, one context holding up to n_parallel
+// sequences in a unified KV cache, its tokenizer and chat template. It knows
+// which tokens each sequence holds (so that prefixes can be shared and reused)
+// but not why: scheduling lives in generation. Owns every llama.cpp handle
+// through RAII; all llama.cpp return codes are checked here.
 #pragma once
 
 #include <cstdint>
@@ -20,6 +22,7 @@ struct EngineParams {
     int n_batch = 512;       // tokens per llama_decode call during prefill
     int n_threads = 0;       // 0: all hardware threads
     int n_gpu_layers = 0;    // -1: all layers
+    int n_parallel = 4;      // sequences in the context; they share its n_ctx cells
     bool use_mmap = true;
 };
 
@@ -35,6 +38,17 @@ using InterruptCheck = std::function<bool()>;
 // (count x n_vocab, row-major) and final normed hidden states (count x n_embd);
 // hidden is null when it was not requested.
 using PrefillSink = std::function<void(int first, int count, const float* logits, const float* hidden)>;
+
+// Frees KV cells (by dropping a cached sequence) when a decode finds no room;
+// returns false when nothing is left to free.
+using MakeRoom = std::function<bool()>;
+
+// One token of a multi-sequence batch; it goes at the next position of `seq`.
+struct BatchToken {
+    int seq = 0;
+    int32_t token = 0;
+    bool logits = false;
+};
 
 struct ModelDeleter { void operator()(llama_model* m) const { llama_model_free(m); } };
 struct ContextDeleter { void operator()(llama_context* c) const { llama_free(c); } };
@@ -68,24 +82,62 @@ public:
                                     const std::string& template_name) const;
     bool has_chat_template() const;
 
-    // Evaluates the prompt from an empty KV cache. With all_positions, every
+    // ---- sequences (ids 0 .. n_parallel-1) ----
+    int n_parallel() const { return static_cast<int>(seq_tokens_.size()); }
+    // The tokens whose KV cells sequence `seq` holds, at positions 0, 1, ...
+    const std::vector<int32_t>& seq_tokens(int seq) const;
+    void seq_clear(int seq);
+    // Keeps the first n cells of `seq`; false (and the sequence cleared) when
+    // the memory cannot drop a suffix.
+    bool seq_truncate(int seq, int n);
+    // `dst` becomes the first n cells of `src`, sharing them (no compute).
+    void seq_fork(int src, int dst, int n);
+    void clear_all();
+
+    // Which logits an evaluation produces.
+    enum class Outputs { None, Last, All };
+    // Evaluates `tokens` after what `seq` holds. With Outputs::All, every
     // position's logits and hidden state reach `sink` batch by batch (at most
-    // max_rows_per_batch rows each); otherwise only the last position's logits,
-    // which last_logits() then returns. The KV cache is left holding the prompt.
+    // max_rows_per_batch rows each; `first` counts from the sequence's start);
+    // with Last, only the last position's logits, which last_logits() then
+    // returns. make_room (may be empty) is asked to free cells when the KV
+    // cache is full; ContextLengthError when it cannot.
+    void append(int seq, const std::vector<int32_t>& tokens, Outputs outputs, int max_rows_per_batch,
+                const PrefillSink& sink, const MakeRoom& make_room, const InterruptCheck& interrupted);
+    // Evaluates a context so that its last token's logits are computed the
+    // same way whether or not a prefix came from the cache: the tokens before
+    // the last in batches, then the last one alone.
+    void append_context(int seq, const std::vector<int32_t>& tokens, const MakeRoom& make_room,
+                        const InterruptCheck& interrupted);
+    // Clears every sequence, then evaluates `tokens` into sequence 0 as append does.
     void prefill(const std::vector<int32_t>& tokens, bool all_positions, int max_rows_per_batch,
                  const PrefillSink& sink, const InterruptCheck& interrupted);
     const float* last_logits() const { return last_logits_; }
 
-    // Appends one token at position `pos`; last_logits() then holds its logits.
-    void decode_next(int32_t token, int pos, const InterruptCheck& interrupted);
+    // One llama_decode over tokens of several sequences (at most n_batch);
+    // logits_row(i) then holds the logits of the i-th token that asked for them.
+    void decode(const std::vector<BatchToken>& tokens, const MakeRoom& make_room,
+                const InterruptCheck& interrupted);
+    const float* logits_row(int i) const;
+    // Decode calls and tokens evaluated since the engine was created.
+    int64_t decode_calls() const { return decode_calls_; }
+    int64_t decoded_tokens() const { return decoded_tokens_; }
 
     // Plain llama.cpp greedy decoding on a fresh context with its stock greedy
     // sampler: an independent reference for tests and benchmarks.
     std::vector<int32_t> reference_greedy(const std::vector<int32_t>& prompt, int n_new,
                                           const InterruptCheck& interrupted, double* decode_seconds);
+    // The same for several prompts at once, the way llama.cpp's batched
+    // example does it: one context, one sequence and one stock greedy sampler
+    // per prompt, one llama_decode per step for every live sequence.
+    std::vector<std::vector<int32_t>> reference_greedy_batch(const std::vector<std::vector<int32_t>>& prompts,
+                                                             int n_new, const InterruptCheck& interrupted,
+                                                             double* decode_seconds);
 
 private:
-    void decode_checked(llama_batch& batch, const InterruptCheck& interrupted, const char* what);
+    // 0 on success, 1 when the KV cache has no room (nothing changed); throws otherwise.
+    int decode_checked(llama_batch& batch, const InterruptCheck& interrupted, const char* what);
+    void set_embeddings(bool on);
     static bool abort_trampoline(void* data);
 
     EngineParams params_;
@@ -99,6 +151,10 @@ private:
     bool embeddings_on_ = false;
     const float* last_logits_ = nullptr;
     const InterruptCheck* active_check_ = nullptr;
+    std::vector<std::vector<int32_t>> seq_tokens_;
+    std::vector<int> output_rows_;  // batch index of each output row of the last decode()
+    int64_t decode_calls_ = 0;
+    int64_t decoded_tokens_ = 0;
 };
 
 }  // namespace slot

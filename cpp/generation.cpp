@@ -114,102 +114,341 @@ std::string Session::slot_backend() {
     return out;
 }
 
-GenerationResult Session::generate(const GenerationRequest& req, const TextCallback& on_text,
-                                   const InterruptCheck& interrupted) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    Engine& e = engine();
-    validate(req.sampling);
-    validate(req.slot);
-    if (req.max_tokens < 0) throw std::invalid_argument("max_tokens must be >= 0");
-    if (req.prompt.empty()) throw std::invalid_argument("the prompt is empty");
+namespace {
+
+// Checks a request completely before any work starts, so that one bad
+// request fails the call instead of another request's output.
+void validate_request(const Engine& e, const GenerationRequest& req, int index) {
+    const std::string where = index >= 0 ? "request " + std::to_string(index) + ": " : "";
+    try {
+        validate(req.sampling);
+        validate(req.slot);
+    } catch (const std::invalid_argument& exc) {
+        throw std::invalid_argument(where + exc.what());
+    }
+    if (req.n < 1) throw std::invalid_argument(where + "n must be >= 1");
+    if (req.max_tokens < 0) throw std::invalid_argument(where + "max_tokens must be >= 0");
+    if (req.top_logprobs < 0) throw std::invalid_argument(where + "top_logprobs must be >= 0");
+    if (req.prompt.empty()) throw std::invalid_argument(where + "the prompt is empty");
     for (const auto& s : req.stop) {
-        if (s.empty()) throw std::invalid_argument("stop strings must not be empty");
+        if (s.empty()) throw std::invalid_argument(where + "stop strings must not be empty");
     }
     e.check_tokens(req.prompt);
-    const int n_prompt = static_cast<int>(req.prompt.size());
-    if (n_prompt > e.n_ctx() || (n_prompt == e.n_ctx() && req.max_tokens > 0)) {
-        throw ContextLengthError("the prompt has " + std::to_string(n_prompt) + " tokens but the context holds " +
-                                 std::to_string(e.n_ctx()) + "; use a larger n_ctx or a shorter prompt");
-    }
-    const bool given_delta = !req.delta.empty();
-    if (given_delta) {
+    e.check_tokens(req.response_prefix);
+    if (!req.delta.empty()) {
         if (static_cast<int>(req.delta.size()) != e.n_embd()) {
-            throw std::invalid_argument("delta has " + std::to_string(req.delta.size()) + " values but the model's "
-                                        "hidden size is " + std::to_string(e.n_embd()));
+            throw std::invalid_argument(where + "delta has " + std::to_string(req.delta.size()) +
+                                        " values but the model's hidden size is " + std::to_string(e.n_embd()));
         }
         for (float x : req.delta) {
-            if (!std::isfinite(x)) throw std::invalid_argument("delta contains a non-finite value");
+            if (!std::isfinite(x)) throw std::invalid_argument(where + "delta contains a non-finite value");
         }
     }
-    const bool learn = !given_delta && req.slot.steps > 0;
+    if (!req.response_prefix.empty() && req.delta.empty() && req.slot.steps > 0) {
+        throw std::invalid_argument(where + "a response prefix needs steps=0: learn delta on the prompt first, "
+                                    "then pass it as delta");
+    }
+}
 
-    GenerationResult res;
-    res.prompt_tokens = n_prompt;
-    std::vector<float> bias;
+// KV cells that one group of `samples` samples of `req` may occupy: the
+// context once (the samples share it) and each sample's generated tokens but
+// the last, which is never evaluated.
+int64_t cells_needed(const GenerationRequest& req, int samples) {
+    const int64_t context = static_cast<int64_t>(req.prompt.size() + req.response_prefix.size());
+    return context + static_cast<int64_t>(samples) * std::max(0, req.max_tokens - 1);
+}
 
-    if (learn || given_delta) head();  // load the head (or refuse the model) outside the timings
-    auto t0 = Clock::now();
-    if (learn && n_prompt >= 2) {
-        OutputHead& h = head();
-        PromptCache cache(h, req.prompt, req.slot);
-        fill_prompt_cache(e, cache, req.prompt, interrupted);
-        res.prefill_seconds = seconds_since(t0);
-        t0 = Clock::now();
-        SlotOutcome outcome = cache.optimise(req.slot, interrupted);
-        res.delta = std::move(outcome.delta);
-        res.losses = std::move(outcome.losses);
-        res.steps_done = outcome.steps_done;
-        res.slot_status = outcome.stop_reason;
-        res.slot_path = outcome.path;
-        res.slot_cache_bytes = outcome.cache_bytes;
-        res.slot_profile = outcome.profile;
-    } else {
-        e.prefill(req.prompt, false, 0, {}, interrupted);
-        res.prefill_seconds = seconds_since(t0);
-        t0 = Clock::now();
-        if (learn) {
-            res.delta.assign(static_cast<size_t>(e.n_embd()), 0.0f);
-            res.slot_status = "no loss positions (the prompt has one token)";
-        } else if (given_delta) {
-            res.delta = req.delta;
-            res.slot_status = "given delta";
-        } else {
-            res.slot_status = "no steps requested";
+size_t common_prefix(const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
+    const size_t n = std::min(a.size(), b.size());
+    size_t i = 0;
+    while (i < n && a[i] == b[i]) ++i;
+    return i;
+}
+
+// One generate_batch call: requests split into groups of at most n_parallel
+// samples, admitted in order while sequences and KV cells allow, then one
+// llama_decode per step for every live sequence (continuous batching: a
+// finished sequence's place goes to the next group at once).
+class BatchRun {
+public:
+    BatchRun(Engine& engine, std::function<OutputHead&()> head, std::vector<uint64_t>& last_use, uint64_t& clock,
+             const std::vector<GenerationRequest>& requests, const BatchTextCallback& on_text,
+             const InterruptCheck& interrupted)
+        : e_(engine), head_(std::move(head)), last_use_(last_use), clock_(clock), reqs_(requests),
+          on_text_(on_text), interrupted_(interrupted), live_(static_cast<size_t>(engine.n_parallel()), 0),
+          scratch_(static_cast<size_t>(engine.n_vocab())) {}
+
+    std::vector<GenerationResult> run() {
+        const int n_par = e_.n_parallel();
+        int total = 0;
+        for (size_t r = 0; r < reqs_.size(); ++r) {
+            const GenerationRequest& req = reqs_[r];
+            RequestState st;
+            st.context = req.prompt;
+            st.context.insert(st.context.end(), req.response_prefix.begin(), req.response_prefix.end());
+            st.result_base = total;
+            for (int first = 0; first < req.n; first += n_par) {
+                groups_.push_back({static_cast<int>(r), first, std::min(n_par, req.n - first), 0, 0});
+                groups_.back().reserve = cells_needed(req, groups_.back().count);
+            }
+            total += req.n;
+            states_.push_back(std::move(st));
         }
+        results_.resize(static_cast<size_t>(total));
+        try {
+            size_t next = 0;
+            while (next < groups_.size() || !lanes_.empty()) {
+                while (next < groups_.size() && can_admit(groups_[next])) start_group(static_cast<int>(next++));
+                if (lanes_.empty()) {
+                    if (next < groups_.size()) throw Error("internal error: a group could not be admitted");
+                    break;
+                }
+                step();
+                if (interrupted_ && interrupted_()) throw Interrupted();
+            }
+        } catch (...) {
+            // Sequences cut short are of no use as a cache.
+            for (size_t s = 0; s < live_.size(); ++s) {
+                if (live_[s]) e_.seq_clear(static_cast<int>(s));
+                live_[s] = 0;
+            }
+            throw;
+        }
+        return std::move(results_);
     }
-    const bool any_delta = std::any_of(res.delta.begin(), res.delta.end(), [](float x) { return x != 0.0f; });
-    if (any_delta) {
-        bias.resize(static_cast<size_t>(e.n_vocab()));
-        head().project(res.delta.data(), bias.data());
-    }
-    res.optimise_seconds = learn || given_delta ? seconds_since(t0) : 0.0;
 
-    t0 = Clock::now();
-    Sampler sampler(req.sampling, e.n_vocab());
-    std::vector<int32_t> history(req.prompt);
-    size_t max_stop = 0;
-    for (const auto& s : req.stop) max_stop = std::max(max_stop, s.size());
-    std::string& text = res.text;
-    size_t emitted = 0;
-    bool stopped_by_callback = false;
-    auto emit = [&](size_t end) {
-        if (!on_text || stopped_by_callback || end <= emitted) return;
-        if (!on_text(text.substr(emitted, end - emitted))) stopped_by_callback = true;
-        emitted = end;
+private:
+    struct RequestState {
+        std::vector<int32_t> context;  // prompt + response prefix
+        int result_base = 0;
+        bool prepared = false;         // delta known, stages built
+        StageList stages;
+        GenerationResult slot;         // what SLOT did (delta, losses, timings), copied to each result
+    };
+    struct Group {
+        int request;
+        int first;     // first sample index
+        int count;
+        int64_t reserve;
+        int live;
+    };
+    struct Lane {
+        int result;
+        int group;
+        int seq;
+        std::unique_ptr<Sampler> sampler;
+        std::vector<int32_t> history;
+        int32_t pending = -1;
+        size_t emitted = 0;
+        bool callback_stopped = false;
+        bool done = false;
+        Clock::time_point started;
     };
 
-    res.finish_reason = "length";
-    int pos = n_prompt;
-    for (int i = 0; i < req.max_tokens; ++i) {
-        const int32_t tok = sampler.sample(e.last_logits(), bias.empty() ? nullptr : bias.data(), history);
-        if (!req.ignore_eos && e.is_eog(tok)) {
-            res.finish_reason = "eos";
-            break;
+    bool can_admit(const Group& g) const {
+        int free = 0;
+        for (char l : live_) free += l ? 0 : 1;
+        return free >= g.count && reserved_ + g.reserve <= e_.n_ctx();
+    }
+
+    // A sequence that is not live: an empty one, else the least recently used
+    // cached one other than `keep` (a fork source), else `keep` itself.
+    int take_seq(int keep) {
+        int best = -1;
+        for (int s = 0; s < static_cast<int>(live_.size()); ++s) {
+            if (live_[static_cast<size_t>(s)]) continue;
+            if (e_.seq_tokens(s).empty()) { best = s; break; }
+            if (s == keep) continue;
+            if (best < 0 || last_use_[static_cast<size_t>(s)] < last_use_[static_cast<size_t>(best)]) best = s;
+        }
+        if (best < 0 && keep >= 0 && !live_[static_cast<size_t>(keep)]) best = keep;
+        if (best < 0) throw Error("internal error: no free sequence");
+        live_[static_cast<size_t>(best)] = 1;
+        return best;
+    }
+
+    // Drops the least recently used cached sequence.
+    bool make_room() {
+        int victim = -1;
+        for (int s = 0; s < static_cast<int>(live_.size()); ++s) {
+            if (live_[static_cast<size_t>(s)] || e_.seq_tokens(s).empty()) continue;
+            if (victim < 0 || last_use_[static_cast<size_t>(s)] < last_use_[static_cast<size_t>(victim)]) victim = s;
+        }
+        if (victim < 0) return false;
+        e_.seq_clear(victim);
+        return true;
+    }
+
+    void prepare(RequestState& st, const GenerationRequest& req, std::vector<float> delta, const char* status) {
+        GenerationResult& info = st.slot;
+        if (!delta.empty()) info.delta = std::move(delta);
+        if (info.slot_status.empty()) info.slot_status = status;
+        const bool any = std::any_of(info.delta.begin(), info.delta.end(), [](float x) { return x != 0.0f; });
+        if (any) {
+            std::vector<float> bias(static_cast<size_t>(e_.n_vocab()));
+            head_().project(info.delta.data(), bias.data());
+            st.stages.push_back(std::make_shared<BiasStage>(std::move(bias)));
+        }
+        st.prepared = true;
+        (void)req;
+    }
+
+    void start_group(int gi) {
+        Group& g = groups_[static_cast<size_t>(gi)];
+        RequestState& st = states_[static_cast<size_t>(g.request)];
+        const GenerationRequest& req = reqs_[static_cast<size_t>(g.request)];
+        const bool learn = !st.prepared && req.delta.empty() && req.slot.steps > 0;
+        const bool slot_possible = learn && req.prompt.size() >= 2;
+        if (learn || !req.delta.empty()) head_();  // load the head (or refuse the model) outside the timings
+        const MakeRoom room = [this] { return make_room(); };
+        const int context = static_cast<int>(st.context.size());
+        int root = -1, cached = 0;
+        auto t0 = Clock::now();
+        double prefill = 0.0;
+        if (slot_possible) {
+            root = take_seq(-1);
+            e_.seq_clear(root);
+            PromptCache cache(head_(), req.prompt, req.slot);
+            // Every loss position is a token before the last; the last one is
+            // then evaluated alone, as on every other path.
+            fill_prompt_cache(e_, cache, root, std::vector<int32_t>(req.prompt.begin(), req.prompt.end() - 1), room,
+                              interrupted_);
+            e_.append(root, {req.prompt.back()}, Engine::Outputs::Last, 0, {}, room, interrupted_);
+            prefill = seconds_since(t0);
+            t0 = Clock::now();
+            SlotOutcome outcome = cache.optimise(req.slot, interrupted_);
+            st.slot.losses = std::move(outcome.losses);
+            st.slot.steps_done = outcome.steps_done;
+            st.slot.slot_status = outcome.stop_reason;
+            st.slot.slot_path = outcome.path;
+            st.slot.slot_cache_bytes = outcome.cache_bytes;
+            st.slot.slot_profile = outcome.profile;
+            prepare(st, req, std::move(outcome.delta), "");
+            st.slot.optimise_seconds = seconds_since(t0);
+        } else {
+            if (!st.prepared) {
+                const auto t1 = Clock::now();
+                if (learn) {
+                    prepare(st, req, std::vector<float>(static_cast<size_t>(e_.n_embd()), 0.0f),
+                            "no loss positions (the prompt has one token)");
+                } else if (!req.delta.empty()) {
+                    prepare(st, req, req.delta, "given delta");
+                } else {
+                    prepare(st, req, {}, "no steps requested");
+                }
+                if (learn || !req.delta.empty()) st.slot.optimise_seconds = seconds_since(t1);
+                t0 = Clock::now();
+            }
+            int source = -1;
+            size_t best = 0;
+            if (req.cache_prompt) {
+                for (int s = 0; s < e_.n_parallel(); ++s) {
+                    const size_t l = common_prefix(e_.seq_tokens(s), st.context);
+                    if (l > best) { best = l; source = s; }
+                }
+            }
+            // At least the last context token is evaluated: its logits start generation.
+            cached = static_cast<int>(std::min(best, st.context.size() - 1));
+            if (cached > 0) {
+                root = take_seq(source);
+                if (root == source) {
+                    if (!e_.seq_truncate(root, cached)) cached = 0;
+                } else {
+                    e_.seq_fork(source, root, cached);
+                }
+            } else {
+                root = take_seq(-1);
+                e_.seq_clear(root);
+            }
+            e_.append_context(root, std::vector<int32_t>(st.context.begin() + cached, st.context.end()), room,
+                              interrupted_);
+            prefill = seconds_since(t0);
+        }
+        last_use_[static_cast<size_t>(root)] = ++clock_;
+
+        // Every sample's sequence first (they share the context's cells), then
+        // the first token of each from the context's last logits.
+        std::vector<int> seqs{root};
+        for (int j = 1; j < g.count; ++j) {
+            const int s = take_seq(-1);
+            e_.seq_fork(root, s, context);
+            seqs.push_back(s);
+        }
+        const float* first_logits = e_.last_logits();
+        std::vector<size_t> started;
+        for (int j = 0; j < g.count; ++j) {
+            const int index = st.result_base + g.first + j;
+            GenerationResult& res = results_[static_cast<size_t>(index)];
+            res = st.slot;
+            res.prompt_tokens = context;
+            res.cached_tokens = cached;
+            res.prefill_seconds = prefill;
+            res.finish_reason = "length";
+            SamplingParams sp = req.sampling;
+            sp.seed = req.sampling.seed + static_cast<uint64_t>(g.first + j);
+            res.seed = sp.seed;
+            auto lane = std::make_unique<Lane>();
+            lane->result = index;
+            lane->group = gi;
+            lane->seq = seqs[static_cast<size_t>(j)];
+            lane->sampler = std::make_unique<Sampler>(sp, e_.n_vocab());
+            lane->history = st.context;
+            lane->started = Clock::now();
+            ++g.live;
+            lanes_.push_back(std::move(lane));
+            started.push_back(lanes_.size() - 1);
+        }
+        reserved_ += g.reserve;
+        for (size_t k : started) {
+            Lane& lane = *lanes_[k];
+            if (req.max_tokens == 0) finish(lane, "length");
+            else advance(lane, first_logits);
+        }
+        compact();
+    }
+
+    void step() {
+        std::vector<BatchToken> batch;
+        batch.reserve(lanes_.size());
+        for (const auto& lane : lanes_) batch.push_back({lane->seq, lane->pending, true});
+        e_.decode(batch, [this] { return make_room(); }, interrupted_);
+        for (size_t i = 0; i < lanes_.size(); ++i) advance(*lanes_[i], e_.logits_row(static_cast<int>(i)));
+        compact();
+    }
+
+    void compact() {
+        lanes_.erase(std::remove_if(lanes_.begin(), lanes_.end(), [](const auto& l) { return l->done; }),
+                     lanes_.end());
+    }
+
+    void advance(Lane& lane, const float* logits) {
+        const Group& g = groups_[static_cast<size_t>(lane.group)];
+        const GenerationRequest& req = reqs_[static_cast<size_t>(g.request)];
+        const RequestState& st = states_[static_cast<size_t>(g.request)];
+        GenerationResult& res = results_[static_cast<size_t>(lane.result)];
+        const int64_t V = e_.n_vocab();
+        const float* z = logits;
+        if (!st.stages.empty()) {
+            std::copy(logits, logits + V, scratch_.begin());
+            StageInput in;
+            in.n_vocab = V;
+            for (const auto& stage : st.stages) stage->apply(in, scratch_.data());
+            z = scratch_.data();
+        }
+        const int32_t tok = lane.sampler->sample(z, nullptr, lane.history);
+        if (!req.ignore_eos && e_.is_eog(tok)) return finish(lane, "eos");
+        if (req.logprobs || req.top_logprobs > 0) {
+            TokenLogprob lp = token_logprob(z, V, tok, req.top_logprobs);
+            res.token_logprobs.push_back(lp.logprob);
+            if (req.top_logprobs > 0) res.top_logprobs.push_back(std::move(lp.top));
         }
         res.tokens.push_back(tok);
-        history.push_back(tok);
+        lane.history.push_back(tok);
+        std::string& text = res.text;
         const size_t before = text.size();
-        text += e.token_piece(tok);
+        text += e_.token_piece(tok);
+        size_t max_stop = 0;
+        for (const auto& s : req.stop) max_stop = std::max(max_stop, s.size());
         size_t found = std::string::npos;
         if (max_stop > 0) {
             const size_t from = before >= max_stop ? before - max_stop + 1 : 0;
@@ -217,25 +456,93 @@ GenerationResult Session::generate(const GenerationRequest& req, const TextCallb
         }
         if (found != std::string::npos) {
             text.resize(found);
-            res.finish_reason = "stop";
-            break;
+            return finish(lane, "stop");
         }
-        emit(safe_emit_end(text, text.size() - std::min(text.size(), max_stop > 0 ? max_stop - 1 : size_t(0))));
-        if (stopped_by_callback) {
-            res.finish_reason = "callback";
-            break;
-        }
-        if (i + 1 == req.max_tokens) break;
-        if (pos >= e.n_ctx()) {
-            res.finish_reason = "context_full";
-            break;
-        }
-        e.decode_next(tok, pos++, interrupted);
-        if (interrupted && interrupted()) throw Interrupted();
+        emit(lane, safe_emit_end(text, text.size() - std::min(text.size(), max_stop > 0 ? max_stop - 1 : size_t(0))));
+        if (lane.callback_stopped) return finish(lane, "callback");
+        if (static_cast<int>(res.tokens.size()) >= req.max_tokens) return finish(lane, "length");
+        lane.pending = tok;
     }
-    emit(text.size());
-    res.generate_seconds = seconds_since(t0);
-    return res;
+
+    void emit(Lane& lane, size_t end) {
+        const std::string& text = results_[static_cast<size_t>(lane.result)].text;
+        if (!on_text_ || lane.callback_stopped || end <= lane.emitted) return;
+        if (!on_text_(lane.result, text.substr(lane.emitted, end - lane.emitted))) lane.callback_stopped = true;
+        lane.emitted = end;
+    }
+
+    void finish(Lane& lane, const char* reason) {
+        GenerationResult& res = results_[static_cast<size_t>(lane.result)];
+        emit(lane, res.text.size());
+        res.finish_reason = reason;
+        res.generate_seconds = seconds_since(lane.started);
+        Group& g = groups_[static_cast<size_t>(lane.group)];
+        const auto seq = static_cast<size_t>(lane.seq);
+        live_[seq] = 0;
+        last_use_[seq] = ++clock_;
+        if (!reqs_[static_cast<size_t>(g.request)].cache_prompt) e_.seq_clear(lane.seq);
+        if (--g.live == 0) reserved_ -= g.reserve;
+        lane.done = true;
+    }
+
+    Engine& e_;
+    std::function<OutputHead&()> head_;
+    std::vector<uint64_t>& last_use_;
+    uint64_t& clock_;
+    const std::vector<GenerationRequest>& reqs_;
+    const BatchTextCallback& on_text_;
+    const InterruptCheck& interrupted_;
+    std::vector<char> live_;
+    std::vector<float> scratch_;
+    std::vector<RequestState> states_;
+    std::vector<Group> groups_;
+    std::vector<std::unique_ptr<Lane>> lanes_;
+    std::vector<GenerationResult> results_;
+    int64_t reserved_ = 0;
+};
+
+}  // namespace
+
+std::vector<GenerationResult> Session::generate_batch(const std::vector<GenerationRequest>& requests,
+                                                      const BatchTextCallback& on_text,
+                                                      const InterruptCheck& interrupted) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Engine& e = engine();
+    if (requests.empty()) throw std::invalid_argument("no requests");
+    const int n_par = e.n_parallel();
+    for (size_t i = 0; i < requests.size(); ++i) {
+        const GenerationRequest& req = requests[i];
+        validate_request(e, req, requests.size() > 1 ? static_cast<int>(i) : -1);
+        const int64_t context = static_cast<int64_t>(req.prompt.size() + req.response_prefix.size());
+        const int64_t need = cells_needed(req, std::min(req.n, n_par));
+        if (context > e.n_ctx() || need > e.n_ctx()) {
+            const std::string where = requests.size() > 1 ? "request " + std::to_string(i) + ": " : "";
+            throw ContextLengthError(where + "the prompt has " + std::to_string(context) + " tokens and " +
+                                     std::to_string(std::min(req.n, n_par)) + " sample(s) of up to " +
+                                     std::to_string(req.max_tokens) + " new tokens need " + std::to_string(need) +
+                                     " KV cells, but the context (shared by all sequences) holds " +
+                                     std::to_string(e.n_ctx()) + "; use a larger n_ctx, a shorter prompt, or "
+                                     "fewer tokens or samples");
+        }
+    }
+    if (seq_last_use_.size() != static_cast<size_t>(n_par)) seq_last_use_.assign(static_cast<size_t>(n_par), 0);
+    BatchRun run(e, [this]() -> OutputHead& { return head(); }, seq_last_use_, use_clock_, requests, on_text,
+                 interrupted);
+    return run.run();
+}
+
+GenerationResult Session::generate(const GenerationRequest& req, const TextCallback& on_text,
+                                   const InterruptCheck& interrupted) {
+    if (req.n != 1) throw std::invalid_argument("generate() makes one sample; use generate_batch for n > 1");
+    BatchTextCallback callback;
+    if (on_text) callback = [&on_text](int, const std::string& piece) { return on_text(piece); };
+    std::vector<GenerationResult> out = generate_batch({req}, callback, interrupted);
+    return std::move(out.front());
+}
+
+void Session::clear_cache() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    engine().clear_all();
 }
 
 std::vector<int32_t> Session::tokenize(const std::string& text, bool add_special, bool parse_special) {
@@ -270,6 +577,8 @@ int Session::n_vocab() { std::lock_guard<std::mutex> lock(mutex_); return engine
 int Session::n_embd() { std::lock_guard<std::mutex> lock(mutex_); return engine().n_embd(); }
 int Session::n_ctx() { std::lock_guard<std::mutex> lock(mutex_); return engine().n_ctx(); }
 int Session::n_threads() { std::lock_guard<std::mutex> lock(mutex_); return engine().n_threads(); }
+int Session::n_parallel() { std::lock_guard<std::mutex> lock(mutex_); return engine().n_parallel(); }
+int64_t Session::decoded_tokens() { std::lock_guard<std::mutex> lock(mutex_); return engine().decoded_tokens(); }
 bool Session::has_chat_template() { std::lock_guard<std::mutex> lock(mutex_); return engine().has_chat_template(); }
 bool Session::is_eog(int32_t token) { std::lock_guard<std::mutex> lock(mutex_); return engine().is_eog(token); }
 
@@ -305,7 +614,8 @@ double Session::slot_loss_and_gradient(const std::vector<int32_t>& tokens, const
     SlotConfig config;
     config.recompute = recompute;
     PromptCache cache(h, tokens, config);
-    fill_prompt_cache(e, cache, tokens, interrupted);
+    e.clear_all();
+    fill_prompt_cache(e, cache, 0, tokens, {}, interrupted);
     return cache.loss_and_gradient(delta, grad, interrupted);
 }
 
@@ -359,6 +669,13 @@ std::vector<int32_t> Session::reference_greedy(const std::vector<int32_t>& promp
                                                const InterruptCheck& interrupted, double* decode_seconds) {
     std::lock_guard<std::mutex> lock(mutex_);
     return engine().reference_greedy(prompt, n_new, interrupted, decode_seconds);
+}
+
+std::vector<std::vector<int32_t>> Session::reference_greedy_batch(const std::vector<std::vector<int32_t>>& prompts,
+                                                                  int n_new, const InterruptCheck& interrupted,
+                                                                  double* decode_seconds) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return engine().reference_greedy_batch(prompts, n_new, interrupted, decode_seconds);
 }
 
 }  // namespace slot

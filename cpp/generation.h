@@ -1,5 +1,8 @@
-// The generation loop: prefill once, optionally learn delta (SLOT), then
-// decode token by token with b = W*delta added to every step's logits.
+// Generation: the batched token loop. Each request's context is evaluated
+// once (or taken from the prompt cache), SLOT optionally learns the request's
+// delta, its n samples fork the context's KV cells, and every live sequence
+// advances by one llama_decode per step, its logits passed through its
+// request's stages (SLOT's bias b = W*delta) before its own sampler.
 #pragma once
 
 #include <cstdint>
@@ -19,21 +22,30 @@ namespace slot {
 
 // Receives each new piece of text; returning false stops generation.
 using TextCallback = std::function<bool(const std::string& piece)>;
+// The same for a batch: `index` is the result's index.
+using BatchTextCallback = std::function<bool(int index, const std::string& piece)>;
 
 struct GenerationRequest {
     std::vector<int32_t> prompt;
+    // Tokens of a response already begun: generation continues after them
+    // (only with a given delta or none; SLOT learns on a prompt alone).
+    std::vector<int32_t> response_prefix;
+    int n = 1;  // samples of this prompt; sample j draws with seed + j
     int max_tokens = 256;
     SamplingParams sampling;
     std::vector<std::string> stop;
     SlotConfig slot;
     std::vector<float> delta;  // when set: apply this delta, learn nothing
     bool ignore_eos = false;
+    bool logprobs = false;
+    int top_logprobs = 0;
+    bool cache_prompt = true;  // reuse (and leave behind) KV cells of earlier calls
 };
 
 struct GenerationResult {
     std::string text;
     std::vector<int32_t> tokens;
-    std::string finish_reason;  // "eos", "length", "stop", "callback", "context_full"
+    std::string finish_reason;  // "eos", "length", "stop", "callback"
     std::vector<float> delta;   // empty when no delta was used
     std::vector<double> losses;
     int steps_done = 0;
@@ -42,6 +54,10 @@ struct GenerationResult {
     int64_t slot_cache_bytes = 0;
     StepProfile slot_profile;
     int prompt_tokens = 0;
+    int cached_tokens = 0;      // prompt tokens whose KV cells were reused, not evaluated
+    uint64_t seed = 0;
+    std::vector<float> token_logprobs;                             // with logprobs
+    std::vector<std::vector<std::pair<int32_t, float>>> top_logprobs;  // with top_logprobs > 0
     double prefill_seconds = 0.0;
     double optimise_seconds = 0.0;
     double generate_seconds = 0.0;
@@ -49,7 +65,8 @@ struct GenerationResult {
 
 // A model ready to generate: the engine plus the output head, loaded on first
 // SLOT use. Calls are serialised by a mutex, so one Session may be shared by
-// threads.
+// threads. Between calls, the context's sequences keep their KV cells as a
+// prompt cache, dropped least recently used first when cells are needed.
 class Session {
 public:
     explicit Session(const EngineParams& params);
@@ -58,6 +75,13 @@ public:
 
     GenerationResult generate(const GenerationRequest& request, const TextCallback& on_text,
                               const InterruptCheck& interrupted);
+    // Every request's n samples, request by request, decoded together up to
+    // n_parallel sequences at a time; further samples wait for a free one.
+    std::vector<GenerationResult> generate_batch(const std::vector<GenerationRequest>& requests,
+                                                 const BatchTextCallback& on_text,
+                                                 const InterruptCheck& interrupted);
+    // Drops the prompt cache.
+    void clear_cache();
 
     std::vector<int32_t> tokenize(const std::string& text, bool add_special, bool parse_special);
     std::string detokenize(const std::vector<int32_t>& tokens);
@@ -69,6 +93,8 @@ public:
     int n_embd();
     int n_ctx();
     int n_threads();
+    int n_parallel();
+    int64_t decoded_tokens();  // tokens evaluated by llama.cpp so far
     bool has_chat_template();
     bool is_eog(int32_t token);
     // Where SLOT's head products run, e.g. "CPU (CPU head kernels)"; loads the head.
@@ -87,6 +113,9 @@ public:
                                        const std::vector<float>& delta, const InterruptCheck& interrupted);
     std::vector<int32_t> reference_greedy(const std::vector<int32_t>& prompt, int n_new,
                                           const InterruptCheck& interrupted, double* decode_seconds);
+    std::vector<std::vector<int32_t>> reference_greedy_batch(const std::vector<std::vector<int32_t>>& prompts,
+                                                             int n_new, const InterruptCheck& interrupted,
+                                                             double* decode_seconds);
 
 private:
     Engine& engine();
@@ -96,6 +125,8 @@ private:
     std::unique_ptr<Engine> engine_;
     std::unique_ptr<ComputeBackend> backend_;
     std::unique_ptr<OutputHead> head_;
+    std::vector<uint64_t> seq_last_use_;  // per sequence, for dropping the least recently used cache
+    uint64_t use_clock_ = 0;
     bool portable_head_ops_ = false;  // SLOT_CPP_PORTABLE_HEAD_OPS=1: the GPU code path on any backend
 };
 

@@ -20,6 +20,33 @@ void validate(const SamplingParams& p) {
     if (p.repeat_last_n < 0) throw std::invalid_argument("repeat_last_n must be >= 0");
 }
 
+void BiasStage::apply(const StageInput& in, float* logits) const {
+    const float* b = bias_.data();
+    for (int64_t v = 0; v < in.n_vocab; ++v) logits[v] += b[v];
+}
+
+TokenLogprob token_logprob(const float* logits, int64_t n_vocab, int32_t token, int top_n) {
+    float top = logits[0];
+    for (int64_t v = 1; v < n_vocab; ++v) top = std::max(top, logits[v]);
+    double sum = 0.0;
+    for (int64_t v = 0; v < n_vocab; ++v) sum += std::exp(static_cast<double>(logits[v] - top));
+    const double lse = static_cast<double>(top) + std::log(sum);
+    TokenLogprob out;
+    out.logprob = static_cast<float>(static_cast<double>(logits[token]) - lse);
+    if (top_n > 0) {
+        std::vector<std::pair<float, int32_t>> cand;
+        cand.reserve(static_cast<size_t>(n_vocab));
+        for (int64_t v = 0; v < n_vocab; ++v) cand.emplace_back(logits[v], static_cast<int32_t>(v));
+        const size_t k = std::min<size_t>(static_cast<size_t>(top_n), cand.size());
+        std::partial_sort(cand.begin(), cand.begin() + static_cast<ptrdiff_t>(k), cand.end(),
+                          [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+        for (size_t i = 0; i < k; ++i) {
+            out.top.emplace_back(cand[i].second, static_cast<float>(static_cast<double>(cand[i].first) - lse));
+        }
+    }
+    return out;
+}
+
 Sampler::Sampler(const SamplingParams& params, int64_t n_vocab)
     : params_(params), n_vocab_(n_vocab), rng_(params.seed), work_(static_cast<size_t>(n_vocab)) {
     validate(params);

@@ -1,9 +1,11 @@
-// Token sampling over the full vocabulary with an optional additive logit bias
-// (SLOT's b = W*delta): repetition penalty, then greedy or temperature with
-// top-k, top-p and min-p.
+// Per-sequence logit processing and token sampling over the full vocabulary.
+// A sequence's logits pass through its ordered list of stages (SLOT's bias
+// b = W*delta, a retrieval blend, ...), then the sampler: repetition penalty,
+// then greedy or temperature with top-k, top-p and min-p.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <utility>
 #include <vector>
@@ -21,6 +23,42 @@ struct SamplingParams {
 };
 
 void validate(const SamplingParams& params);
+
+// What a stage may read besides the logits.
+struct StageInput {
+    int64_t n_vocab = 0;
+    const float* hidden = nullptr;  // final normed hidden state; set when a stage needs_hidden()
+};
+
+// One step of a sequence's logit processing; rewrites the logits in place.
+// Stages are shared by the samples of a request, so apply() must not keep
+// per-sequence state.
+class LogitStage {
+public:
+    virtual ~LogitStage() = default;
+    virtual void apply(const StageInput& in, float* logits) const = 0;
+    virtual bool needs_hidden() const { return false; }
+};
+
+using StageList = std::vector<std::shared_ptr<const LogitStage>>;
+
+// logits += bias (SLOT: the bias is W*delta).
+class BiasStage : public LogitStage {
+public:
+    explicit BiasStage(std::vector<float> bias) : bias_(std::move(bias)) {}
+    void apply(const StageInput& in, float* logits) const override;
+
+private:
+    std::vector<float> bias_;
+};
+
+// log softmax(logits)[token], and the top_n most likely tokens with theirs
+// (most likely first; ties by token id).
+struct TokenLogprob {
+    float logprob = 0.0f;
+    std::vector<std::pair<int32_t, float>> top;
+};
+TokenLogprob token_logprob(const float* logits, int64_t n_vocab, int32_t token, int top_n);
 
 class Sampler {
 public:

@@ -46,13 +46,14 @@ double log_sum_exp(const float* x, int64_t n) {
     return m + std::log(s);
 }
 
-void fill_prompt_cache(Engine& engine, PromptCache& cache, const std::vector<int32_t>& tokens,
-                       const InterruptCheck& interrupted) {
-    engine.prefill(tokens, true, cache.prefill_rows(),
-                   [&cache](int first, int count, const float* logits, const float* hidden) {
-                       cache.add(first, count, logits, hidden);
-                   },
-                   interrupted);
+void fill_prompt_cache(Engine& engine, PromptCache& cache, int seq, const std::vector<int32_t>& tokens,
+                       const MakeRoom& make_room, const InterruptCheck& interrupted) {
+    engine.seq_clear(seq);
+    engine.append(seq, tokens, Engine::Outputs::All, cache.prefill_rows(),
+                  [&cache](int first, int count, const float* logits, const float* hidden) {
+                      cache.add(first, count, logits, hidden);
+                  },
+                  make_room, interrupted);
 }
 
 void validate(const SlotConfig& c) {

@@ -95,8 +95,9 @@ private:
     StepProfile profile_;
 };
 
-// Prefills `tokens` from an empty KV cache, feeding every position to `cache`.
-void fill_prompt_cache(Engine& engine, PromptCache& cache, const std::vector<int32_t>& tokens,
-                       const InterruptCheck& interrupted);
+// Evaluates `tokens` into sequence `seq` from its start, feeding every
+// position to `cache`.
+void fill_prompt_cache(Engine& engine, PromptCache& cache, int seq, const std::vector<int32_t>& tokens,
+                       const MakeRoom& make_room, const InterruptCheck& interrupted);
 
 }  // namespace slot

@@ -5,6 +5,7 @@ weights in transformers, and the real Gemma 3 270M model."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,10 @@ def _hf_qwen2(n_vocab: int, seed: int) -> Any:
     return model
 
 
-def write_qwen2_gguf(model: Any, path: Path, vocab_path: Path = VOCAB_GGUF, head_type: str = "F32") -> Path:
+def write_qwen2_gguf(model: Any, path: Path, vocab_path: Path = VOCAB_GGUF, head_type: str = "F32",
+                     head_scale: float = 1.0) -> Path:
     """Write a transformers Qwen2 model as a GGUF llama.cpp loads: F32 weights,
-    with the output head in `head_type` (F32 or Q8_0)."""
+    with the output head in `head_type` (F32 or Q8_0), multiplied by `head_scale`."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "qwen2")
@@ -88,6 +90,7 @@ def write_qwen2_gguf(model: Any, path: Path, vocab_path: Path = VOCAB_GGUF, head
     }
     for key, value in sd.items():
         if key == "lm_head.weight":
+            value = value * np.float32(head_scale)
             if head_type == "Q8_0":
                 q8 = gguf.GGMLQuantizationType.Q8_0
                 writer.add_tensor("output.weight", gguf.quants.quantize(value, q8), raw_dtype=q8)
@@ -107,6 +110,22 @@ def write_qwen2_gguf(model: Any, path: Path, vocab_path: Path = VOCAB_GGUF, head
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt during the test, also when the run was
+    started with SIGINT ignored (nohup, a background job), where Python
+    installs no handler of its own."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def restore_sigint() -> None:
+    """preexec_fn for a child that must die of (or handle) SIGINT even if
+    this process ignores it: ignored signals are inherited across exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")
@@ -136,6 +155,14 @@ def tiny_q8_head(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: tuple[Pat
     model = slot_cpp.Model(path, n_ctx=512, n_threads=2)
     yield path, model
     model.close()
+
+
+@pytest.fixture(scope="session")
+def peaked_path(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2: tuple[Path, Any]) -> Path:
+    """The tiny model with a 12x output head: a few likely tokens per step, as
+    in a trained model, so that greedy choices are not near-ties."""
+    return write_qwen2_gguf(tiny_qwen2[1], tmp_path_factory.mktemp("peaked") / "tiny-qwen2-peaked.gguf",
+                            head_scale=12.0)
 
 
 def open_with_portable_head_ops(path: Path):

@@ -17,7 +17,12 @@ from ._default_model import default_model_path
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message]]
+"""Raw text, or chat messages formatted with the chat template."""
+BatchPrompt = Union[str, Sequence[Message], Sequence[int]]
+"""A prompt of generate_batch: raw text, chat messages, or token ids."""
 TextCallback = Callable[[str], Optional[bool]]
+BatchTextCallback = Callable[[int, str], Optional[bool]]
+"""Receives (result index, text piece); returning False stops that sequence."""
 
 ROLES = frozenset({"system", "user", "assistant"})
 DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -63,6 +68,16 @@ class GenerationResult:
     slot_profile: dict[str, float] = field(default_factory=dict)
     """Optimisation seconds by part: forward (W*delta and normalisers), cache
     (P0^T*r), backward (W^T*g), host (loss, AdamW, transfers)."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV cells came from the prompt cache (not evaluated)."""
+    seed: int = 0
+    """The sampler's seed (sample j of a prompt draws with seed + j)."""
+    token_logprobs: Optional[list[float]] = None
+    """With logprobs=True: log p of each generated token under the
+    distribution it was drawn from before repetition penalty, temperature
+    and truncation (the model's, shifted by delta's logit bias if any)."""
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = None
+    """With top_logprobs=N: the N most likely (token id, log p) at each step."""
 
     @property
     def generated_tokens(self) -> int:
@@ -149,11 +164,15 @@ class Model:
         n_threads: Optional[int] = None,
         n_gpu_layers: int = 0,
         n_batch: int = 512,
+        n_parallel: int = 4,
         seed: int = 0,
         use_mmap: bool = True,
     ) -> None:
         n_ctx = _check_int("n_ctx", n_ctx, 0)
         n_batch = _check_int("n_batch", n_batch, 1)
+        n_parallel = _check_int("n_parallel", n_parallel, 1)
+        if n_parallel > min(n_batch, 256):
+            raise ValueError(f"n_parallel must be <= min(n_batch, 256) = {min(n_batch, 256)}, got {n_parallel}")
         threads = 0 if n_threads is None else _check_int("n_threads", n_threads, 1)
         n_gpu_layers = _check_int("n_gpu_layers", n_gpu_layers, -1)
         self._seed = _check_int("seed", seed, 0)
@@ -163,7 +182,14 @@ class Model:
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         self._path = str(Path(path))
         self._session: Optional[_core.Session] = None
-        self._session = _core.Session(self._path, n_ctx, n_batch, threads, n_gpu_layers, bool(use_mmap))
+        self._session = _core.Session(self._path, n_ctx, n_batch, threads, n_gpu_layers, n_parallel,
+                                      bool(use_mmap))
+        # Fixed for the model's life: read once, so that argument checks never
+        # wait for a call running in another thread.
+        self._n_vocab = self._session.n_vocab
+        self._n_embd = self._session.n_embd
+        self._n_ctx = self._session.n_ctx
+        self._n_parallel = self._session.n_parallel
 
     # ---- lifecycle -------------------------------------------------------
     def close(self) -> None:
@@ -204,15 +230,34 @@ class Model:
 
     @property
     def n_vocab(self) -> int:
-        return self._s().n_vocab
+        self._s()
+        return self._n_vocab
 
     @property
     def n_embd(self) -> int:
-        return self._s().n_embd
+        self._s()
+        return self._n_embd
 
     @property
     def n_ctx(self) -> int:
-        return self._s().n_ctx
+        """KV cells of the context, shared by all its sequences."""
+        self._s()
+        return self._n_ctx
+
+    @property
+    def n_parallel(self) -> int:
+        """Sequences decoded together (generate_batch's batch size)."""
+        self._s()
+        return self._n_parallel
+
+    @property
+    def decoded_tokens(self) -> int:
+        """Tokens llama.cpp has evaluated in this Model so far (prompts and generated)."""
+        return self._s().decoded_tokens
+
+    def clear_cache(self) -> None:
+        """Drop the prompt cache (the KV cells earlier calls left behind)."""
+        self._s().clear_cache()
 
     @property
     def slot_backend(self) -> str:
@@ -228,7 +273,7 @@ class Model:
         reason = raw["slot_unsupported_reason"]
         return ModelInfo(
             path=raw["path"], architecture=raw["architecture"], name=raw["name"],
-            n_embd=s.n_embd, n_vocab=s.n_vocab, n_ctx=s.n_ctx, head_tensor=raw["head_tensor"],
+            n_embd=self._n_embd, n_vocab=self._n_vocab, n_ctx=self._n_ctx, head_tensor=raw["head_tensor"],
             head_type=raw["head_type"], tied_embeddings=raw["tied_embeddings"], head_bias=raw["head_bias"],
             final_logit_softcapping=raw["final_logit_softcapping"], logit_scale=raw["logit_scale"],
             has_chat_template=s.has_chat_template, file_size=raw["file_size"],
@@ -330,6 +375,10 @@ class Model:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         recompute: bool = False,
         prompt_token_ids: Optional[Sequence[int]] = None,
+        response_prefix: Optional[Sequence[int]] = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        cache_prompt: bool = True,
     ) -> GenerationResult:
         """Learn delta on the prompt with ``steps`` AdamW steps, then generate with it.
 
@@ -338,65 +387,170 @@ class Model:
         generation. A given ``delta`` is applied without optimisation.
         ``on_text`` receives text pieces as they are generated; returning
         False stops generation. Temperature 0 is greedy decoding.
+
+        ``response_prefix`` (token ids) continues a response already begun:
+        the prompt's and the prefix's KV cells are reused from the prompt
+        cache where they are still held, and only new tokens are returned.
+        ``logprobs``/``top_logprobs`` record each token's log-probability
+        (and the N most likely alternatives). ``cache_prompt=False`` neither
+        reuses nor leaves behind KV cells.
         """
         s = self._s()
-        steps = _check_int("steps", steps, 0)
-        lr = _check_float("lr", lr, low=0.0, low_open=True)
-        max_tokens = _check_int("max_tokens", max_tokens, 0)
-        temperature = _check_float("temperature", temperature, low=0.0)
-        top_k = _check_int("top_k", top_k, 0)
-        top_p = _check_float("top_p", top_p, low=0.0, high=1.0, low_open=True)
-        min_p = _check_float("min_p", min_p, low=0.0, high=1.0)
-        repeat_penalty = _check_float("repeat_penalty", repeat_penalty, low=0.0, low_open=True)
-        repeat_last_n = _check_int("repeat_last_n", repeat_last_n, 0)
-        seed = self._seed if seed is None else _check_int("seed", seed, 0)
-        beta1 = _check_float("beta1", beta1, low=0.0, high=1.0, high_open=True)
-        beta2 = _check_float("beta2", beta2, low=0.0, high=1.0, high_open=True)
-        eps = _check_float("eps", eps, low=0.0, low_open=True)
-        weight_decay = _check_float("weight_decay", weight_decay, low=0.0)
-        memory_budget = _check_int("memory_budget", memory_budget, 1 << 20)
-        if isinstance(stop, str):
-            stop = [stop]
-        stop_list = list(stop)
-        for item in stop_list:
-            if not isinstance(item, str) or item == "":
-                raise ValueError("stop must be a list of non-empty strings")
-        delta_arr = None if delta is None else _check_delta(delta, s.n_embd)
         if on_text is not None and not callable(on_text):
             raise TypeError("on_text must be callable")
-
         if prompt_token_ids is not None:
             tokens = self._check_tokens(prompt_token_ids)
             if not tokens:
                 raise ValueError("the prompt is empty")
         else:
             tokens = self.prompt_tokens(prompt, chat_template=chat_template, system=system)
-
+        request = self._request(
+            tokens, n=1, steps=steps, lr=lr, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
+            stop=stop, delta=delta, ignore_eos=ignore_eos, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, memory_budget=memory_budget, recompute=recompute,
+            response_prefix=response_prefix, logprobs=logprobs, top_logprobs=top_logprobs,
+            cache_prompt=cache_prompt)
         callback = None
         if on_text is not None:
             user_callback = on_text
 
-            def callback(piece: bytes) -> bool:
+            def callback(index: int, piece: bytes) -> bool:
                 keep = user_callback(piece.decode("utf-8", "replace"))
                 return keep is None or bool(keep)
 
-        raw = s.generate(tokens, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-                         seed, stop_list, steps, lr, beta1, beta2, eps, weight_decay, memory_budget,
-                         bool(recompute), delta_arr, bool(ignore_eos), callback)
-        return GenerationResult(
-            text=raw.text_bytes.decode("utf-8", "replace"),
-            tokens=list(raw.tokens),
-            finish_reason=raw.finish_reason,
-            delta=raw.delta,
-            losses=list(raw.losses),
-            steps_done=raw.steps_done,
-            slot_status=raw.slot_status,
-            slot_path=raw.slot_path,
-            slot_cache_bytes=raw.slot_cache_bytes,
-            prompt_tokens=raw.prompt_tokens,
-            timings=Timings(raw.prefill_seconds, raw.optimise_seconds, raw.generate_seconds),
-            slot_profile=dict(raw.slot_profile),
-        )
+        return _result(s.generate_batch([request], callback)[0], request)
+
+    def generate_batch(
+        self,
+        prompts: Sequence[BatchPrompt],
+        n: int = 1,
+        *,
+        chat_template: Optional[str] = None,
+        system: Optional[str] = None,
+        on_text: Optional[BatchTextCallback] = None,
+        **kwargs: Any,
+    ) -> list[GenerationResult]:
+        """Generate for many prompts at once, ``n`` samples each.
+
+        Returns ``len(prompts) * n`` results in input order, the n samples of
+        a prompt adjacent: result ``i * n + j`` is sample j of prompt i. Up to
+        ``n_parallel`` sequences decode together, one llama_decode per token
+        step; the rest wait for a free sequence. Each prompt is evaluated
+        once and its samples share its KV cells. SLOT (``steps`` > 0) learns
+        one delta per prompt, used by all its samples. Sample j draws with
+        ``seed + j``, so it equals a single call with that seed.
+
+        Keyword arguments are those of :meth:`generate_with_slot`. Any of
+        them may be given per prompt as a list of ``len(prompts)`` values
+        (``stop`` as a list of lists, ``delta`` as a list of arrays or None or
+        a 2-D array, ``response_prefix`` as a list of token lists). Prompts
+        are text, chat messages, or lists of token ids. ``on_text`` receives
+        (result index, text piece).
+        """
+        s = self._s()
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise TypeError("prompts must be a list of prompts (text, chat messages or token ids)")
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty")
+        n = _check_int("n", n, 1)
+        if on_text is not None and not callable(on_text):
+            raise TypeError("on_text must be callable")
+        unknown = set(kwargs) - _REQUEST_KEYS
+        if unknown:
+            raise TypeError(f"generate_batch() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+        per_prompt = [dict() for _ in prompts]  # type: list[dict[str, Any]]
+        for key, value in kwargs.items():
+            values = _split_per_prompt(key, value, len(prompts))
+            for options, v in zip(per_prompt, values):
+                options[key] = v
+        requests = []
+        for i, (prompt, options) in enumerate(zip(prompts, per_prompt)):
+            tokens = self._batch_prompt_tokens(prompt, i, chat_template, system)
+            try:
+                requests.append(self._request(tokens, n=n, **options))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"prompt {i}: {exc}") from None
+        callback = None
+        if on_text is not None:
+            user_callback = on_text
+
+            def callback(index: int, piece: bytes) -> bool:
+                keep = user_callback(index, piece.decode("utf-8", "replace"))
+                return keep is None or bool(keep)
+
+        raws = s.generate_batch(requests, callback)
+        return [_result(raw, requests[k // n]) for k, raw in enumerate(raws)]
+
+    def _batch_prompt_tokens(self, prompt: Any, index: int, chat_template: Optional[str],
+                             system: Optional[str]) -> list[int]:
+        if (isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes)) and len(prompt) > 0
+                and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt)):
+            return self._check_tokens(prompt)
+        if isinstance(prompt, np.ndarray) and prompt.ndim == 1 and np.issubdtype(prompt.dtype, np.integer):
+            if prompt.size == 0:
+                raise ValueError(f"prompt {index} is empty")
+            return self._check_tokens(prompt.tolist())
+        try:
+            return self.prompt_tokens(prompt, chat_template=chat_template, system=system)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"prompt {index}: {exc}") from None
+
+    def _request(self, tokens: list[int], *, n: int, steps: int = 0, lr: float = 0.1, max_tokens: int = 256,
+                 temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                 repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: Optional[int] = None,
+                 stop: Union[str, Sequence[str]] = (), delta: Optional[np.ndarray] = None,
+                 ignore_eos: bool = False, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-5,
+                 weight_decay: float = 1e-8, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 recompute: bool = False, response_prefix: Optional[Sequence[int]] = None,
+                 logprobs: bool = False, top_logprobs: int = 0, cache_prompt: bool = True) -> _core.Request:
+        """Checks every argument and builds the native request."""
+        r = _core.Request()
+        r.prompt = tokens
+        r.n = n
+        r.steps = _check_int("steps", steps, 0)
+        r.lr = _check_float("lr", lr, low=0.0, low_open=True)
+        r.max_tokens = _check_int("max_tokens", max_tokens, 0)
+        r.temperature = _check_float("temperature", temperature, low=0.0)
+        r.top_k = _check_int("top_k", top_k, 0)
+        r.top_p = _check_float("top_p", top_p, low=0.0, high=1.0, low_open=True)
+        r.min_p = _check_float("min_p", min_p, low=0.0, high=1.0)
+        r.repeat_penalty = _check_float("repeat_penalty", repeat_penalty, low=0.0, low_open=True)
+        r.repeat_last_n = _check_int("repeat_last_n", repeat_last_n, 0)
+        r.seed = self._seed if seed is None else _check_int("seed", seed, 0)
+        if r.seed + n - 1 >= 2**64:
+            raise ValueError("seed + n - 1 must fit in 64 bits")
+        r.beta1 = _check_float("beta1", beta1, low=0.0, high=1.0, high_open=True)
+        r.beta2 = _check_float("beta2", beta2, low=0.0, high=1.0, high_open=True)
+        r.eps = _check_float("eps", eps, low=0.0, low_open=True)
+        r.weight_decay = _check_float("weight_decay", weight_decay, low=0.0)
+        r.memory_budget = _check_int("memory_budget", memory_budget, 1 << 20)
+        r.recompute = bool(recompute)
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, Sequence):
+            raise TypeError("stop must be a str or a list of str")
+        stop_list = list(stop)
+        for item in stop_list:
+            if not isinstance(item, str) or item == "":
+                raise ValueError("stop must be a list of non-empty strings")
+        r.stop = stop_list
+        if delta is not None:
+            r.delta = _check_delta(delta, self.n_embd)
+        r.ignore_eos = bool(ignore_eos)
+        if response_prefix is not None:
+            if isinstance(response_prefix, (str, bytes)):
+                raise TypeError("response_prefix must be token ids (use model.tokenize(text, add_special=False))")
+            r.response_prefix = self._check_tokens(response_prefix)
+            if r.response_prefix and delta is None and r.steps > 0:
+                raise ValueError("response_prefix needs steps=0: learn delta on the prompt first, "
+                                 "then pass it as delta")
+        r.top_logprobs = _check_int("top_logprobs", top_logprobs, 0)
+        if r.top_logprobs > self.n_vocab:
+            raise ValueError(f"top_logprobs must be <= n_vocab ({self.n_vocab})")
+        r.logprobs = bool(logprobs) or r.top_logprobs > 0
+        r.cache_prompt = bool(cache_prompt)
+        return r
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> GenerationResult:
         """Plain generation (``steps=0``), or generation with a given ``delta``."""
@@ -445,6 +599,17 @@ class Model:
         d = None if delta is None else _check_delta(delta, self.n_embd)
         return np.asarray(self._s().token_logprobs(toks, first, d), dtype=np.float64)
 
+    def reference_greedy_batch(self, prompts: Sequence[Sequence[int]], n_new: int) -> tuple[list[list[int]], float]:
+        """Greedy tokens for several prompts from llama.cpp's own batched loop
+        (one context, one stock greedy sampler per sequence, one llama_decode
+        per step): a reference for generate_batch. Returns the tokens and the
+        seconds spent in the decode steps."""
+        lists = [self._check_tokens(p) for p in prompts]
+        if not lists or any(not p for p in lists):
+            raise ValueError("prompts must be a non-empty list of non-empty token lists")
+        out, seconds = self._s().reference_greedy_batch(lists, _check_int("n_new", n_new, 0))
+        return [list(o) for o in out], float(seconds)
+
     def reference_greedy(self, tokens: Sequence[int], n_new: int) -> tuple[list[int], float]:
         """Greedy tokens from llama.cpp's own decode loop and sampler (a reference)."""
         toks = self._check_tokens(tokens)
@@ -452,6 +617,63 @@ class Model:
             raise ValueError("tokens is empty")
         out, seconds = self._s().reference_greedy(toks, _check_int("n_new", n_new, 0))
         return list(out), float(seconds)
+
+
+_REQUEST_KEYS = frozenset({
+    "steps", "lr", "max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
+    "seed", "stop", "delta", "ignore_eos", "beta1", "beta2", "eps", "weight_decay", "memory_budget", "recompute",
+    "response_prefix", "logprobs", "top_logprobs", "cache_prompt",
+})
+
+
+def _split_per_prompt(key: str, value: Any, count: int) -> list[Any]:
+    """One value per prompt: `value` itself for all, or its items when it is given per prompt."""
+    if key == "delta":
+        if isinstance(value, np.ndarray) and value.ndim == 2:
+            per = list(value)
+        elif isinstance(value, (list, tuple)) and not all(isinstance(v, (int, float, np.number)) for v in value):
+            per = list(value)
+        else:
+            return [value] * count
+    elif key in ("stop", "response_prefix"):
+        nested = (isinstance(value, (list, tuple)) and len(value) > 0
+                  and all(v is None or (isinstance(v, (list, tuple)) and not isinstance(v, str)) for v in value))
+        if key == "response_prefix" and value is not None and not nested:
+            return [value] * count
+        if not nested:
+            return [value] * count
+        per = [(() if key == "stop" else None) if v is None else v for v in value]
+    elif isinstance(value, (list, tuple)):
+        per = list(value)
+    else:
+        return [value] * count
+    if len(per) != count:
+        raise ValueError(f"{key} is given per prompt with {len(per)} values for {count} prompts")
+    return per
+
+
+def _result(raw: _core.RawResult, request: _core.Request) -> GenerationResult:
+    logprobs = [float(x) for x in raw.token_logprobs] if request.logprobs else None
+    top = ([[(int(t), float(lp)) for t, lp in step] for step in raw.top_logprobs]
+           if request.top_logprobs > 0 else None)
+    return GenerationResult(
+        text=raw.text_bytes.decode("utf-8", "replace"),
+        tokens=list(raw.tokens),
+        finish_reason=raw.finish_reason,
+        delta=raw.delta,
+        losses=list(raw.losses),
+        steps_done=raw.steps_done,
+        slot_status=raw.slot_status,
+        slot_path=raw.slot_path,
+        slot_cache_bytes=raw.slot_cache_bytes,
+        prompt_tokens=raw.prompt_tokens,
+        timings=Timings(raw.prefill_seconds, raw.optimise_seconds, raw.generate_seconds),
+        slot_profile=dict(raw.slot_profile),
+        cached_tokens=raw.cached_tokens,
+        seed=raw.seed,
+        token_logprobs=logprobs,
+        top_logprobs=top,
+    )
 
 
 class TextStream:
@@ -501,7 +723,7 @@ class TextStream:
 def generate_with_slot(model_path: Union[str, os.PathLike[str], None], prompt: Prompt,
                        **kwargs: Any) -> GenerationResult:
     """One-off: load the model, run SLOT generation, free the model."""
-    model_keys = {"n_ctx", "n_threads", "n_gpu_layers", "n_batch", "seed", "use_mmap"}
+    model_keys = {"n_ctx", "n_threads", "n_gpu_layers", "n_batch", "n_parallel", "seed", "use_mmap"}
     model_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in model_keys}
     with Model(model_path, **model_kwargs) as model:
         return model.generate_with_slot(prompt, **kwargs)
