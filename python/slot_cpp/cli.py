@@ -62,6 +62,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--n-gpu-layers", type=int, default=0, help="-1: offload every layer")
+    p.add_argument("--n-parallel", type=int, default=4,
+                   help="sequences decoded together; they share the --n-ctx KV cells")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", "-q", action="store_true", help="silence llama.cpp's log")
     p.add_argument("--verbose", "-v", action="count", default=0, help="show llama.cpp's log (-vv: debug)")
@@ -90,8 +92,9 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _open_model(args: argparse.Namespace) -> Model:
+    n_parallel = max(args.n_parallel, getattr(args, "parallel", 1))
     return Model(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                 seed=args.seed)
+                 n_parallel=n_parallel, seed=args.seed)
 
 
 def result_json(result: GenerationResult) -> dict[str, Any]:
@@ -235,17 +238,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     todo = [(p, s, lr) for p in problems for (s, lr) in settings if (p.index, gsm8k.setting_name(s, lr)) not in done]
     if done:
         print(f"resuming: {len(done)} records already in {out_path}, {len(todo)} to go", file=sys.stderr)
+    if args.parallel < 1:
+        raise UsageError("--parallel must be >= 1")
+    # Generation decodes --parallel problems together; the NLL metric generates nothing.
+    chunk = args.parallel if args.metric == "accuracy" else 1
     with _open_model(args) as model:
         progress = Progress(len(todo), f"gsm8k {args.metric}")
         with out_path.open("a", encoding="utf-8") as out:
-            for problem, steps, lr in todo:
-                record = _eval_one(model, args, problem, steps, lr)
-                out.write(json.dumps(record) + "\n")
+            for start in range(0, len(todo), chunk):
+                items = todo[start:start + chunk]
+                if args.metric == "accuracy":
+                    records = _eval_generate(model, args, items)
+                else:
+                    records = [_eval_nll(model, args, *item) for item in items]
+                for record in records:
+                    out.write(json.dumps(record) + "\n")
+                    note = f"{record['setting']}: " + (
+                        ("right" if record["correct"] else "wrong") if args.metric == "accuracy"
+                        else f"nll {record['nll']:.3f}")
+                    progress.advance(note)
                 out.flush()
-                note = f"{record['setting']}: " + (
-                    ("right" if record["correct"] else "wrong") if args.metric == "accuracy"
-                    else f"nll {record['nll']:.3f}")
-                progress.advance(note)
         progress.close()
     records = [r for r in gsm8k.read_records(out_path) if r.get("metric") == args.metric]
     indices = {p.index for p in problems}
@@ -260,25 +272,43 @@ def _eval_prompt(args: argparse.Namespace, question: str) -> tuple[Prompt, list[
     return gsm8k.fewshot_prompt(question), gsm8k.FEWSHOT_STOP
 
 
-def _eval_one(model: Model, args: argparse.Namespace, problem: gsm8k.Problem, steps: int, lr: float) -> dict:
-    prompt, stop = _eval_prompt(args, problem.question)
-    base = {"metric": args.metric, "index": problem.index, "setting": gsm8k.setting_name(steps, lr),
+def _record_base(args: argparse.Namespace, problem: gsm8k.Problem, steps: int, lr: float) -> dict:
+    return {"metric": args.metric, "index": problem.index, "setting": gsm8k.setting_name(steps, lr),
             "steps": steps, "lr": lr, "format": args.format}
+
+
+def _eval_nll(model: Model, args: argparse.Namespace, problem: gsm8k.Problem, steps: int, lr: float) -> dict:
+    prompt, _ = _eval_prompt(args, problem.question)
     start = time.monotonic()
-    if args.metric == "nll":
-        prompt_ids = model.prompt_tokens(prompt, chat_template=args.chat_template)
-        solution_ids = model.tokenize(" " + problem.answer, add_special=False, parse_special=False)
-        slot = model.generate_with_slot("", prompt_token_ids=prompt_ids, steps=steps, lr=lr, max_tokens=0)
-        logp = model.token_logprobs(prompt_ids + solution_ids, len(prompt_ids), slot.delta if steps else None)
-        return {**base, "nll": float(-logp.mean()), "solution_tokens": len(solution_ids),
-                "losses": slot.losses, "seconds": time.monotonic() - start}
-    result = model.generate_with_slot(prompt, steps=steps, lr=lr, stop=stop + list(args.stop),
-                                      chat_template=args.chat_template, **_sampling_kwargs(args))
-    prediction = gsm8k.extract_answer(result.text)
-    return {**base, "question": problem.question, "reference": problem.reference, "completion": result.text,
-            "prediction": prediction, "correct": gsm8k.is_correct(prediction, problem.reference),
-            "losses": result.losses, "generated_tokens": result.generated_tokens,
-            "seconds": time.monotonic() - start}
+    prompt_ids = model.prompt_tokens(prompt, chat_template=args.chat_template)
+    solution_ids = model.tokenize(" " + problem.answer, add_special=False, parse_special=False)
+    slot = model.generate_with_slot("", prompt_token_ids=prompt_ids, steps=steps, lr=lr, max_tokens=0)
+    logp = model.token_logprobs(prompt_ids + solution_ids, len(prompt_ids), slot.delta if steps else None)
+    return {**_record_base(args, problem, steps, lr), "nll": float(-logp.mean()),
+            "solution_tokens": len(solution_ids), "losses": slot.losses, "seconds": time.monotonic() - start}
+
+
+def _eval_generate(model: Model, args: argparse.Namespace,
+                   items: list[tuple[gsm8k.Problem, int, float]]) -> list[dict]:
+    """Generates the answers of several (problem, steps, lr) items in one batch."""
+    prompts, stops = [], []
+    for problem, _, _ in items:
+        prompt, stop = _eval_prompt(args, problem.question)
+        prompts.append(prompt)
+        stops.append(stop + list(args.stop))
+    start = time.monotonic()
+    results = model.generate_batch(prompts, steps=[s for _, s, _ in items], lr=[lr for _, _, lr in items],
+                                   stop=stops, chat_template=args.chat_template, **_sampling_kwargs(args))
+    seconds = (time.monotonic() - start) / len(items)
+    records = []
+    for (problem, steps, lr), result in zip(items, results):
+        prediction = gsm8k.extract_answer(result.text)
+        records.append({
+            **_record_base(args, problem, steps, lr), "question": problem.question, "reference": problem.reference,
+            "completion": result.text, "prediction": prediction,
+            "correct": gsm8k.is_correct(prediction, problem.reference), "losses": result.losses,
+            "generated_tokens": result.generated_tokens, "seconds": seconds})
+    return records
 
 
 def _print_summary(rows: list[dict], metric: str, path: Path) -> None:
@@ -413,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", choices=gsm8k.FORMATS, default="fewshot",
                    help="fewshot: plain few-shot prompt; chat: chat template with a think/answer system prompt")
     g.add_argument("--output", "-o", default=None, help="JSONL of per-problem records (resumed if present)")
+    g.add_argument("--parallel", type=int, default=1,
+                   help="problems decoded together (accuracy metric); records are written per batch")
     _add_model_options(g)
     _add_sampling_options(g, slot_lists=True)
     g.set_defaults(func=cmd_eval)
