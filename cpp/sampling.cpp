@@ -75,17 +75,58 @@ int32_t Sampler::sample(const float* logits, const float* bias, const std::vecto
 
     auto& cand = candidates_;
     cand.clear();
-    cand.reserve(static_cast<size_t>(n_vocab_));
-    for (int64_t v = 0; v < n_vocab_; ++v) {
-        if (std::isfinite(z[v])) cand.emplace_back(z[v], static_cast<int32_t>(v));
-    }
-    if (cand.empty()) throw std::runtime_error("every logit is non-finite; cannot sample");
     auto by_logit = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
         return a.first > b.first || (a.first == b.first && a.second < b.second);
     };
-    if (params_.top_k > 0 && static_cast<size_t>(params_.top_k) < cand.size()) {
-        std::nth_element(cand.begin(), cand.begin() + params_.top_k, cand.end(), by_logit);
-        cand.resize(static_cast<size_t>(params_.top_k));
+    const bool truncate_k = params_.top_k > 0 && params_.top_k < n_vocab_;
+    if (truncate_k) {
+        // One pass with a heap of the k best (its front is the worst kept):
+        // most tokens cost one comparison.
+        const size_t k = static_cast<size_t>(params_.top_k);
+        cand.reserve(k);
+        for (int64_t v = 0; v < n_vocab_; ++v) {
+            if (!std::isfinite(z[v])) continue;
+            const std::pair<float, int32_t> c(z[v], static_cast<int32_t>(v));
+            if (cand.size() < k) {
+                cand.push_back(c);
+                std::push_heap(cand.begin(), cand.end(), by_logit);
+            } else if (by_logit(c, cand.front())) {
+                std::pop_heap(cand.begin(), cand.end(), by_logit);
+                cand.back() = c;
+                std::push_heap(cand.begin(), cand.end(), by_logit);
+            }
+        }
+    } else {
+        cand.reserve(static_cast<size_t>(n_vocab_));
+        for (int64_t v = 0; v < n_vocab_; ++v) {
+            if (std::isfinite(z[v])) cand.emplace_back(z[v], static_cast<int32_t>(v));
+        }
+    }
+    if (cand.empty()) throw std::runtime_error("every logit is non-finite; cannot sample");
+    if (!truncate_k && params_.top_p >= 1.0) {
+        // No top-k and no top-p: min-p needs only the largest logit, and the
+        // draw may walk the vocabulary in index order, so nothing is sorted.
+        const double inv_t = 1.0 / params_.temperature;
+        float top = cand.front().first;
+        for (const auto& c : cand) top = std::max(top, c.first);
+        const double floor = params_.min_p > 0.0 ? params_.min_p : 0.0;  // relative to the largest probability
+        double total = 0.0;
+        for (auto& c : cand) {
+            double p = std::exp((c.first - top) * inv_t);
+            if (p < floor) p = 0.0;
+            c.first = static_cast<float>(p);
+            total += p;
+        }
+        const double u = static_cast<double>(rng_() >> 11) * (1.0 / 9007199254740992.0) * total;
+        double acc = 0.0;
+        int32_t last = cand.front().second;
+        for (const auto& c : cand) {
+            if (c.first <= 0.0f) continue;
+            acc += c.first;
+            last = c.second;
+            if (u < acc) return c.second;
+        }
+        return last;
     }
     std::sort(cand.begin(), cand.end(), by_logit);
 

@@ -136,6 +136,48 @@ def test_sampled_first_tokens_follow_the_model_distribution(peaked_path):
     assert _chi_square_p(counts, wrong) < 1e-6
 
 
+@pytest.mark.parametrize("min_p", [0.0, 0.02])
+def test_untruncated_sampling_follows_the_full_distribution(peaked_path, min_p):
+    """With no top-k or top-p, tokens are drawn from softmax(logits / T) over
+    the whole vocabulary (less those under min_p of the most likely); exact
+    probabilities from the model's own logits, a wrong temperature rejected."""
+    n, temperature = 3000, 4.0
+    with fresh(peaked_path, n_parallel=8) as model:
+        prompt = "One two three four"
+        ids = model.tokenize(prompt)
+        logits = model.prompt_states(ids)[1][-1].astype(np.float64)
+        draws = model.generate_batch([prompt], n=n, max_tokens=1, temperature=temperature, top_k=0, top_p=1.0,
+                                     min_p=min_p, seed=5, ignore_eos=True)
+
+    def distribution(t: float) -> np.ndarray:
+        p = np.exp((logits - logits.max()) / t)
+        p[p < min_p] = 0.0  # min_p is relative to the most likely token (p = 1 here)
+        return p / p.sum()
+
+    drawn = np.array([r.tokens[0] for r in draws])
+    right, wrong = distribution(temperature), distribution(2 * temperature)
+    assert right[drawn].min() > 0  # nothing under the min-p floor was drawn
+    # Categories: the tokens expected at least 10 times, and the rest pooled.
+    top = np.flatnonzero(right * n >= 10)
+    assert len(top) >= 3
+
+    rest = 1.0 - right[top].sum()
+
+    def p_value(probs: np.ndarray) -> float:
+        counts = [np.sum(drawn == t) for t in top]
+        expected = list(probs[top])
+        if rest * n >= 5:  # the pooled rest, when it is a category worth testing
+            counts.append(np.sum(~np.isin(drawn, top)))
+            expected.append(1.0 - probs[top].sum())
+        else:
+            assert np.isin(drawn, top).mean() > 0.995
+        expected_arr = np.array(expected)
+        return _chi_square_p(np.array(counts, dtype=float), expected_arr / expected_arr.sum())
+
+    assert p_value(right) > 0.01
+    assert p_value(wrong) < 1e-6
+
+
 def test_fork_continues_exactly_like_decoding_the_prefix_from_scratch(peaked_path):
     with fresh(peaked_path, n_parallel=2) as model:
         prompt = model.tokenize(PROMPTS[0])
