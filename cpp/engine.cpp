@@ -381,50 +381,7 @@ const float* Engine::logits_row(int i) const {
 
 std::vector<int32_t> Engine::reference_greedy(const std::vector<int32_t>& prompt, int n_new,
                                               const InterruptCheck& interrupted, double* decode_seconds) {
-    if (prompt.empty()) throw std::invalid_argument("the prompt has no tokens");
-    if (n_new < 0) throw std::invalid_argument("n_new must be >= 0");
-    check_tokens(prompt);
-    llama_context_params cp = llama_context_default_params();
-    cp.n_ctx = static_cast<uint32_t>(prompt.size() + static_cast<size_t>(n_new) + 8);
-    cp.n_batch = static_cast<uint32_t>(std::max<size_t>(prompt.size(), 512));
-    cp.n_ubatch = static_cast<uint32_t>(params_.n_batch);
-    cp.n_threads = n_threads_;
-    cp.n_threads_batch = n_threads_;
-    cp.no_perf = true;
-    cp.abort_callback = &Engine::abort_trampoline;
-    cp.abort_callback_data = this;
-    ContextPtr ctx(llama_init_from_model(model_.get(), cp));
-    if (!ctx) throw Error(with_log_detail("could not create a reference context"));
-    std::unique_ptr<llama_sampler, SamplerDeleter> chain(llama_sampler_chain_init(llama_sampler_chain_default_params()));
-    llama_sampler_chain_add(chain.get(), llama_sampler_init_greedy());
-
-    std::vector<int32_t> tokens(prompt);
-    std::vector<int32_t> out;
-    active_check_ = &interrupted;
-    // The prompt in the batches slot_cpp uses (all but the last token, then
-    // the last alone), so that the comparison is of the token loop alone.
-    int32_t rc = 0;
-    if (tokens.size() > 1) {
-        llama_batch head = llama_batch_get_one(tokens.data(), static_cast<int32_t>(tokens.size() - 1));
-        rc = llama_decode(ctx.get(), head);
-    }
-    llama_batch batch = llama_batch_get_one(&tokens.back(), 1);
-    if (rc == 0) rc = llama_decode(ctx.get(), batch);
-    double seconds = 0.0;
-    while (rc == 0 && static_cast<int>(out.size()) < n_new) {
-        const auto t0 = std::chrono::steady_clock::now();
-        int32_t next = llama_sampler_sample(chain.get(), ctx.get(), -1);
-        if (llama_vocab_is_eog(vocab_, next)) break;
-        out.push_back(next);
-        batch = llama_batch_get_one(&out.back(), 1);
-        rc = llama_decode(ctx.get(), batch);
-        seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    }
-    active_check_ = nullptr;
-    if (rc == 2) throw Interrupted();
-    if (rc != 0) throw Error(with_log_detail("reference decode failed with code " + std::to_string(rc)));
-    if (decode_seconds) *decode_seconds = seconds;
-    return out;
+    return reference_greedy_batch({prompt}, n_new, interrupted, decode_seconds).front();
 }
 
 std::vector<std::vector<int32_t>> Engine::reference_greedy_batch(const std::vector<std::vector<int32_t>>& prompts,

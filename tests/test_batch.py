@@ -65,6 +65,14 @@ def test_greedy_batch_equals_one_at_a_time(peaked_path):
     assert decoded == n_prompt + sum(m - 1 for m in max_tokens)
 
 
+def test_batch_equals_llama_cpp_batched_loop(peaked_path):
+    with fresh(peaked_path, n_parallel=4) as model:
+        prompts = [model.tokenize(p) for p in PROMPTS[:3]]
+        ours = model.generate_batch(prompts, max_tokens=16, cache_prompt=False)
+        reference, seconds = model.reference_greedy_batch(prompts, 16)
+    assert [r.tokens for r in ours] == reference and seconds > 0
+
+
 @pytest.mark.slow
 def test_gemma_batch_logprobs_agree_with_single_calls(gemma):
     prompts = [PROMPT, "The capital of France is", "def fibonacci(n):", "Once upon a time"]
