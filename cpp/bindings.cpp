@@ -227,6 +227,7 @@ PYBIND11_MODULE(_core, m) {
              },
              py::arg("requests"), py::arg("on_text"))
         .def("clear_cache", &slot::Session::clear_cache, py::call_guard<py::gil_scoped_release>())
+        .def("drop_cached", &slot::Session::drop_cached, py::arg("prefix"), kNoGil)
         .def_property_readonly("n_parallel", py::cpp_function(&slot::Session::n_parallel, kNoGil))
         .def_property_readonly("decoded_tokens", py::cpp_function(&slot::Session::decoded_tokens, kNoGil))
         .def("tokenize", &slot::Session::tokenize, py::arg("text"), py::arg("add_special"), py::arg("parse_special"),

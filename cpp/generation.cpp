@@ -195,6 +195,18 @@ public:
             states_.push_back(std::move(st));
         }
         results_.resize(static_cast<size_t>(total));
+        // The sequences this call's requests will fork from are dropped last.
+        pinned_.assign(live_.size(), 0);
+        for (size_t r = 0; r < reqs_.size(); ++r) {
+            if (!reqs_[r].cache_prompt) continue;
+            int best = -1;
+            size_t best_len = 0;
+            for (int s = 0; s < e_.n_parallel(); ++s) {
+                const size_t l = common_prefix(e_.seq_tokens(s), states_[r].context);
+                if (l > best_len) { best_len = l; best = s; }
+            }
+            if (best >= 0) pinned_[static_cast<size_t>(best)] = 1;
+        }
         try {
             size_t next = 0;
             while (next < groups_.size() || !lanes_.empty()) {
@@ -251,31 +263,39 @@ private:
         return free >= g.count && reserved_ + g.reserve <= e_.n_ctx();
     }
 
-    // A sequence that is not live: an empty one, else the least recently used
-    // cached one other than `keep` (a fork source), else `keep` itself.
+    // The cached sequence to drop first: not live, not `keep`, unpinned
+    // before pinned, least recently used first; -1 when there is none.
+    int victim(int keep) const {
+        int best = -1;
+        for (int s = 0; s < static_cast<int>(live_.size()); ++s) {
+            const auto i = static_cast<size_t>(s);
+            if (live_[i] || s == keep || e_.seq_tokens(s).empty()) continue;
+            if (best < 0) { best = s; continue; }
+            const auto b = static_cast<size_t>(best);
+            if (pinned_[i] != pinned_[b] ? pinned_[i] < pinned_[b] : last_use_[i] < last_use_[b]) best = s;
+        }
+        return best;
+    }
+
+    // A sequence that is not live: an empty one, else the cached one to drop
+    // first other than `keep` (a fork source), else `keep` itself.
     int take_seq(int keep) {
         int best = -1;
         for (int s = 0; s < static_cast<int>(live_.size()); ++s) {
-            if (live_[static_cast<size_t>(s)]) continue;
-            if (e_.seq_tokens(s).empty()) { best = s; break; }
-            if (s == keep) continue;
-            if (best < 0 || last_use_[static_cast<size_t>(s)] < last_use_[static_cast<size_t>(best)]) best = s;
+            if (!live_[static_cast<size_t>(s)] && e_.seq_tokens(s).empty()) { best = s; break; }
         }
+        if (best < 0) best = victim(keep);
         if (best < 0 && keep >= 0 && !live_[static_cast<size_t>(keep)]) best = keep;
         if (best < 0) throw Error("internal error: no free sequence");
         live_[static_cast<size_t>(best)] = 1;
         return best;
     }
 
-    // Drops the least recently used cached sequence.
+    // Drops a cached sequence to free its cells.
     bool make_room() {
-        int victim = -1;
-        for (int s = 0; s < static_cast<int>(live_.size()); ++s) {
-            if (live_[static_cast<size_t>(s)] || e_.seq_tokens(s).empty()) continue;
-            if (victim < 0 || last_use_[static_cast<size_t>(s)] < last_use_[static_cast<size_t>(victim)]) victim = s;
-        }
-        if (victim < 0) return false;
-        e_.seq_clear(victim);
+        const int v = victim(-1);
+        if (v < 0) return false;
+        e_.seq_clear(v);
         return true;
     }
 
@@ -355,6 +375,7 @@ private:
                     if (!e_.seq_truncate(root, cached)) cached = 0;
                 } else {
                     e_.seq_fork(source, root, cached);
+                    last_use_[static_cast<size_t>(source)] = ++clock_;  // a cache hit is a use
                 }
             } else {
                 root = take_seq(-1);
@@ -493,6 +514,7 @@ private:
     const BatchTextCallback& on_text_;
     const InterruptCheck& interrupted_;
     std::vector<char> live_;
+    std::vector<char> pinned_;
     std::vector<float> scratch_;
     std::vector<RequestState> states_;
     std::vector<Group> groups_;
@@ -543,6 +565,21 @@ GenerationResult Session::generate(const GenerationRequest& req, const TextCallb
 void Session::clear_cache() {
     std::lock_guard<std::mutex> lock(mutex_);
     engine().clear_all();
+}
+
+int Session::drop_cached(const std::vector<int32_t>& prefix) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Engine& e = engine();
+    if (prefix.empty()) throw std::invalid_argument("the prefix is empty");
+    int dropped = 0;
+    for (int s = 0; s < e.n_parallel(); ++s) {
+        const auto& held = e.seq_tokens(s);
+        if (held.size() >= prefix.size() && std::equal(prefix.begin(), prefix.end(), held.begin())) {
+            e.seq_clear(s);
+            ++dropped;
+        }
+    }
+    return dropped;
 }
 
 std::vector<int32_t> Session::tokenize(const std::string& text, bool add_special, bool parse_special) {

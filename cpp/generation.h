@@ -82,6 +82,8 @@ public:
                                                  const InterruptCheck& interrupted);
     // Drops the prompt cache.
     void clear_cache();
+    // Drops the cached sequences whose tokens start with `prefix`; returns how many.
+    int drop_cached(const std::vector<int32_t>& prefix);
 
     std::vector<int32_t> tokenize(const std::string& text, bool add_special, bool parse_special);
     std::string detokenize(const std::vector<int32_t>& tokens);

@@ -259,6 +259,14 @@ class Model:
         """Drop the prompt cache (the KV cells earlier calls left behind)."""
         self._s().clear_cache()
 
+    def drop_cached(self, prefix: Sequence[int]) -> int:
+        """Drop the cached sequences whose tokens start with ``prefix`` (a
+        branch that will not be continued); returns how many were dropped."""
+        toks = self._check_tokens(prefix)
+        if not toks:
+            raise ValueError("prefix is empty")
+        return int(self._s().drop_cached(toks))
+
     @property
     def slot_backend(self) -> str:
         """Where SLOT's output-head products run: the model's GPU when layers

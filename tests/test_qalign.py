@@ -1,0 +1,191 @@
+"""QAlign: the chain samples its exact target, reuses the prefix's cells, and
+fails clearly; the baselines."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+
+import slot_cpp
+from slot_cpp import qalign as qa
+
+PROMPT = "One two three four"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_path):
+    with slot_cpp.Model(tiny_path, n_ctx=1024, n_threads=2, n_parallel=16) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def eos_delta(model, tiny_path):
+    """A delta whose logit bias lifts end-of-sequence into the top two, so
+    that responses of 2 and 3 tokens compete (the length factor matters)."""
+    import gguf
+
+    eos = int(gguf.GGUFReader(str(tiny_path)).fields["tokenizer.ggml.eos_token_id"].contents())
+    w = model.output_matrix()[eos]
+    return eos, (7.0 * w / (w @ w)).astype(np.float32)
+
+
+def crc_reward(prompt: str, response: str) -> float:
+    return (zlib.crc32(response.encode()) % 97) / 40.0
+
+
+def enumerate_support(model, eos, delta, top_k, max_tokens):
+    """Every response the top-k proposal can produce, with its exact log p."""
+    x = model.tokenize(PROMPT)
+    out = []
+
+    def walk(prefix: list[int], logp: float) -> None:
+        step = model.generate("", prompt_token_ids=x, response_prefix=prefix, max_tokens=1, ignore_eos=True,
+                              top_logprobs=top_k, delta=delta).top_logprobs[0]
+        norm = np.logaddexp.reduce([lp for _, lp in step])  # the top-k-truncated distribution
+        for token, lp in step:
+            total = logp + lp - norm
+            if token == eos:
+                out.append(((tuple(prefix), True), total))
+            elif len(prefix) + 1 == max_tokens:
+                out.append(((tuple(prefix + [token]), False), total))
+            else:
+                walk(prefix + [token], total)
+
+    walk([], 0.0)
+    return out
+
+
+def chain_p_value(model, eos_delta, beta_run: float, beta_target: float = 1.0, steps: int = 2500, thin: int = 4):
+    from scipy import stats
+
+    eos, delta = eos_delta
+    support = enumerate_support(model, eos, delta, top_k=2, max_tokens=3)
+    keys = [k for k, _ in support]
+    log_target = np.array([lp + crc_reward("", model.detokenize(list(k[0]))) / beta_target for k, lp in support])
+    target = np.exp(log_target - np.logaddexp.reduce(log_target))
+    result = qa.qalign(model, PROMPT, reward=crc_reward, beta=beta_run, steps=steps, max_tokens=3, chains=8,
+                       top_k=2, delta=delta, seed=11, answer="mbr")
+    # 8 x 2500 = 20k steps; every 4th state after 50 (the chain's correlation
+    # is short on six states) for the chi-square's independent draws.
+    states = [(tuple(s.tokens), s.ended) for chain in result.chains for s in chain[50::thin]]
+    assert set(states) <= set(keys)  # the chain never leaves the support
+    counts = np.array([states.count(k) for k in keys], dtype=float)
+    assert target.min() * len(states) > 30
+    return float(stats.chisquare(counts, target * len(states)).pvalue), result, support
+
+
+@pytest.mark.slow
+def test_chain_samples_the_exact_target_and_a_wrong_rule_is_rejected(model, eos_delta, monkeypatch):
+    lengths = {len(k[0]) + k[1] for k, _ in enumerate_support(model, *eos_delta, top_k=2, max_tokens=3)}
+    assert lengths == {2, 3}  # responses of different lengths: the |y|/|y'| factor is tested
+    p_right, result, support = chain_p_value(model, eos_delta, beta_run=1.0)
+    assert p_right > 0.01
+    assert 0.05 < result.accept_rate < 0.95
+    # beta doubled in the chain: its samples no longer match the beta = 1 target
+    p_beta, _, _ = chain_p_value(model, eos_delta, beta_run=2.0)
+    assert p_beta < 1e-6
+    # the acceptance rule without the length factor
+    monkeypatch.setattr(qa, "log_acceptance", lambda r1, r0, n1, n0, beta: min(0.0, (r1 - r0) / beta))
+    p_length, _, _ = chain_p_value(model, eos_delta, beta_run=1.0)
+    assert p_length < 1e-6
+
+
+def test_steps_evaluate_only_the_new_suffix(model):
+    x = model.tokenize(PROMPT)
+    model.clear_cache()  # so that the prompt is evaluated once, here
+    result = qa.qalign(model, PROMPT, reward=crc_reward, steps=60, max_tokens=12, seed=3, top_k=20, chains=2)
+    # The prompt once (its last token evaluated on its own); then each step's
+    # fork evaluates the last kept token again and the suffix's tokens but the
+    # last one drawn: exactly as many tokens as the suffix has, EOS counted.
+    assert result.decoded_tokens == len(x) - 1 + result.generated_tokens
+    assert len(result.chain) == 61 and result.chain[0].step == 0
+    for prev, cur in zip(result.chain, result.chain[1:]):
+        if not cur.accepted:
+            assert cur.tokens == prev.tokens and cur.reward == prev.reward
+
+
+def test_kv_cells_do_not_grow_over_many_steps(tiny_path):
+    # 500 steps of up to 8 tokens in a 128-cell context: the chain holds only
+    # its state and one proposal, and still never evaluates its prefix again.
+    with slot_cpp.Model(tiny_path, n_ctx=128, n_threads=2, n_parallel=2) as small:
+        x = small.tokenize(PROMPT)
+        result = qa.qalign(small, PROMPT, reward=crc_reward, steps=500, max_tokens=8, seed=2, top_k=20)
+    assert len(result.chain) == 501
+    assert result.decoded_tokens == len(x) - 1 + result.generated_tokens
+
+
+def test_same_seed_same_chain(model):
+    # From the same cache state (README: Rounding), the same seed gives the same chain.
+    model.clear_cache()
+    a = qa.qalign(model, PROMPT, reward=crc_reward, steps=20, max_tokens=6, seed=9, chains=2)
+    model.clear_cache()
+    b = qa.qalign(model, PROMPT, reward=crc_reward, steps=20, max_tokens=6, seed=9, chains=2)
+    assert [[s.tokens for s in c] for c in a.chains] == [[s.tokens for s in c] for c in b.chains]
+    c = qa.qalign(model, PROMPT, reward=crc_reward, steps=20, max_tokens=6, seed=10, chains=2)
+    assert [[s.tokens for s in ch] for ch in a.chains] != [[s.tokens for s in ch] for ch in c.chains]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "x"])
+def test_a_bad_reward_is_named_and_the_chain_kept(model, bad):
+    calls = []
+
+    def flaky(prompt: str, response: str) -> float:
+        calls.append(response)
+        return bad if len(calls) > 5 else 1.0
+
+    with pytest.raises(qa.RewardError, match="flaky") as info:
+        qa.qalign(model, PROMPT, reward=flaky, steps=10, max_tokens=4, seed=0)
+    chain = info.value.chains[0]
+    assert len(chain) == 5 and all(math.isfinite(s.reward) for s in chain)
+
+
+def test_a_raising_reward_is_named(model):
+    def broken(prompt: str, response: str) -> float:
+        raise KeyError("missing")
+
+    with pytest.raises(qa.RewardError, match="broken.*KeyError"):
+        qa.qalign(model, PROMPT, reward=broken, steps=3, max_tokens=4)
+    assert model.generate(PROMPT, max_tokens=2, ignore_eos=True).generated_tokens == 2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(beta=0.0), "beta"), (dict(beta=-1.0), "beta"), (dict(beta=float("nan")), "beta"),
+    (dict(steps=0), "steps"), (dict(max_tokens=0), "max_tokens"), (dict(chains=9), "n_parallel"),
+    (dict(answer="best"), "answer"),
+])
+def test_bad_arguments(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        qa.qalign(model, PROMPT, reward=crc_reward, **kwargs)
+    with pytest.raises(ValueError, match="empty"):
+        qa.qalign(model, "", reward=crc_reward)
+    with pytest.raises(TypeError, match="callable"):
+        qa.qalign(model, PROMPT, reward=42)
+
+
+def test_answers_vote_and_mbr(model):
+    digits = qa.qalign(model, PROMPT, reward=crc_reward, steps=30, max_tokens=6, seed=4,
+                       extract=lambda text: str(len(text) % 3))
+    assert digits.answer in digits.votes and digits.votes[digits.answer] == max(digits.votes.values())
+    assert sum(digits.votes.values()) == 31
+    mbr = qa.qalign(model, PROMPT, reward=crc_reward, steps=10, max_tokens=6, seed=4, answer="mbr")
+    assert mbr.answer_state is not None and mbr.answer == mbr.answer_state.text
+    assert qa.rouge1_f1("a b c", "a b c") == 1.0 and qa.rouge1_f1("a b", "c d") == 0.0
+    assert qa.rouge1_f1("a b c d", "a b") == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+
+
+def test_baselines(model):
+    def length_reward(prompt: str, response: str) -> float:
+        return float(len(response))
+
+    bon = qa.best_of_n(model, PROMPT, reward=length_reward, n=6, max_tokens=6, seed=2,
+                       extract=lambda t: t)
+    assert len(bon.samples) == 6 and bon.answer == max((s.text for s in bon.samples), key=len)
+    mv = qa.majority_vote(model, PROMPT, n=6, max_tokens=6, seed=2, extract=lambda t: str(len(t) % 2))
+    assert mv.votes[mv.answer] == max(mv.votes.values()) and sum(mv.votes.values()) == 6
+    wmv = qa.weighted_majority_vote(model, PROMPT, reward=length_reward, n=6, max_tokens=6, seed=2,
+                                    extract=lambda t: str(len(t) % 2))
+    assert sum(wmv.votes.values()) == pytest.approx(1.0)
+    assert wmv.answer == max(wmv.votes, key=wmv.votes.get)
