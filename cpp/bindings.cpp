@@ -149,6 +149,11 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("seed", &slot::GenerationResult::seed)
         .def_readonly("token_logprobs", &slot::GenerationResult::token_logprobs)
         .def_readonly("top_logprobs", &slot::GenerationResult::top_logprobs)
+        .def_readonly("score_logprobs", &slot::GenerationResult::score_logprobs)
+        .def_property_readonly("hidden", [](const slot::GenerationResult& r) -> py::object {
+            if (r.hidden.empty()) return py::none();
+            return to_numpy(r.hidden, {static_cast<py::ssize_t>(r.hidden.size())});
+        })
         .def_readonly("prefill_seconds", &slot::GenerationResult::prefill_seconds)
         .def_readonly("optimise_seconds", &slot::GenerationResult::optimise_seconds)
         .def_readonly("generate_seconds", &slot::GenerationResult::generate_seconds);
@@ -182,6 +187,8 @@ PYBIND11_MODULE(_core, m) {
         .SLOT_FIELD("logprobs", logprobs)
         .SLOT_FIELD("top_logprobs", top_logprobs)
         .SLOT_FIELD("cache_prompt", cache_prompt)
+        .SLOT_FIELD("score_tokens", score_tokens)
+        .SLOT_FIELD("return_hidden", return_hidden)
         .def_property("delta",
                       [](const slot::GenerationRequest& r) -> py::object {
                           if (r.delta.empty()) return py::none();

@@ -270,7 +270,8 @@ void Engine::clear_all() {
 }
 
 void Engine::append(int seq, const std::vector<int32_t>& tokens, Outputs outputs, int max_rows_per_batch,
-                    const PrefillSink& sink, const MakeRoom& make_room, const InterruptCheck& interrupted) {
+                    const PrefillSink& sink, const MakeRoom& make_room, const InterruptCheck& interrupted,
+                    bool last_hidden) {
     const bool all_positions = outputs == Outputs::All;
     if (tokens.empty()) throw std::invalid_argument("the prompt has no tokens");
     check_tokens(tokens);
@@ -282,8 +283,9 @@ void Engine::append(int seq, const std::vector<int32_t>& tokens, Outputs outputs
                                  " tokens but the context holds " + std::to_string(n_ctx()));
     }
     last_logits_ = nullptr;
+    last_hidden_ = nullptr;
     output_rows_.clear();
-    set_embeddings(all_positions);
+    set_embeddings(all_positions || (last_hidden && outputs == Outputs::Last));
     int rows = params_.n_batch;
     if (all_positions && max_rows_per_batch > 0) rows = std::min(rows, max_rows_per_batch);
     rows = std::max(1, rows);
@@ -317,16 +319,20 @@ void Engine::append(int seq, const std::vector<int32_t>& tokens, Outputs outputs
     if (outputs == Outputs::None) return;
     last_logits_ = llama_get_logits_ith(ctx_.get(), -1);
     if (last_logits_ == nullptr) throw Error("llama.cpp returned no logits for the last prompt position");
+    if (last_hidden) {
+        last_hidden_ = llama_get_embeddings_ith(ctx_.get(), -1);
+        if (last_hidden_ == nullptr) throw Error("llama.cpp returned no hidden state for the last position");
+    }
 }
 
 void Engine::append_context(int seq, const std::vector<int32_t>& tokens, const MakeRoom& make_room,
-                            const InterruptCheck& interrupted) {
+                            const InterruptCheck& interrupted, bool hidden) {
     if (tokens.empty()) throw std::invalid_argument("the prompt has no tokens");
     if (tokens.size() > 1) {
         append(seq, std::vector<int32_t>(tokens.begin(), tokens.end() - 1), Outputs::None, 0, {}, make_room,
                interrupted);
     }
-    append(seq, {tokens.back()}, Outputs::Last, 0, {}, make_room, interrupted);
+    append(seq, {tokens.back()}, Outputs::Last, 0, {}, make_room, interrupted, hidden);
 }
 
 void Engine::prefill(const std::vector<int32_t>& tokens, bool all_positions, int max_rows_per_batch,

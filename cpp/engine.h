@@ -103,12 +103,15 @@ public:
     // returns. make_room (may be empty) is asked to free cells when the KV
     // cache is full; ContextLengthError when it cannot.
     void append(int seq, const std::vector<int32_t>& tokens, Outputs outputs, int max_rows_per_batch,
-                const PrefillSink& sink, const MakeRoom& make_room, const InterruptCheck& interrupted);
+                const PrefillSink& sink, const MakeRoom& make_room, const InterruptCheck& interrupted,
+                bool last_hidden = false);
     // Evaluates a context so that its last token's logits are computed the
     // same way whether or not a prefix came from the cache: the tokens before
     // the last in batches, then the last one alone.
+    // With hidden, last_hidden() then holds the last token's final normed hidden state.
     void append_context(int seq, const std::vector<int32_t>& tokens, const MakeRoom& make_room,
-                        const InterruptCheck& interrupted);
+                        const InterruptCheck& interrupted, bool hidden = false);
+    const float* last_hidden() const { return last_hidden_; }
     // Clears every sequence, then evaluates `tokens` into sequence 0 as append does.
     void prefill(const std::vector<int32_t>& tokens, bool all_positions, int max_rows_per_batch,
                  const PrefillSink& sink, const InterruptCheck& interrupted);
@@ -150,6 +153,7 @@ private:
     int n_threads_ = 1;
     bool embeddings_on_ = false;
     const float* last_logits_ = nullptr;
+    const float* last_hidden_ = nullptr;
     const InterruptCheck* active_check_ = nullptr;
     std::vector<std::vector<int32_t>> seq_tokens_;
     std::vector<int> output_rows_;  // batch index of each output row of the last decode()

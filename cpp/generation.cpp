@@ -135,6 +135,7 @@ void validate_request(const Engine& e, const GenerationRequest& req, int index) 
     }
     e.check_tokens(req.prompt);
     e.check_tokens(req.response_prefix);
+    e.check_tokens(req.score_tokens);
     if (!req.delta.empty()) {
         if (static_cast<int>(req.delta.size()) != e.n_embd()) {
             throw std::invalid_argument(where + "delta has " + std::to_string(req.delta.size()) +
@@ -333,7 +334,8 @@ private:
             // then evaluated alone, as on every other path.
             fill_prompt_cache(e_, cache, root, std::vector<int32_t>(req.prompt.begin(), req.prompt.end() - 1), room,
                               interrupted_);
-            e_.append(root, {req.prompt.back()}, Engine::Outputs::Last, 0, {}, room, interrupted_);
+            e_.append(root, {req.prompt.back()}, Engine::Outputs::Last, 0, {}, room, interrupted_,
+                      req.return_hidden);
             prefill = seconds_since(t0);
             t0 = Clock::now();
             SlotOutcome outcome = cache.optimise(req.slot, interrupted_);
@@ -382,7 +384,7 @@ private:
                 e_.seq_clear(root);
             }
             e_.append_context(root, std::vector<int32_t>(st.context.begin() + cached, st.context.end()), room,
-                              interrupted_);
+                              interrupted_, req.return_hidden);
             prefill = seconds_since(t0);
         }
         last_use_[static_cast<size_t>(root)] = ++clock_;
@@ -396,6 +398,16 @@ private:
             seqs.push_back(s);
         }
         const float* first_logits = e_.last_logits();
+        std::vector<float> hidden, scores;
+        if (req.return_hidden) hidden.assign(e_.last_hidden(), e_.last_hidden() + e_.n_embd());
+        if (!req.score_tokens.empty()) {
+            const int64_t V = e_.n_vocab();
+            std::copy(first_logits, first_logits + V, scratch_.begin());
+            StageInput in;
+            in.n_vocab = V;
+            for (const auto& stage : st.stages) stage->apply(in, scratch_.data());
+            for (int32_t t : req.score_tokens) scores.push_back(token_logprob(scratch_.data(), V, t, 0).logprob);
+        }
         std::vector<size_t> started;
         for (int j = 0; j < g.count; ++j) {
             const int index = st.result_base + g.first + j;
@@ -405,6 +417,8 @@ private:
             res.cached_tokens = cached;
             res.prefill_seconds = prefill;
             res.finish_reason = "length";
+            res.hidden = hidden;
+            res.score_logprobs = scores;
             SamplingParams sp = req.sampling;
             sp.seed = req.sampling.seed + static_cast<uint64_t>(g.first + j);
             res.seed = sp.seed;

@@ -40,6 +40,10 @@ struct GenerationRequest {
     bool logprobs = false;
     int top_logprobs = 0;
     bool cache_prompt = true;  // reuse (and leave behind) KV cells of earlier calls
+    // At the context's last position: the log-probabilities of these tokens
+    // (under the request's stages), and its final normed hidden state.
+    std::vector<int32_t> score_tokens;
+    bool return_hidden = false;
 };
 
 struct GenerationResult {
@@ -58,6 +62,8 @@ struct GenerationResult {
     uint64_t seed = 0;
     std::vector<float> token_logprobs;                             // with logprobs
     std::vector<std::vector<std::pair<int32_t, float>>> top_logprobs;  // with top_logprobs > 0
+    std::vector<float> score_logprobs;  // one per score_tokens entry
+    std::vector<float> hidden;          // n_embd, with return_hidden
     double prefill_seconds = 0.0;
     double optimise_seconds = 0.0;
     double generate_seconds = 0.0;

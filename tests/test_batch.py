@@ -286,6 +286,31 @@ def test_logprobs_are_the_model_distribution_under_the_delta(peaked_path):
         assert empty.token_logprobs == [] and empty.tokens == []
 
 
+def test_score_tokens_and_hidden_state_at_the_context_end(peaked_path):
+    with fresh(peaked_path, n_parallel=2) as model:
+        x = model.tokenize(PROMPTS[2])
+        hidden, logits = model.prompt_states(x)
+        z = logits[-1].astype(np.float64)
+        lse = np.logaddexp.reduce(z)
+        delta = np.random.default_rng(3).normal(0, 1.0, model.n_embd).astype(np.float32)
+        for d in (None, delta):
+            r = model.generate("", prompt_token_ids=x, max_tokens=0, score_tokens=[5, 77, 5], return_hidden=True,
+                               delta=d, cache_prompt=False)
+            zz = z if d is None else z + model.logit_bias(d)
+            expected = zz[[5, 77, 5]] - np.logaddexp.reduce(zz)
+            np.testing.assert_allclose(r.score_logprobs, expected, atol=1e-4)
+            np.testing.assert_allclose(r.hidden, hidden[-1], atol=1e-5)  # the state before delta's shift
+            assert r.tokens == [] and r.token_logprobs is None
+        assert lse > z.max()
+        # From the cache, the same numbers exactly.
+        a = model.generate("", prompt_token_ids=x, max_tokens=0, score_tokens=[5], return_hidden=True)
+        b = model.generate("", prompt_token_ids=x, max_tokens=0, score_tokens=[5], return_hidden=True)
+        assert b.cached_tokens == len(x) - 1 and a.score_logprobs == b.score_logprobs
+        np.testing.assert_array_equal(a.hidden, b.hidden)
+        plain = model.generate(PROMPTS[2], max_tokens=1)
+        assert plain.score_logprobs is None and plain.hidden is None
+
+
 def test_batch_larger_than_the_context_queues(peaked_path):
     # Each request needs ~50 cells and the context holds 128: they cannot all
     # be live at once, so they wait for each other and still match.
@@ -342,6 +367,8 @@ def test_a_raising_callback_fails_the_call_and_leaves_the_model_sound(peaked_pat
         (lambda m: m.generate_with_slot("a", response_prefix=[1, 2], steps=2), ValueError, "steps=0"),
         (lambda m: m.generate_with_slot("a", response_prefix="text"), TypeError, "token ids"),
         (lambda m: m.generate("a", top_logprobs=-1), ValueError, "top_logprobs"),
+        (lambda m: m.generate("a", score_tokens=[10**9]), ValueError, "outside the vocabulary"),
+        (lambda m: m.generate("a", score_tokens="yes"), TypeError, "token ids"),
     ],
 )
 def test_bad_batch_input_is_refused_and_nothing_runs(peaked_path, call, exc, match):

@@ -189,3 +189,100 @@ def test_baselines(model):
                                     extract=lambda t: str(len(t) % 2))
     assert sum(wmv.votes.values()) == pytest.approx(1.0)
     assert wmv.answer == max(wmv.votes, key=wmv.votes.get)
+
+
+def test_rewards_score_candidates_with_their_token_ids(model):
+    # A linear head on the policy itself reads the policy's token ids: the
+    # score of a fresh sample costs one evaluated token (the rest is cached).
+    head = qa.LinearReward(model, np.random.default_rng(0).normal(size=model.n_embd), 0.5)
+    sample = model.generate(PROMPT, max_tokens=6, ignore_eos=True)
+    x = tuple(model.tokenize(PROMPT))
+    before = model.decoded_tokens
+    score = head.score([qa.Candidate(PROMPT, sample.text, x, tuple(sample.tokens), model)])[0]
+    assert model.decoded_tokens - before == 1
+    hidden = model.prompt_states(list(x) + sample.tokens)[0][-1]
+    assert score == pytest.approx(float(hidden @ head.weight) + 0.5, rel=1e-4)
+
+
+def test_linear_reward_head_file_checks_the_model(model, tmp_path, gemma):
+    head = qa.LinearReward(model, np.ones(model.n_embd), -1.0)
+    head.save(str(tmp_path / "head.npz"))
+    again = qa.LinearReward.load(str(tmp_path / "head.npz"), model)
+    np.testing.assert_array_equal(again.weight, head.weight) and again.bias == -1.0
+    with pytest.raises(ValueError, match="hidden size|another model"):
+        qa.LinearReward.load(str(tmp_path / "head.npz"), gemma)
+    (tmp_path / "junk.npz").write_bytes(b"not a head")
+    with pytest.raises(ValueError, match="not a slot_cpp reward head"):
+        qa.LinearReward.load(str(tmp_path / "junk.npz"), model)
+
+
+def test_fit_logistic_recovers_a_separating_direction():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 5))
+    true = np.array([2.0, -1.0, 0.0, 0.5, 0.0])
+    y = (rng.random(400) < 1 / (1 + np.exp(-(X @ true - 0.3)))).astype(float)
+    w, b = qa.fit_logistic(X, y, l2=1e-3)
+    assert np.corrcoef(w, true)[0, 1] > 0.95 and abs(b + 0.3) < 0.4
+
+
+FACTS = [("2 + 2 =", "4", "7"), ("The capital of France is", "Paris", "Berlin"), ("10 * 3 =", "30", "13"),
+         ("A dog has this many legs:", "4", "9"), ("9 - 4 =", "5", "3"),
+         ("The largest planet in the solar system is", "Jupiter", "Mars"),
+         ("Water freezes at this many degrees Celsius:", "0", "50"), ("The number of days in a week is", "7", "11")]
+
+
+@pytest.mark.slow
+def test_judge_reward_on_gemma(gemma):
+    template = "Statement: {prompt} {response}\nThis statement is"
+    judge = qa.JudgeReward(gemma, template, yes=" true", no=" false")
+    flipped = qa.JudgeReward(gemma, template, yes=" false", no=" true")
+    right = judge.score([qa.Candidate(q, good) for q, good, _ in FACTS])
+    wrong = judge.score([qa.Candidate(q, bad) for q, _, bad in FACTS])
+    # The score is log p(yes) - log p(no), nothing else.
+    q, good, _ = FACTS[0]
+    t_yes, t_no = (gemma.tokenize(w, add_special=False)[0] for w in (" true", " false"))
+    direct = gemma.generate(template.format(prompt=q, response=good), max_tokens=0, score_tokens=[t_yes, t_no],
+                            cache_prompt=False).score_logprobs
+    assert right[0] == pytest.approx(direct[0] - direct[1], abs=1e-3)
+    assert flipped.score([qa.Candidate(q, good)])[0] == pytest.approx(-right[0], abs=1e-4)
+    # A 270M base model is a weak judge: 6 of these 8 facts go the right way.
+    assert sum(r > w for r, w in zip(right, wrong)) >= 6
+    with pytest.raises(ValueError, match="one token"):
+        qa.JudgeReward(gemma, template, yes=" absolutely true")
+
+
+@pytest.mark.slow
+def test_trained_reward_head_beats_chance_on_held_out_answers(gemma):
+    import random
+
+    rng = random.Random(0)
+
+    def problems(count: int) -> list[tuple[str, str]]:
+        out = []
+        for _ in range(count):
+            a, b = rng.randint(2, 30), rng.randint(2, 30)
+            out.append((f"12 + 5 = 17\n8 + 9 = 17\n21 + 4 = 25\n{a} + {b} =", str(a + b)))
+        return out
+
+    def first_word(text: str):
+        words = text.strip().split()
+        return words[0] if words else None
+
+    train, held = problems(120), problems(40)
+    head, stats = qa.train_linear_reward(gemma, train, samples=4, max_tokens=3, stop=["\n"], l2=100.0,
+                                         extract=first_word)
+    assert 0 < stats["right"] < stats["answers"] == 480
+    scores, labels = [], []
+    for k, (prompt, reference) in enumerate(held):
+        drawn = gemma.generate_batch([prompt], n=4, max_tokens=3, temperature=1.0, top_k=0, top_p=1.0,
+                                     min_p=0.0, seed=5000 + k, stop=["\n"])
+        x = tuple(gemma.prompt_tokens(prompt))
+        scores += head.score([qa.Candidate("", d.text, x, tuple(d.tokens), gemma) for d in drawn])
+        labels += [first_word(d.text) == reference for d in drawn]
+    scores_arr, labels_arr = np.array(scores), np.array(labels)
+    pos, neg = scores_arr[labels_arr], scores_arr[~labels_arr]
+    assert len(pos) >= 10 and len(neg) >= 10
+    # Area under the ROC curve on answers to problems the head never saw:
+    # 0.5 is chance (measured 0.83).
+    auc = float(np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg]))
+    assert auc > 0.7, auc

@@ -52,6 +52,10 @@ class RawResult:
     @property
     def top_logprobs(self) -> list[list[tuple[int, float]]]: ...
     @property
+    def score_logprobs(self) -> list[float]: ...
+    @property
+    def hidden(self) -> Optional[npt.NDArray[np.float32]]: ...
+    @property
     def prefill_seconds(self) -> float: ...
     @property
     def optimise_seconds(self) -> float: ...
@@ -83,6 +87,8 @@ class Request:
     logprobs: bool
     top_logprobs: int
     cache_prompt: bool
+    score_tokens: list[int]
+    return_hidden: bool
     delta: Optional[npt.NDArray[np.float32]]
     def __init__(self) -> None: ...
 

@@ -78,6 +78,12 @@ class GenerationResult:
     and truncation (the model's, shifted by delta's logit bias if any)."""
     top_logprobs: Optional[list[list[tuple[int, float]]]] = None
     """With top_logprobs=N: the N most likely (token id, log p) at each step."""
+    score_logprobs: Optional[list[float]] = None
+    """With score_tokens: log p of each of those tokens right after the
+    context (prompt and response prefix), under delta's bias if any."""
+    hidden: Optional[np.ndarray] = None
+    """With return_hidden=True: the final normed hidden state (float32,
+    n_embd) at the context's last token."""
 
     @property
     def generated_tokens(self) -> int:
@@ -387,6 +393,8 @@ class Model:
         logprobs: bool = False,
         top_logprobs: int = 0,
         cache_prompt: bool = True,
+        score_tokens: Optional[Sequence[int]] = None,
+        return_hidden: bool = False,
     ) -> GenerationResult:
         """Learn delta on the prompt with ``steps`` AdamW steps, then generate with it.
 
@@ -401,7 +409,10 @@ class Model:
         cache where they are still held, and only new tokens are returned.
         ``logprobs``/``top_logprobs`` record each token's log-probability
         (and the N most likely alternatives). ``cache_prompt=False`` neither
-        reuses nor leaves behind KV cells.
+        reuses nor leaves behind KV cells. ``score_tokens`` and
+        ``return_hidden`` report the log-probabilities of those tokens and the
+        final hidden state at the context's last token (with ``max_tokens=0``,
+        scoring without generating).
         """
         s = self._s()
         if on_text is not None and not callable(on_text):
@@ -418,7 +429,7 @@ class Model:
             stop=stop, delta=delta, ignore_eos=ignore_eos, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, memory_budget=memory_budget, recompute=recompute,
             response_prefix=response_prefix, logprobs=logprobs, top_logprobs=top_logprobs,
-            cache_prompt=cache_prompt)
+            cache_prompt=cache_prompt, score_tokens=score_tokens, return_hidden=return_hidden)
         callback = None
         if on_text is not None:
             user_callback = on_text
@@ -511,7 +522,8 @@ class Model:
                  ignore_eos: bool = False, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-5,
                  weight_decay: float = 1e-8, memory_budget: int = DEFAULT_MEMORY_BUDGET,
                  recompute: bool = False, response_prefix: Optional[Sequence[int]] = None,
-                 logprobs: bool = False, top_logprobs: int = 0, cache_prompt: bool = True) -> _core.Request:
+                 logprobs: bool = False, top_logprobs: int = 0, cache_prompt: bool = True,
+                 score_tokens: Optional[Sequence[int]] = None, return_hidden: bool = False) -> _core.Request:
         """Checks every argument and builds the native request."""
         r = _core.Request()
         r.prompt = tokens
@@ -558,6 +570,11 @@ class Model:
             raise ValueError(f"top_logprobs must be <= n_vocab ({self.n_vocab})")
         r.logprobs = bool(logprobs) or r.top_logprobs > 0
         r.cache_prompt = bool(cache_prompt)
+        if score_tokens is not None:
+            if isinstance(score_tokens, (str, bytes)):
+                raise TypeError("score_tokens must be token ids")
+            r.score_tokens = self._check_tokens(score_tokens)
+        r.return_hidden = bool(return_hidden)
         return r
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> GenerationResult:
@@ -630,7 +647,7 @@ class Model:
 _REQUEST_KEYS = frozenset({
     "steps", "lr", "max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
     "seed", "stop", "delta", "ignore_eos", "beta1", "beta2", "eps", "weight_decay", "memory_budget", "recompute",
-    "response_prefix", "logprobs", "top_logprobs", "cache_prompt",
+    "response_prefix", "logprobs", "top_logprobs", "cache_prompt", "score_tokens", "return_hidden",
 })
 
 
@@ -643,10 +660,10 @@ def _split_per_prompt(key: str, value: Any, count: int) -> list[Any]:
             per = list(value)
         else:
             return [value] * count
-    elif key in ("stop", "response_prefix"):
+    elif key in ("stop", "response_prefix", "score_tokens"):
         nested = (isinstance(value, (list, tuple)) and len(value) > 0
                   and all(v is None or (isinstance(v, (list, tuple)) and not isinstance(v, str)) for v in value))
-        if key == "response_prefix" and value is not None and not nested:
+        if key in ("response_prefix", "score_tokens") and value is not None and not nested:
             return [value] * count
         if not nested:
             return [value] * count
@@ -681,6 +698,8 @@ def _result(raw: _core.RawResult, request: _core.Request) -> GenerationResult:
         seed=raw.seed,
         token_logprobs=logprobs,
         top_logprobs=top,
+        score_logprobs=[float(x) for x in raw.score_logprobs] if request.score_tokens else None,
+        hidden=raw.hidden,
     )
 
 

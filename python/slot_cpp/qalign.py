@@ -38,7 +38,10 @@ from ._model import GenerationResult, Model, Prompt
 
 __all__ = [
     "CallableReward",
+    "Candidate",
     "ChainState",
+    "JudgeReward",
+    "LinearReward",
     "QAlignResult",
     "Reward",
     "RewardError",
@@ -46,6 +49,7 @@ __all__ = [
     "majority_vote",
     "qalign",
     "rouge1_f1",
+    "train_linear_reward",
     "weighted_majority_vote",
 ]
 
@@ -61,13 +65,25 @@ class RewardError(RuntimeError):
         self.chains = chains
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A response to score: its text, and its token ids under ``policy`` (the
+    model that produced it), so that a reward on that same model needs no
+    re-tokenisation."""
+
+    prompt: str
+    response: str
+    prompt_ids: tuple[int, ...] = ()
+    response_ids: tuple[int, ...] = ()
+    policy: Optional[Model] = None
+
+
 class Reward:
-    """Scores (prompt, response) pairs; higher is better. Subclasses implement
-    :meth:`score` for a batch of pairs."""
+    """Scores a batch of candidates; higher is better."""
 
     name: str = "reward"
 
-    def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+    def score(self, candidates: Sequence[Candidate]) -> list[float]:
         raise NotImplementedError
 
 
@@ -81,8 +97,47 @@ class CallableReward(Reward):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "reward")
 
-    def score(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
-        return [float(self.fn(p, r)) for p, r in pairs]
+    def score(self, candidates: Sequence[Candidate]) -> list[float]:
+        return [float(self.fn(c.prompt, c.response)) for c in candidates]
+
+
+DEFAULT_JUDGE_TEMPLATE = (
+    "Question: {prompt}\nProposed answer: {response}\n"
+    "Is the proposed answer correct? Answer yes or no.\nAnswer:"
+)
+
+
+class JudgeReward(Reward):
+    """An LLM judge from any GGUF model: r = log p(yes) - log p(no) for the
+    token after ``template`` (with ``{prompt}`` and ``{response}``). The
+    judge's prompts share their question, whose cells the judge's prompt
+    cache keeps from one step to the next. ``chat=True`` (the default when
+    the judge has a chat template) sends the text as a user message."""
+
+    def __init__(self, judge: Model, template: str = DEFAULT_JUDGE_TEMPLATE, *, yes: str = " yes",
+                 no: str = " no", chat: Optional[bool] = None, chat_template: Optional[str] = None,
+                 name: str = "judge") -> None:
+        if not isinstance(judge, Model):
+            raise TypeError("judge must be a slot_cpp.Model")
+        if "{response}" not in template:
+            raise ValueError("the judge template needs a {response} field")
+        self.judge, self.template, self.name = judge, template, name
+        self.chat = judge.info.has_chat_template or chat_template is not None if chat is None else bool(chat)
+        self.chat_template = chat_template
+        ids = []
+        for word in (yes, no):
+            toks = judge.tokenize(word, add_special=False)
+            if len(toks) != 1:
+                raise ValueError(f"{word!r} must be one token of the judge's vocabulary, got {len(toks)}")
+            ids.append(toks[0])
+        self.token_ids = ids
+
+    def score(self, candidates: Sequence[Candidate]) -> list[float]:
+        texts = [self.template.format(prompt=c.prompt, response=c.response) for c in candidates]
+        prompts: list = [[{"role": "user", "content": t}] for t in texts] if self.chat else texts
+        results = self.judge.generate_batch(prompts, max_tokens=0, score_tokens=self.token_ids,
+                                            chat_template=self.chat_template)
+        return [r.score_logprobs[0] - r.score_logprobs[1] for r in results]  # type: ignore[index]
 
 
 RewardLike = Union[Reward, Callable[[str, str], float]]
@@ -92,6 +147,111 @@ def as_reward(reward: RewardLike) -> Reward:
     if isinstance(reward, Reward):
         return reward
     return CallableReward(reward)
+
+
+def model_fingerprint(model: Model) -> str:
+    """Architecture, sizes and one column of the output head, hashed: what a
+    stored reward head must match."""
+    import hashlib
+
+    info = model.info
+    e0 = np.zeros(model.n_embd, dtype=np.float32)
+    e0[0] = 1.0
+    column = model.logit_bias(e0).astype(np.float32)
+    h = hashlib.sha256(f"{info.architecture}|{model.n_embd}|{model.n_vocab}|".encode())
+    h.update(np.round(column, 4).tobytes())
+    return h.hexdigest()[:24]
+
+
+class LinearReward(Reward):
+    """r = w . h + b, h the model's final normed hidden state at the
+    response's last token: a task-specific reward model in miniature. With
+    the policy's own token ids and the prompt cache, scoring a response the
+    policy just produced evaluates one token."""
+
+    def __init__(self, model: Model, weight: np.ndarray, bias: float, *, fingerprint: Optional[str] = None,
+                 name: str = "linear-head") -> None:
+        w = np.asarray(weight, dtype=np.float64)
+        if w.shape != (model.n_embd,):
+            raise ValueError(f"the head has {w.shape} weights but the model's hidden size is {model.n_embd}")
+        if fingerprint is not None and fingerprint != model_fingerprint(model):
+            raise ValueError("this reward head was trained on another model (fingerprint mismatch)")
+        self.model, self.weight, self.bias, self.name = model, w, float(bias), name
+
+    def _context(self, c: Candidate) -> list[int]:
+        if c.policy is self.model and c.prompt_ids:
+            return list(c.prompt_ids) + list(c.response_ids)
+        return self.model.prompt_tokens(c.prompt) + self.model.tokenize(c.response, add_special=False)
+
+    def features(self, candidates: Sequence[Candidate]) -> np.ndarray:
+        contexts = [self._context(c) for c in candidates]
+        results = self.model.generate_batch(contexts, max_tokens=0, return_hidden=True)
+        return np.stack([np.asarray(r.hidden, dtype=np.float64) for r in results])
+
+    def score(self, candidates: Sequence[Candidate]) -> list[float]:
+        return [float(v) for v in self.features(candidates) @ self.weight + self.bias]
+
+    def save(self, path: str) -> None:
+        np.savez(path, weight=self.weight, bias=np.float64(self.bias), fingerprint=model_fingerprint(self.model))
+
+    @classmethod
+    def load(cls, path: str, model: Model) -> "LinearReward":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                weight, bias, fp = data["weight"], float(data["bias"]), str(data["fingerprint"])
+        except (OSError, KeyError, ValueError) as exc:
+            raise ValueError(f"{path} is not a slot_cpp reward head ({exc})") from exc
+        return cls(model, weight, bias, fingerprint=fp)
+
+
+def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1.0, iterations: int = 50) -> tuple[np.ndarray, float]:
+    """L2-regularised logistic regression by Newton's method; the intercept is
+    not penalised. Returns (weight, bias)."""
+    X = np.hstack([np.asarray(features, dtype=np.float64), np.ones((len(features), 1))])
+    y = np.asarray(labels, dtype=np.float64)
+    reg = np.full(X.shape[1], float(l2))
+    reg[-1] = 0.0
+    w = np.zeros(X.shape[1])
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(X @ w, -40, 40)))
+        grad = X.T @ (p - y) + reg * w
+        hess = (X * (p * (1 - p))[:, None]).T @ X + np.diag(reg + 1e-9)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    return w[:-1], float(w[-1])
+
+
+def train_linear_reward(model: Model, problems: Sequence[tuple[Prompt, str]], *, samples: int = 4,
+                        max_tokens: int = 256, l2: float = 1.0, seed: int = 0,
+                        extract: Optional[Extractor] = None, stop: Sequence[str] = (),
+                        is_correct: Callable[[Optional[str], str], bool] = gsm8k.is_correct,
+                        on_problem: Optional[Callable[[int], None]] = None) -> tuple[LinearReward, dict]:
+    """Train a linear reward head on problems with known answers: sample
+    ``samples`` answers per (prompt, reference) at temperature 1, label each
+    by checking its extracted answer, take the hidden state at each answer's
+    last token, and fit a regularised logistic regression."""
+    extract = extract or gsm8k.extract_answer
+    head = LinearReward(model, np.zeros(model.n_embd), 0.0)
+    feats, labels = [], []
+    for k, (prompt, reference) in enumerate(problems):
+        drawn = model.generate_batch([prompt], n=samples, max_tokens=max_tokens, temperature=1.0, top_k=0,
+                                     top_p=1.0, min_p=0.0, seed=seed + k * samples, stop=list(stop))
+        x = tuple(model.prompt_tokens(prompt))
+        cands = [Candidate("", d.text, x, tuple(d.tokens), model) for d in drawn]
+        feats.append(head.features(cands))
+        labels += [1.0 if is_correct(extract(d.text), reference) else 0.0 for d in drawn]
+        if on_problem is not None:
+            on_problem(k)
+    y = np.asarray(labels)
+    if y.min() == y.max():
+        raise ValueError(f"every sampled answer was {'right' if y[0] else 'wrong'}: a reward head needs both")
+    X = np.vstack(feats)
+    weight, bias = fit_logistic(X, y, l2=l2)
+    trained = LinearReward(model, weight, bias)
+    accuracy = float(np.mean(((X @ weight + bias) > 0) == (y > 0.5)))
+    return trained, {"answers": len(y), "right": int(y.sum()), "train_accuracy": accuracy}
 
 
 @dataclass(frozen=True)
@@ -141,18 +301,20 @@ def _terminal(result: GenerationResult) -> bool:
     return result.finish_reason == "eos"
 
 
-def _prompt_text(model: Model, prompt: Prompt) -> str:
-    return model.detokenize(model.prompt_tokens(prompt))
+def _candidates(model: Model, prompt: Prompt, samples: Sequence[GenerationResult]) -> list[Candidate]:
+    x = model.prompt_tokens(prompt)
+    text = model.detokenize(x)
+    return [Candidate(text, s.text, tuple(x), tuple(s.tokens), model) for s in samples]
 
 
-def _score(reward: Reward, prompt_text: str, texts: Sequence[str], chains: list[list[ChainState]]) -> list[float]:
+def _score(reward: Reward, candidates: Sequence[Candidate], chains: list[list[ChainState]]) -> list[float]:
     try:
-        values = reward.score([(prompt_text, t) for t in texts])
+        values = reward.score(list(candidates))
     except Exception as exc:
         raise RewardError(f"reward {reward.name!r} raised {type(exc).__name__}: {exc}", chains) from exc
     values = list(values)
-    if len(values) != len(texts):
-        raise RewardError(f"reward {reward.name!r} returned {len(values)} scores for {len(texts)} responses",
+    if len(values) != len(candidates):
+        raise RewardError(f"reward {reward.name!r} returned {len(values)} scores for {len(candidates)} responses",
                           chains)
     for v in values:
         if not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(float(v)):
@@ -241,7 +403,11 @@ def qalign(
     first = draw([[] for _ in range(chains)], [max_tokens] * chains)
     texts = [text_of(list(r.tokens)) for r in first]
     history: list[list[ChainState]] = [[] for _ in range(chains)]
-    rewards = _score(rew, prompt_text, texts, history)
+
+    def candidates(responses: list[list[int]], response_texts: list[str]) -> list[Candidate]:
+        return [Candidate(prompt_text, t, tuple(x), tuple(toks), model) for toks, t in zip(responses, response_texts)]
+
+    rewards = _score(rew, candidates([list(r.tokens) for r in first], texts), history)
     reward_calls = chains
     generated = sum(r.generated_tokens + (1 if _terminal(r) else 0) for r in first)
     for c, r in enumerate(first):
@@ -251,8 +417,9 @@ def qalign(
         current = [h[-1] for h in history]
         cut = [int(rng.integers(0, s.length)) for s in current]
         results = draw([s.tokens[:i] for s, i in zip(current, cut)], [max_tokens - i for i in cut])
-        texts = [text_of(s.tokens[:i] + list(r.tokens)) for s, i, r in zip(current, cut, results)]
-        new_rewards = _score(rew, prompt_text, texts, history)
+        proposals = [s.tokens[:i] + list(r.tokens) for s, i, r in zip(current, cut, results)]
+        texts = [text_of(t) for t in proposals]
+        new_rewards = _score(rew, candidates(proposals, texts), history)
         reward_calls += chains
         u = rng.random(chains)
         dead: list[tuple[list[int], list[int]]] = []
@@ -354,7 +521,7 @@ def best_of_n(model: Model, prompt: Prompt, *, reward: RewardLike, n: int = 16, 
     """n samples at temperature 1; the answer of the one with the highest reward."""
     rew, extract = as_reward(reward), extract or gsm8k.extract_answer
     samples = _samples(model, prompt, n, max_tokens, seed, top_k, stop, delta, **kwargs)
-    rewards = _score(rew, _prompt_text(model, prompt), [s.text for s in samples], [])
+    rewards = _score(rew, _candidates(model, prompt, samples), [])
     best = int(np.argmax(rewards))
     return BaselineResult(extract(samples[best].text), samples, rewards, {},
                           sum(s.generated_tokens for s in samples))
@@ -380,7 +547,7 @@ def weighted_majority_vote(model: Model, prompt: Prompt, *, reward: RewardLike, 
     """n samples; each answer's mass is the sum of softmax(rewards) over the samples giving it."""
     rew, extract = as_reward(reward), extract or gsm8k.extract_answer
     samples = _samples(model, prompt, n, max_tokens, seed, top_k, stop, delta, **kwargs)
-    rewards = _score(rew, _prompt_text(model, prompt), [s.text for s in samples], [])
+    rewards = _score(rew, _candidates(model, prompt, samples), [])
     r = np.asarray(rewards)
     weights = np.exp(r - r.max())
     weights /= weights.sum()
