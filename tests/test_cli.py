@@ -139,3 +139,32 @@ def test_eval_gsm8k_parallel_writes_the_same_records(gemma_path, tmp_path):
     assert sum(a[k]["completion"] == b[k]["completion"] for k in a) >= 4
     assert "| steps=2,lr=0.05 | 4 |" in three.stdout and "McNemar" in three.stdout
     assert _run(*common, "--output", str(tmp_path / "x.jsonl"), "--parallel", "0").returncode == 2
+
+
+def test_qalign_command_and_reward_head(gemma_path, tmp_path):
+    easy = tmp_path / "easy.jsonl"
+    easy.write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"})
+                            + "\n" for a, b in [(2, 3), (4, 4), (1, 6), (5, 2), (3, 3), (7, 1)]))
+    head = tmp_path / "head.npz"
+    trained = _run("qalign-head", "--data", str(easy), "--model", str(gemma_path), "--samples", "4",
+                   "--max-tokens", "32", "--out", str(head))
+    assert trained.returncode == 0, trained.stderr
+    assert head.exists() and "reward head on 24 answers" in trained.stderr
+    # On the real GSM8K problems a 270M model gets nothing right: a clear error.
+    hard = _run("qalign-head", "--data", str(DATA), "--model", str(gemma_path), "--samples", "2",
+                "--max-tokens", "24", "--out", str(tmp_path / "none.npz"))
+    assert hard.returncode == 2 and "needs both" in hard.stderr
+    scored = _run("qalign", "Question: What is 2 + 5?\nAnswer:", "--model", str(gemma_path), "--reward",
+                  f"head:{head}", "--steps", "3", "--max-tokens", "16", "--json")
+    assert scored.returncode == 0, scored.stderr
+    assert len(json.loads(scored.stdout)["chains"][0]) == 4
+    proc = _run("qalign", "Question: What is 6 + 7?\nAnswer:", "--model", str(gemma_path), "--reward",
+                "contains:13", "--steps", "6", "--max-tokens", "12", "--stop", "\n", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    chain = out["chains"][0]
+    assert len(chain) == 7 and 0.0 <= out["accept_rate"] <= 1.0
+    assert all(s["reward"] == float("13" in s["text"]) for s in chain)
+    assert "qalign [" in proc.stderr and "accept" in proc.stderr  # the progress line
+    bad = _run("qalign", "hi", "--model", str(gemma_path), "--reward", "telepathy")
+    assert bad.returncode == 2 and "--reward must be" in bad.stderr
