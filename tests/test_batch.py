@@ -100,6 +100,7 @@ def test_n_samples_share_the_prompt_and_match_independent_seeded_calls(peaked_pa
         before = model.decoded_tokens
         samples = model.generate_batch([PROMPTS[0]], n=5, seed=100, **kwargs)
         decoded = model.decoded_tokens - before
+        model.clear_cache()  # the same cache state, the same numbers (README: Rounding)
         again = model.generate_batch([PROMPTS[0]], n=5, seed=100, **kwargs)
         independent = [singles(model, [PROMPTS[0]], seed=100 + j, **kwargs)[0] for j in range(5)]
     assert [r.seed for r in samples] == [100, 101, 102, 103, 104]
@@ -298,8 +299,10 @@ def test_score_tokens_and_hidden_state_at_the_context_end(peaked_path):
                                delta=d, cache_prompt=False)
             zz = z if d is None else z + model.logit_bias(d)
             expected = zz[[5, 77, 5]] - np.logaddexp.reduce(zz)
-            np.testing.assert_allclose(r.score_logprobs, expected, atol=1e-4)
-            np.testing.assert_allclose(r.hidden, hidden[-1], atol=1e-5)  # the state before delta's shift
+            # prompt_states evaluates every position in one batch: other
+            # kernels, so within rounding (logits here are around -80).
+            np.testing.assert_allclose(r.score_logprobs, expected, atol=2e-3)
+            np.testing.assert_allclose(r.hidden, hidden[-1], atol=1e-4)  # the state before delta's shift
             assert r.tokens == [] and r.token_logprobs is None
         assert lse > z.max()
         # From the cache, the same numbers exactly.

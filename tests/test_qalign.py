@@ -200,8 +200,10 @@ def test_rewards_score_candidates_with_their_token_ids(model):
     before = model.decoded_tokens
     score = head.score([qa.Candidate(PROMPT, sample.text, x, tuple(sample.tokens), model)])[0]
     assert model.decoded_tokens - before == 1
+    # The same hidden state from a full prefill, within the rounding of
+    # another batch shape and cell layout (README: Rounding).
     hidden = model.prompt_states(list(x) + sample.tokens)[0][-1]
-    assert score == pytest.approx(float(hidden @ head.weight) + 0.5, rel=1e-4)
+    assert score == pytest.approx(float(hidden @ head.weight) + 0.5, rel=5e-3)
 
 
 def test_linear_reward_head_file_checks_the_model(model, tmp_path, gemma):
@@ -238,13 +240,18 @@ def test_judge_reward_on_gemma(gemma):
     flipped = qa.JudgeReward(gemma, template, yes=" false", no=" true")
     right = judge.score([qa.Candidate(q, good) for q, good, _ in FACTS])
     wrong = judge.score([qa.Candidate(q, bad) for q, _, bad in FACTS])
-    # The score is log p(yes) - log p(no), nothing else.
+    # The score is log p(yes) - log p(no), nothing else: compared from the
+    # same (empty) cache, so that the numbers are computed alike.
     q, good, _ = FACTS[0]
     t_yes, t_no = (gemma.tokenize(w, add_special=False)[0] for w in (" true", " false"))
+    gemma.clear_cache()
     direct = gemma.generate(template.format(prompt=q, response=good), max_tokens=0, score_tokens=[t_yes, t_no],
                             cache_prompt=False).score_logprobs
-    assert right[0] == pytest.approx(direct[0] - direct[1], abs=1e-3)
-    assert flipped.score([qa.Candidate(q, good)])[0] == pytest.approx(-right[0], abs=1e-4)
+    gemma.clear_cache()
+    one = judge.score([qa.Candidate(q, good)])[0]
+    gemma.clear_cache()
+    assert one == pytest.approx(direct[0] - direct[1], abs=1e-6)
+    assert flipped.score([qa.Candidate(q, good)])[0] == pytest.approx(-one, abs=1e-6)
     # A 270M base model is a weak judge: 6 of these 8 facts go the right way.
     assert sum(r > w for r, w in zip(right, wrong)) >= 6
     with pytest.raises(ValueError, match="one token"):
