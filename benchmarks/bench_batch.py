@@ -16,7 +16,6 @@ on the machine; ratios are taken within the run.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import slot_cpp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_slot import load_questions  # noqa: E402
+from bench_slot import load_questions, save_report  # noqa: E402
 
 FEWSHOT_PREFIX = "Answer the question with a short worked solution.\n\n"
 
@@ -111,13 +110,7 @@ def main() -> int:
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
-    report = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_batch.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    (out / "bench_batch.md").write_text(text)
-    print(text)
+    save_report(args.out, "bench_batch", run(args), markdown)
     return 0
 
 

@@ -15,7 +15,6 @@ Writes benchmarks/results/bench_qalign.json and .md. Not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -28,7 +27,7 @@ from slot_cpp import gsm8k
 from slot_cpp import qalign as qa
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_slot import load_questions  # noqa: E402
+from bench_slot import load_questions, save_report  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -110,13 +109,7 @@ def main() -> int:
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
-    report = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_qalign.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    (out / "bench_qalign.md").write_text(text)
-    print(text)
+    save_report(args.out, "bench_qalign", run(args), markdown)
     return 0
 
 

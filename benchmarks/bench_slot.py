@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import slot_cpp
 
@@ -43,6 +44,16 @@ def load_questions(path: str | None, count: int) -> list[str]:
     while len(questions) < count:
         questions.append(FALLBACK_QUESTIONS[len(questions) % len(FALLBACK_QUESTIONS)])
     return questions
+
+
+def save_report(out_dir: str, name: str, report: dict, markdown: Callable[[dict], str]) -> None:
+    """Writes NAME.json and NAME.md under out_dir and prints the Markdown."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    (out / f"{name}.md").write_text(text)
+    print(text)
 
 
 def torch_reference(path: str, prompt_ids: list[list[int]], args: argparse.Namespace) -> list[dict]:
@@ -174,12 +185,7 @@ def main() -> int:
                    help="also time the published prompt stage in PyTorch/transformers")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
-    report = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_slot.json").write_text(json.dumps(report, indent=2))
-    (out / "bench_slot.md").write_text(markdown(report))
-    print(markdown(report))
+    save_report(args.out, "bench_slot", run(args), markdown)
     return 0
 
 

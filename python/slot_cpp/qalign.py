@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -95,7 +95,7 @@ class CallableReward(Reward):
         if not callable(fn):
             raise TypeError("the reward must be callable: fn(prompt, response) -> float")
         self.fn = fn
-        self.name = name or getattr(fn, "__name__", "reward")
+        self.name = name or str(getattr(fn, "__name__", "reward"))
 
     def score(self, candidates: Sequence[Candidate]) -> list[float]:
         return [float(self.fn(c.prompt, c.response)) for c in candidates]
@@ -388,11 +388,11 @@ def qalign(
 
     def text_of(tokens: list[int]) -> str:
         text = model.detokenize(tokens)
-        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        cut = min((text.find(marker) for marker in stops if marker in text), default=-1)
         return text[:cut] if cut >= 0 else text
 
-    proposal = dict(temperature=1.0, top_k=top_k, top_p=1.0, min_p=0.0, repeat_penalty=1.0, stop=list(stop),
-                    delta=delta)
+    proposal: dict[str, Any] = dict(temperature=1.0, top_k=top_k, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+                                    stop=list(stop), delta=delta)
 
     def draw(prefixes: list[list[int]], budgets: list[int]) -> list[GenerationResult]:
         seeds = [int(s) for s in rng.integers(0, 2**62, size=len(prefixes))]
@@ -438,27 +438,27 @@ def qalign(
         # Drop each step's losing branch from the cache, from its first token
         # that the chain's state does not share, so that the state's cells
         # stay for the next proposals to fork.
-        for lost, kept in dead:
-            k = next((j for j, (a, b) in enumerate(zip(lost, kept)) if a != b), None)
-            if k is None and len(lost) > len(kept):
-                k = len(kept)
+        for lost, survivor in dead:
+            k = next((j for j, (a, b) in enumerate(zip(lost, survivor)) if a != b), None)
+            if k is None and len(lost) > len(survivor):
+                k = len(survivor)
             if k is not None:
                 model.drop_cached(x + lost[:k + 1])
         if on_step is not None:
             on_step(step, accepted / (step * chains), float(np.mean([h[-1].reward for h in history])))
 
-    kept = [s for h in history for s in h[burn_in:]]
+    kept: list[ChainState] = [state for h in history for state in h[burn_in:]]
     votes: dict[str, float] = {}
     chosen: Optional[str] = None
     chosen_state: Optional[ChainState] = None
     if answer == "vote":
-        counts = Counter(a for a in (extract(s.text) for s in kept) if a is not None)
+        counts = Counter(a for a in (extract(state.text) for state in kept) if a is not None)
         votes = {k: float(v) for k, v in counts.items()}
         if counts:
             chosen = max(counts, key=lambda k: (counts[k], -_first_index(kept, extract, k)))
-            chosen_state = next(s for s in kept if extract(s.text) == chosen)
+            chosen_state = next(state for state in kept if extract(state.text) == chosen)
     else:
-        chosen_state = mbr_choice([s.text for s in kept], kept)
+        chosen_state = mbr_choice([state.text for state in kept], kept)
         chosen = chosen_state.text if chosen_state is not None else None
     return QAlignResult(
         chains=history, answer=chosen, answer_state=chosen_state,
@@ -508,7 +508,7 @@ class BaselineResult:
 
 
 def _samples(model: Model, prompt: Prompt, n: int, max_tokens: int, seed: int, top_k: int,
-             stop: Sequence[str], delta: Optional[np.ndarray], **kwargs: object) -> list[GenerationResult]:
+             stop: Sequence[str], delta: Optional[np.ndarray], **kwargs: Any) -> list[GenerationResult]:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     return model.generate_batch([prompt], n=n, max_tokens=max_tokens, seed=seed, temperature=1.0, top_k=top_k,
@@ -517,7 +517,7 @@ def _samples(model: Model, prompt: Prompt, n: int, max_tokens: int, seed: int, t
 
 def best_of_n(model: Model, prompt: Prompt, *, reward: RewardLike, n: int = 16, max_tokens: int = 256,
               seed: int = 0, top_k: int = 0, stop: Sequence[str] = (), delta: Optional[np.ndarray] = None,
-              extract: Optional[Extractor] = None, **kwargs: object) -> BaselineResult:
+              extract: Optional[Extractor] = None, **kwargs: Any) -> BaselineResult:
     """n samples at temperature 1; the answer of the one with the highest reward."""
     rew, extract = as_reward(reward), extract or gsm8k.extract_answer
     samples = _samples(model, prompt, n, max_tokens, seed, top_k, stop, delta, **kwargs)
@@ -529,7 +529,7 @@ def best_of_n(model: Model, prompt: Prompt, *, reward: RewardLike, n: int = 16, 
 
 def majority_vote(model: Model, prompt: Prompt, *, n: int = 16, max_tokens: int = 256, seed: int = 0,
                   top_k: int = 0, stop: Sequence[str] = (), delta: Optional[np.ndarray] = None,
-                  extract: Optional[Extractor] = None, **kwargs: object) -> BaselineResult:
+                  extract: Optional[Extractor] = None, **kwargs: Any) -> BaselineResult:
     """n samples at temperature 1; the most frequent extracted answer."""
     extract = extract or gsm8k.extract_answer
     samples = _samples(model, prompt, n, max_tokens, seed, top_k, stop, delta, **kwargs)
@@ -543,7 +543,7 @@ def majority_vote(model: Model, prompt: Prompt, *, n: int = 16, max_tokens: int 
 def weighted_majority_vote(model: Model, prompt: Prompt, *, reward: RewardLike, n: int = 16,
                            max_tokens: int = 256, seed: int = 0, top_k: int = 0, stop: Sequence[str] = (),
                            delta: Optional[np.ndarray] = None, extract: Optional[Extractor] = None,
-                           **kwargs: object) -> BaselineResult:
+                           **kwargs: Any) -> BaselineResult:
     """n samples; each answer's mass is the sum of softmax(rewards) over the samples giving it."""
     rew, extract = as_reward(reward), extract or gsm8k.extract_answer
     samples = _samples(model, prompt, n, max_tokens, seed, top_k, stop, delta, **kwargs)
