@@ -300,7 +300,8 @@ private:
         return true;
     }
 
-    void prepare(RequestState& st, const GenerationRequest& req, std::vector<float> delta, const char* status) {
+    // Records the request's delta and builds its logit stages (SLOT's bias).
+    void prepare(RequestState& st, std::vector<float> delta, const char* status) {
         GenerationResult& info = st.slot;
         if (!delta.empty()) info.delta = std::move(delta);
         if (info.slot_status.empty()) info.slot_status = status;
@@ -311,7 +312,6 @@ private:
             st.stages.push_back(std::make_shared<BiasStage>(std::move(bias)));
         }
         st.prepared = true;
-        (void)req;
     }
 
     void start_group(int gi) {
@@ -345,18 +345,18 @@ private:
             st.slot.slot_path = outcome.path;
             st.slot.slot_cache_bytes = outcome.cache_bytes;
             st.slot.slot_profile = outcome.profile;
-            prepare(st, req, std::move(outcome.delta), "");
+            prepare(st, std::move(outcome.delta), "");
             st.slot.optimise_seconds = seconds_since(t0);
         } else {
             if (!st.prepared) {
                 const auto t1 = Clock::now();
                 if (learn) {
-                    prepare(st, req, std::vector<float>(static_cast<size_t>(e_.n_embd()), 0.0f),
+                    prepare(st, std::vector<float>(static_cast<size_t>(e_.n_embd()), 0.0f),
                             "no loss positions (the prompt has one token)");
                 } else if (!req.delta.empty()) {
-                    prepare(st, req, req.delta, "given delta");
+                    prepare(st, req.delta, "given delta");
                 } else {
-                    prepare(st, req, {}, "no steps requested");
+                    prepare(st, {}, "no steps requested");
                 }
                 if (learn || !req.delta.empty()) st.slot.optimise_seconds = seconds_since(t1);
                 t0 = Clock::now();
@@ -401,12 +401,8 @@ private:
         std::vector<float> hidden, scores;
         if (req.return_hidden) hidden.assign(e_.last_hidden(), e_.last_hidden() + e_.n_embd());
         if (!req.score_tokens.empty()) {
-            const int64_t V = e_.n_vocab();
-            std::copy(first_logits, first_logits + V, scratch_.begin());
-            StageInput in;
-            in.n_vocab = V;
-            for (const auto& stage : st.stages) stage->apply(in, scratch_.data());
-            for (int32_t t : req.score_tokens) scores.push_back(token_logprob(scratch_.data(), V, t, 0).logprob);
+            const float* z = staged(st, first_logits);
+            for (int32_t t : req.score_tokens) scores.push_back(token_logprob(z, e_.n_vocab(), t, 0).logprob);
         }
         std::vector<size_t> started;
         for (int j = 0; j < g.count; ++j) {
@@ -456,20 +452,25 @@ private:
                      lanes_.end());
     }
 
+    // The logits after the request's stages: `logits` itself when it has
+    // none, else the scratch buffer (valid until the next call).
+    const float* staged(const RequestState& st, const float* logits) {
+        if (st.stages.empty()) return logits;
+        const int64_t V = e_.n_vocab();
+        std::copy(logits, logits + V, scratch_.begin());
+        StageInput in;
+        in.n_vocab = V;
+        for (const auto& stage : st.stages) stage->apply(in, scratch_.data());
+        return scratch_.data();
+    }
+
     void advance(Lane& lane, const float* logits) {
         const Group& g = groups_[static_cast<size_t>(lane.group)];
         const GenerationRequest& req = reqs_[static_cast<size_t>(g.request)];
         const RequestState& st = states_[static_cast<size_t>(g.request)];
         GenerationResult& res = results_[static_cast<size_t>(lane.result)];
         const int64_t V = e_.n_vocab();
-        const float* z = logits;
-        if (!st.stages.empty()) {
-            std::copy(logits, logits + V, scratch_.begin());
-            StageInput in;
-            in.n_vocab = V;
-            for (const auto& stage : st.stages) stage->apply(in, scratch_.data());
-            z = scratch_.data();
-        }
+        const float* z = staged(st, logits);
         const int32_t tok = lane.sampler->sample(z, nullptr, lane.history);
         if (!req.ignore_eos && e_.is_eog(tok)) return finish(lane, "eos");
         if (req.logprobs || req.top_logprobs > 0) {
