@@ -168,3 +168,25 @@ def test_qalign_command_and_reward_head(gemma_path, tmp_path):
     assert "qalign [" in proc.stderr and "accept" in proc.stderr  # the progress line
     bad = _run("qalign", "hi", "--model", str(gemma_path), "--reward", "telepathy")
     assert bad.returncode == 2 and "--reward must be" in bad.stderr
+
+
+def test_eval_gsm8k_methods_at_one_budget(gemma_path, tmp_path):
+    out = tmp_path / "methods.jsonl"
+    args = ["eval", "gsm8k", "--data", str(DATA), "--model", str(gemma_path), "--limit", "2", "--method",
+            "greedy,mv,bon,wmv,qalign", "--budget", "64", "--max-tokens", "32", "--reward", "contains:####",
+            "--output", str(out)]
+    proc = _run(*args)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted((r["index"], r["setting"]) for r in records) == sorted(
+        (i, s) for i in range(2) for s in ("greedy", "mv@64", "bon@64", "wmv@64", "qalign@64"))
+    for r in records:
+        if r["method"] in ("mv", "bon", "wmv"):
+            assert r["generated_tokens"] <= 64  # two samples of at most 32 tokens
+        if r["method"] == "qalign":
+            assert 64 <= r["generated_tokens"] < 64 + 32 + 1  # stops at the step that reaches the budget
+    assert "| qalign@64 | 2 |" in proc.stdout and "McNemar" in proc.stdout
+    again = _run(*args)
+    assert "resuming: 10 records" in again.stderr and len(out.read_text().splitlines()) == 10
+    bad = _run("eval", "gsm8k", "--data", str(DATA), "--model", str(gemma_path), "--method", "bon")
+    assert bad.returncode == 2 and "--budget" in bad.stderr

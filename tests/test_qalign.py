@@ -293,3 +293,12 @@ def test_trained_reward_head_beats_chance_on_held_out_answers(gemma):
     # 0.5 is chance (measured 0.83).
     auc = float(np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg]))
     assert auc > 0.7, auc
+
+
+def test_budget_stops_the_chain_at_equal_compute(model):
+    r = qa.qalign(model, PROMPT, reward=crc_reward, steps=1000, max_tokens=8, seed=6, budget=40)
+    before_last = r.generated_tokens - (r.chain[-1].length if r.chain[-1].accepted else 0)
+    assert r.generated_tokens >= 40 and len(r.chain) < 1000
+    assert before_last < 40 + 8  # it stopped at the first step that reached the budget
+    with pytest.raises(ValueError, match="budget"):
+        qa.qalign(model, PROMPT, reward=crc_reward, budget=0)

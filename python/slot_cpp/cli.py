@@ -215,6 +215,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- eval
+METHODS = ("greedy", "mv", "bon", "wmv", "qalign")
+
+
+def _methods(args: argparse.Namespace) -> list[str]:
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise UsageError(f"unknown --method {m!r}; choose from {', '.join(METHODS)}")
+    if not methods:
+        raise UsageError("no --method given")
+    if any(m != "greedy" for m in methods):
+        if args.metric != "accuracy":
+            raise UsageError("--method other than greedy needs --metric accuracy")
+        if args.budget is None or args.budget < args.max_tokens:
+            raise UsageError("sampling methods need --budget (generated tokens per problem, >= --max-tokens)")
+        if any(m in ("bon", "wmv", "qalign") for m in methods) and args.reward is None:
+            raise UsageError("bon, wmv and qalign need --reward")
+    return methods
+
+
 def _eval_settings(args: argparse.Namespace) -> list[tuple[int, float]]:
     settings = []
     for steps in args.steps:
@@ -231,6 +251,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     problems = gsm8k.load_problems(args.data, args.limit)
     if not problems:
         raise UsageError(f"{args.data} has no problems")
+    methods = _methods(args)
+    if methods != ["greedy"]:
+        return _eval_methods(args, problems, methods)
     settings = _eval_settings(args)
     names = [gsm8k.setting_name(s, lr) for s, lr in settings]
     out_path = Path(args.output) if args.output else Path(f"gsm8k-{args.metric}.jsonl")
@@ -270,6 +293,57 @@ def _eval_prompt(args: argparse.Namespace, question: str) -> tuple[Prompt, list[
     if args.format == "chat":
         return gsm8k.chat_messages(question), gsm8k.CHAT_STOP
     return gsm8k.fewshot_prompt(question), gsm8k.FEWSHOT_STOP
+
+
+def _eval_methods(args: argparse.Namespace, problems: list[gsm8k.Problem], methods: list[str]) -> int:
+    """Test-time methods at one budget of generated tokens per problem."""
+    from . import qalign as qa
+
+    names = [f"{m}@{args.budget}" if m != "greedy" else "greedy" for m in methods]
+    out_path = Path(args.output) if args.output else Path("gsm8k-methods.jsonl")
+    done = {(r["index"], r["setting"]) for r in gsm8k.read_records(out_path) if r.get("metric") == "accuracy"}
+    todo = [(p, m, n) for p in problems for m, n in zip(methods, names) if (p.index, n) not in done]
+    if done:
+        print(f"resuming: {len(done)} records already in {out_path}, {len(todo)} to go", file=sys.stderr)
+    samples = max(1, args.budget // args.max_tokens)
+    with _open_model(args) as model:
+        reward = _reward(args, model) if args.reward else None
+        progress = Progress(len(todo), "gsm8k methods")
+        with out_path.open("a", encoding="utf-8") as out:
+            for problem, method, name in todo:
+                prompt, stop = _eval_prompt(args, problem.question)
+                stop = stop + list(args.stop)
+                start = time.monotonic()
+                common: dict[str, Any] = dict(max_tokens=args.max_tokens, seed=args.seed + problem.index, stop=stop)
+                if method == "greedy":
+                    r = model.generate(prompt, chat_template=args.chat_template, **common)
+                    prediction, tokens, text = gsm8k.extract_answer(r.text), r.generated_tokens, r.text
+                elif method == "qalign":
+                    q = qa.qalign(model, prompt, reward=reward, beta=args.beta, steps=10**6, budget=args.budget,
+                                  chat_template=args.chat_template, **common)
+                    prediction, tokens = q.answer, q.generated_tokens
+                    text = q.answer_state.text if q.answer_state is not None else ""
+                else:
+                    fn = {"mv": qa.majority_vote, "bon": qa.best_of_n, "wmv": qa.weighted_majority_vote}[method]
+                    kwargs: dict[str, Any] = dict(n=samples, chat_template=args.chat_template, **common)
+                    if method != "mv":
+                        kwargs["reward"] = reward
+                    b = fn(model, prompt, **kwargs)
+                    prediction, tokens, text = b.answer, b.generated_tokens, b.samples[0].text
+                record = {"metric": "accuracy", "index": problem.index, "setting": name, "method": method,
+                          "budget": args.budget, "question": problem.question, "reference": problem.reference,
+                          "completion": text, "prediction": prediction,
+                          "correct": gsm8k.is_correct(prediction, problem.reference), "losses": [],
+                          "generated_tokens": tokens, "seconds": time.monotonic() - start}
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                progress.advance(f"{name}: {'right' if record['correct'] else 'wrong'}")
+        progress.close()
+    records = [r for r in gsm8k.read_records(out_path) if r.get("metric") == "accuracy"]
+    indices = {p.index for p in problems}
+    rows = gsm8k.summarise([r for r in records if r["index"] in indices], names, "accuracy")
+    _print_summary(rows, "accuracy", out_path)
+    return 0
 
 
 def _record_base(args: argparse.Namespace, problem: gsm8k.Problem, steps: int, lr: float) -> dict:
@@ -445,6 +519,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", "-o", default=None, help="JSONL of per-problem records (resumed if present)")
     g.add_argument("--parallel", type=int, default=1,
                    help="problems decoded together (accuracy metric); records are written per batch")
+    g.add_argument("--method", default="greedy",
+                   help="comma-separated: greedy (with --steps/--lr), mv (majority vote), bon (best-of-n), "
+                        "wmv (weighted majority vote), qalign; the sampling methods share --budget")
+    g.add_argument("--budget", type=int, default=None, help="generated tokens per problem for sampling methods")
+    g.add_argument("--reward", default=None, help="for bon, wmv, qalign: judge, head:FILE.npz or contains:TEXT")
+    g.add_argument("--beta", type=float, default=1.0, help="QAlign's beta")
+    g.add_argument("--judge-model", default=None)
+    g.add_argument("--judge-template", default=None)
+    g.add_argument("--judge-yes", default=" yes")
+    g.add_argument("--judge-no", default=" no")
     _add_model_options(g)
     _add_sampling_options(g, slot_lists=True)
     g.set_defaults(func=cmd_eval)

@@ -349,6 +349,7 @@ def qalign(
     system: Optional[str] = None,
     prompt_token_ids: Optional[Sequence[int]] = None,
     on_step: Optional[Callable[[int, float, float], None]] = None,
+    budget: Optional[int] = None,
 ) -> QAlignResult:
     """Run ``chains`` QAlign chains of ``steps`` steps on one prompt, side by
     side (one batched decode per step for all chains).
@@ -357,6 +358,9 @@ def qalign(
     final number) over the states after ``burn_in``; ``answer="mbr"`` the state
     with the highest mean ROUGE-1 F1 to the others. ``on_step(step,
     accept_rate, mean_reward)`` is called after every step (progress bars).
+    With ``budget``, the chains stop after the step at which the tokens
+    sampled so far reach it (``steps`` stays an upper bound), for comparisons
+    with other methods at equal compute.
     """
     if not isinstance(model, Model):
         raise TypeError("model must be a slot_cpp.Model")
@@ -369,6 +373,8 @@ def qalign(
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if burn_in > steps:
         raise ValueError("burn_in must be <= steps")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
     if answer not in ("vote", "mbr"):
         raise ValueError("answer must be 'vote' or 'mbr'")
     if 2 * chains > model.n_parallel:
@@ -413,7 +419,11 @@ def qalign(
     for c, r in enumerate(first):
         history[c].append(ChainState(0, list(r.tokens), texts[c], rewards[c], True, _terminal(r)))
     accepted = 0
+    steps_run = 0
     for step in range(1, steps + 1):
+        if budget is not None and generated >= budget:
+            break
+        steps_run = step
         current = [h[-1] for h in history]
         cut = [int(rng.integers(0, s.length)) for s in current]
         results = draw([s.tokens[:i] for s, i in zip(current, cut)], [max_tokens - i for i in cut])
@@ -446,6 +456,7 @@ def qalign(
                 model.drop_cached(x + lost[:k + 1])
         if on_step is not None:
             on_step(step, accepted / (step * chains), float(np.mean([h[-1].reward for h in history])))
+    burn_in = min(burn_in, steps_run)
 
     kept: list[ChainState] = [state for h in history for state in h[burn_in:]]
     votes: dict[str, float] = {}
@@ -462,7 +473,7 @@ def qalign(
         chosen = chosen_state.text if chosen_state is not None else None
     return QAlignResult(
         chains=history, answer=chosen, answer_state=chosen_state,
-        accept_rate=accepted / (steps * chains), generated_tokens=generated,
+        accept_rate=accepted / max(1, steps_run * chains), generated_tokens=generated,
         decoded_tokens=model.decoded_tokens - decoded_before, reward_calls=reward_calls, votes=votes,
     )
 
