@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> dict:
                     tokens_per_step=(result.generated_tokens - result.chain[0].length) / args.steps,
                     # less the prompt (its last token evaluated on its own) and y0
                     evaluated_per_step=(result.decoded_tokens - (len(x) - 1) - result.chain[0].length) / args.steps,
+                    reward_tokens_per_step=(result.reward_tokens - 1) / args.steps,
                     mean_response_tokens=float(np.mean(suffixes))),
         ratios=dict(step_vs_regenerate_and_rescore=ratio),
     )
@@ -83,12 +84,13 @@ def markdown(report: dict) -> str:
         f"{report['machine']}; prompt {report['prompt_tokens']} tokens, responses of {report['max_tokens']} tokens; "
         "reward: a linear head on the policy's hidden state",
         "",
-        "| run | mean seconds | tokens sampled | tokens evaluated |",
+        "| run | mean seconds | tokens sampled | tokens evaluated (sampling + reward) |",
         "| --- | ---: | ---: | ---: |",
         f"| regenerate + rescore (x{b['rounds']}) | {b['mean_s']:.3f} | {b['mean_tokens']:.0f} | "
         f"{b['evaluated']:.0f} |",
         f"| QAlign step (x{q['steps']}) | {q['mean_step_s']:.3f} | {q['tokens_per_step']:.1f} | "
-        f"{q['evaluated_per_step']:.1f} |",
+        f"{q['evaluated_per_step'] + q['reward_tokens_per_step']:.1f} ({q['evaluated_per_step']:.1f} + "
+        f"{q['reward_tokens_per_step']:.1f}) |",
         "",
         "| ratio | value |",
         "| --- | ---: |",

@@ -302,3 +302,15 @@ def test_budget_stops_the_chain_at_equal_compute(model):
     assert before_last < 40 + 8  # it stopped at the first step that reached the budget
     with pytest.raises(ValueError, match="budget"):
         qa.qalign(model, PROMPT, reward=crc_reward, budget=0)
+
+
+def test_reward_tokens_are_counted_apart_from_the_chain(model):
+    x = model.tokenize(PROMPT)
+    head = qa.LinearReward(model, np.random.default_rng(1).normal(size=model.n_embd), 0.0)
+    model.clear_cache()
+    r = qa.qalign(model, PROMPT, reward=head, steps=30, max_tokens=10, seed=8, top_k=20)
+    # Each proposal is scored from the cells its sampling left: one token.
+    assert r.reward_tokens == r.reward_calls == 31
+    assert r.decoded_tokens == len(x) - 1 + r.generated_tokens
+    plain = qa.qalign(model, PROMPT, reward=crc_reward, steps=5, max_tokens=10, seed=8)
+    assert plain.reward_tokens == 0

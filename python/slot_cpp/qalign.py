@@ -82,6 +82,8 @@ class Reward:
     """Scores a batch of candidates; higher is better."""
 
     name: str = "reward"
+    model: Optional[Model] = None
+    """The model the reward evaluates with, if any (its tokens are counted)."""
 
     def score(self, candidates: Sequence[Candidate]) -> list[float]:
         raise NotImplementedError
@@ -122,6 +124,7 @@ class JudgeReward(Reward):
         if "{response}" not in template:
             raise ValueError("the judge template needs a {response} field")
         self.judge, self.template, self.name = judge, template, name
+        self.model = judge
         self.chat = judge.info.has_chat_template or chat_template is not None if chat is None else bool(chat)
         self.chat_template = chat_template
         ids = []
@@ -286,7 +289,10 @@ class QAlignResult:
     generated_tokens: int
     """Tokens sampled by the proposal (the compute of the method)."""
     decoded_tokens: int
-    """Tokens the engine evaluated (prompt, forks' re-evaluated token, suffixes)."""
+    """Tokens the policy's engine evaluated for the chain (prompt, forks'
+    re-evaluated token, suffixes), the reward's excluded."""
+    reward_tokens: int
+    """Tokens the reward's model evaluated (0 for a Python reward)."""
     reward_calls: int
     votes: dict[str, float] = field(default_factory=dict)
 
@@ -307,7 +313,16 @@ def _candidates(model: Model, prompt: Prompt, samples: Sequence[GenerationResult
     return [Candidate(text, s.text, tuple(x), tuple(s.tokens), model) for s in samples]
 
 
-def _score(reward: Reward, candidates: Sequence[Candidate], chains: list[list[ChainState]]) -> list[float]:
+class _TokenMeter:
+    """Tokens a reward's model evaluates while scoring."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+
+def _score(reward: Reward, candidates: Sequence[Candidate], chains: list[list[ChainState]],
+           meter: Optional[_TokenMeter] = None) -> list[float]:
+    before = reward.model.decoded_tokens if reward.model is not None else 0
     try:
         values = reward.score(list(candidates))
     except Exception as exc:
@@ -320,6 +335,8 @@ def _score(reward: Reward, candidates: Sequence[Candidate], chains: list[list[Ch
         if not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(float(v)):
             raise RewardError(f"reward {reward.name!r} returned a non-finite or non-numeric score: {v!r}",
                               chains)
+    if meter is not None and reward.model is not None:
+        meter.tokens += reward.model.decoded_tokens - before
     return [float(v) for v in values]
 
 
@@ -406,6 +423,7 @@ def qalign(
                                     seed=seeds, **proposal)
 
     decoded_before = model.decoded_tokens
+    meter = _TokenMeter()
     first = draw([[] for _ in range(chains)], [max_tokens] * chains)
     texts = [text_of(list(r.tokens)) for r in first]
     history: list[list[ChainState]] = [[] for _ in range(chains)]
@@ -413,7 +431,7 @@ def qalign(
     def candidates(responses: list[list[int]], response_texts: list[str]) -> list[Candidate]:
         return [Candidate(prompt_text, t, tuple(x), tuple(toks), model) for toks, t in zip(responses, response_texts)]
 
-    rewards = _score(rew, candidates([list(r.tokens) for r in first], texts), history)
+    rewards = _score(rew, candidates([list(r.tokens) for r in first], texts), history, meter)
     reward_calls = chains
     generated = sum(r.generated_tokens + (1 if _terminal(r) else 0) for r in first)
     for c, r in enumerate(first):
@@ -429,7 +447,7 @@ def qalign(
         results = draw([s.tokens[:i] for s, i in zip(current, cut)], [max_tokens - i for i in cut])
         proposals = [s.tokens[:i] + list(r.tokens) for s, i, r in zip(current, cut, results)]
         texts = [text_of(t) for t in proposals]
-        new_rewards = _score(rew, candidates(proposals, texts), history)
+        new_rewards = _score(rew, candidates(proposals, texts), history, meter)
         reward_calls += chains
         u = rng.random(chains)
         dead: list[tuple[list[int], list[int]]] = []
@@ -474,7 +492,8 @@ def qalign(
     return QAlignResult(
         chains=history, answer=chosen, answer_state=chosen_state,
         accept_rate=accepted / max(1, steps_run * chains), generated_tokens=generated,
-        decoded_tokens=model.decoded_tokens - decoded_before, reward_calls=reward_calls, votes=votes,
+        decoded_tokens=model.decoded_tokens - decoded_before - (meter.tokens if rew.model is model else 0),
+        reward_tokens=meter.tokens, reward_calls=reward_calls, votes=votes,
     )
 
 
