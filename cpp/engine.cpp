@@ -210,7 +210,6 @@ int Engine::decode_checked(llama_batch& batch, const InterruptCheck& interrupted
     const int32_t rc = llama_decode(ctx_.get(), batch);
     active_check_ = nullptr;
     if (rc == 0) {
-        ++decode_calls_;
         decoded_tokens_ += batch.n_tokens;
         return 0;
     }
@@ -220,6 +219,16 @@ int Engine::decode_checked(llama_batch& batch, const InterruptCheck& interrupted
     clear_all();
     if (rc == 2) throw Interrupted();
     throw Error(with_log_detail(std::string(what) + ": llama_decode failed with code " + std::to_string(rc)));
+}
+
+void Engine::decode_with_room(llama_batch& batch, const MakeRoom& make_room, const InterruptCheck& interrupted,
+                              const char* what) {
+    while (decode_checked(batch, interrupted, what) == 1) {
+        if (!make_room || !make_room()) {
+            throw ContextLengthError(with_log_detail("no room in the KV cache (n_ctx=" + std::to_string(n_ctx()) +
+                                                     ") for " + what));
+        }
+    }
 }
 
 void Engine::set_embeddings(bool on) {
@@ -266,6 +275,7 @@ void Engine::clear_all() {
     llama_memory_clear(llama_get_memory(ctx_.get()), true);
     for (auto& t : seq_tokens_) t.clear();
     last_logits_ = nullptr;
+    last_hidden_ = nullptr;
     output_rows_.clear();
 }
 
@@ -301,12 +311,7 @@ void Engine::append(int seq, const std::vector<int32_t>& tokens, Outputs outputs
             batch.seq_id[i][0] = seq;
             batch.logits[i] = (all_positions || (outputs == Outputs::Last && start + i == n - 1)) ? 1 : 0;
         }
-        while (decode_checked(batch, interrupted, "prefill") == 1) {
-            if (!make_room || !make_room()) {
-                throw ContextLengthError(with_log_detail("no room in the KV cache (n_ctx=" + std::to_string(n_ctx()) +
-                                                         ") for the prompt"));
-            }
-        }
+        decode_with_room(batch, make_room, interrupted, "the prompt");
         held.insert(held.end(), tokens.begin() + start, tokens.begin() + start + count);
         if (all_positions && sink) {
             const float* logits = llama_get_logits(ctx_.get());
@@ -366,12 +371,7 @@ void Engine::decode(const std::vector<BatchToken>& tokens, const MakeRoom& make_
         batch.seq_id[i][0] = t.seq;
         batch.logits[i] = t.logits ? 1 : 0;
     }
-    while (decode_checked(batch, interrupted, "decode") == 1) {
-        if (!make_room || !make_room()) {
-            throw ContextLengthError(with_log_detail("no room in the KV cache (n_ctx=" + std::to_string(n_ctx()) +
-                                                     ") for the next tokens"));
-        }
-    }
+    decode_with_room(batch, make_room, interrupted, "the next tokens");
     for (size_t i = 0; i < tokens.size(); ++i) {
         seq_tokens_[static_cast<size_t>(tokens[i].seq)].push_back(tokens[i].token);
         if (tokens[i].logits) output_rows_.push_back(static_cast<int>(i));

@@ -122,8 +122,7 @@ public:
     void decode(const std::vector<BatchToken>& tokens, const MakeRoom& make_room,
                 const InterruptCheck& interrupted);
     const float* logits_row(int i) const;
-    // Decode calls and tokens evaluated since the engine was created.
-    int64_t decode_calls() const { return decode_calls_; }
+    // Tokens evaluated since the engine was created.
     int64_t decoded_tokens() const { return decoded_tokens_; }
 
     // Plain llama.cpp greedy decoding on a fresh context with its stock greedy
@@ -140,6 +139,10 @@ public:
 private:
     // 0 on success, 1 when the KV cache has no room (nothing changed); throws otherwise.
     int decode_checked(llama_batch& batch, const InterruptCheck& interrupted, const char* what);
+    // decode_checked, asking make_room for cells until the batch fits;
+    // ContextLengthError when nothing is left to free.
+    void decode_with_room(llama_batch& batch, const MakeRoom& make_room, const InterruptCheck& interrupted,
+                          const char* what);
     void set_embeddings(bool on);
     static bool abort_trampoline(void* data);
 
@@ -157,7 +160,6 @@ private:
     const InterruptCheck* active_check_ = nullptr;
     std::vector<std::vector<int32_t>> seq_tokens_;
     std::vector<int> output_rows_;  // batch index of each output row of the last decode()
-    int64_t decode_calls_ = 0;
     int64_t decoded_tokens_ = 0;
 };
 

@@ -188,6 +188,7 @@ public:
             st.context = req.prompt;
             st.context.insert(st.context.end(), req.response_prefix.begin(), req.response_prefix.end());
             st.result_base = total;
+            for (const auto& stop : req.stop) st.max_stop = std::max(st.max_stop, stop.size());
             for (int first = 0; first < req.n; first += n_par) {
                 groups_.push_back({static_cast<int>(r), first, std::min(n_par, req.n - first), 0, 0});
                 groups_.back().reserve = cells_needed(req, groups_.back().count);
@@ -200,13 +201,8 @@ public:
         pinned_.assign(live_.size(), 0);
         for (size_t r = 0; r < reqs_.size(); ++r) {
             if (!reqs_[r].cache_prompt) continue;
-            int best = -1;
-            size_t best_len = 0;
-            for (int s = 0; s < e_.n_parallel(); ++s) {
-                const size_t l = common_prefix(e_.seq_tokens(s), states_[r].context);
-                if (l > best_len) { best_len = l; best = s; }
-            }
-            if (best >= 0) pinned_[static_cast<size_t>(best)] = 1;
+            const int source = best_source(states_[r].context).first;
+            if (source >= 0) pinned_[static_cast<size_t>(source)] = 1;
         }
         try {
             size_t next = 0;
@@ -234,6 +230,7 @@ private:
     struct RequestState {
         std::vector<int32_t> context;  // prompt + response prefix
         int result_base = 0;
+        size_t max_stop = 0;           // the longest stop string
         bool prepared = false;         // delta known, stages built
         StageList stages;
         GenerationResult slot;         // what SLOT did (delta, losses, timings), copied to each result
@@ -257,6 +254,17 @@ private:
         bool done = false;
         Clock::time_point started;
     };
+
+    // The sequence holding the longest prefix of `context`, and its length
+    // ((-1, 0) when none shares a token).
+    std::pair<int, size_t> best_source(const std::vector<int32_t>& context) const {
+        std::pair<int, size_t> best(-1, 0);
+        for (int s = 0; s < e_.n_parallel(); ++s) {
+            const size_t l = common_prefix(e_.seq_tokens(s), context);
+            if (l > best.second) best = {s, l};
+        }
+        return best;
+    }
 
     bool can_admit(const Group& g) const {
         int free = 0;
@@ -361,14 +369,7 @@ private:
                 if (learn || !req.delta.empty()) st.slot.optimise_seconds = seconds_since(t1);
                 t0 = Clock::now();
             }
-            int source = -1;
-            size_t best = 0;
-            if (req.cache_prompt) {
-                for (int s = 0; s < e_.n_parallel(); ++s) {
-                    const size_t l = common_prefix(e_.seq_tokens(s), st.context);
-                    if (l > best) { best = l; source = s; }
-                }
-            }
+            const auto [source, best] = req.cache_prompt ? best_source(st.context) : std::pair<int, size_t>(-1, 0);
             // At least the last context token is evaluated: its logits start generation.
             cached = static_cast<int>(std::min(best, st.context.size() - 1));
             if (cached > 0) {
@@ -483,8 +484,7 @@ private:
         std::string& text = res.text;
         const size_t before = text.size();
         text += e_.token_piece(tok);
-        size_t max_stop = 0;
-        for (const auto& s : req.stop) max_stop = std::max(max_stop, s.size());
+        const size_t max_stop = st.max_stop;
         size_t found = std::string::npos;
         if (max_stop > 0) {
             const size_t from = before >= max_stop ? before - max_stop + 1 : 0;

@@ -663,8 +663,6 @@ def _split_per_prompt(key: str, value: Any, count: int) -> list[Any]:
     elif key in ("stop", "response_prefix", "score_tokens"):
         nested = (isinstance(value, (list, tuple)) and len(value) > 0
                   and all(v is None or (isinstance(v, (list, tuple)) and not isinstance(v, str)) for v in value))
-        if key in ("response_prefix", "score_tokens") and value is not None and not nested:
-            return [value] * count
         if not nested:
             return [value] * count
         per = [(() if key == "stop" else None) if v is None else v for v in value]

@@ -257,10 +257,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = _eval_settings(args)
     names = [gsm8k.setting_name(s, lr) for s, lr in settings]
     out_path = Path(args.output) if args.output else Path(f"gsm8k-{args.metric}.jsonl")
-    done = {(r["index"], r["setting"]) for r in gsm8k.read_records(out_path) if r.get("metric") == args.metric}
+    done = _done_records(out_path, args.metric)
     todo = [(p, s, lr) for p in problems for (s, lr) in settings if (p.index, gsm8k.setting_name(s, lr)) not in done]
-    if done:
-        print(f"resuming: {len(done)} records already in {out_path}, {len(todo)} to go", file=sys.stderr)
+    _say_resuming(done, todo, out_path)
     if args.parallel < 1:
         raise UsageError("--parallel must be >= 1")
     # Generation decodes --parallel problems together; the NLL metric generates nothing.
@@ -282,11 +281,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     progress.advance(note)
                 out.flush()
         progress.close()
-    records = [r for r in gsm8k.read_records(out_path) if r.get("metric") == args.metric]
-    indices = {p.index for p in problems}
-    rows = gsm8k.summarise([r for r in records if r["index"] in indices], names, args.metric)
-    _print_summary(rows, args.metric, out_path)
+    _summarise_records(out_path, problems, names, args.metric)
     return 0
+
+
+def _done_records(out_path: Path, metric: str) -> set[tuple[int, str]]:
+    """(problem index, setting) of the records already written: they are not redone."""
+    return {(r["index"], r["setting"]) for r in gsm8k.read_records(out_path) if r.get("metric") == metric}
+
+
+def _say_resuming(done: set[tuple[int, str]], todo: list[Any], out_path: Path) -> None:
+    if done:
+        print(f"resuming: {len(done)} records already in {out_path}, {len(todo)} to go", file=sys.stderr)
+
+
+def _summarise_records(out_path: Path, problems: list[gsm8k.Problem], names: list[str], metric: str) -> None:
+    records = [r for r in gsm8k.read_records(out_path) if r.get("metric") == metric]
+    indices = {p.index for p in problems}
+    _print_summary(gsm8k.summarise([r for r in records if r["index"] in indices], names, metric), metric, out_path)
 
 
 def _eval_prompt(args: argparse.Namespace, question: str) -> tuple[Prompt, list[str]]:
@@ -301,10 +313,9 @@ def _eval_methods(args: argparse.Namespace, problems: list[gsm8k.Problem], metho
 
     names = [f"{m}@{args.budget}" if m != "greedy" else "greedy" for m in methods]
     out_path = Path(args.output) if args.output else Path("gsm8k-methods.jsonl")
-    done = {(r["index"], r["setting"]) for r in gsm8k.read_records(out_path) if r.get("metric") == "accuracy"}
+    done = _done_records(out_path, "accuracy")
     todo = [(p, m, n) for p in problems for m, n in zip(methods, names) if (p.index, n) not in done]
-    if done:
-        print(f"resuming: {len(done)} records already in {out_path}, {len(todo)} to go", file=sys.stderr)
+    _say_resuming(done, todo, out_path)
     samples = max(1, args.budget // args.max_tokens)
     with _open_model(args) as model:
         reward = _reward(args, model) if args.reward else None
@@ -319,6 +330,7 @@ def _eval_methods(args: argparse.Namespace, problems: list[gsm8k.Problem], metho
                     r = model.generate(prompt, chat_template=args.chat_template, **common)
                     prediction, tokens, text = gsm8k.extract_answer(r.text), r.generated_tokens, r.text
                 elif method == "qalign":
+                    assert reward is not None  # _methods requires --reward for qalign
                     q = qa.qalign(model, prompt, reward=reward, beta=args.beta, steps=10**6, budget=args.budget,
                                   chat_template=args.chat_template, **common)
                     prediction, tokens = q.answer, q.generated_tokens
@@ -339,10 +351,7 @@ def _eval_methods(args: argparse.Namespace, problems: list[gsm8k.Problem], metho
                 out.flush()
                 progress.advance(f"{name}: {'right' if record['correct'] else 'wrong'}")
         progress.close()
-    records = [r for r in gsm8k.read_records(out_path) if r.get("metric") == "accuracy"]
-    indices = {p.index for p in problems}
-    rows = gsm8k.summarise([r for r in records if r["index"] in indices], names, "accuracy")
-    _print_summary(rows, "accuracy", out_path)
+    _summarise_records(out_path, problems, names, "accuracy")
     return 0
 
 

@@ -179,23 +179,25 @@ class LinearReward(Reward):
             raise ValueError(f"the head has {w.shape} weights but the model's hidden size is {model.n_embd}")
         if fingerprint is not None and fingerprint != model_fingerprint(model):
             raise ValueError("this reward head was trained on another model (fingerprint mismatch)")
-        self.model, self.weight, self.bias, self.name = model, w, float(bias), name
+        self.head_model: Model = model  # the model whose hidden states the head reads
+        self.model = model
+        self.weight, self.bias, self.name = w, float(bias), name
 
     def _context(self, c: Candidate) -> list[int]:
-        if c.policy is self.model and c.prompt_ids:
+        if c.policy is self.head_model and c.prompt_ids:
             return list(c.prompt_ids) + list(c.response_ids)
-        return self.model.prompt_tokens(c.prompt) + self.model.tokenize(c.response, add_special=False)
+        return self.head_model.prompt_tokens(c.prompt) + self.head_model.tokenize(c.response, add_special=False)
 
     def features(self, candidates: Sequence[Candidate]) -> np.ndarray:
         contexts = [self._context(c) for c in candidates]
-        results = self.model.generate_batch(contexts, max_tokens=0, return_hidden=True)
+        results = self.head_model.generate_batch(contexts, max_tokens=0, return_hidden=True)
         return np.stack([np.asarray(r.hidden, dtype=np.float64) for r in results])
 
     def score(self, candidates: Sequence[Candidate]) -> list[float]:
         return [float(v) for v in self.features(candidates) @ self.weight + self.bias]
 
     def save(self, path: str) -> None:
-        np.savez(path, weight=self.weight, bias=np.float64(self.bias), fingerprint=model_fingerprint(self.model))
+        np.savez(path, weight=self.weight, bias=np.float64(self.bias), fingerprint=model_fingerprint(self.head_model))
 
     @classmethod
     def load(cls, path: str, model: Model) -> "LinearReward":
@@ -451,9 +453,8 @@ def qalign(
         reward_calls += chains
         u = rng.random(chains)
         dead: list[tuple[list[int], list[int]]] = []
-        for c, (s, i, r) in enumerate(zip(current, cut, results)):
+        for c, (s, tokens, r) in enumerate(zip(current, proposals, results)):
             generated += r.generated_tokens + (1 if _terminal(r) else 0)
-            tokens = s.tokens[:i] + list(r.tokens)
             proposed = ChainState(step, tokens, texts[c], new_rewards[c], True, _terminal(r))
             log_a = log_acceptance(proposed.reward, s.reward, proposed.length, s.length, float(beta))
             if math.log(max(u[c], 1e-300)) < log_a:
@@ -481,11 +482,13 @@ def qalign(
     chosen: Optional[str] = None
     chosen_state: Optional[ChainState] = None
     if answer == "vote":
-        counts = Counter(a for a in (extract(state.text) for state in kept) if a is not None)
+        answers = [extract(state.text) for state in kept]
+        # Counter keeps first-seen order, so max breaks ties by the earliest answer.
+        counts = Counter(a for a in answers if a is not None)
         votes = {k: float(v) for k, v in counts.items()}
         if counts:
-            chosen = max(counts, key=lambda k: (counts[k], -_first_index(kept, extract, k)))
-            chosen_state = next(state for state in kept if extract(state.text) == chosen)
+            chosen = max(counts, key=counts.__getitem__)
+            chosen_state = kept[answers.index(chosen)]
     else:
         chosen_state = mbr_choice([state.text for state in kept], kept)
         chosen = chosen_state.text if chosen_state is not None else None
@@ -495,10 +498,6 @@ def qalign(
         decoded_tokens=model.decoded_tokens - decoded_before - (meter.tokens if rew.model is model else 0),
         reward_tokens=meter.tokens, reward_calls=reward_calls, votes=votes,
     )
-
-
-def _first_index(states: Sequence[ChainState], extract: Extractor, value: str) -> int:
-    return next(k for k, s in enumerate(states) if extract(s.text) == value)
 
 
 def rouge1_f1(a: str, b: str) -> float:
@@ -565,7 +564,7 @@ def majority_vote(model: Model, prompt: Prompt, *, n: int = 16, max_tokens: int 
     samples = _samples(model, prompt, n, max_tokens, seed, top_k, stop, delta, **kwargs)
     answers = [extract(s.text) for s in samples]
     counts = Counter(a for a in answers if a is not None)
-    chosen = max(counts, key=lambda k: (counts[k], -answers.index(k))) if counts else None
+    chosen = max(counts, key=counts.__getitem__) if counts else None  # ties: the earliest answer
     return BaselineResult(chosen, samples, None, {k: float(v) for k, v in counts.items()},
                           sum(s.generated_tokens for s in samples))
 
