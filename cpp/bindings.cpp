@@ -189,6 +189,11 @@ PYBIND11_MODULE(_core, m) {
         .SLOT_FIELD("cache_prompt", cache_prompt)
         .SLOT_FIELD("score_tokens", score_tokens)
         .SLOT_FIELD("return_hidden", return_hidden)
+        .SLOT_FIELD("rtd", rtd)
+        .SLOT_FIELD("rtd_k", rtd_params.k)
+        .SLOT_FIELD("rtd_temperature", rtd_params.temperature)
+        .SLOT_FIELD("rtd_lambda", rtd_params.lam)
+        .SLOT_FIELD("rtd_nprobe", rtd_params.nprobe)
         .def_property("delta",
                       [](const slot::GenerationRequest& r) -> py::object {
                           if (r.delta.empty()) return py::none();
@@ -199,6 +204,69 @@ PYBIND11_MODULE(_core, m) {
                           else r.delta = from_numpy(d.cast<py::array_t<float, py::array::c_style | py::array::forcecast>>());
                       });
 #undef SLOT_FIELD
+
+    py::class_<slot::RtdIndex, std::shared_ptr<slot::RtdIndex>>(m, "RtdIndex")
+        .def_property_readonly("size", &slot::RtdIndex::size)
+        .def_property_readonly("dim", &slot::RtdIndex::dim)
+        .def_property_readonly("heads", &slot::RtdIndex::heads)
+        .def_property_readonly("nlist", &slot::RtdIndex::nlist)
+        .def_property_readonly("backend", [](const slot::RtdIndex& i) { return std::string(i.backend_name()); })
+        .def("set_ivf",
+             [](slot::RtdIndex& index, const py::array_t<float, py::array::c_style | py::array::forcecast>& centroids,
+                const std::vector<int64_t>& offsets) {
+                 std::vector<float> c = from_numpy(centroids);
+                 py::gil_scoped_release release;
+                 index.set_ivf(std::move(c), offsets);
+             },
+             py::arg("centroids"), py::arg("offsets"))
+        .def("search",
+             [](const slot::RtdIndex& index, const py::array_t<float, py::array::c_style | py::array::forcecast>& q,
+                int k, int nprobe) {
+                 if (q.ndim() != 2 || q.shape(1) != index.dim()) {
+                     throw std::invalid_argument("queries must have shape (n, " + std::to_string(index.dim()) + ")");
+                 }
+                 const auto nq = static_cast<py::ssize_t>(q.shape(0));
+                 std::vector<slot::RtdNeighbours> found;
+                 {
+                     py::gil_scoped_release release;
+                     found = index.search(q.data(), nq, k, nprobe);
+                 }
+                 const auto H = static_cast<py::ssize_t>(index.heads());
+                 py::array_t<float> dist({nq, H, static_cast<py::ssize_t>(k)});
+                 py::array_t<int64_t> ids({nq, H, static_cast<py::ssize_t>(k)});
+                 for (py::ssize_t b = 0; b < nq; ++b) {
+                     const auto& nb = found[static_cast<size_t>(b)];
+                     std::copy(nb.distances.begin(), nb.distances.end(), dist.mutable_data() + b * H * k);
+                     std::copy(nb.ids.begin(), nb.ids.end(), ids.mutable_data() + b * H * k);
+                 }
+                 return py::make_tuple(dist, ids);
+             },
+             py::arg("queries"), py::arg("k"), py::arg("nprobe") = 0)
+        .def("reference",
+             [](const slot::RtdIndex& index, const py::array_t<float, py::array::c_style | py::array::forcecast>& q,
+                int k, double temperature, int nprobe) {
+                 if (q.ndim() != 1 || q.shape(0) != index.dim()) {
+                     throw std::invalid_argument("the query must have " + std::to_string(index.dim()) + " values");
+                 }
+                 if (!(temperature > 0.0)) throw std::invalid_argument("temperature must be > 0");
+                 py::gil_scoped_release release;
+                 const auto found = index.search(q.data(), 1, k, nprobe);
+                 return slot::rtd_reference(found.front(), index.values(), index.heads(), temperature);
+             },
+             py::arg("query"), py::arg("k"), py::arg("temperature"), py::arg("nprobe") = 0);
+
+    m.def("rtd_blend",
+          [](const py::array_t<float, py::array::c_style | py::array::forcecast>& logits,
+             const std::vector<std::pair<int32_t, double>>& reference, double lam) {
+              std::vector<float> z = from_numpy(logits);
+              for (const auto& [v, r] : reference) {
+                  if (v < 0 || static_cast<size_t>(v) >= z.size()) throw std::invalid_argument("reference token out of range");
+              }
+              if (!(lam >= 0.0 && lam <= 1.0)) throw std::invalid_argument("lambda must be in [0, 1]");
+              slot::rtd_blend(z.data(), static_cast<int64_t>(z.size()), reference, lam);
+              return to_numpy(z, {static_cast<py::ssize_t>(z.size())});
+          },
+          py::arg("logits"), py::arg("reference"), py::arg("lam"));
 
     py::class_<slot::Session>(m, "Session")
         .def(py::init([](const std::string& path, int n_ctx, int n_batch, int n_threads, int n_gpu_layers,
@@ -299,6 +367,59 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("has_chat_template", py::cpp_function(&slot::Session::has_chat_template, kNoGil))
         .def("is_eog", &slot::Session::is_eog, py::arg("token"), kNoGil)
         .def("slot_backend", &slot::Session::slot_backend, py::call_guard<py::gil_scoped_release>())
+        .def("hidden_states",
+             [](slot::Session& s, const std::vector<std::vector<int32_t>>& rows,
+                const std::vector<std::pair<int, int>>& spans) {
+                 if (spans.size() != rows.size()) throw std::invalid_argument("one span per row is needed");
+                 size_t total = 0;
+                 for (size_t r = 0; r < rows.size(); ++r) {
+                     const auto [a, b] = spans[r];
+                     if (a < 0 || b < a || static_cast<size_t>(b) > rows[r].size()) {
+                         throw std::invalid_argument("span " + std::to_string(r) + " is outside its row");
+                     }
+                     total += static_cast<size_t>(b - a);
+                 }
+                 const int n_embd = s.n_embd();
+                 const auto d = static_cast<size_t>(n_embd);
+                 std::vector<size_t> at(rows.size(), 0);
+                 for (size_t r = 1; r < rows.size(); ++r) at[r] = at[r - 1] + static_cast<size_t>(spans[r - 1].second - spans[r - 1].first);
+                 std::vector<float> out(total * d);
+                 InterruptCheck check = make_interrupt_check();
+                 {
+                     py::gil_scoped_release release;
+                     s.hidden_states(rows, [&](size_t row, const float* h, int) {
+                         const auto [a, b] = spans[row];
+                         std::copy(h + static_cast<size_t>(a) * d, h + static_cast<size_t>(b) * d,
+                                   out.begin() + static_cast<ptrdiff_t>(at[row] * d));
+                     }, check);
+                 }
+                 return to_numpy(out, {static_cast<py::ssize_t>(total), static_cast<py::ssize_t>(n_embd)});
+             },
+             py::arg("rows"), py::arg("spans"))
+        .def("make_rtd_index",
+             [](slot::Session& s, py::array keys, py::array values, int heads) {
+                 if (keys.ndim() != 2 || keys.itemsize() != 2 || !(keys.flags() & py::array::c_style) ||
+                     keys.dtype().kind() != 'f') {
+                     throw std::invalid_argument("keys must be a C-contiguous float16 array of shape (n, dim)");
+                 }
+                 if (values.ndim() != 1 || values.itemsize() != 4 || values.dtype().kind() != 'i' ||
+                     !(values.flags() & py::array::c_style)) {
+                     throw std::invalid_argument("values must be a contiguous int32 array");
+                 }
+                 if (values.shape(0) != keys.shape(0)) throw std::invalid_argument("keys and values differ in length");
+                 // The arrays (often memory-mapped) stay alive as long as the index.
+                 auto* owner = new py::object(py::make_tuple(keys, values));
+                 std::shared_ptr<void> keepalive(owner, [](void* p) {
+                     py::gil_scoped_acquire gil;
+                     delete static_cast<py::object*>(p);
+                 });
+                 const auto* k = static_cast<const uint16_t*>(keys.data());
+                 const auto* v = static_cast<const int32_t*>(values.data());
+                 const int64_t n = keys.shape(0), dim = keys.shape(1);
+                 py::gil_scoped_release release;
+                 return s.make_rtd_index(k, v, n, dim, heads, std::move(keepalive));
+             },
+             py::arg("keys"), py::arg("values"), py::arg("heads"))
         .def("output_matrix", [](slot::Session& s) {
             std::vector<float> w;
             int n_embd = 0;

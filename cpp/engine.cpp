@@ -1,5 +1,7 @@
 #include "engine.h"
 
+#include <cstring>
+
 #include <algorithm>
 #include <chrono>
 #include <mutex>
@@ -348,12 +350,12 @@ void Engine::prefill(const std::vector<int32_t>& tokens, bool all_positions, int
 }
 
 void Engine::decode(const std::vector<BatchToken>& tokens, const MakeRoom& make_room,
-                    const InterruptCheck& interrupted) {
+                    const InterruptCheck& interrupted, bool hidden) {
     if (tokens.empty()) return;
     if (static_cast<int>(tokens.size()) > params_.n_batch) throw std::invalid_argument("batch larger than n_batch");
     last_logits_ = nullptr;
     output_rows_.clear();
-    set_embeddings(false);
+    set_embeddings(hidden);
     BatchHolder holder(static_cast<int>(tokens.size()));
     llama_batch& batch = holder.batch;
     batch.n_tokens = static_cast<int32_t>(tokens.size());
@@ -383,6 +385,131 @@ const float* Engine::logits_row(int i) const {
     const float* row = llama_get_logits_ith(ctx_.get(), output_rows_[static_cast<size_t>(i)]);
     if (row == nullptr) throw Error("llama.cpp returned no logits");
     return row;
+}
+
+const float* Engine::hidden_row(int i) const {
+    if (!embeddings_on_) throw Error("internal error: the last decode computed no hidden states");
+    if (i < 0 || i >= static_cast<int>(output_rows_.size())) throw std::out_of_range("no such output row");
+    const float* row = llama_get_embeddings_ith(ctx_.get(), output_rows_[static_cast<size_t>(i)]);
+    if (row == nullptr) throw Error("llama.cpp returned no hidden state");
+    return row;
+}
+
+// The scheduler's eval callback of the states context: observe the final
+// norm's output, then stop the graph there (what follows is the head).
+bool Engine::stop_after_norm(ggml_tensor* t, bool ask, void*) {
+    const bool is_norm = std::strcmp(t->name, "result_norm") == 0;
+    if (ask) return is_norm;
+    return !is_norm;
+}
+
+void Engine::hidden_states(const std::vector<std::vector<int32_t>>& rows, const StatesSink& sink,
+                           const InterruptCheck& interrupted) {
+    constexpr int kRowsPerBatch = 16;
+    for (const auto& row : rows) {
+        if (row.empty()) throw std::invalid_argument("a row has no tokens");
+        check_tokens(row);
+        if (static_cast<int>(row.size()) > n_ctx()) {
+            throw ContextLengthError("a row has " + std::to_string(row.size()) + " tokens but the context holds " +
+                                     std::to_string(n_ctx()));
+        }
+    }
+    if (!states_ctx_) {
+        // Every position is an output here, and llama.cpp sizes its output
+        // buffer (logits included) by the batch: keep batches small.
+        states_batch_ = std::max(1, std::min(params_.n_batch, 64));
+        llama_context_params cp = llama_context_default_params();
+        cp.n_ctx = static_cast<uint32_t>(n_ctx());
+        cp.n_batch = static_cast<uint32_t>(states_batch_);
+        cp.n_ubatch = static_cast<uint32_t>(states_batch_);
+        cp.n_seq_max = kRowsPerBatch;
+        cp.kv_unified = true;
+        cp.n_threads = n_threads_;
+        cp.n_threads_batch = n_threads_;
+        cp.pooling_type = LLAMA_POOLING_TYPE_NONE;
+        cp.embeddings = true;
+        cp.no_perf = true;
+        cp.cb_eval = &Engine::stop_after_norm;
+        cp.cb_eval_user_data = nullptr;
+        cp.abort_callback = &Engine::abort_trampoline;
+        cp.abort_callback_data = this;
+        states_ctx_.reset(llama_init_from_model(model_.get(), cp));
+        if (!states_ctx_) throw Error(with_log_detail("could not create a context for hidden states"));
+    }
+    llama_context* ctx = states_ctx_.get();
+    llama_memory_t mem = llama_get_memory(ctx);
+    const int B = states_batch_;
+    const size_t d = static_cast<size_t>(n_embd_);
+    BatchHolder holder(B);
+    llama_batch& batch = holder.batch;
+    auto run = [&](const char* what) {
+        active_check_ = &interrupted;
+        clear_last_error_line();
+        const int32_t rc = llama_decode(ctx, batch);
+        active_check_ = nullptr;
+        if (rc == 2) {
+            llama_memory_clear(mem, true);
+            throw Interrupted();
+        }
+        if (rc != 0) {
+            llama_memory_clear(mem, true);
+            throw Error(with_log_detail(std::string(what) + ": llama_decode failed with code " + std::to_string(rc)));
+        }
+        decoded_tokens_ += batch.n_tokens;
+        const float* h = llama_get_embeddings(ctx);
+        if (h == nullptr) throw Error("llama.cpp returned no hidden states");
+        return h;
+    };
+    auto put = [&](int i, int32_t token, int pos, int seq) {
+        batch.token[i] = token;
+        batch.pos[i] = pos;
+        batch.n_seq_id[i] = 1;
+        batch.seq_id[i][0] = seq;
+        batch.logits[i] = 1;
+    };
+    std::vector<float> long_row;
+    size_t r = 0;
+    while (r < rows.size()) {
+        llama_memory_clear(mem, true);
+        const auto& first = rows[r];
+        if (static_cast<int>(first.size()) > B) {
+            // A long row alone, batch after batch.
+            const int len = static_cast<int>(first.size());
+            long_row.resize(static_cast<size_t>(len) * d);
+            for (int start = 0; start < len; start += B) {
+                const int count = std::min(B, len - start);
+                batch.n_tokens = count;
+                for (int i = 0; i < count; ++i) put(i, first[static_cast<size_t>(start + i)], start + i, 0);
+                const float* h = run("hidden states");
+                std::copy(h, h + static_cast<size_t>(count) * d, long_row.begin() + static_cast<ptrdiff_t>(start * d));
+            }
+            sink(r, long_row.data(), len);
+            ++r;
+        } else {
+            // Whole rows packed into one batch, one sequence each.
+            int used = 0;
+            std::vector<std::pair<size_t, int>> packed;  // (row, first batch index)
+            while (r < rows.size() && static_cast<int>(packed.size()) < kRowsPerBatch &&
+                   used + static_cast<int>(rows[r].size()) <= B) {
+                const auto& row = rows[r];
+                const int seq = static_cast<int>(packed.size());
+                for (size_t j = 0; j < row.size(); ++j) put(used + static_cast<int>(j), row[j], static_cast<int>(j), seq);
+                packed.emplace_back(r, used);
+                used += static_cast<int>(row.size());
+                ++r;
+            }
+            batch.n_tokens = used;
+            const float* h = run("hidden states");
+            for (const auto& [row, at] : packed) {
+                sink(row, h + static_cast<size_t>(at) * d, static_cast<int>(rows[row].size()));
+            }
+        }
+        if (interrupted && r < rows.size() && interrupted()) {
+            llama_memory_clear(mem, true);
+            throw Interrupted();
+        }
+    }
+    llama_memory_clear(mem, true);
 }
 
 std::vector<int32_t> Engine::reference_greedy(const std::vector<int32_t>& prompt, int n_new,

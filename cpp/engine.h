@@ -118,10 +118,21 @@ public:
     const float* last_logits() const { return last_logits_; }
 
     // One llama_decode over tokens of several sequences (at most n_batch);
-    // logits_row(i) then holds the logits of the i-th token that asked for them.
+    // logits_row(i) then holds the logits of the i-th token that asked for
+    // them, and with `hidden`, hidden_row(i) its final normed hidden state.
     void decode(const std::vector<BatchToken>& tokens, const MakeRoom& make_room,
-                const InterruptCheck& interrupted);
+                const InterruptCheck& interrupted, bool hidden = false);
     const float* logits_row(int i) const;
+    const float* hidden_row(int i) const;
+
+    // Final normed hidden states of many token sequences, for building
+    // datastores: evaluated in a context of their own (the prompt cache is
+    // untouched), several sequences per llama_decode, the graph stopped after
+    // the final norm so that no logits are computed. `sink` receives each
+    // row's states (len x n_embd) in order.
+    using StatesSink = std::function<void(size_t row, const float* hidden, int len)>;
+    void hidden_states(const std::vector<std::vector<int32_t>>& rows, const StatesSink& sink,
+                       const InterruptCheck& interrupted);
     // Tokens evaluated since the engine was created.
     int64_t decoded_tokens() const { return decoded_tokens_; }
 
@@ -145,11 +156,14 @@ private:
                           const char* what);
     void set_embeddings(bool on);
     static bool abort_trampoline(void* data);
+    static bool stop_after_norm(ggml_tensor* t, bool ask, void* data);
 
     EngineParams params_;
     ModelFileInfo info_;
     ModelPtr model_;
     ContextPtr ctx_;
+    ContextPtr states_ctx_;  // hidden_states(): created on first use
+    int states_batch_ = 0;
     const llama_vocab* vocab_ = nullptr;
     int n_vocab_ = 0;
     int n_embd_ = 0;

@@ -145,6 +145,13 @@ void validate_request(const Engine& e, const GenerationRequest& req, int index) 
             if (!std::isfinite(x)) throw std::invalid_argument(where + "delta contains a non-finite value");
         }
     }
+    if (req.rtd) {
+        try {
+            validate(req.rtd_params, *req.rtd, e.n_embd(), e.n_vocab());
+        } catch (const std::invalid_argument& exc) {
+            throw std::invalid_argument(where + exc.what());
+        }
+    }
     if (!req.response_prefix.empty() && req.delta.empty() && req.slot.steps > 0) {
         throw std::invalid_argument(where + "a response prefix needs steps=0: learn delta on the prompt first, "
                                     "then pass it as delta");
@@ -233,6 +240,7 @@ private:
         size_t max_stop = 0;           // the longest stop string
         bool prepared = false;         // delta known, stages built
         StageList stages;
+        bool needs_hidden = false;     // a stage reads the final hidden state
         GenerationResult slot;         // what SLOT did (delta, losses, timings), copied to each result
     };
     struct Group {
@@ -308,8 +316,9 @@ private:
         return true;
     }
 
-    // Records the request's delta and builds its logit stages (SLOT's bias).
-    void prepare(RequestState& st, std::vector<float> delta, const char* status) {
+    // Records the request's delta and builds its logit stages: SLOT's bias,
+    // then the retrieval blend.
+    void prepare(RequestState& st, const GenerationRequest& req, std::vector<float> delta, const char* status) {
         GenerationResult& info = st.slot;
         if (!delta.empty()) info.delta = std::move(delta);
         if (info.slot_status.empty()) info.slot_status = status;
@@ -318,6 +327,10 @@ private:
             std::vector<float> bias(static_cast<size_t>(e_.n_vocab()));
             head_().project(info.delta.data(), bias.data());
             st.stages.push_back(std::make_shared<BiasStage>(std::move(bias)));
+        }
+        if (req.rtd && req.rtd_params.lam > 0.0) {
+            st.stages.push_back(std::make_shared<RtdStage>(req.rtd, req.rtd_params));
+            st.needs_hidden = true;
         }
         st.prepared = true;
     }
@@ -343,7 +356,7 @@ private:
             fill_prompt_cache(e_, cache, root, std::vector<int32_t>(req.prompt.begin(), req.prompt.end() - 1), room,
                               interrupted_);
             e_.append(root, {req.prompt.back()}, Engine::Outputs::Last, 0, {}, room, interrupted_,
-                      req.return_hidden);
+                      req.return_hidden || (req.rtd && req.rtd_params.lam > 0.0));
             prefill = seconds_since(t0);
             t0 = Clock::now();
             SlotOutcome outcome = cache.optimise(req.slot, interrupted_);
@@ -353,18 +366,18 @@ private:
             st.slot.slot_path = outcome.path;
             st.slot.slot_cache_bytes = outcome.cache_bytes;
             st.slot.slot_profile = outcome.profile;
-            prepare(st, std::move(outcome.delta), "");
+            prepare(st, req, std::move(outcome.delta), "");
             st.slot.optimise_seconds = seconds_since(t0);
         } else {
             if (!st.prepared) {
                 const auto t1 = Clock::now();
                 if (learn) {
-                    prepare(st, std::vector<float>(static_cast<size_t>(e_.n_embd()), 0.0f),
+                    prepare(st, req, std::vector<float>(static_cast<size_t>(e_.n_embd()), 0.0f),
                             "no loss positions (the prompt has one token)");
                 } else if (!req.delta.empty()) {
-                    prepare(st, req.delta, "given delta");
+                    prepare(st, req, req.delta, "given delta");
                 } else {
-                    prepare(st, {}, "no steps requested");
+                    prepare(st, req, {}, "no steps requested");
                 }
                 if (learn || !req.delta.empty()) st.slot.optimise_seconds = seconds_since(t1);
                 t0 = Clock::now();
@@ -385,7 +398,7 @@ private:
                 e_.seq_clear(root);
             }
             e_.append_context(root, std::vector<int32_t>(st.context.begin() + cached, st.context.end()), room,
-                              interrupted_, req.return_hidden);
+                              interrupted_, req.return_hidden || st.needs_hidden);
             prefill = seconds_since(t0);
         }
         last_use_[static_cast<size_t>(root)] = ++clock_;
@@ -399,10 +412,11 @@ private:
             seqs.push_back(s);
         }
         const float* first_logits = e_.last_logits();
+        const float* first_hidden = e_.last_hidden();
         std::vector<float> hidden, scores;
-        if (req.return_hidden) hidden.assign(e_.last_hidden(), e_.last_hidden() + e_.n_embd());
+        if (req.return_hidden) hidden.assign(first_hidden, first_hidden + e_.n_embd());
         if (!req.score_tokens.empty()) {
-            const float* z = staged(st, first_logits);
+            const float* z = staged(st, first_logits, first_hidden);
             for (int32_t t : req.score_tokens) scores.push_back(token_logprob(z, e_.n_vocab(), t, 0).logprob);
         }
         std::vector<size_t> started;
@@ -434,7 +448,7 @@ private:
         for (size_t k : started) {
             Lane& lane = *lanes_[k];
             if (req.max_tokens == 0) finish(lane, "length");
-            else advance(lane, first_logits);
+            else advance(lane, first_logits, first_hidden);
         }
         compact();
     }
@@ -442,9 +456,16 @@ private:
     void step() {
         std::vector<BatchToken> batch;
         batch.reserve(lanes_.size());
-        for (const auto& lane : lanes_) batch.push_back({lane->seq, lane->pending, true});
-        e_.decode(batch, [this] { return make_room(); }, interrupted_);
-        for (size_t i = 0; i < lanes_.size(); ++i) advance(*lanes_[i], e_.logits_row(static_cast<int>(i)));
+        bool hidden = false;
+        for (const auto& lane : lanes_) {
+            batch.push_back({lane->seq, lane->pending, true});
+            hidden = hidden || states_[static_cast<size_t>(groups_[static_cast<size_t>(lane->group)].request)].needs_hidden;
+        }
+        e_.decode(batch, [this] { return make_room(); }, interrupted_, hidden);
+        for (size_t i = 0; i < lanes_.size(); ++i) {
+            const int row = static_cast<int>(i);
+            advance(*lanes_[i], e_.logits_row(row), hidden ? e_.hidden_row(row) : nullptr);
+        }
         compact();
     }
 
@@ -455,23 +476,24 @@ private:
 
     // The logits after the request's stages: `logits` itself when it has
     // none, else the scratch buffer (valid until the next call).
-    const float* staged(const RequestState& st, const float* logits) {
+    const float* staged(const RequestState& st, const float* logits, const float* hidden) {
         if (st.stages.empty()) return logits;
         const int64_t V = e_.n_vocab();
         std::copy(logits, logits + V, scratch_.begin());
         StageInput in;
         in.n_vocab = V;
+        in.hidden = hidden;
         for (const auto& stage : st.stages) stage->apply(in, scratch_.data());
         return scratch_.data();
     }
 
-    void advance(Lane& lane, const float* logits) {
+    void advance(Lane& lane, const float* logits, const float* hidden) {
         const Group& g = groups_[static_cast<size_t>(lane.group)];
         const GenerationRequest& req = reqs_[static_cast<size_t>(g.request)];
         const RequestState& st = states_[static_cast<size_t>(g.request)];
         GenerationResult& res = results_[static_cast<size_t>(lane.result)];
         const int64_t V = e_.n_vocab();
-        const float* z = staged(st, logits);
+        const float* z = staged(st, logits, hidden);
         const int32_t tok = lane.sampler->sample(z, nullptr, lane.history);
         if (!req.ignore_eos && e_.is_eog(tok)) return finish(lane, "eos");
         if (req.logprobs || req.top_logprobs > 0) {
@@ -640,6 +662,24 @@ std::vector<float> Session::output_matrix() {
     std::vector<float> w(static_cast<size_t>(h.n_vocab() * h.n_embd()));
     h.dequantize(w.data());
     return w;
+}
+
+void Session::hidden_states(const std::vector<std::vector<int32_t>>& rows, const Engine::StatesSink& sink,
+                            const InterruptCheck& interrupted) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    engine().hidden_states(rows, sink, interrupted);
+}
+
+std::shared_ptr<RtdIndex> Session::make_rtd_index(const uint16_t* keys, const int32_t* values, int64_t n,
+                                                  int64_t dim, int heads, std::shared_ptr<void> keepalive) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Engine& e = engine();
+    if (dim != e.n_embd()) {
+        throw std::invalid_argument("the datastore's keys have " + std::to_string(dim) +
+                                    " dimensions but the model's hidden size is " + std::to_string(e.n_embd()));
+    }
+    return std::make_shared<RtdIndex>(keys, values, n, dim, heads, e.n_threads(), head_device(e.params()),
+                                      std::move(keepalive));
 }
 
 void Session::prompt_states(const std::vector<int32_t>& tokens, std::vector<float>& hidden,

@@ -15,6 +15,7 @@
 #include "backend.h"
 #include "engine.h"
 #include "output_head.h"
+#include "rtd.h"
 #include "sampling.h"
 #include "slot_optimizer.h"
 
@@ -44,6 +45,11 @@ struct GenerationRequest {
     // (under the request's stages), and its final normed hidden state.
     std::vector<int32_t> score_tokens;
     bool return_hidden = false;
+    // Retrieval (RTD): blended into every distribution this request samples
+    // from or scores, after SLOT's bias. The query is the model's own hidden
+    // state h (not h + delta): the keys were taken from the plain model.
+    std::shared_ptr<const RtdIndex> rtd;
+    RtdParams rtd_params;
 };
 
 struct GenerationResult {
@@ -107,6 +113,14 @@ public:
     bool is_eog(int32_t token);
     // Where SLOT's head products run, e.g. "CPU (CPU head kernels)"; loads the head.
     std::string slot_backend();
+
+    // Final normed hidden states of rows of tokens, without logits (for
+    // datastores); the prompt cache is untouched.
+    void hidden_states(const std::vector<std::vector<int32_t>>& rows, const Engine::StatesSink& sink,
+                       const InterruptCheck& interrupted);
+    // A datastore index searched on this model's compute device.
+    std::shared_ptr<RtdIndex> make_rtd_index(const uint16_t* keys, const int32_t* values, int64_t n, int64_t dim,
+                                             int heads, std::shared_ptr<void> keepalive);
 
     // For tests and inspection.
     std::vector<float> output_matrix();  // n_vocab x n_embd

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -21,6 +22,8 @@ Prompt = Union[str, Sequence[Message]]
 BatchPrompt = Union[str, Sequence[Message], Sequence[int]]
 """A prompt of generate_batch: raw text, chat messages, or token ids."""
 TextCallback = Callable[[str], Optional[bool]]
+if TYPE_CHECKING:
+    from .rtd import RtdOption
 BatchTextCallback = Callable[[int, str], Optional[bool]]
 """Receives (result index, text piece); returning False stops that sequence."""
 
@@ -182,6 +185,7 @@ class Model:
         threads = 0 if n_threads is None else _check_int("n_threads", n_threads, 1)
         n_gpu_layers = _check_int("n_gpu_layers", n_gpu_layers, -1)
         self._seed = _check_int("seed", seed, 0)
+        self._fingerprint: Optional[dict[str, Any]] = None
         if path is None:
             path = default_model_path()
         if not isinstance(path, (str, os.PathLike)):
@@ -395,6 +399,7 @@ class Model:
         cache_prompt: bool = True,
         score_tokens: Optional[Sequence[int]] = None,
         return_hidden: bool = False,
+        rtd: Optional["RtdOption"] = None,
     ) -> GenerationResult:
         """Learn delta on the prompt with ``steps`` AdamW steps, then generate with it.
 
@@ -413,6 +418,11 @@ class Model:
         ``return_hidden`` report the log-probabilities of those tokens and the
         final hidden state at the context's last token (with ``max_tokens=0``,
         scoring without generating).
+
+        ``rtd`` (a :class:`slot_cpp.rtd.Datastore`, or :class:`slot_cpp.rtd.RTD`
+        with k, temperature, lam) blends retrieval from a datastore into every
+        next-token distribution, after SLOT's bias; logprobs and score_tokens
+        then report the blended distribution.
         """
         s = self._s()
         if on_text is not None and not callable(on_text):
@@ -429,7 +439,7 @@ class Model:
             stop=stop, delta=delta, ignore_eos=ignore_eos, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, memory_budget=memory_budget, recompute=recompute,
             response_prefix=response_prefix, logprobs=logprobs, top_logprobs=top_logprobs,
-            cache_prompt=cache_prompt, score_tokens=score_tokens, return_hidden=return_hidden)
+            cache_prompt=cache_prompt, score_tokens=score_tokens, return_hidden=return_hidden, rtd=rtd)
         callback = None
         if on_text is not None:
             user_callback = on_text
@@ -523,7 +533,8 @@ class Model:
                  weight_decay: float = 1e-8, memory_budget: int = DEFAULT_MEMORY_BUDGET,
                  recompute: bool = False, response_prefix: Optional[Sequence[int]] = None,
                  logprobs: bool = False, top_logprobs: int = 0, cache_prompt: bool = True,
-                 score_tokens: Optional[Sequence[int]] = None, return_hidden: bool = False) -> _core.Request:
+                 score_tokens: Optional[Sequence[int]] = None, return_hidden: bool = False,
+                 rtd: Optional["RtdOption"] = None) -> _core.Request:
         """Checks every argument and builds the native request."""
         r = _core.Request()
         r.prompt = tokens
@@ -575,6 +586,12 @@ class Model:
                 raise TypeError("score_tokens must be token ids")
             r.score_tokens = self._check_tokens(score_tokens)
         r.return_hidden = bool(return_hidden)
+        if rtd is not None:
+            from .rtd import as_rtd
+
+            option = as_rtd(rtd)
+            assert option is not None
+            option._apply(self, r)
         return r
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> GenerationResult:
@@ -647,8 +664,36 @@ class Model:
 _REQUEST_KEYS = frozenset({
     "steps", "lr", "max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
     "seed", "stop", "delta", "ignore_eos", "beta1", "beta2", "eps", "weight_decay", "memory_budget", "recompute",
-    "response_prefix", "logprobs", "top_logprobs", "cache_prompt", "score_tokens", "return_hidden",
+    "response_prefix", "logprobs", "top_logprobs", "cache_prompt", "score_tokens", "return_hidden", "rtd",
 })
+
+
+def model_fingerprint(model: Model) -> dict[str, Any]:
+    """What stored artefacts (datastores, reward heads) must match: the
+    architecture, sizes, a hash of the vocabulary and of one column of the
+    output head. Computed once per model."""
+    if model._fingerprint is not None:
+        return dict(model._fingerprint)
+    import hashlib
+
+    s = model._s()
+    vocab = hashlib.sha256()
+    for t in range(model.n_vocab):
+        vocab.update(s.token_piece(t))
+        vocab.update(b"\0")
+    fp: dict[str, Any] = {"architecture": model.info.architecture, "n_embd": model.n_embd,
+                          "n_vocab": model.n_vocab, "vocab": vocab.hexdigest()[:16]}
+    try:
+        e0 = np.zeros(model.n_embd, dtype=np.float32)
+        e0[0] = 1.0
+        column = model.logit_bias(e0).astype(np.float32)
+        fp["head"] = hashlib.sha256(np.round(column, 4).tobytes()).hexdigest()[:16]
+    except _core.UnsupportedModelError:
+        fp["head"] = None
+    digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:24]
+    fp["digest"] = digest
+    model._fingerprint = dict(fp)
+    return fp
 
 
 def _split_per_prompt(key: str, value: Any, count: int) -> list[Any]:

@@ -35,6 +35,7 @@ import numpy as np
 
 from . import gsm8k
 from ._model import GenerationResult, Model, Prompt
+from ._model import model_fingerprint as _model_fingerprint
 
 __all__ = [
     "CallableReward",
@@ -153,17 +154,8 @@ def as_reward(reward: RewardLike) -> Reward:
 
 
 def model_fingerprint(model: Model) -> str:
-    """Architecture, sizes and one column of the output head, hashed: what a
-    stored reward head must match."""
-    import hashlib
-
-    info = model.info
-    e0 = np.zeros(model.n_embd, dtype=np.float32)
-    e0[0] = 1.0
-    column = model.logit_bias(e0).astype(np.float32)
-    h = hashlib.sha256(f"{info.architecture}|{model.n_embd}|{model.n_vocab}|".encode())
-    h.update(np.round(column, 4).tobytes())
-    return h.hexdigest()[:24]
+    """A digest of the model's fingerprint: what a stored reward head must match."""
+    return str(_model_fingerprint(model)["digest"])
 
 
 class LinearReward(Reward):
