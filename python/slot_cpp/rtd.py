@@ -139,11 +139,12 @@ class RTD:
         """Checks the settings and sets them on a native request."""
         r = self.resolved()
         store = r.datastore
+        index = store.index(model)  # checks the model first
         k = _check_int("rtd k", r.k, 1)
         if k > len(store):
             raise ValueError(f"rtd k ({k}) is larger than the datastore ({len(store)} keys)")
         assert r.temperature is not None and r.lam is not None and r.nprobe is not None
-        request.rtd = store.index(model)
+        request.rtd = index
         request.rtd_k = k
         request.rtd_temperature = _check_float("rtd temperature", r.temperature, low=0.0, low_open=True)
         request.rtd_lambda = _check_float("rtd lambda", r.lam, low=0.0, high=1.0)
