@@ -1,14 +1,17 @@
 """Command line: ``slot-cpp`` or ``python -m slot_cpp``.
 
-Subcommands: generate, chat, eval gsm8k, explain, info.
+Subcommands: generate, chat, eval gsm8k, eval mc, explain, info, qalign,
+qalign-head, rtd build, rtd info, rtd tune.
 Exit codes: 0 success, 1 runtime failure, 2 bad input, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,6 +21,7 @@ import numpy as np
 
 from . import SlotError, _core, gsm8k
 from ._model import GenerationResult, Model, Prompt
+from .rtd import CHOICE_LABELS, RTD, Datastore, DatastoreError, _answer_index, score_choices, tune
 
 
 class UsageError(Exception):
@@ -97,6 +101,125 @@ def _open_model(args: argparse.Namespace) -> Model:
                  n_parallel=n_parallel, seed=args.seed)
 
 
+# ---------------------------------------------------------------- RTD options and rows
+def _add_rtd_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rtd", default=None, metavar="STORE",
+                   help="blend retrieval from this RTD datastore (see 'slot-cpp rtd build') into every "
+                        "next-token distribution")
+    p.add_argument("--rtd-k", type=int, default=None, help="neighbours retrieved (default: the datastore's)")
+    p.add_argument("--rtd-temperature", type=float, default=None,
+                   help="softmax temperature over neighbour distances (default: the datastore's)")
+    p.add_argument("--rtd-lambda", type=float, default=None,
+                   help="weight of the retrieved distribution, 0 to 1 (default: the datastore's)")
+    p.add_argument("--rtd-nprobe", type=int, default=None,
+                   help="inverted lists searched (0: exact search; >0 needs a datastore built with --ivf)")
+
+
+_RTD_SETTINGS = (("rtd_k", "--rtd-k"), ("rtd_temperature", "--rtd-temperature"), ("rtd_lambda", "--rtd-lambda"),
+                 ("rtd_nprobe", "--rtd-nprobe"))
+
+
+def _check_rtd_args(args: argparse.Namespace) -> None:
+    """Settings of RTD without --rtd are a mistake, not something to ignore."""
+    if getattr(args, "rtd", None):
+        return
+    given = [flag for dest, flag in _RTD_SETTINGS if getattr(args, dest, None) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --rtd STORE")
+
+
+def _rtd_option(args: argparse.Namespace, model: Model) -> Optional[RTD]:
+    """The RTD of --rtd STORE (checked against `model`) with the --rtd-* settings
+    (None: the datastore's defaults), or None without --rtd."""
+    _check_rtd_args(args)
+    if not getattr(args, "rtd", None):
+        return None
+    store = Datastore.load(args.rtd, model)
+    option = RTD(store, k=args.rtd_k, temperature=args.rtd_temperature, lam=args.rtd_lambda,
+                 nprobe=args.rtd_nprobe)
+    # Check the settings now (as a request would), not after a long run has begun.
+    option._apply(model, _core.Request())
+    return option
+
+
+def _rtd_description(option: RTD) -> dict[str, Any]:
+    r = option.resolved()
+    return {"datastore": str(r.datastore.path) if r.datastore.path else None, "mode": r.datastore.mode,
+            "keys": len(r.datastore), "k": r.k, "temperature": r.temperature, "lam": r.lam, "nprobe": r.nprobe}
+
+
+def _row_problem(row: dict[str, Any], mode: str) -> Optional[str]:
+    """What is wrong with a JSONL row of this mode, or None."""
+    if mode == "generation":
+        for key in ("prompt", "completion"):
+            if key not in row:
+                return f'missing {key!r} (a generation row is {{"prompt", "completion"}})'
+            if not isinstance(row[key], str) or not row[key]:
+                return f"{key!r} must be a non-empty string"
+        return None
+    for key in ("question", "choices", "answer"):
+        if key not in row:
+            return f'missing {key!r} (a choice row is {{"question", "choices", "answer"}})'
+    if not isinstance(row["question"], str) or not row["question"]:
+        return "'question' must be a non-empty string"
+    choices = row["choices"]
+    if (not isinstance(choices, list) or not 2 <= len(choices) <= len(CHOICE_LABELS)
+            or not all(isinstance(c, str) for c in choices)):
+        return f"'choices' must be a list of 2 to {len(CHOICE_LABELS)} strings"
+    try:
+        _answer_index(row)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _read_rows(path: str, mode: Optional[str]) -> tuple[list[dict[str, Any]], list[int], str]:
+    """The rows of a JSONL file, their line numbers and their mode: ``{"prompt",
+    "completion"}`` (generation) or ``{"question", "choices", "answer"}``
+    (choice; answer an index or a letter). ``mode`` None: what the first row
+    holds. A bad line is a UsageError naming it."""
+    rows: list[dict[str, Any]] = []
+    lines: list[int] = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UsageError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise UsageError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+                if mode is None:
+                    mode = "choice" if "choices" in row else "generation"
+                problem = _row_problem(row, mode)
+                if problem is not None:
+                    raise UsageError(f"{path} line {number}: {problem}")
+                rows.append(row)
+                lines.append(number)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not rows:
+        raise UsageError(f"{path} has no rows")
+    assert mode is not None
+    return rows, lines, mode
+
+
+def _check_count(name: str, value: Optional[int]) -> None:
+    if value is not None and value < 0:
+        raise UsageError(f"{name} must be >= 0")
+
+
+def _require_faiss() -> None:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        raise UsageError("--ivf needs faiss: pip install 'slot_cpp[ann]' (faiss-cpu)") from None
+
+
 def result_json(result: GenerationResult) -> dict[str, Any]:
     return {
         "text": result.text,
@@ -137,8 +260,8 @@ class Progress:
         self.start = time.monotonic()
         self.tty = sys.stderr.isatty()
 
-    def advance(self, note: str = "") -> None:
-        self.done += 1
+    def advance(self, note: str = "", n: int = 1) -> None:
+        self.done += n
         elapsed = time.monotonic() - self.start
         eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
         width = 24
@@ -163,14 +286,16 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    _check_rtd_args(args)
     text = _read_prompt(args)
     chat = args.chat or args.system is not None
     with _open_model(args) as model:
+        rtd = _rtd_option(args, model)
         prompt: Prompt = text
         if chat:
             messages = [{"role": "system", "content": args.system}] if args.system else []
             prompt = messages + [{"role": "user", "content": text}]
-        kwargs = dict(steps=args.steps, lr=args.lr, stop=args.stop, chat_template=args.chat_template,
+        kwargs = dict(steps=args.steps, lr=args.lr, stop=args.stop, chat_template=args.chat_template, rtd=rtd,
                       **_sampling_kwargs(args))
         if args.json:
             result = model.generate_with_slot(prompt, **kwargs)
@@ -186,10 +311,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- chat
 def cmd_chat(args: argparse.Namespace) -> int:
+    _check_rtd_args(args)
     with _open_model(args) as model:
         if args.chat_template is None and not model.info.has_chat_template:
             raise UsageError("this model has no chat template; pass --chat-template "
                              f"(one of: {', '.join(_core.chat_templates())})")
+        rtd = _rtd_option(args, model)
         messages: list[dict[str, str]] = []
         if args.system:
             messages.append({"role": "system", "content": args.system})
@@ -206,7 +333,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 continue
             messages.append({"role": "user", "content": line})
             result = model.generate_with_slot(
-                messages, steps=args.steps, lr=args.lr, stop=args.stop, chat_template=args.chat_template,
+                messages, steps=args.steps, lr=args.lr, stop=args.stop, chat_template=args.chat_template, rtd=rtd,
                 on_text=lambda s: print(s, end="", flush=True), **_sampling_kwargs(args))
             print(flush=True)
             _report_slot(result, sys.stderr)
@@ -232,7 +359,15 @@ def _methods(args: argparse.Namespace) -> list[str]:
             raise UsageError("sampling methods need --budget (generated tokens per problem, >= --max-tokens)")
         if any(m in ("bon", "wmv", "qalign") for m in methods) and args.reward is None:
             raise UsageError("bon, wmv and qalign need --reward")
+    if args.rtd and "qalign" in methods:
+        raise UsageError("--rtd cannot be used with --method qalign (its proposals do not take RTD)")
     return methods
+
+
+def _setting_name(args: argparse.Namespace, steps: int, lr: float) -> str:
+    """The setting's name in records; '+rtd' marks runs with --rtd, so that
+    resuming a file never mixes records with and without it."""
+    return gsm8k.setting_name(steps, lr) + ("+rtd" if args.rtd else "")
 
 
 def _eval_settings(args: argparse.Namespace) -> list[tuple[int, float]]:
@@ -248,6 +383,9 @@ def _eval_settings(args: argparse.Namespace) -> list[tuple[int, float]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    _check_rtd_args(args)
+    if args.rtd and args.metric == "nll":
+        raise UsageError("--rtd needs --metric accuracy (the nll metric scores the plain model's log-probabilities)")
     problems = gsm8k.load_problems(args.data, args.limit)
     if not problems:
         raise UsageError(f"{args.data} has no problems")
@@ -255,22 +393,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if methods != ["greedy"]:
         return _eval_methods(args, problems, methods)
     settings = _eval_settings(args)
-    names = [gsm8k.setting_name(s, lr) for s, lr in settings]
+    names = [_setting_name(args, s, lr) for s, lr in settings]
     out_path = Path(args.output) if args.output else Path(f"gsm8k-{args.metric}.jsonl")
     done = _done_records(out_path, args.metric)
-    todo = [(p, s, lr) for p in problems for (s, lr) in settings if (p.index, gsm8k.setting_name(s, lr)) not in done]
+    todo = [(p, s, lr) for p in problems for (s, lr) in settings if (p.index, _setting_name(args, s, lr)) not in done]
     _say_resuming(done, todo, out_path)
     if args.parallel < 1:
         raise UsageError("--parallel must be >= 1")
     # Generation decodes --parallel problems together; the NLL metric generates nothing.
     chunk = args.parallel if args.metric == "accuracy" else 1
     with _open_model(args) as model:
+        rtd = _rtd_option(args, model)
         progress = Progress(len(todo), f"gsm8k {args.metric}")
         with out_path.open("a", encoding="utf-8") as out:
             for start in range(0, len(todo), chunk):
                 items = todo[start:start + chunk]
                 if args.metric == "accuracy":
-                    records = _eval_generate(model, args, items)
+                    records = _eval_generate(model, args, items, rtd)
                 else:
                     records = [_eval_nll(model, args, *item) for item in items]
                 for record in records:
@@ -311,7 +450,7 @@ def _eval_methods(args: argparse.Namespace, problems: list[gsm8k.Problem], metho
     """Test-time methods at one budget of generated tokens per problem."""
     from . import qalign as qa
 
-    names = [f"{m}@{args.budget}" if m != "greedy" else "greedy" for m in methods]
+    names = [(f"{m}@{args.budget}" if m != "greedy" else "greedy") + ("+rtd" if args.rtd else "") for m in methods]
     out_path = Path(args.output) if args.output else Path("gsm8k-methods.jsonl")
     done = _done_records(out_path, "accuracy")
     todo = [(p, m, n) for p in problems for m, n in zip(methods, names) if (p.index, n) not in done]
@@ -319,6 +458,7 @@ def _eval_methods(args: argparse.Namespace, problems: list[gsm8k.Problem], metho
     samples = max(1, args.budget // args.max_tokens)
     with _open_model(args) as model:
         reward = _reward(args, model) if args.reward else None
+        rtd = _rtd_option(args, model)
         progress = Progress(len(todo), "gsm8k methods")
         with out_path.open("a", encoding="utf-8") as out:
             for problem, method, name in todo:
@@ -327,7 +467,7 @@ def _eval_methods(args: argparse.Namespace, problems: list[gsm8k.Problem], metho
                 start = time.monotonic()
                 common: dict[str, Any] = dict(max_tokens=args.max_tokens, seed=args.seed + problem.index, stop=stop)
                 if method == "greedy":
-                    r = model.generate(prompt, chat_template=args.chat_template, **common)
+                    r = model.generate(prompt, chat_template=args.chat_template, rtd=rtd, **common)
                     prediction, tokens, text = gsm8k.extract_answer(r.text), r.generated_tokens, r.text
                 elif method == "qalign":
                     assert reward is not None  # _methods requires --reward for qalign
@@ -337,7 +477,7 @@ def _eval_methods(args: argparse.Namespace, problems: list[gsm8k.Problem], metho
                     text = q.answer_state.text if q.answer_state is not None else ""
                 else:
                     fn = {"mv": qa.majority_vote, "bon": qa.best_of_n, "wmv": qa.weighted_majority_vote}[method]
-                    kwargs: dict[str, Any] = dict(n=samples, chat_template=args.chat_template, **common)
+                    kwargs: dict[str, Any] = dict(n=samples, chat_template=args.chat_template, rtd=rtd, **common)
                     if method != "mv":
                         kwargs["reward"] = reward
                     b = fn(model, prompt, **kwargs)
@@ -347,6 +487,8 @@ def _eval_methods(args: argparse.Namespace, problems: list[gsm8k.Problem], metho
                           "completion": text, "prediction": prediction,
                           "correct": gsm8k.is_correct(prediction, problem.reference), "losses": [],
                           "generated_tokens": tokens, "seconds": time.monotonic() - start}
+                if args.rtd:
+                    record["rtd"] = args.rtd
                 out.write(json.dumps(record) + "\n")
                 out.flush()
                 progress.advance(f"{name}: {'right' if record['correct'] else 'wrong'}")
@@ -356,8 +498,11 @@ def _eval_methods(args: argparse.Namespace, problems: list[gsm8k.Problem], metho
 
 
 def _record_base(args: argparse.Namespace, problem: gsm8k.Problem, steps: int, lr: float) -> dict:
-    return {"metric": args.metric, "index": problem.index, "setting": gsm8k.setting_name(steps, lr),
+    base = {"metric": args.metric, "index": problem.index, "setting": _setting_name(args, steps, lr),
             "steps": steps, "lr": lr, "format": args.format}
+    if args.rtd:
+        base["rtd"] = args.rtd
+    return base
 
 
 def _eval_nll(model: Model, args: argparse.Namespace, problem: gsm8k.Problem, steps: int, lr: float) -> dict:
@@ -371,8 +516,8 @@ def _eval_nll(model: Model, args: argparse.Namespace, problem: gsm8k.Problem, st
             "solution_tokens": len(solution_ids), "losses": slot.losses, "seconds": time.monotonic() - start}
 
 
-def _eval_generate(model: Model, args: argparse.Namespace,
-                   items: list[tuple[gsm8k.Problem, int, float]]) -> list[dict]:
+def _eval_generate(model: Model, args: argparse.Namespace, items: list[tuple[gsm8k.Problem, int, float]],
+                   rtd: Optional[RTD] = None) -> list[dict]:
     """Generates the answers of several (problem, steps, lr) items in one batch."""
     prompts, stops = [], []
     for problem, _, _ in items:
@@ -381,7 +526,7 @@ def _eval_generate(model: Model, args: argparse.Namespace,
         stops.append(stop + list(args.stop))
     start = time.monotonic()
     results = model.generate_batch(prompts, steps=[s for _, s, _ in items], lr=[lr for _, _, lr in items],
-                                   stop=stops, chat_template=args.chat_template, **_sampling_kwargs(args))
+                                   stop=stops, chat_template=args.chat_template, rtd=rtd, **_sampling_kwargs(args))
     seconds = (time.monotonic() - start) / len(items)
     records = []
     for (problem, steps, lr), result in zip(items, results):
@@ -410,6 +555,92 @@ def _print_summary(rows: list[dict], metric: str, path: Path) -> None:
             extra = (f"{r['delta_nll']:+.4f} ± {r['delta_ci95']:.4f} | {r['better']} | {r['worse']}"
                      if "delta_nll" in r else "- | - | -")
             print(f"| {r['setting']} | {r['n']} | {r['nll']:.4f} | {extra} |")
+
+
+# ---------------------------------------------------------------- eval mc
+def cmd_eval_mc(args: argparse.Namespace) -> int:
+    """Multiple-choice accuracy of the plain model and, with --rtd, of the blend
+    on the same prompts (paired: fixed, broken, exact McNemar p)."""
+    _check_rtd_args(args)
+    _check_count("--shots", args.shots)
+    _check_count("--limit", args.limit)
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be >= 1")
+    rows, lines, _ = _read_rows(args.data, "choice")
+    shots, questions = rows[:args.shots], rows[args.shots:]
+    first = args.shots
+    if args.limit is not None:
+        questions = questions[:args.limit]
+    if not questions:
+        raise UsageError(f"{args.data} has no questions left to evaluate after {args.shots} shot(s)")
+    answers = [_answer_index(q) for q in questions]
+    with _open_model(args) as model:
+        rtd = _rtd_option(args, model)
+        prompt_shots = len(shots)
+        template: Optional[str] = None
+        if rtd is not None and rtd.datastore.mode == "choice":
+            stored = list(rtd.datastore.params.get("shots", ()))
+            if not shots:
+                prompt_shots = len(stored)  # score_choices takes the datastore's own prompt format
+            else:
+                template = rtd.datastore.params.get("template")  # its template, with these shots
+            if shots and stored != shots:
+                print(f"slot-cpp: note: --shots {len(shots)} replaces the datastore's prompt format "
+                      f"({len(stored)} stored shot(s)); its keys were taken with that one", file=sys.stderr)
+        progress = Progress(len(questions), "mc")
+        plain_right = rtd_right = 0
+        scores = []
+        for start in range(0, len(questions), args.batch_size):
+            chunk = questions[start:start + args.batch_size]
+            got = score_choices(model, chunk, rtd=rtd, shots=shots, template=template)
+            scores.extend(got)
+            plain_right += sum(s.plain_choice == answers[start + i] for i, s in enumerate(got))
+            rtd_right += sum(s.rtd_choice == answers[start + i] for i, s in enumerate(got))
+            done = len(scores)
+            note = f"plain {plain_right / done:.3f}" + (f" rtd {rtd_right / done:.3f}" if rtd is not None else "")
+            progress.advance(note, n=len(chunk))
+        progress.close()
+    n = len(questions)
+    plain_ok = [s.plain_choice == a for s, a in zip(scores, answers)]
+    lo, hi = gsm8k.wilson_interval(sum(plain_ok), n)
+    summary: dict[str, Any] = {"data": args.data, "n": n, "shots": prompt_shots,
+                               "plain_correct": sum(plain_ok), "plain_accuracy": sum(plain_ok) / n,
+                               "plain_ci95": [lo, hi]}
+    rtd_ok: list[bool] = []
+    if rtd is not None:
+        rtd_ok = [s.rtd_choice == a for s, a in zip(scores, answers)]
+        fixed = sum(r and not p for p, r in zip(plain_ok, rtd_ok))
+        broken = sum(p and not r for p, r in zip(plain_ok, rtd_ok))
+        lo, hi = gsm8k.wilson_interval(sum(rtd_ok), n)
+        summary.update({"rtd_correct": sum(rtd_ok), "rtd_accuracy": sum(rtd_ok) / n, "rtd_ci95": [lo, hi],
+                        "fixed": fixed, "broken": broken, "mcnemar_p": gsm8k.mcnemar_p(fixed, broken),
+                        "rtd": _rtd_description(rtd)})
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as out:
+            for i, (q, a, sc) in enumerate(zip(questions, answers, scores)):
+                record: dict[str, Any] = {
+                    "index": first + i, "line": lines[first + i], "question": q["question"],
+                    "choices": q["choices"], "answer": a, "plain_probs": [float(x) for x in sc.plain],
+                    "plain_choice": sc.plain_choice, "plain_correct": plain_ok[i]}
+                if sc.rtd is not None:
+                    record.update({"rtd_probs": [float(x) for x in sc.rtd], "rtd_choice": sc.rtd_choice,
+                                   "rtd_correct": rtd_ok[i]})
+                out.write(json.dumps(record) + "\n")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"\nMultiple choice ({args.data}, {prompt_shots} shot(s)):")
+    print("| method | n | accuracy | 95% CI | fixed | broken | McNemar p |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    lo, hi = summary["plain_ci95"]
+    print(f"| plain | {n} | {100 * summary['plain_accuracy']:.1f}% | {100 * lo:.1f}-{100 * hi:.1f}% | - | - | - |")
+    if rtd is not None:
+        d = summary["rtd"]
+        lo, hi = summary["rtd_ci95"]
+        print(f"| rtd k={d['k']} T={d['temperature']:.4g} lambda={d['lam']:g} | {n} | "
+              f"{100 * summary['rtd_accuracy']:.1f}% | {100 * lo:.1f}-{100 * hi:.1f}% | {summary['fixed']} | "
+              f"{summary['broken']} | {summary['mcnemar_p']:.3f} |")
+    return 0
 
 
 # ---------------------------------------------------------------- explain
@@ -493,6 +724,142 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- rtd
+def _row_error(exc: DatastoreError, path: str, lines: list[int]) -> UsageError:
+    """A datastore's 'row i: ...' error, told as the JSONL line it came from."""
+    msg = str(exc)
+    m = re.match(r"row (\d+)\b", msg)
+    if m and int(m.group(1)) < len(lines):
+        return UsageError(f"{path} line {lines[int(m.group(1))]}{msg[m.end():]}")
+    return UsageError(msg)
+
+
+def cmd_rtd_build(args: argparse.Namespace) -> int:
+    _check_count("--shots", args.shots)
+    _check_count("--limit", args.limit)
+    if args.heads is not None and args.heads < 1:
+        raise UsageError("--heads must be >= 1")
+    existing: Optional[Datastore] = None
+    mode = args.mode
+    if args.append:
+        if args.shots:
+            raise UsageError("--shots cannot be used with --append: the datastore keeps the prompt format "
+                             "it was built with")
+        if not Path(args.out).exists():
+            raise UsageError(f"--append: {args.out} does not exist (build it first, without --append)")
+        existing = Datastore.load(args.out)
+        if mode is not None and mode != existing.mode:
+            raise UsageError(f"--mode {mode}, but {args.out} is a {existing.mode} datastore")
+        if args.heads is not None and args.heads != existing.heads:
+            raise UsageError(f"--heads {args.heads}, but {args.out} has {existing.heads} head(s)")
+        mode = existing.mode
+    if args.ivf is not None:
+        if args.ivf < 1:
+            raise UsageError("--ivf must be >= 1 (the number of inverted lists)")
+        _require_faiss()
+    elif args.nprobe is not None:
+        raise UsageError("--nprobe needs --ivf")
+    rows, lines, mode = _read_rows(args.data, mode)
+    if args.shots and mode != "choice":
+        raise UsageError("--shots is for choice datastores (rows with question, choices, answer)")
+    if args.shots >= len(rows):
+        raise UsageError(f"--shots {args.shots} leaves none of the {len(rows)} rows of {args.data} to add")
+    shots, rows, lines = rows[:args.shots], rows[args.shots:], lines[args.shots:]
+    if args.limit is not None:
+        rows, lines = rows[:args.limit], lines[:args.limit]
+    if not rows:
+        raise UsageError("no rows to add (--limit 0)")
+    progress = sys.stderr.isatty()
+    with _open_model(args) as model:
+        start = time.perf_counter()
+        try:
+            if existing is not None:
+                existing.check_model(model)
+                had_ivf = existing.has_ivf
+                before = len(existing)
+                store = existing.extend(model, rows, progress=progress)
+                if had_ivf and args.ivf is None:
+                    print(f"slot-cpp: note: appending dropped {args.out}'s inverted file; pass --ivf to build it "
+                          "again", file=sys.stderr)
+            else:
+                before = 0
+                store = Datastore.build(model, rows, mode=mode, heads=args.heads or 1, shots=shots,
+                                        progress=progress)
+        except DatastoreError as exc:
+            raise _row_error(exc, args.data, lines) from None
+        if args.ivf is not None:
+            try:
+                store.build_ivf(model, args.ivf, nprobe=args.nprobe)
+            except ImportError as exc:
+                raise UsageError(str(exc)) from None
+        seconds = time.perf_counter() - start
+        path = store.save(args.out)
+    added = len(store) - before
+    line = (f"rtd build: {added} keys from {len(rows)} rows in {seconds:.1f}s ({added / max(seconds, 1e-9):.1f} "
+            f"keys/s); {path}: {len(store)} {store.mode} keys" + (f", ivf {args.ivf} lists" if args.ivf else ""))
+    if args.json:
+        print(line, file=sys.stderr)
+        print(json.dumps(store.info(), indent=2))
+    else:
+        print(line)
+    return 0
+
+
+def _print_tree(values: dict[str, Any], indent: int = 0) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            print(f"{' ' * indent}{key}:")
+            _print_tree(value, indent + 2)
+        elif isinstance(value, float):
+            print(f"{' ' * indent}{key}: {value:.6g}")
+        else:
+            print(f"{' ' * indent}{key}: {value}")
+
+
+def cmd_rtd_info(args: argparse.Namespace) -> int:
+    info = Datastore.load(args.store).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_tree(info)
+    return 0
+
+
+def cmd_rtd_tune(args: argparse.Namespace) -> int:
+    _check_count("--limit", args.limit)
+    store = Datastore.load(args.store)
+    rows, lines, _ = _read_rows(args.data, store.mode)
+    if args.limit is not None:
+        rows = rows[:args.limit]
+    if not rows:
+        raise UsageError("no validation rows (--limit 0)")
+    grid: dict[str, Any] = {}
+    if args.ks is not None:
+        grid["ks"] = args.ks
+    if args.temperature_scales is not None:
+        grid["temperature_scales"] = args.temperature_scales
+    if args.lams is not None:
+        grid["lams"] = args.lams
+    with _open_model(args) as model:
+        store.check_model(model)
+        try:
+            result = tune(model, store, rows, save=True, progress=sys.stderr.isatty(), **grid)
+        except DatastoreError as exc:
+            raise _row_error(exc, args.data, lines) from None
+        path = store.save(args.out or args.store)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+        return 0
+    if result.metric == "accuracy":
+        scores = f"accuracy plain {100 * result.plain_score:.1f}% -> tuned {100 * result.score:.1f}%"
+    else:
+        scores = f"NLL/token plain {result.plain_score:.4f} -> tuned {result.score:.4f}"
+    print(f"rtd tune on {len(rows)} rows: k={result.k} temperature={result.temperature:.4g} "
+          f"lambda={result.lam:g}; {scores}")
+    print(f"saved as the defaults of {path}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slot-cpp", description="SLOT test-time optimisation for GGUF models")
@@ -507,12 +874,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--save-delta", default=None, help="save the learned delta to this .npy file")
     _add_model_options(gen)
     _add_sampling_options(gen)
+    _add_rtd_options(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat; SLOT re-optimised on each turn")
     chat.add_argument("--system", default=None)
     _add_model_options(chat)
     _add_sampling_options(chat)
+    _add_rtd_options(chat)
     chat.set_defaults(func=cmd_chat)
 
     ev = sub.add_parser("eval", help="evaluate SLOT settings on a benchmark")
@@ -540,7 +909,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--judge-no", default=" no")
     _add_model_options(g)
     _add_sampling_options(g, slot_lists=True)
+    _add_rtd_options(g)
     g.set_defaults(func=cmd_eval)
+
+    mc = ev_sub.add_parser("mc", help="multiple-choice accuracy (question, choices, answer), plain and with --rtd")
+    mc.add_argument("--data", required=True,
+                    help="JSONL of {question, choices, answer}; answer a choice index or a letter")
+    mc.add_argument("--shots", type=int, default=0,
+                    help="the first N rows are the prompt's solved examples and are not evaluated (default: "
+                         "none, or with --rtd of a choice datastore, the datastore's own prompt format)")
+    mc.add_argument("--limit", type=int, default=None, help="evaluate the first N questions (after the shots)")
+    mc.add_argument("--batch-size", type=int, default=32, help="questions scored per batch")
+    mc.add_argument("--json", action="store_true", help="print the summary as JSON")
+    mc.add_argument("--out", "--output", "-o", dest="out", default=None,
+                    help="write per-question records (probabilities, choices, correctness) to this JSONL")
+    _add_model_options(mc)
+    _add_rtd_options(mc)
+    mc.set_defaults(func=cmd_eval_mc)
 
     ex = sub.add_parser("explain", help="learn delta for a prompt and show what it does")
     ex.add_argument("prompt", nargs="?")
@@ -593,6 +978,46 @@ def build_parser() -> argparse.ArgumentParser:
     qh.add_argument("--out", "-o", required=True, help="where to write the head (.npz)")
     _add_model_options(qh)
     qh.set_defaults(func=cmd_qalign_head)
+
+    rtd_p = sub.add_parser("rtd", help="RTD retrieval datastores: build, info, tune")
+    rtd_sub = rtd_p.add_subparsers(dest="rtd_command", required=True)
+    rb = rtd_sub.add_parser("build", help="build (or --append to) a datastore from JSONL rows")
+    rb.add_argument("--data", required=True,
+                    help="JSONL of {prompt, completion} (generation) or {question, choices, answer} (choice)")
+    rb.add_argument("--out", "-o", required=True, help="the datastore file to write (with --append: to extend)")
+    rb.add_argument("--mode", choices=("generation", "choice"), default=None,
+                    help="default: what the first row holds")
+    rb.add_argument("--heads", type=int, default=None, help="split keys into H slices searched apart (default 1)")
+    rb.add_argument("--shots", type=int, default=0,
+                    help="choice mode: the first N rows become the prompt's solved examples (stored in the "
+                         "datastore) and are not added as keys")
+    rb.add_argument("--append", action="store_true",
+                    help="load --out (built with this model) and add the rows' keys to it")
+    rb.add_argument("--ivf", type=int, default=None, metavar="NLIST",
+                    help="also build an inverted file of NLIST lists (needs faiss; heads=1)")
+    rb.add_argument("--nprobe", type=int, default=None, help="with --ivf: the default lists searched per query")
+    rb.add_argument("--limit", type=int, default=None, help="add the first N rows only (after the shots)")
+    rb.add_argument("--json", action="store_true", help="print the datastore's info as JSON")
+    _add_model_options(rb)
+    rb.set_defaults(func=cmd_rtd_build)
+
+    ri = rtd_sub.add_parser("info", help="sizes, build parameters and defaults of a datastore (no model needed)")
+    ri.add_argument("store", help="datastore file")
+    ri.add_argument("--json", action="store_true")
+    ri.set_defaults(func=cmd_rtd_info)
+
+    rt = rtd_sub.add_parser("tune", help="choose k, temperature and lambda on validation rows; saved as defaults")
+    rt.add_argument("store", help="datastore file")
+    rt.add_argument("--data", required=True, help="validation JSONL (rows not in the datastore), same format")
+    rt.add_argument("--limit", type=int, default=None, help="first N validation rows only")
+    rt.add_argument("--ks", type=_int_list, default=None, help="comma-separated k values to try")
+    rt.add_argument("--temperature-scales", type=_float_list, default=None,
+                    help="comma-separated multiples of the typical neighbour distance to try as temperatures")
+    rt.add_argument("--lams", type=_float_list, default=None, help="comma-separated lambda values to try")
+    rt.add_argument("--out", "-o", default=None, help="write the tuned datastore here (default: STORE itself)")
+    rt.add_argument("--json", action="store_true", help="print the whole tuning result as JSON")
+    _add_model_options(rt)
+    rt.set_defaults(func=cmd_rtd_tune)
 
     info = sub.add_parser("info", help="model metadata and build facts")
     info.add_argument("--json", action="store_true")

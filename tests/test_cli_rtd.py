@@ -1,0 +1,124 @@
+"""The RTD commands of the command line (rtd build/info/tune, eval mc, --rtd),
+run as a user would (a subprocess) on the real model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "slot_cpp", *args], capture_output=True, text=True, timeout=600)
+
+
+QUESTIONS = [
+    ("What color is the sky on a clear day?", ["green", "blue", "red", "black"], 1),
+    ("How many legs does a dog have?", ["four", "two", "six", "eight"], 0),
+    ("Which animal says moo?", ["cat", "dog", "cow", "duck"], "C"),
+    ("What is 2 + 2?", ["3", "5", "22", "4"], "D"),
+    ("Which is a fruit?", ["apple", "chair", "rock", "shoe"], 0),
+    ("What do bees make?", ["milk", "honey", "silk", "wool"], 1),
+    ("Which planet do we live on?", ["Mars", "Venus", "Earth", "Jupiter"], 2),
+    ("What is frozen water called?", ["steam", "ice", "sand", "glass"], "B"),
+    ("What is the opposite of up?", ["left", "down", "over", "near"], 1),
+    ("What do cows drink?", ["water", "oil", "ink", "paint"], 0),
+    ("How many days are in a week?", ["five", "six", "ten", "seven"], 3),
+    ("Which animal can fly?", ["fish", "bird", "snake", "worm"], 1),
+    ("What is the opposite of hot?", ["cold", "warm", "big", "fast"], 0),
+    ("What do you use to write on paper?", ["spoon", "fork", "pencil", "cup"], 2),
+]
+
+
+def _write(path: Path, rows: list[tuple[str, list[str], object]]) -> Path:
+    path.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in rows))
+    return path
+
+
+def test_rtd_build_tune_info_and_eval_mc_agree_with_score_choices(gemma_path, tmp_path):
+    import slot_cpp
+    from slot_cpp.rtd import Datastore, score_choices
+
+    train = _write(tmp_path / "train.jsonl", QUESTIONS[:8])
+    valid = _write(tmp_path / "valid.jsonl", QUESTIONS[8:10])
+    test = _write(tmp_path / "test.jsonl", QUESTIONS[10:])
+    store = tmp_path / "mc.rtd"
+    built = _run("rtd", "build", "--data", str(train), "--out", str(store), "--shots", "2", "--model", str(gemma_path),
+                 "--json")
+    assert built.returncode == 0, built.stderr
+    info = json.loads(built.stdout)
+    assert info["mode"] == "choice" and info["keys"] == 6 and info["shots"] == 2  # the shots are not keys
+    assert "rtd build: 6 keys from 6 rows" in built.stderr and "keys/s" in built.stderr
+
+    tuned = _run("rtd", "tune", str(store), "--data", str(valid), "--ks", "2,4", "--model", str(gemma_path), "--json")
+    assert tuned.returncode == 0, tuned.stderr
+    result = json.loads(tuned.stdout)
+    assert result["metric"] == "accuracy" and result["k"] in (2, 4) and len(result["table"]) > 0
+
+    shown = _run("rtd", "info", str(store), "--json")
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)
+    assert info["keys"] == 6 and info["defaults"]["k"] == result["k"] and info["defaults"]["tuned_on"] == 2
+    text = _run("rtd", "info", str(store))
+    assert text.returncode == 0 and "keys: 6" in text.stdout
+
+    records = tmp_path / "records.jsonl"
+    evaluated = _run("eval", "mc", "--data", str(test), "--rtd", str(store), "--model", str(gemma_path), "--json",
+                     "--out", str(records))
+    assert evaluated.returncode == 0, evaluated.stderr
+    summary = json.loads(evaluated.stdout)
+    assert summary["n"] == 4 and summary["shots"] == 2  # the datastore's own prompt format
+    for key in ("plain_accuracy", "rtd_accuracy", "mcnemar_p"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary["rtd"]["k"] == result["k"] and summary["fixed"] + summary["broken"] <= 4
+    assert "mc [" in evaluated.stderr  # the progress line
+
+    # The same numbers in-process, with the model opened as the command line opens it.
+    rows = [json.loads(x) for x in test.read_text().splitlines()]
+    answers = [json.loads(x)["answer"] for x in records.read_text().splitlines()]
+    with slot_cpp.Model(gemma_path, n_ctx=4096, n_parallel=4, seed=0) as model:
+        scores = score_choices(model, rows, rtd=Datastore.load(store, model))
+    assert summary["rtd_accuracy"] == np.mean([s.rtd_choice == a for s, a in zip(scores, answers)])
+    assert summary["plain_accuracy"] == np.mean([s.plain_choice == a for s, a in zip(scores, answers)])
+    for line, s in zip(records.read_text().splitlines(), scores):
+        r = json.loads(line)
+        assert r["rtd_choice"] == s.rtd_choice and r["plain_choice"] == s.plain_choice
+        np.testing.assert_allclose(r["rtd_probs"], s.rtd, atol=1e-4)
+
+
+def test_generate_with_rtd_follows_a_stored_completion(gemma_path, tmp_path):
+    data = tmp_path / "gen.jsonl"
+    data.write_text(json.dumps({"prompt": "The secret password is",
+                                "completion": " purple elephant banana seventeen"}) + "\n"
+                    + json.dumps({"prompt": "My favourite colour is", "completion": " green."}) + "\n")
+    store = tmp_path / "gen.rtd"
+    built = _run("rtd", "build", "--data", str(data), "--out", str(store), "--model", str(gemma_path))
+    assert built.returncode == 0, built.stderr
+    assert "generation keys" in built.stdout
+    # lambda 1 and k 1: every next token is the value of the nearest stored state,
+    # and the states along the stored completion are the keys themselves.
+    proc = _run("generate", "The secret password is", "--model", str(gemma_path), "--steps", "0", "--max-tokens",
+                "4", "--rtd", str(store), "--rtd-k", "1", "--rtd-lambda", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["text"] == " purple elephant banana seventeen"
+    bad = _run("generate", "hi", "--model", str(gemma_path), "--rtd", str(store), "--rtd-k", "99")
+    assert bad.returncode == 2 and "larger than the datastore" in bad.stderr
+
+
+def test_bad_rows_and_options_exit_with_a_message(tmp_path):
+    # All of these fail before a model is opened.
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text(json.dumps({"question": "q", "choices": ["x", "y"], "answer": 0}) + "\n\n"
+                        + '{"question": "r", "choices": ["x", "y"]\n')
+    proc = _run("rtd", "build", "--data", str(bad_json), "--out", str(tmp_path / "s.rtd"))
+    assert proc.returncode == 2 and "bad.jsonl line 3: not valid JSON" in proc.stderr
+    bad_answer = _write(tmp_path / "answer.jsonl", [("q", ["x", "y"], 0), ("r", ["x", "y"], "C")])
+    proc = _run("eval", "mc", "--data", str(bad_answer))
+    assert proc.returncode == 2 and "answer.jsonl line 2: answer 'C'" in proc.stderr
+    proc = _run("rtd", "info", str(tmp_path / "missing.rtd"))
+    assert proc.returncode == 2 and "missing.rtd" in proc.stderr
+    proc = _run("eval", "mc", "--data", str(bad_answer), "--rtd-k", "4")
+    assert proc.returncode == 2 and "--rtd-k needs --rtd" in proc.stderr
