@@ -162,7 +162,7 @@ def test_build_takes_the_state_before_each_completion_token(tiny_model):
         expected_values += c
     assert store.values.tolist() == expected_values
     np.testing.assert_allclose(store.keys.astype(np.float32), np.concatenate(expected_keys), rtol=2e-2, atol=2e-2)
-    assert store.build["rows"] == 2 and store.defaults["temperature"] > 0
+    assert store.params["rows"] == 2 and store.defaults["temperature"] > 0
 
 
 def test_save_load_append_and_bad_files(tiny_model, peaked_path, tmp_path):

@@ -174,7 +174,7 @@ class _Progress:
         if not enabled:
             return
         try:
-            from tqdm import tqdm
+            from tqdm import tqdm  # type: ignore[import-untyped]
         except ImportError:  # pragma: no cover - tqdm is a test dependency
             tqdm = None
         if tqdm is not None:
@@ -199,7 +199,7 @@ class Datastore:
     mode: str                       # "generation" or "choice"
     heads: int
     fingerprint: dict[str, Any]
-    build: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)   # how it was built
     defaults: dict[str, Any] = field(default_factory=dict)
     centroids: Optional[np.ndarray] = None   # (nlist, dim) float32, with an inverted file
     list_offsets: Optional[np.ndarray] = None  # (nlist + 1,) int64
@@ -254,7 +254,7 @@ class Datastore:
             raise DatastoreError(f"heads ({heads}) must divide the model's hidden size ({model.n_embd})")
         store = cls(keys=np.zeros((0, model.n_embd), np.float16), values=np.zeros(0, np.int32), mode=mode,
                     heads=heads, fingerprint=model_fingerprint(model),
-                    build={"rows": 0, "tokens": 0, "template": template,
+                    params={"rows": 0, "tokens": 0, "template": template,
                            "shots": [dict(s) for s in shots], "seconds": 0.0},
                     defaults={})
         store.extend(model, rows, progress=progress, rows_per_call=rows_per_call)
@@ -295,9 +295,9 @@ class Datastore:
             bar.close()
         self.keys = np.ascontiguousarray(np.concatenate(keys_parts))
         self.values = np.concatenate([np.asarray(self.values)] + [np.asarray(v, np.int32) for v in values])
-        self.build["rows"] = int(self.build.get("rows", 0)) + len(rows)
-        self.build["tokens"] = int(self.build.get("tokens", 0)) + sum(len(t) for t in token_rows)
-        self.build["seconds"] = float(self.build.get("seconds", 0.0)) + time.perf_counter() - start
+        self.params["rows"] = int(self.params.get("rows", 0)) + len(rows)
+        self.params["tokens"] = int(self.params.get("tokens", 0)) + sum(len(t) for t in token_rows)
+        self.params["seconds"] = float(self.params.get("seconds", 0.0)) + time.perf_counter() - start
         self.centroids = self.list_offsets = None
         self.defaults.pop("nprobe", None)
         self._indexes = weakref.WeakKeyDictionary()
@@ -329,8 +329,8 @@ class Datastore:
 
     def choice_prompt(self, question: str, choices: Sequence[str]) -> str:
         """The prompt format this datastore's keys were taken with."""
-        return format_choice_prompt(question, choices, self.build.get("shots", ()),
-                                    self.build.get("template", DEFAULT_CHOICE_TEMPLATE))
+        return format_choice_prompt(question, choices, self.params.get("shots", ()),
+                                    self.params.get("template", DEFAULT_CHOICE_TEMPLATE))
 
     def typical_distance(self, model: Model, *, k: int, sample: int = 256, seed: int = 0) -> float:
         """The median distance from a key to its k nearest other keys (per
@@ -451,7 +451,7 @@ class Datastore:
                          ("list_offsets", np.ascontiguousarray(self.list_offsets, np.int64))]
         header: dict[str, Any] = {
             "format": FORMAT_VERSION, "mode": self.mode, "n": int(n), "dim": int(dim), "heads": self.heads,
-            "key_dtype": "float16", "fingerprint": self.fingerprint, "build": self.build,
+            "key_dtype": "float16", "fingerprint": self.fingerprint, "params": self.params,
             "defaults": self.defaults, "sections": {},
         }
         # Two passes: the header's own length decides where the data starts.
@@ -514,7 +514,7 @@ class Datastore:
             if keys.shape != (header["n"], header["dim"]) or values.shape != (header["n"],):
                 raise DatastoreError(f"{path}: the key and value sections do not match the header")
             store = cls(keys=keys, values=values, mode=header["mode"], heads=int(header["heads"]),
-                        fingerprint=dict(header["fingerprint"]), build=dict(header["build"]),
+                        fingerprint=dict(header["fingerprint"]), params=dict(header["params"]),
                         defaults=dict(header["defaults"]), centroids=arrays.get("centroids"),
                         list_offsets=arrays.get("list_offsets"), path=path)
         except (KeyError, TypeError, ValueError) as exc:
@@ -531,8 +531,8 @@ class Datastore:
             "path": str(self.path) if self.path else None, "mode": self.mode, "keys": len(self),
             "dim": self.dim, "heads": self.heads, "key_bytes": int(self.keys.nbytes),
             "values": int(np.unique(np.asarray(self.values)).size), "defaults": dict(self.defaults),
-            "build": {k: v for k, v in self.build.items() if k != "shots"},
-            "shots": len(self.build.get("shots", ())), "model": dict(self.fingerprint),
+            "params": {k: v for k, v in self.params.items() if k != "shots"},
+            "shots": len(self.params.get("shots", ())), "model": dict(self.fingerprint),
         }
         if self.has_ivf:
             assert self.list_offsets is not None
@@ -639,7 +639,7 @@ def _choice_parts(model: Model, store: Datastore, rows: Sequence[Mapping[str, An
     prompts = [store.choice_prompt(r["question"], r["choices"]) for r in rows]
     labels = [_label_tokens(model, len(r["choices"])) for r in rows]
     res = model.generate_batch(prompts, max_tokens=0, score_tokens=labels, return_hidden=True)
-    hidden = np.stack([r.hidden for r in res]).astype(np.float32)
+    hidden = np.stack([np.asarray(r.hidden) for r in res]).astype(np.float32)
     return hidden, [np.asarray(r.score_logprobs) for r in res], [np.asarray(l) for l in labels], \
         [_answer_index(r) for r in rows]
 
@@ -710,7 +710,7 @@ def tune(model: Model, store: Datastore, rows: Sequence[Mapping[str, Any]], *,
     else:
         parts = _generation_parts(model, store, rows)
         searched = [store.search(model, h, kmax) for h, _, _ in parts]
-        best = None
+        best_nll: Optional[tuple[float, dict[str, float]]] = None
         for k in ks:
             for scale in temperature_scales:
                 rs = [_reference_mass(store, d, i, g[:, None], k, base_t * scale)[:, 0]
@@ -720,8 +720,10 @@ def tune(model: Model, store: Datastore, rows: Sequence[Mapping[str, Any]], *,
                         -np.log(lam * r + (1 - lam) * np.exp(lp)) for r, (_, lp, _) in zip(rs, parts)])))
                     entry = {"k": k, "temperature": base_t * scale, "lam": float(lam), "nll": nll}
                     table.append(entry)
-                    if best is None or (-nll,) > best[0]:
-                        best = ((-nll,), entry)
+                    if best_nll is None or nll < best_nll[0]:
+                        best_nll = (nll, entry)
+        assert best_nll is not None
+        best = ((-best_nll[0], 0.0), best_nll[1])
         metric, sign = "nll", -1.0
         plain_value = float(np.mean(np.concatenate([-lp for _, lp, _ in parts])))
     assert best is not None
