@@ -395,6 +395,23 @@ const float* Engine::hidden_row(int i) const {
     return row;
 }
 
+// A context beside the main one (reference decoding, hidden states): the
+// engine's threads and Ctrl-C check, one unified cache of n_seq sequences.
+llama_context_params Engine::side_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq) const {
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = n_ctx;
+    cp.n_batch = n_batch;
+    cp.n_ubatch = n_batch;
+    cp.n_seq_max = n_seq;
+    cp.kv_unified = true;
+    cp.n_threads = n_threads_;
+    cp.n_threads_batch = n_threads_;
+    cp.no_perf = true;
+    cp.abort_callback = &Engine::abort_trampoline;
+    cp.abort_callback_data = const_cast<Engine*>(this);
+    return cp;
+}
+
 // The scheduler's eval callback of the states context: observe the final
 // norm's output, then stop the graph there (what follows is the head).
 bool Engine::stop_after_norm(ggml_tensor* t, bool ask, void*) {
@@ -418,21 +435,12 @@ void Engine::hidden_states(const std::vector<std::vector<int32_t>>& rows, const 
         // Every position is an output here, and llama.cpp sizes its output
         // buffer (logits included) by the batch: keep batches small.
         states_batch_ = std::max(1, std::min(params_.n_batch, 64));
-        llama_context_params cp = llama_context_default_params();
-        cp.n_ctx = static_cast<uint32_t>(n_ctx());
-        cp.n_batch = static_cast<uint32_t>(states_batch_);
-        cp.n_ubatch = static_cast<uint32_t>(states_batch_);
-        cp.n_seq_max = kRowsPerBatch;
-        cp.kv_unified = true;
-        cp.n_threads = n_threads_;
-        cp.n_threads_batch = n_threads_;
+        llama_context_params cp = side_context_params(static_cast<uint32_t>(n_ctx()),
+                                                      static_cast<uint32_t>(states_batch_), kRowsPerBatch);
         cp.pooling_type = LLAMA_POOLING_TYPE_NONE;
         cp.embeddings = true;
-        cp.no_perf = true;
         cp.cb_eval = &Engine::stop_after_norm;
         cp.cb_eval_user_data = nullptr;
-        cp.abort_callback = &Engine::abort_trampoline;
-        cp.abort_callback_data = this;
         states_ctx_.reset(llama_init_from_model(model_.get(), cp));
         if (!states_ctx_) throw Error(with_log_detail("could not create a context for hidden states"));
     }
@@ -530,17 +538,10 @@ std::vector<std::vector<int32_t>> Engine::reference_greedy_batch(const std::vect
     }
     const int n_seq = static_cast<int>(prompts.size());
     if (n_seq > kMaxSequences) throw std::invalid_argument("too many prompts for one context");
-    llama_context_params cp = llama_context_default_params();
-    cp.n_ctx = static_cast<uint32_t>(total + 8);
-    cp.n_batch = static_cast<uint32_t>(std::max<size_t>(params_.n_batch, static_cast<size_t>(n_seq)));
-    cp.n_ubatch = cp.n_batch;
-    cp.n_seq_max = static_cast<uint32_t>(n_seq);
-    cp.kv_unified = true;
-    cp.n_threads = n_threads_;
-    cp.n_threads_batch = n_threads_;
-    cp.no_perf = true;
-    cp.abort_callback = &Engine::abort_trampoline;
-    cp.abort_callback_data = this;
+    const llama_context_params cp = side_context_params(
+        static_cast<uint32_t>(total + 8),
+        static_cast<uint32_t>(std::max<size_t>(params_.n_batch, static_cast<size_t>(n_seq))),
+        static_cast<uint32_t>(n_seq));
     ContextPtr ctx(llama_init_from_model(model_.get(), cp));
     if (!ctx) throw Error(with_log_detail("could not create a reference context"));
     std::vector<std::unique_ptr<llama_sampler, SamplerDeleter>> samplers;

@@ -157,6 +157,7 @@ private:
     void set_embeddings(bool on);
     static bool abort_trampoline(void* data);
     static bool stop_after_norm(ggml_tensor* t, bool ask, void* data);
+    llama_context_params side_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq) const;
 
     EngineParams params_;
     ModelFileInfo info_;

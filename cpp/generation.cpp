@@ -158,6 +158,9 @@ void validate_request(const Engine& e, const GenerationRequest& req, int index) 
     }
 }
 
+// Whether a request's stages read the final hidden state (the retrieval blend).
+bool uses_hidden(const GenerationRequest& req) { return req.rtd && req.rtd_params.lam > 0.0; }
+
 // KV cells that one group of `samples` samples of `req` may occupy: the
 // context once (the samples share it) and each sample's generated tokens but
 // the last, which is never evaluated.
@@ -328,7 +331,7 @@ private:
             head_().project(info.delta.data(), bias.data());
             st.stages.push_back(std::make_shared<BiasStage>(std::move(bias)));
         }
-        if (req.rtd && req.rtd_params.lam > 0.0) {
+        if (uses_hidden(req)) {
             st.stages.push_back(std::make_shared<RtdStage>(req.rtd, req.rtd_params));
             st.needs_hidden = true;
         }
@@ -356,7 +359,7 @@ private:
             fill_prompt_cache(e_, cache, root, std::vector<int32_t>(req.prompt.begin(), req.prompt.end() - 1), room,
                               interrupted_);
             e_.append(root, {req.prompt.back()}, Engine::Outputs::Last, 0, {}, room, interrupted_,
-                      req.return_hidden || (req.rtd && req.rtd_params.lam > 0.0));
+                      req.return_hidden || uses_hidden(req));
             prefill = seconds_since(t0);
             t0 = Clock::now();
             SlotOutcome outcome = cache.optimise(req.slot, interrupted_);

@@ -66,6 +66,9 @@ def test_blend_equals_the_formula_on_hand_computed_cases():
         got = _core.rtd_blend(z, ref, lam)
         np.testing.assert_allclose(np.exp(log_softmax(got)), want, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(np.exp(got), want, rtol=1e-5, atol=1e-7)  # already normalised
+        # A blend of logits instead of probabilities would not pass.
+        wrong = np.exp(log_softmax(lam * np.log(np.maximum([0, 0.7, 0, 0.3, 0], 1e-30)) + (1 - lam) * z))
+        assert np.abs(wrong - want).max() > 1e-2
     # lambda 0 leaves the logits untouched, bit for bit.
     assert np.array_equal(_core.rtd_blend(z, ref, 0.0), z)
     # lambda 1 is pure retrieval: zero probability elsewhere.
@@ -127,6 +130,14 @@ def test_multi_head_reference_is_the_average_of_heads(tiny_model):
     assert set(got) == set(want)
     for v in want:
         assert got[v] == pytest.approx(want[v], rel=1e-3, abs=1e-6)
+    # The comparison rejects a wrong variant: weights softmax(-d / T) per head
+    # (without the factor H) give another distribution.
+    wrong = reference_definition(dist[0], ids[0], store.values, 4, 40.0 * 4)
+    assert any(wrong[v] != pytest.approx(want[v], rel=1e-3, abs=1e-6) for v in want)
+    # Tuning's vectorised copy of the formula agrees with the native one.
+    targets = np.array([sorted(want)])
+    mass = rtd._reference_mass(store, dist.astype(np.float32), ids, targets, 12, 40.0)[0]
+    np.testing.assert_allclose(mass, [want[v] for v in sorted(want)], rtol=1e-3, atol=1e-6)
 
 
 def test_inverted_file_probing_every_list_is_exact_and_recall_is_reported(tiny_model):

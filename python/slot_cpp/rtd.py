@@ -41,9 +41,9 @@ import os
 import sys
 import time
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -602,9 +602,6 @@ def _renormalise(logprobs: Optional[Sequence[float]]) -> np.ndarray:
 
 
 # ---- tuning -------------------------------------------------------------------
-def _batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for a in range(0, len(items), size):
-        yield items[a:a + size]
 def _reference_mass(store: Datastore, dist: np.ndarray, ids: np.ndarray, targets: np.ndarray,
                     k: int, temperature: float) -> np.ndarray:
     """r(target) for each query from its neighbours (n, heads, >= k): the
