@@ -19,14 +19,17 @@ namespace {
 
 using slot::InterruptCheck;
 
-// Checks for Ctrl-C at most every 20 ms, re-acquiring the GIL only then.
-// Once a signal is seen the check stays true for the rest of the call.
-InterruptCheck make_interrupt_check() {
-    struct State {
-        std::atomic<bool> hit{false};
-        std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
-    };
-    auto state = std::make_shared<State>();
+// Checks for Ctrl-C (and, when given, the caller's cancel callable) at most
+// every 20 ms, re-acquiring the GIL only then. Once true, the check stays
+// true for the rest of the call; `cancelled` says whether `cancel` made it so.
+struct InterruptState {
+    std::atomic<bool> hit{false};
+    std::atomic<bool> cancelled{false};
+    std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
+    py::handle cancel;  // borrowed from the binding's frame, which outlives every check
+};
+
+InterruptCheck make_interrupt_check(const std::shared_ptr<InterruptState>& state) {
     return [state]() -> bool {
         if (state->hit.load()) return true;
         const auto now = std::chrono::steady_clock::now();
@@ -38,9 +41,25 @@ InterruptCheck make_interrupt_check() {
             state->hit.store(true);
             return true;
         }
+        if (state->cancel && !state->cancel.is_none()) {  // NOLINT: handle, no reference taken
+            bool stop = false;
+            try {
+                stop = state->cancel().cast<bool>();
+            } catch (py::error_already_set& e) {
+                e.discard_as_unraisable("slot_cpp cancel check");
+                stop = true;
+            }
+            if (stop) {
+                state->cancelled.store(true);
+                state->hit.store(true);
+                return true;
+            }
+        }
         return false;
     };
 }
+
+InterruptCheck make_interrupt_check() { return make_interrupt_check(std::make_shared<InterruptState>()); }
 
 py::array_t<float> to_numpy(const std::vector<float>& v, std::vector<py::ssize_t> shape) {
     py::array_t<float> a(shape);
@@ -76,6 +95,8 @@ PYBIND11_MODULE(_core, m) {
     py::register_exception<slot::ModelLoadError>(m, "ModelLoadError", base.ptr());
     py::register_exception<slot::UnsupportedModelError>(m, "UnsupportedModelError", base.ptr());
     py::register_exception<slot::ContextLengthError>(m, "ContextLengthError", base.ptr());
+    py::register_exception<slot::QueueFullError>(m, "QueueFullError", base.ptr());
+    py::register_exception<slot::Cancelled>(m, "GenerationCancelled", base.ptr());
     py::register_exception_translator([](std::exception_ptr p) {
         try {
             if (p) std::rethrow_exception(p);
@@ -286,21 +307,50 @@ PYBIND11_MODULE(_core, m) {
         .def("close", &slot::Session::close, py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("closed", py::cpp_function(&slot::Session::closed, kNoGil))
         .def("generate_batch",
-             [](slot::Session& s, const std::vector<slot::GenerationRequest>& requests, py::object on_text) {
+             [](slot::Session& s, const std::vector<slot::GenerationRequest>& requests, py::object on_text,
+                py::object cancel) {
                  slot::BatchTextCallback callback;
                  if (!on_text.is_none()) {
-                     py::object* fn = &on_text;  // owned by this frame; called with the GIL held
+                     py::object* fn = &on_text;  // owned by this frame, which outlives the call's callbacks
                      callback = [fn](int index, const std::string& piece) {
                          py::gil_scoped_acquire gil;
                          py::object r = (*fn)(index, py::bytes(piece));
                          return r.is_none() || r.cast<bool>();
                      };
                  }
-                 InterruptCheck check = make_interrupt_check();
-                 py::gil_scoped_release release;
-                 return s.generate_batch(requests, callback, check);
+                 auto state = std::make_shared<InterruptState>();
+                 state->cancel = cancel;
+                 InterruptCheck check = make_interrupt_check(state);
+                 try {
+                     py::gil_scoped_release release;
+                     return s.generate_batch(requests, callback, check);
+                 } catch (const slot::Interrupted&) {
+                     if (state->cancelled.load()) throw slot::Cancelled();
+                     throw;
+                 }
              },
-             py::arg("requests"), py::arg("on_text"))
+             py::arg("requests"), py::arg("on_text"), py::arg("cancel") = py::none())
+        .def("set_max_waiting", &slot::Session::set_max_waiting, py::arg("n"), kNoGil)
+        .def("stats",
+             [](slot::Session& s) {
+                 slot::BatchStats st;
+                 {
+                     py::gil_scoped_release release;
+                     st = s.stats();
+                 }
+                 py::dict d;
+                 d["waiting_requests"] = st.waiting_requests;
+                 d["live_sequences"] = st.live_sequences;
+                 d["completed_calls"] = st.completed_calls;
+                 d["failed_calls"] = st.failed_calls;
+                 d["generated_tokens"] = st.generated_tokens;
+                 d["decode_steps"] = st.decode_steps;
+                 d["prompt_tokens"] = st.prompt_tokens;
+                 d["cached_tokens"] = st.cached_tokens;
+                 d["slot_requests"] = st.slot_requests;
+                 d["rtd_requests"] = st.rtd_requests;
+                 return d;
+             })
         .def("clear_cache", &slot::Session::clear_cache, py::call_guard<py::gil_scoped_release>())
         .def("drop_cached", &slot::Session::drop_cached, py::arg("prefix"), kNoGil)
         .def_property_readonly("n_parallel", py::cpp_function(&slot::Session::n_parallel, kNoGil))

@@ -216,10 +216,26 @@ int Engine::decode_checked(llama_batch& batch, const InterruptCheck& interrupted
         return 0;
     }
     if (rc == 1) return 1;
-    // An abort or a failure may leave part of the batch in the cache: the
-    // record of what each sequence holds is no longer true, so drop it all.
+    if (rc == 2) {
+        // An abort may leave part of the batch in the cache: the batch's
+        // sequences no longer hold what is recorded, the others are intact.
+        std::vector<char> touched(seq_tokens_.size(), 0);
+        for (int32_t i = 0; i < batch.n_tokens; ++i) {
+            for (int32_t j = 0; j < batch.n_seq_id[i]; ++j) {
+                const llama_seq_id s = batch.seq_id[i][j];
+                if (s >= 0 && static_cast<size_t>(s) < touched.size()) touched[static_cast<size_t>(s)] = 1;
+            }
+        }
+        for (size_t s = 0; s < touched.size(); ++s) {
+            if (touched[s]) seq_clear(static_cast<int>(s));
+        }
+        last_logits_ = nullptr;
+        last_hidden_ = nullptr;
+        output_rows_.clear();
+        throw Interrupted();
+    }
+    // A failure may leave anything in the cache: drop it all.
     clear_all();
-    if (rc == 2) throw Interrupted();
     throw Error(with_log_detail(std::string(what) + ": llama_decode failed with code " + std::to_string(rc)));
 }
 

@@ -26,6 +26,16 @@ struct ContextLengthError : Error {
     using Error::Error;
 };
 
+// The model is serving as many waiting requests as it was told to queue.
+struct QueueFullError : Error {
+    using Error::Error;
+};
+
+// The caller's cancel check turned true; the bindings raise GenerationCancelled.
+struct Cancelled : Error {
+    Cancelled() : Error("the generate call was cancelled") {}
+};
+
 // A Python signal (Ctrl-C) arrived; the bindings re-raise it as KeyboardInterrupt.
 struct Interrupted : std::exception {
     const char* what() const noexcept override { return "interrupted"; }

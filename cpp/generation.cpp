@@ -4,7 +4,10 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <list>
+#include <shared_mutex>
 #include <stdexcept>
+#include <thread>
 
 #include "errors.h"
 
@@ -46,6 +49,7 @@ size_t safe_emit_end(const std::string& s, size_t limit) {
 }  // namespace
 
 Session::Session(const EngineParams& params) : engine_(std::make_unique<Engine>(params)) {
+    shape_ = {engine_->n_vocab(), engine_->n_embd(), engine_->n_ctx(), engine_->n_parallel()};
     const char* portable = std::getenv("SLOT_CPP_PORTABLE_HEAD_OPS");
     portable_head_ops_ = portable != nullptr && std::string(portable) == "1";
 }
@@ -66,15 +70,8 @@ ggml_backend_dev_t head_device(const EngineParams& params) {
 
 }  // namespace
 
-void Session::close() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    head_.reset();
-    backend_.reset();
-    engine_.reset();
-}
-
 bool Session::closed() const {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<FairMutex> lock(mutex_);
     return !engine_;
 }
 
@@ -102,7 +99,7 @@ OutputHead& Session::head() {
 }
 
 std::string Session::slot_backend() {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<FairMutex> lock(mutex_);
     OutputHead& h = head();
     std::string out = h.backend().name();
     if (h.portable_ops()) {
@@ -118,7 +115,16 @@ namespace {
 
 // Checks a request completely before any work starts, so that one bad
 // request fails the call instead of another request's output.
-void validate_request(const Engine& e, const GenerationRequest& req, int index) {
+void check_token_ids(const std::vector<int32_t>& tokens, int n_vocab) {
+    for (int32_t t : tokens) {
+        if (t < 0 || t >= n_vocab) {
+            throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                                        std::to_string(n_vocab) + ")");
+        }
+    }
+}
+
+void validate_request(const ModelShape& e, const GenerationRequest& req, int index) {
     const std::string where = index >= 0 ? "request " + std::to_string(index) + ": " : "";
     try {
         validate(req.sampling);
@@ -133,13 +139,13 @@ void validate_request(const Engine& e, const GenerationRequest& req, int index) 
     for (const auto& s : req.stop) {
         if (s.empty()) throw std::invalid_argument(where + "stop strings must not be empty");
     }
-    e.check_tokens(req.prompt);
-    e.check_tokens(req.response_prefix);
-    e.check_tokens(req.score_tokens);
+    check_token_ids(req.prompt, e.n_vocab);
+    check_token_ids(req.response_prefix, e.n_vocab);
+    check_token_ids(req.score_tokens, e.n_vocab);
     if (!req.delta.empty()) {
-        if (static_cast<int>(req.delta.size()) != e.n_embd()) {
+        if (static_cast<int>(req.delta.size()) != e.n_embd) {
             throw std::invalid_argument(where + "delta has " + std::to_string(req.delta.size()) +
-                                        " values but the model's hidden size is " + std::to_string(e.n_embd()));
+                                        " values but the model's hidden size is " + std::to_string(e.n_embd));
         }
         for (float x : req.delta) {
             if (!std::isfinite(x)) throw std::invalid_argument(where + "delta contains a non-finite value");
@@ -147,7 +153,7 @@ void validate_request(const Engine& e, const GenerationRequest& req, int index) 
     }
     if (req.rtd) {
         try {
-            validate(req.rtd_params, *req.rtd, e.n_embd(), e.n_vocab());
+            validate(req.rtd_params, *req.rtd, e.n_embd, e.n_vocab);
         } catch (const std::invalid_argument& exc) {
             throw std::invalid_argument(where + exc.what());
         }
@@ -176,77 +182,156 @@ size_t common_prefix(const std::vector<int32_t>& a, const std::vector<int32_t>& 
     return i;
 }
 
-// One generate_batch call: requests split into groups of at most n_parallel
-// samples, admitted in order while sequences and KV cells allow, then one
-// llama_decode per step for every live sequence (continuous batching: a
-// finished sequence's place goes to the next group at once).
-class BatchRun {
-public:
-    BatchRun(Engine& engine, std::function<OutputHead&()> head, std::vector<uint64_t>& last_use, uint64_t& clock,
-             const std::vector<GenerationRequest>& requests, const BatchTextCallback& on_text,
-             const InterruptCheck& interrupted)
-        : e_(engine), head_(std::move(head)), last_use_(last_use), clock_(clock), reqs_(requests),
-          on_text_(on_text), interrupted_(interrupted), live_(static_cast<size_t>(engine.n_parallel()), 0),
-          scratch_(static_cast<size_t>(engine.n_vocab())) {}
+}  // namespace
 
-    std::vector<GenerationResult> run() {
+// What one generate_batch call needs per request while it runs.
+struct RequestState {
+    std::vector<int32_t> context;  // prompt + response prefix
+    int result_base = 0;
+    size_t max_stop = 0;           // the longest stop string
+    bool prepared = false;         // delta known, stages built
+    StageList stages;
+    bool needs_hidden = false;     // a stage reads the final hidden state
+    GenerationResult slot;         // what SLOT did (delta, losses, timings), copied to each result
+};
+
+// One generate_batch call in the shared token loop.
+struct BatchJob {
+    std::vector<GenerationRequest> requests;
+    BatchTextCallback on_text;
+    InterruptCheck interrupted;  // polled on the owner's thread only
+    std::thread::id owner;
+    std::atomic<bool> cancel{false};
+    std::vector<GenerationResult> results;
+    std::exception_ptr error;
+    // The batcher's bookkeeping (under the session's engine lock).
+    std::vector<RequestState> states;
+    int groups_left = 0;     // groups not yet finished
+    int groups_waiting = 0;  // groups not yet admitted
+    bool finished = false;
+    // Under the session's jobs lock.
+    bool done = false;
+    bool counted_waiting = true;
+
+    // Whether the call should stop now.
+    bool stop_requested() {
+        if (cancel.load()) return true;
+        if (interrupted && std::this_thread::get_id() == owner && interrupted()) {
+            cancel.store(true);
+            return true;
+        }
+        return false;
+    }
+};
+
+// What a tick changed, for the session to publish under its jobs lock.
+struct BatchEvents {
+    std::vector<std::shared_ptr<BatchJob>> finished;
+};
+
+// The shared token loop: calls' requests split into groups of at most
+// n_parallel samples, admitted in arrival order while sequences and KV cells
+// allow, then one llama_decode per step for every live sequence of every
+// call (continuous batching: a finished sequence's place goes to the next
+// group at once). Lives as long as the session; every method runs under the
+// session's engine lock.
+class Batcher {
+public:
+    // `admitted` runs (under the engine lock) when a call's last group gets
+    // its sequences, before any of its work, so that the queue's length is
+    // right even while a long prefill or a callback holds the loop.
+    Batcher(Engine& engine, std::function<OutputHead&()> head, LoopCounters& stats,
+            std::function<void(const std::shared_ptr<BatchJob>&)> admitted)
+        : e_(engine), head_(std::move(head)), stats_(stats), admitted_(std::move(admitted)),
+          live_(static_cast<size_t>(engine.n_parallel()), 0), pinned_(live_.size(), 0), last_use_(live_.size(), 0), scratch_(static_cast<size_t>(engine.n_vocab())) {}
+
+    bool busy() const { return !waiting_.empty() || !lanes_.empty(); }
+    bool live(int seq) const { return live_[static_cast<size_t>(seq)] != 0; }
+
+    void add(const std::shared_ptr<BatchJob>& job) {
         const int n_par = e_.n_parallel();
         int total = 0;
-        for (size_t r = 0; r < reqs_.size(); ++r) {
-            const GenerationRequest& req = reqs_[r];
+        job->states.clear();
+        for (size_t r = 0; r < job->requests.size(); ++r) {
+            const GenerationRequest& req = job->requests[r];
             RequestState st;
             st.context = req.prompt;
             st.context.insert(st.context.end(), req.response_prefix.begin(), req.response_prefix.end());
             st.result_base = total;
             for (const auto& stop : req.stop) st.max_stop = std::max(st.max_stop, stop.size());
             for (int first = 0; first < req.n; first += n_par) {
-                groups_.push_back({static_cast<int>(r), first, std::min(n_par, req.n - first), 0, 0});
+                groups_.push_back(Group{job, static_cast<int>(r), first, std::min(n_par, req.n - first), 0, 0});
                 groups_.back().reserve = cells_needed(req, groups_.back().count);
+                waiting_.push_back(&groups_.back());
+                ++job->groups_left;
+                ++job->groups_waiting;
             }
             total += req.n;
-            states_.push_back(std::move(st));
+            job->states.push_back(std::move(st));
+            if (req.slot.steps > 0 || !req.delta.empty()) ++stats_.slot_requests;
+            if (req.rtd) ++stats_.rtd_requests;
         }
-        results_.resize(static_cast<size_t>(total));
-        // The sequences this call's requests will fork from are dropped last.
-        pinned_.assign(live_.size(), 0);
-        for (size_t r = 0; r < reqs_.size(); ++r) {
-            if (!reqs_[r].cache_prompt) continue;
-            const int source = best_source(states_[r].context).first;
-            if (source >= 0) pinned_[static_cast<size_t>(source)] = 1;
+        job->results.resize(static_cast<size_t>(total));
+    }
+
+    // Stops cancelled calls, admits what fits, then decodes one token for
+    // every live sequence.
+    void tick(BatchEvents& ev) {
+        std::vector<BatchJob*> seen;
+        for (const Group* g : waiting_) seen.push_back(g->job.get());
+        for (const auto& lane : lanes_) seen.push_back(lane->group->job.get());
+        std::sort(seen.begin(), seen.end());
+        seen.erase(std::unique(seen.begin(), seen.end()), seen.end());
+        for (BatchJob* job : seen) {
+            if (job->stop_requested()) fail(*job, std::make_exception_ptr(Interrupted()), ev);
+        }
+
+        if (!waiting_.empty()) {
+            // The sequences waiting calls will fork from are dropped last.
+            std::fill(pinned_.begin(), pinned_.end(), 0);
+            for (const Group* g : waiting_) {
+                if (!g->job->requests[static_cast<size_t>(g->request)].cache_prompt) continue;
+                const int source = best_source(g->job->states[static_cast<size_t>(g->request)].context).first;
+                if (source >= 0) pinned_[static_cast<size_t>(source)] = 1;
+            }
+        }
+        while (!waiting_.empty() && can_admit(*waiting_.front())) {
+            Group* g = waiting_.front();
+            waiting_.pop_front();
+            std::shared_ptr<BatchJob> job = g->job;
+            if (--job->groups_waiting == 0) admitted_(job);
+            try {
+                start_group(*g, ev);
+            } catch (...) {
+                fail(*job, std::current_exception(), ev);
+            }
+        }
+        if (lanes_.empty()) {
+            if (!waiting_.empty()) {
+                fail(*waiting_.front()->job, std::make_exception_ptr(Error("internal error: a group could not be "
+                                                                           "admitted")), ev);
+            }
+            return;
         }
         try {
-            size_t next = 0;
-            while (next < groups_.size() || !lanes_.empty()) {
-                while (next < groups_.size() && can_admit(groups_[next])) start_group(static_cast<int>(next++));
-                if (lanes_.empty()) {
-                    if (next < groups_.size()) throw Error("internal error: a group could not be admitted");
-                    break;
-                }
-                step();
-                if (interrupted_ && interrupted_()) throw Interrupted();
-            }
+            step(ev);
         } catch (...) {
-            // Sequences cut short are of no use as a cache.
-            for (size_t s = 0; s < live_.size(); ++s) {
-                if (live_[s]) e_.seq_clear(static_cast<int>(s));
-                live_[s] = 0;
-            }
-            throw;
+            const std::exception_ptr error = std::current_exception();
+            std::vector<BatchJob*> jobs;
+            for (const auto& lane : lanes_) jobs.push_back(lane->group->job.get());
+            for (BatchJob* job : jobs) fail(*job, error, ev);
         }
-        return std::move(results_);
+    }
+
+    // Fails every call (the model is closing).
+    void fail_all(const std::exception_ptr& error, BatchEvents& ev) {
+        while (!waiting_.empty()) fail(*waiting_.front()->job, error, ev);
+        while (!lanes_.empty()) fail(*lanes_.front()->group->job, error, ev);
     }
 
 private:
-    struct RequestState {
-        std::vector<int32_t> context;  // prompt + response prefix
-        int result_base = 0;
-        size_t max_stop = 0;           // the longest stop string
-        bool prepared = false;         // delta known, stages built
-        StageList stages;
-        bool needs_hidden = false;     // a stage reads the final hidden state
-        GenerationResult slot;         // what SLOT did (delta, losses, timings), copied to each result
-    };
     struct Group {
+        std::shared_ptr<BatchJob> job;
         int request;
         int first;     // first sample index
         int count;
@@ -255,7 +340,7 @@ private:
     };
     struct Lane {
         int result;
-        int group;
+        Group* group;
         int seq;
         std::unique_ptr<Sampler> sampler;
         std::vector<int32_t> history;
@@ -265,6 +350,11 @@ private:
         bool done = false;
         Clock::time_point started;
     };
+
+    const GenerationRequest& request_of(const Group& g) const {
+        return g.job->requests[static_cast<size_t>(g.request)];
+    }
+    RequestState& state_of(const Group& g) { return g.job->states[static_cast<size_t>(g.request)]; }
 
     // The sequence holding the longest prefix of `context`, and its length
     // ((-1, 0) when none shares a token).
@@ -299,7 +389,7 @@ private:
 
     // A sequence that is not live: an empty one, else the cached one to drop
     // first other than `keep` (a fork source), else `keep` itself.
-    int take_seq(int keep) {
+    int take_seq(int keep, std::vector<int>& taken) {
         int best = -1;
         for (int s = 0; s < static_cast<int>(live_.size()); ++s) {
             if (!live_[static_cast<size_t>(s)] && e_.seq_tokens(s).empty()) { best = s; break; }
@@ -308,6 +398,7 @@ private:
         if (best < 0 && keep >= 0 && !live_[static_cast<size_t>(keep)]) best = keep;
         if (best < 0) throw Error("internal error: no free sequence");
         live_[static_cast<size_t>(best)] = 1;
+        taken.push_back(best);
         return best;
     }
 
@@ -338,10 +429,25 @@ private:
         st.prepared = true;
     }
 
-    void start_group(int gi) {
-        Group& g = groups_[static_cast<size_t>(gi)];
-        RequestState& st = states_[static_cast<size_t>(g.request)];
-        const GenerationRequest& req = reqs_[static_cast<size_t>(g.request)];
+    void start_group(Group& g, BatchEvents& ev) {
+        std::vector<int> taken;  // sequences marked live here, released if this throws
+        try {
+            start_group_on(g, taken, ev);
+        } catch (...) {
+            for (int s : taken) {
+                if (!live_[static_cast<size_t>(s)]) continue;
+                live_[static_cast<size_t>(s)] = 0;
+                e_.seq_clear(s);
+            }
+            throw;
+        }
+    }
+
+    void start_group_on(Group& g, std::vector<int>& taken, BatchEvents& ev) {
+        BatchJob& job = *g.job;
+        RequestState& st = state_of(g);
+        const GenerationRequest& req = request_of(g);
+        const InterruptCheck stop = [&job] { return job.stop_requested(); };
         const bool learn = !st.prepared && req.delta.empty() && req.slot.steps > 0;
         const bool slot_possible = learn && req.prompt.size() >= 2;
         if (learn || !req.delta.empty()) head_();  // load the head (or refuse the model) outside the timings
@@ -351,18 +457,18 @@ private:
         auto t0 = Clock::now();
         double prefill = 0.0;
         if (slot_possible) {
-            root = take_seq(-1);
+            root = take_seq(-1, taken);
             e_.seq_clear(root);
             PromptCache cache(head_(), req.prompt, req.slot);
             // Every loss position is a token before the last; the last one is
             // then evaluated alone, as on every other path.
             fill_prompt_cache(e_, cache, root, std::vector<int32_t>(req.prompt.begin(), req.prompt.end() - 1), room,
-                              interrupted_);
-            e_.append(root, {req.prompt.back()}, Engine::Outputs::Last, 0, {}, room, interrupted_,
+                              stop);
+            e_.append(root, {req.prompt.back()}, Engine::Outputs::Last, 0, {}, room, stop,
                       req.return_hidden || uses_hidden(req));
             prefill = seconds_since(t0);
             t0 = Clock::now();
-            SlotOutcome outcome = cache.optimise(req.slot, interrupted_);
+            SlotOutcome outcome = cache.optimise(req.slot, stop);
             st.slot.losses = std::move(outcome.losses);
             st.slot.steps_done = outcome.steps_done;
             st.slot.slot_status = outcome.stop_reason;
@@ -389,7 +495,7 @@ private:
             // At least the last context token is evaluated: its logits start generation.
             cached = static_cast<int>(std::min(best, st.context.size() - 1));
             if (cached > 0) {
-                root = take_seq(source);
+                root = take_seq(source, taken);
                 if (root == source) {
                     if (!e_.seq_truncate(root, cached)) cached = 0;
                 } else {
@@ -397,20 +503,22 @@ private:
                     last_use_[static_cast<size_t>(source)] = ++clock_;  // a cache hit is a use
                 }
             } else {
-                root = take_seq(-1);
+                root = take_seq(-1, taken);
                 e_.seq_clear(root);
             }
             e_.append_context(root, std::vector<int32_t>(st.context.begin() + cached, st.context.end()), room,
-                              interrupted_, req.return_hidden || st.needs_hidden);
+                              stop, req.return_hidden || st.needs_hidden);
             prefill = seconds_since(t0);
         }
         last_use_[static_cast<size_t>(root)] = ++clock_;
+        stats_.prompt_tokens += context;
+        stats_.cached_tokens += cached;
 
         // Every sample's sequence first (they share the context's cells), then
         // the first token of each from the context's last logits.
         std::vector<int> seqs{root};
         for (int j = 1; j < g.count; ++j) {
-            const int s = take_seq(-1);
+            const int s = take_seq(-1, taken);
             e_.seq_fork(root, s, context);
             seqs.push_back(s);
         }
@@ -422,10 +530,10 @@ private:
             const float* z = staged(st, first_logits, first_hidden);
             for (int32_t t : req.score_tokens) scores.push_back(token_logprob(z, e_.n_vocab(), t, 0).logprob);
         }
-        std::vector<size_t> started;
+        std::vector<Lane*> started;
         for (int j = 0; j < g.count; ++j) {
             const int index = st.result_base + g.first + j;
-            GenerationResult& res = results_[static_cast<size_t>(index)];
+            GenerationResult& res = job.results[static_cast<size_t>(index)];
             res = st.slot;
             res.prompt_tokens = context;
             res.cached_tokens = cached;
@@ -438,36 +546,38 @@ private:
             res.seed = sp.seed;
             auto lane = std::make_unique<Lane>();
             lane->result = index;
-            lane->group = gi;
+            lane->group = &g;
             lane->seq = seqs[static_cast<size_t>(j)];
             lane->sampler = std::make_unique<Sampler>(sp, e_.n_vocab());
             lane->history = st.context;
             lane->started = Clock::now();
             ++g.live;
+            started.push_back(lane.get());
             lanes_.push_back(std::move(lane));
-            started.push_back(lanes_.size() - 1);
         }
+        taken.clear();  // owned by lanes from here on
+        stats_.live_sequences.store(static_cast<int64_t>(lanes_.size()));
         reserved_ += g.reserve;
-        for (size_t k : started) {
-            Lane& lane = *lanes_[k];
-            if (req.max_tokens == 0) finish(lane, "length");
-            else advance(lane, first_logits, first_hidden);
+        for (Lane* lane : started) {
+            if (req.max_tokens == 0) finish(*lane, "length", ev);
+            else advance(*lane, first_logits, first_hidden, ev);
         }
         compact();
     }
 
-    void step() {
+    void step(BatchEvents& ev) {
         std::vector<BatchToken> batch;
         batch.reserve(lanes_.size());
         bool hidden = false;
         for (const auto& lane : lanes_) {
             batch.push_back({lane->seq, lane->pending, true});
-            hidden = hidden || states_[static_cast<size_t>(groups_[static_cast<size_t>(lane->group)].request)].needs_hidden;
+            hidden = hidden || state_of(*lane->group).needs_hidden;
         }
-        e_.decode(batch, [this] { return make_room(); }, interrupted_, hidden);
+        e_.decode(batch, [this] { return make_room(); }, {}, hidden);
+        ++stats_.decode_steps;
         for (size_t i = 0; i < lanes_.size(); ++i) {
             const int row = static_cast<int>(i);
-            advance(*lanes_[i], e_.logits_row(row), hidden ? e_.hidden_row(row) : nullptr);
+            advance(*lanes_[i], e_.logits_row(row), hidden ? e_.hidden_row(row) : nullptr, ev);
         }
         compact();
     }
@@ -475,6 +585,8 @@ private:
     void compact() {
         lanes_.erase(std::remove_if(lanes_.begin(), lanes_.end(), [](const auto& l) { return l->done; }),
                      lanes_.end());
+        stats_.live_sequences.store(static_cast<int64_t>(lanes_.size()));
+        groups_.remove_if([](const Group& g) { return g.job->finished; });
     }
 
     // The logits after the request's stages: `logits` itself when it has
@@ -490,21 +602,22 @@ private:
         return scratch_.data();
     }
 
-    void advance(Lane& lane, const float* logits, const float* hidden) {
-        const Group& g = groups_[static_cast<size_t>(lane.group)];
-        const GenerationRequest& req = reqs_[static_cast<size_t>(g.request)];
-        const RequestState& st = states_[static_cast<size_t>(g.request)];
-        GenerationResult& res = results_[static_cast<size_t>(lane.result)];
+    void advance(Lane& lane, const float* logits, const float* hidden, BatchEvents& ev) {
+        const Group& g = *lane.group;
+        const GenerationRequest& req = request_of(g);
+        const RequestState& st = state_of(g);
+        GenerationResult& res = g.job->results[static_cast<size_t>(lane.result)];
         const int64_t V = e_.n_vocab();
         const float* z = staged(st, logits, hidden);
         const int32_t tok = lane.sampler->sample(z, nullptr, lane.history);
-        if (!req.ignore_eos && e_.is_eog(tok)) return finish(lane, "eos");
+        if (!req.ignore_eos && e_.is_eog(tok)) return finish(lane, "eos", ev);
         if (req.logprobs || req.top_logprobs > 0) {
             TokenLogprob lp = token_logprob(z, V, tok, req.top_logprobs);
             res.token_logprobs.push_back(lp.logprob);
             if (req.top_logprobs > 0) res.top_logprobs.push_back(std::move(lp.top));
         }
         res.tokens.push_back(tok);
+        ++stats_.generated_tokens;
         lane.history.push_back(tok);
         std::string& text = res.text;
         const size_t before = text.size();
@@ -517,80 +630,281 @@ private:
         }
         if (found != std::string::npos) {
             text.resize(found);
-            return finish(lane, "stop");
+            return finish(lane, "stop", ev);
         }
         emit(lane, safe_emit_end(text, text.size() - std::min(text.size(), max_stop > 0 ? max_stop - 1 : size_t(0))));
-        if (lane.callback_stopped) return finish(lane, "callback");
-        if (static_cast<int>(res.tokens.size()) >= req.max_tokens) return finish(lane, "length");
+        if (lane.callback_stopped) return finish(lane, "callback", ev);
+        if (static_cast<int>(res.tokens.size()) >= req.max_tokens) return finish(lane, "length", ev);
         lane.pending = tok;
     }
 
+    // Passes new text to the call's callback. A callback that throws stops
+    // its call, which then raises the callback's exception.
     void emit(Lane& lane, size_t end) {
-        const std::string& text = results_[static_cast<size_t>(lane.result)].text;
-        if (!on_text_ || lane.callback_stopped || end <= lane.emitted) return;
-        if (!on_text_(lane.result, text.substr(lane.emitted, end - lane.emitted))) lane.callback_stopped = true;
+        BatchJob& job = *lane.group->job;
+        const std::string& text = job.results[static_cast<size_t>(lane.result)].text;
+        if (!job.on_text || lane.callback_stopped || end <= lane.emitted) return;
+        try {
+            if (!job.on_text(lane.result, text.substr(lane.emitted, end - lane.emitted))) lane.callback_stopped = true;
+        } catch (...) {
+            if (!job.error) job.error = std::current_exception();
+            job.cancel.store(true);
+            lane.callback_stopped = true;
+        }
         lane.emitted = end;
     }
 
-    void finish(Lane& lane, const char* reason) {
-        GenerationResult& res = results_[static_cast<size_t>(lane.result)];
+    void finish(Lane& lane, const char* reason, BatchEvents& ev) {
+        Group& g = *lane.group;
+        BatchJob& job = *g.job;
+        GenerationResult& res = job.results[static_cast<size_t>(lane.result)];
         emit(lane, res.text.size());
         res.finish_reason = reason;
         res.generate_seconds = seconds_since(lane.started);
-        Group& g = groups_[static_cast<size_t>(lane.group)];
+        release(lane, !request_of(g).cache_prompt);
+        if (g.live == 0 && --job.groups_left == 0) complete(g.job, ev);
+    }
+
+    // Frees a lane's sequence (keeping its cells as a cache unless `clear`).
+    void release(Lane& lane, bool clear) {
+        Group& g = *lane.group;
         const auto seq = static_cast<size_t>(lane.seq);
         live_[seq] = 0;
         last_use_[seq] = ++clock_;
-        if (!reqs_[static_cast<size_t>(g.request)].cache_prompt) e_.seq_clear(lane.seq);
+        if (clear) e_.seq_clear(lane.seq);
         if (--g.live == 0) reserved_ -= g.reserve;
         lane.done = true;
     }
 
+    void complete(const std::shared_ptr<BatchJob>& job, BatchEvents& ev) {
+        if (job->finished) return;
+        job->finished = true;
+        if (job->error) ++stats_.failed_calls;
+        else ++stats_.completed_calls;
+        ev.finished.push_back(job);
+    }
+
+    // Stops a call: its waiting groups are dropped, its sequences cleared
+    // (cut short, they are of no use as a cache).
+    void fail(BatchJob& job, const std::exception_ptr& error, BatchEvents& ev) {
+        if (job.finished) return;
+        if (!job.error) job.error = error;
+        std::shared_ptr<BatchJob> keep;
+        for (auto it = waiting_.begin(); it != waiting_.end();) {
+            if ((*it)->job.get() == &job) {
+                keep = (*it)->job;
+                if (--job.groups_waiting == 0) admitted_(keep);
+                it = waiting_.erase(it);
+            } else {
+                ++it;
+            }
+        }
+        for (auto& lane : lanes_) {
+            if (lane->done || lane->group->job.get() != &job) continue;
+            keep = lane->group->job;
+            release(*lane, true);
+        }
+        for (Group& g : groups_) {
+            if (g.job.get() == &job) keep = g.job;
+        }
+        if (keep) complete(keep, ev);
+        compact();
+    }
+
     Engine& e_;
     std::function<OutputHead&()> head_;
-    std::vector<uint64_t>& last_use_;
-    uint64_t& clock_;
-    const std::vector<GenerationRequest>& reqs_;
-    const BatchTextCallback& on_text_;
-    const InterruptCheck& interrupted_;
+    LoopCounters& stats_;
+    std::function<void(const std::shared_ptr<BatchJob>&)> admitted_;
     std::vector<char> live_;
     std::vector<char> pinned_;
+    std::vector<uint64_t> last_use_;  // per sequence, for dropping the least recently used cache
+    uint64_t clock_ = 0;
     std::vector<float> scratch_;
-    std::vector<RequestState> states_;
-    std::vector<Group> groups_;
+    std::list<Group> groups_;   // stable addresses: lanes and the queue point into it
+    std::deque<Group*> waiting_;
     std::vector<std::unique_ptr<Lane>> lanes_;
-    std::vector<GenerationResult> results_;
     int64_t reserved_ = 0;
 };
 
-}  // namespace
+Session::~Session() = default;
+
+void Session::close() {
+    closed_.store(true);
+    BatchEvents ev;
+    {
+        std::lock_guard<FairMutex> lock(mutex_);
+        if (batcher_) batcher_->fail_all(std::make_exception_ptr(Error("the model was closed")), ev);
+        std::unique_lock<std::shared_mutex> life(life_);  // waits for tokenising calls
+        batcher_.reset();
+        head_.reset();
+        backend_.reset();
+        engine_.reset();
+    }
+    publish(ev);
+}
+
+void Session::publish(BatchEvents& ev) {
+    if (ev.finished.empty()) return;
+    {
+        std::lock_guard<std::mutex> lock(jobs_mutex_);
+        for (const auto& j : ev.finished) {
+            if (j->counted_waiting) { j->counted_waiting = false; --waiting_; }
+            j->done = true;
+        }
+    }
+    jobs_cv_.notify_all();
+    ev = BatchEvents();
+}
+
+Batcher& Session::batcher() {
+    Engine& e = engine();
+    if (!batcher_) {
+        batcher_ = std::make_unique<Batcher>(
+            e, [this]() -> OutputHead& { return head(); }, counters_, [this](const std::shared_ptr<BatchJob>& job) {
+                std::lock_guard<std::mutex> lock(jobs_mutex_);
+                if (job->counted_waiting) { job->counted_waiting = false; --waiting_; }
+            });
+    }
+    return *batcher_;
+}
+
+void Session::require_idle(const char* what) {
+    if (batcher_ && batcher_->busy()) {
+        throw Error(std::string(what) + " cannot run while generate calls are running on this model");
+    }
+}
+
+void Session::set_max_waiting(int n) {
+    if (n < 0) throw std::invalid_argument("max_waiting must be >= 0");
+    std::lock_guard<std::mutex> lock(jobs_mutex_);
+    max_waiting_ = n;
+}
+
+BatchStats Session::stats() {
+    BatchStats out;
+    const LoopCounters& c = counters_;
+    out.live_sequences = c.live_sequences.load();
+    out.completed_calls = c.completed_calls.load();
+    out.failed_calls = c.failed_calls.load();
+    out.generated_tokens = c.generated_tokens.load();
+    out.decode_steps = c.decode_steps.load();
+    out.prompt_tokens = c.prompt_tokens.load();
+    out.cached_tokens = c.cached_tokens.load();
+    out.slot_requests = c.slot_requests.load();
+    out.rtd_requests = c.rtd_requests.load();
+    std::lock_guard<std::mutex> lock(jobs_mutex_);
+    out.waiting_requests = waiting_;
+    out.failed_calls += cancelled_waiting_;
+    return out;
+}
 
 std::vector<GenerationResult> Session::generate_batch(const std::vector<GenerationRequest>& requests,
                                                       const BatchTextCallback& on_text,
                                                       const InterruptCheck& interrupted) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    Engine& e = engine();
+    // Checked without the engine's lock, which a running step holds: the
+    // model's shape never changes, and a closed model is caught by the driver.
+    if (closed_.load()) throw Error("the model is closed");
+    auto job = std::make_shared<BatchJob>();
+    const ModelShape& e = shape_;
     if (requests.empty()) throw std::invalid_argument("no requests");
-    const int n_par = e.n_parallel();
     for (size_t i = 0; i < requests.size(); ++i) {
         const GenerationRequest& req = requests[i];
         validate_request(e, req, requests.size() > 1 ? static_cast<int>(i) : -1);
         const int64_t context = static_cast<int64_t>(req.prompt.size() + req.response_prefix.size());
-        const int64_t need = cells_needed(req, std::min(req.n, n_par));
-        if (context > e.n_ctx() || need > e.n_ctx()) {
+        const int64_t need = cells_needed(req, std::min(req.n, e.n_parallel));
+        if (context > e.n_ctx || need > e.n_ctx) {
             const std::string where = requests.size() > 1 ? "request " + std::to_string(i) + ": " : "";
             throw ContextLengthError(where + "the prompt has " + std::to_string(context) + " tokens and " +
-                                     std::to_string(std::min(req.n, n_par)) + " sample(s) of up to " +
+                                     std::to_string(std::min(req.n, e.n_parallel)) + " sample(s) of up to " +
                                      std::to_string(req.max_tokens) + " new tokens need " + std::to_string(need) +
                                      " KV cells, but the context (shared by all sequences) holds " +
-                                     std::to_string(e.n_ctx()) + "; use a larger n_ctx, a shorter prompt, or "
+                                     std::to_string(e.n_ctx) + "; use a larger n_ctx, a shorter prompt, or "
                                      "fewer tokens or samples");
         }
     }
-    if (seq_last_use_.size() != static_cast<size_t>(n_par)) seq_last_use_.assign(static_cast<size_t>(n_par), 0);
-    BatchRun run(e, [this]() -> OutputHead& { return head(); }, seq_last_use_, use_clock_, requests, on_text,
-                 interrupted);
-    return run.run();
+    job->requests = requests;
+    job->on_text = on_text;
+    job->interrupted = interrupted;
+    job->owner = std::this_thread::get_id();
+    {
+        std::lock_guard<std::mutex> lock(jobs_mutex_);
+        if (max_waiting_ > 0 && waiting_ >= max_waiting_) {
+            throw QueueFullError("the model already has " + std::to_string(waiting_) +
+                                 " generate calls waiting for a free sequence (the limit)");
+        }
+        ++waiting_;
+        incoming_.push_back(job);
+    }
+
+    for (;;) {
+        // Wait while another caller drives the loop; take over when it stops.
+        {
+            std::unique_lock<std::mutex> lock(jobs_mutex_);
+            while (!job->done && driving_) {
+                jobs_cv_.wait_for(lock, std::chrono::milliseconds(20));
+                if (!job->done && interrupted) {
+                    lock.unlock();
+                    if (interrupted()) job->cancel.store(true);
+                    lock.lock();
+                }
+                // Not yet handed to the batcher: leave at once, whatever the driver is doing.
+                const auto queued = std::find(incoming_.begin(), incoming_.end(), job);
+                if (!job->done && job->cancel.load() && queued != incoming_.end()) {
+                    incoming_.erase(queued);
+                    if (job->counted_waiting) { job->counted_waiting = false; --waiting_; }
+                    if (!job->error) job->error = std::make_exception_ptr(Interrupted());
+                    job->done = true;
+                    ++cancelled_waiting_;
+                }
+            }
+            if (job->done) break;
+            driving_ = true;
+        }
+        // Drive until this call ends; the others' calls advance with it.
+        BatchEvents ev;
+        try {
+            for (;;) {
+                std::lock_guard<FairMutex> lock(mutex_);
+                if (job->finished) break;
+                if (!engine_) {
+                    const auto closed = std::make_exception_ptr(Error("the model is closed"));
+                    std::lock_guard<std::mutex> jl(jobs_mutex_);
+                    for (const auto& j : incoming_) {
+                        j->error = closed;
+                        j->finished = true;
+                        ev.finished.push_back(j);
+                    }
+                    incoming_.clear();
+                    break;
+                }
+                Batcher& b = batcher();
+                {
+                    std::lock_guard<std::mutex> jl(jobs_mutex_);
+                    for (const auto& j : incoming_) b.add(j);
+                    incoming_.clear();
+                }
+                b.tick(ev);
+                publish(ev);
+            }
+        } catch (...) {
+            // Not expected (the batcher fails calls, not itself); never leave callers waiting.
+            std::lock_guard<FairMutex> lock(mutex_);
+            if (!job->finished) {
+                job->error = std::current_exception();
+                job->finished = true;
+                ev.finished.push_back(job);
+            }
+        }
+        publish(ev);
+        {
+            std::lock_guard<std::mutex> lock(jobs_mutex_);
+            driving_ = false;
+        }
+        jobs_cv_.notify_all();
+        break;
+    }
+    if (job->error) std::rethrow_exception(job->error);
+    return std::move(job->results);
 }
 
 GenerationResult Session::generate(const GenerationRequest& req, const TextCallback& on_text,
@@ -603,16 +917,24 @@ GenerationResult Session::generate(const GenerationRequest& req, const TextCallb
 }
 
 void Session::clear_cache() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    engine().clear_all();
+    std::lock_guard<FairMutex> lock(mutex_);
+    Engine& e = engine();
+    if (!batcher_ || !batcher_->busy()) {
+        e.clear_all();
+        return;
+    }
+    for (int s = 0; s < e.n_parallel(); ++s) {
+        if (!batcher_->live(s)) e.seq_clear(s);
+    }
 }
 
 int Session::drop_cached(const std::vector<int32_t>& prefix) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<FairMutex> lock(mutex_);
     Engine& e = engine();
     if (prefix.empty()) throw std::invalid_argument("the prefix is empty");
     int dropped = 0;
     for (int s = 0; s < e.n_parallel(); ++s) {
+        if (batcher_ && batcher_->live(s)) continue;
         const auto& held = e.seq_tokens(s);
         if (held.size() >= prefix.size() && std::equal(prefix.begin(), prefix.end(), held.begin())) {
             e.seq_clear(s);
@@ -623,17 +945,17 @@ int Session::drop_cached(const std::vector<int32_t>& prefix) {
 }
 
 std::vector<int32_t> Session::tokenize(const std::string& text, bool add_special, bool parse_special) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::shared_lock<std::shared_mutex> life(life_);
     return engine().tokenize(text, add_special, parse_special);
 }
 
 std::string Session::detokenize(const std::vector<int32_t>& tokens) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::shared_lock<std::shared_mutex> life(life_);
     return engine().detokenize(tokens);
 }
 
 std::string Session::token_piece(int32_t token) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::shared_lock<std::shared_mutex> life(life_);
     Engine& e = engine();
     e.check_tokens({token});
     return e.token_piece(token, true);
@@ -641,26 +963,29 @@ std::string Session::token_piece(int32_t token) {
 
 std::string Session::apply_chat_template(const std::vector<ChatMessage>& messages, bool add_assistant,
                                          const std::string& template_name) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::shared_lock<std::shared_mutex> life(life_);
     return engine().apply_chat_template(messages, add_assistant, template_name);
 }
 
 const ModelFileInfo& Session::file_info() {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<FairMutex> lock(mutex_);
     return engine().file_info();
 }
 
-int Session::n_vocab() { std::lock_guard<std::mutex> lock(mutex_); return engine().n_vocab(); }
-int Session::n_embd() { std::lock_guard<std::mutex> lock(mutex_); return engine().n_embd(); }
-int Session::n_ctx() { std::lock_guard<std::mutex> lock(mutex_); return engine().n_ctx(); }
-int Session::n_threads() { std::lock_guard<std::mutex> lock(mutex_); return engine().n_threads(); }
-int Session::n_parallel() { std::lock_guard<std::mutex> lock(mutex_); return engine().n_parallel(); }
-int64_t Session::decoded_tokens() { std::lock_guard<std::mutex> lock(mutex_); return engine().decoded_tokens(); }
-bool Session::has_chat_template() { std::lock_guard<std::mutex> lock(mutex_); return engine().has_chat_template(); }
-bool Session::is_eog(int32_t token) { std::lock_guard<std::mutex> lock(mutex_); return engine().is_eog(token); }
+int Session::n_vocab() { std::shared_lock<std::shared_mutex> life(life_); engine(); return shape_.n_vocab; }
+int Session::n_embd() { std::shared_lock<std::shared_mutex> life(life_); engine(); return shape_.n_embd; }
+int Session::n_ctx() { std::shared_lock<std::shared_mutex> life(life_); engine(); return shape_.n_ctx; }
+int Session::n_threads() { std::lock_guard<FairMutex> lock(mutex_); return engine().n_threads(); }
+int Session::n_parallel() { std::shared_lock<std::shared_mutex> life(life_); engine(); return shape_.n_parallel; }
+int64_t Session::decoded_tokens() { std::lock_guard<FairMutex> lock(mutex_); return engine().decoded_tokens(); }
+bool Session::has_chat_template() {
+    std::shared_lock<std::shared_mutex> life(life_);
+    return engine().has_chat_template();
+}
+bool Session::is_eog(int32_t token) { std::shared_lock<std::shared_mutex> life(life_); return engine().is_eog(token); }
 
 std::vector<float> Session::output_matrix() {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<FairMutex> lock(mutex_);
     OutputHead& h = head();
     std::vector<float> w(static_cast<size_t>(h.n_vocab() * h.n_embd()));
     h.dequantize(w.data());
@@ -669,13 +994,13 @@ std::vector<float> Session::output_matrix() {
 
 void Session::hidden_states(const std::vector<std::vector<int32_t>>& rows, const Engine::StatesSink& sink,
                             const InterruptCheck& interrupted) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<FairMutex> lock(mutex_);
     engine().hidden_states(rows, sink, interrupted);
 }
 
 std::shared_ptr<RtdIndex> Session::make_rtd_index(const uint16_t* keys, const int32_t* values, int64_t n,
                                                   int64_t dim, int heads, std::shared_ptr<void> keepalive) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<FairMutex> lock(mutex_);
     Engine& e = engine();
     if (dim != e.n_embd()) {
         throw std::invalid_argument("the datastore's keys have " + std::to_string(dim) +
@@ -687,7 +1012,8 @@ std::shared_ptr<RtdIndex> Session::make_rtd_index(const uint16_t* keys, const in
 
 void Session::prompt_states(const std::vector<int32_t>& tokens, std::vector<float>& hidden,
                             std::vector<float>& logits, const InterruptCheck& interrupted) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<FairMutex> lock(mutex_);
+    require_idle("prompt_states");
     Engine& e = engine();
     const size_t V = static_cast<size_t>(e.n_vocab()), d = static_cast<size_t>(e.n_embd());
     hidden.assign(tokens.size() * d, 0.0f);
@@ -702,7 +1028,8 @@ void Session::prompt_states(const std::vector<int32_t>& tokens, std::vector<floa
 
 double Session::slot_loss_and_gradient(const std::vector<int32_t>& tokens, const std::vector<float>& delta,
                                        bool recompute, std::vector<float>& grad, const InterruptCheck& interrupted) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<FairMutex> lock(mutex_);
+    require_idle("slot_loss_and_gradient");
     Engine& e = engine();
     if (tokens.size() < 2) throw std::invalid_argument("the prompt needs at least two tokens for a SLOT loss");
     OutputHead& h = head();
@@ -715,7 +1042,7 @@ double Session::slot_loss_and_gradient(const std::vector<int32_t>& tokens, const
 }
 
 std::vector<float> Session::logit_bias(const std::vector<float>& delta) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<FairMutex> lock(mutex_);
     OutputHead& h = head();
     if (static_cast<int64_t>(delta.size()) != h.n_embd()) throw std::invalid_argument("delta has the wrong length");
     std::vector<float> b(static_cast<size_t>(h.n_vocab()));
@@ -725,7 +1052,8 @@ std::vector<float> Session::logit_bias(const std::vector<float>& delta) {
 
 std::vector<double> Session::token_logprobs(const std::vector<int32_t>& tokens, int first,
                                             const std::vector<float>& delta, const InterruptCheck& interrupted) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<FairMutex> lock(mutex_);
+    require_idle("token_logprobs");
     Engine& e = engine();
     if (first < 1 || first >= static_cast<int>(tokens.size())) {
         throw std::invalid_argument("first must index a token after the first one");
@@ -762,14 +1090,16 @@ std::vector<double> Session::token_logprobs(const std::vector<int32_t>& tokens, 
 
 std::vector<int32_t> Session::reference_greedy(const std::vector<int32_t>& prompt, int n_new,
                                                const InterruptCheck& interrupted, double* decode_seconds) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<FairMutex> lock(mutex_);
+    require_idle("reference_greedy");
     return engine().reference_greedy(prompt, n_new, interrupted, decode_seconds);
 }
 
 std::vector<std::vector<int32_t>> Session::reference_greedy_batch(const std::vector<std::vector<int32_t>>& prompts,
                                                                   int n_new, const InterruptCheck& interrupted,
                                                                   double* decode_seconds) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<FairMutex> lock(mutex_);
+    require_idle("reference_greedy_batch");
     return engine().reference_greedy_batch(prompts, n_new, interrupted, decode_seconds);
 }
 

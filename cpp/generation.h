@@ -5,10 +5,14 @@
 // request's stages (SLOT's bias b = W*delta) before its own sampler.
 #pragma once
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
@@ -75,24 +79,100 @@ struct GenerationResult {
     double generate_seconds = 0.0;
 };
 
+// A mutex that hands itself over in arrival order: a thread that generates
+// re-locks it for every token step, and a plain mutex would let it starve
+// other threads' calls.
+class FairMutex {
+public:
+    void lock() {
+        std::unique_lock<std::mutex> guard(m_);
+        const uint64_t ticket = next_++;
+        cv_.wait(guard, [&] { return serving_ == ticket; });
+    }
+    void unlock() {
+        {
+            std::lock_guard<std::mutex> guard(m_);
+            ++serving_;
+        }
+        cv_.notify_all();
+    }
+
+private:
+    std::mutex m_;
+    std::condition_variable cv_;
+    uint64_t next_ = 0;
+    uint64_t serving_ = 0;
+};
+
+// Counters of the shared token loop, for monitoring.
+struct BatchStats {
+    int64_t waiting_requests = 0;   // generate calls not yet fully admitted to sequences
+    int64_t live_sequences = 0;
+    int64_t completed_calls = 0;
+    int64_t failed_calls = 0;       // errors and cancellations
+    int64_t generated_tokens = 0;
+    int64_t decode_steps = 0;       // token steps (one llama_decode for every live sequence)
+    int64_t prompt_tokens = 0;      // context tokens of admitted samples' groups
+    int64_t cached_tokens = 0;      // of those, reused from the prompt cache
+    int64_t slot_requests = 0;
+    int64_t rtd_requests = 0;
+};
+
+// A loaded model's fixed sizes.
+struct ModelShape {
+    int n_vocab = 0;
+    int n_embd = 0;
+    int n_ctx = 0;
+    int n_parallel = 0;
+};
+
+// BatchStats' counters, updated by the token loop and read without its lock.
+struct LoopCounters {
+    std::atomic<int64_t> live_sequences{0};
+    std::atomic<int64_t> completed_calls{0};
+    std::atomic<int64_t> failed_calls{0};
+    std::atomic<int64_t> generated_tokens{0};
+    std::atomic<int64_t> decode_steps{0};
+    std::atomic<int64_t> prompt_tokens{0};
+    std::atomic<int64_t> cached_tokens{0};
+    std::atomic<int64_t> slot_requests{0};
+    std::atomic<int64_t> rtd_requests{0};
+};
+
+class Batcher;
+struct BatchJob;
+struct BatchEvents;
+
 // A model ready to generate: the engine plus the output head, loaded on first
-// SLOT use. Calls are serialised by a mutex, so one Session may be shared by
-// threads. Between calls, the context's sequences keep their KV cells as a
-// prompt cache, dropped least recently used first when cells are needed.
+// SLOT use. One Session may be shared by threads. Generate calls made at the
+// same time from several threads decode together (continuous batching): each
+// call queues its requests, and one waiting caller at a time drives the
+// shared token loop for all of them, taking the engine's lock once per step,
+// so other calls (tokenising, other models' work) interleave between steps.
+// Between calls, the context's sequences keep their KV cells as a prompt
+// cache, dropped least recently used first when cells are needed.
 class Session {
 public:
     explicit Session(const EngineParams& params);
+    ~Session();
     void close();
     bool closed() const;
 
     GenerationResult generate(const GenerationRequest& request, const TextCallback& on_text,
                               const InterruptCheck& interrupted);
     // Every request's n samples, request by request, decoded together up to
-    // n_parallel sequences at a time; further samples wait for a free one.
+    // n_parallel sequences at a time (with other threads' calls); further
+    // samples wait for a free one. `interrupted` is polled on the calling
+    // thread only; when it turns true the call's samples stop and it throws
+    // Interrupted. Callbacks may run on another caller's thread.
     std::vector<GenerationResult> generate_batch(const std::vector<GenerationRequest>& requests,
                                                  const BatchTextCallback& on_text,
                                                  const InterruptCheck& interrupted);
-    // Drops the prompt cache.
+    // At most this many calls may wait for admission; a further call throws
+    // QueueFullError at once. 0: no limit.
+    void set_max_waiting(int n);
+    BatchStats stats();
+    // Drops the prompt cache (sequences in use by running calls are kept).
     void clear_cache();
     // Drops the cached sequences whose tokens start with `prefix`; returns how many.
     int drop_cached(const std::vector<int32_t>& prefix);
@@ -142,14 +222,34 @@ public:
 private:
     Engine& engine();
     OutputHead& head();
+    Batcher& batcher();
+    // Marks calls admitted or done and wakes their callers.
+    void publish(BatchEvents& ev);
+    // Calls that use the context directly need it free of running generation.
+    void require_idle(const char* what);
 
-    mutable std::mutex mutex_;
+    mutable FairMutex mutex_;  // the engine, the head and the batcher's sequences
+    // The engine's lifetime, for calls that only read the vocabulary and
+    // template (thread-safe in llama.cpp) and so need not wait for a step.
+    mutable std::shared_mutex life_;
     std::unique_ptr<Engine> engine_;
     std::unique_ptr<ComputeBackend> backend_;
     std::unique_ptr<OutputHead> head_;
-    std::vector<uint64_t> seq_last_use_;  // per sequence, for dropping the least recently used cache
-    uint64_t use_clock_ = 0;
+    std::unique_ptr<Batcher> batcher_;
+    ModelShape shape_;
+    std::atomic<bool> closed_{false};
+    LoopCounters counters_;
     bool portable_head_ops_ = false;  // SLOT_CPP_PORTABLE_HEAD_OPS=1: the GPU code path on any backend
+
+    // The queue of calls and the driver role; guarded by jobs_mutex_, never
+    // held while waiting for mutex_.
+    std::mutex jobs_mutex_;
+    std::condition_variable jobs_cv_;
+    std::deque<std::shared_ptr<BatchJob>> incoming_;
+    bool driving_ = false;
+    int max_waiting_ = 0;
+    int64_t waiting_ = 0;
+    int64_t cancelled_waiting_ = 0;  // calls cancelled before the batcher saw them (not in counters_)
 };
 
 }  // namespace slot

@@ -9,11 +9,19 @@
 from __future__ import annotations
 
 from . import _core, _logging
-from ._core import ContextLengthError, ModelLoadError, SlotError, UnsupportedModelError
+from ._core import (
+    ContextLengthError,
+    GenerationCancelled,
+    ModelLoadError,
+    QueueFullError,
+    SlotError,
+    UnsupportedModelError,
+)
 from ._default_model import DefaultModelUnavailable, default_model_path
 from ._logging import set_llama_log_level
 from ._model import (
     DEFAULT_MEMORY_BUDGET,
+    BatchStats,
     GenerationResult,
     Model,
     ModelClosedError,
@@ -45,13 +53,16 @@ def backend_devices() -> list[str]:
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
+    "BatchStats",
     "ContextLengthError",
     "DefaultModelUnavailable",
+    "GenerationCancelled",
     "GenerationResult",
     "Model",
     "ModelClosedError",
     "ModelInfo",
     "ModelLoadError",
+    "QueueFullError",
     "SlotError",
     "TextStream",
     "Timings",

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from .rtd import RtdOption
 BatchTextCallback = Callable[[int, str], Optional[bool]]
 """Receives (result index, text piece); returning False stops that sequence."""
+CancelCheck = Union[threading.Event, Callable[[], bool]]
+"""A ``threading.Event`` or a callable: when set (or True), the call stops."""
 
 ROLES = frozenset({"system", "user", "assistant"})
 DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -33,6 +35,39 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 
 class ModelClosedError(_core.SlotError):
     """The Model was closed; create a new one."""
+
+
+def _cancel_check(cancel: Optional[CancelCheck]) -> Optional[Callable[[], bool]]:
+    if cancel is None:
+        return None
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set
+    if not callable(cancel):
+        raise TypeError("cancel must be a threading.Event or a callable returning bool")
+    return lambda: bool(cancel())
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """Counters of a Model's shared token loop (since it was loaded)."""
+
+    waiting_requests: int
+    """Generate calls waiting for a free sequence."""
+    live_sequences: int
+    """Sequences decoding now."""
+    completed_calls: int
+    failed_calls: int
+    """Calls that ended in an error or were cancelled."""
+    generated_tokens: int
+    decode_steps: int
+    """Token steps: one llama_decode for every live sequence."""
+    prompt_tokens: int
+    """Context tokens of admitted prompts (per group of samples)."""
+    cached_tokens: int
+    """Of those, tokens whose KV cells were reused from the prompt cache."""
+    slot_requests: int
+    """Requests with SLOT steps or a given delta."""
+    rtd_requests: int
 
 
 @dataclass(frozen=True)
@@ -162,7 +197,10 @@ class Model:
     """A GGUF model loaded through llama.cpp, ready for SLOT generation.
 
     Use it as a context manager or call :meth:`close`. One Model may be shared
-    by threads: calls are serialised.
+    by threads: generate calls made at the same time decode together, up to
+    ``n_parallel`` sequences (continuous batching); later samples wait for a
+    free sequence. ``max_waiting`` > 0 bounds the calls waiting: one more
+    raises :class:`QueueFullError` at once.
     """
 
     def __init__(
@@ -176,8 +214,10 @@ class Model:
         n_parallel: int = 4,
         seed: int = 0,
         use_mmap: bool = True,
+        max_waiting: int = 0,
     ) -> None:
         n_ctx = _check_int("n_ctx", n_ctx, 0)
+        max_waiting = _check_int("max_waiting", max_waiting, 0)
         n_batch = _check_int("n_batch", n_batch, 1)
         n_parallel = _check_int("n_parallel", n_parallel, 1)
         if n_parallel > min(n_batch, 256):
@@ -200,6 +240,7 @@ class Model:
         self._n_embd = self._session.n_embd
         self._n_ctx = self._session.n_ctx
         self._n_parallel = self._session.n_parallel
+        self._session.set_max_waiting(max_waiting)
 
     # ---- lifecycle -------------------------------------------------------
     def close(self) -> None:
@@ -264,6 +305,10 @@ class Model:
     def decoded_tokens(self) -> int:
         """Tokens llama.cpp has evaluated in this Model so far (prompts and generated)."""
         return self._s().decoded_tokens
+
+    def stats(self) -> BatchStats:
+        """Counters of the shared token loop: waiting calls, live sequences, tokens."""
+        return BatchStats(**{k: int(v) for k, v in self._s().stats().items()})
 
     def clear_cache(self) -> None:
         """Drop the prompt cache (the KV cells earlier calls left behind)."""
@@ -400,6 +445,7 @@ class Model:
         score_tokens: Optional[Sequence[int]] = None,
         return_hidden: bool = False,
         rtd: Optional["RtdOption"] = None,
+        cancel: Optional[CancelCheck] = None,
     ) -> GenerationResult:
         """Learn delta on the prompt with ``steps`` AdamW steps, then generate with it.
 
@@ -423,8 +469,14 @@ class Model:
         with k, temperature, lam) blends retrieval from a datastore into every
         next-token distribution, after SLOT's bias; logprobs and score_tokens
         then report the blended distribution.
+
+        ``cancel`` (a ``threading.Event`` or a callable returning True to
+        stop), polled every 20 ms on the calling thread, ends the call with
+        :class:`GenerationCancelled`; its sequence is freed at once.
+        Calls from several threads on one Model decode together.
         """
         s = self._s()
+        cancel_check = _cancel_check(cancel)
         if on_text is not None and not callable(on_text):
             raise TypeError("on_text must be callable")
         if prompt_token_ids is not None:
@@ -448,7 +500,7 @@ class Model:
                 keep = user_callback(piece.decode("utf-8", "replace"))
                 return keep is None or bool(keep)
 
-        return _result(s.generate_batch([request], callback)[0], request)
+        return _result(s.generate_batch([request], callback, cancel_check)[0], request)
 
     def generate_batch(
         self,
@@ -458,6 +510,7 @@ class Model:
         chat_template: Optional[str] = None,
         system: Optional[str] = None,
         on_text: Optional[BatchTextCallback] = None,
+        cancel: Optional[CancelCheck] = None,
         **kwargs: Any,
     ) -> list[GenerationResult]:
         """Generate for many prompts at once, ``n`` samples each.
@@ -475,9 +528,10 @@ class Model:
         (``stop`` as a list of lists, ``delta`` as a list of arrays or None or
         a 2-D array, ``response_prefix`` as a list of token lists). Prompts
         are text, chat messages, or lists of token ids. ``on_text`` receives
-        (result index, text piece).
+        (result index, text piece). ``cancel`` is as in :meth:`generate_with_slot`.
         """
         s = self._s()
+        cancel_check = _cancel_check(cancel)
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise TypeError("prompts must be a list of prompts (text, chat messages or token ids)")
         if len(prompts) == 0:
@@ -508,7 +562,7 @@ class Model:
                 keep = user_callback(index, piece.decode("utf-8", "replace"))
                 return keep is None or bool(keep)
 
-        raws = s.generate_batch(requests, callback)
+        raws = s.generate_batch(requests, callback, cancel_check)
         return [_result(raw, requests[k // n]) for k, raw in enumerate(raws)]
 
     def _batch_prompt_tokens(self, prompt: Any, index: int, chat_template: Optional[str],

@@ -1,0 +1,126 @@
+"""Generate calls from several threads on one Model share the token loop
+(continuous batching): same outputs as alone, a bounded queue, cancellation,
+and one call's failure leaving the others intact."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import slot_cpp
+
+PROMPTS = [f"Item {i}: the number {i * 7} and" for i in range(10)]
+
+
+def test_threads_decode_together_and_equal_calls_alone(peaked_path: Path):
+    with slot_cpp.Model(peaked_path, n_ctx=2048, n_parallel=4) as model:
+        alone = []
+        for p in PROMPTS:
+            alone.append(model.generate(p, max_tokens=16, ignore_eos=True, cache_prompt=False).tokens)
+        start = model.stats()
+        out: list[list[int]] = [[] for _ in PROMPTS]
+        go = threading.Barrier(len(PROMPTS))
+
+        def work(i: int) -> None:
+            go.wait()
+            out[i] = model.generate(PROMPTS[i], max_tokens=16, ignore_eos=True, cache_prompt=False).tokens
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        end = model.stats()
+    assert out == alone
+    tokens, steps = end.generated_tokens - start.generated_tokens, end.decode_steps - start.decode_steps
+    assert tokens == 16 * len(PROMPTS)
+    assert tokens > 2 * steps, "the threads' calls were not decoded together"
+    assert end.live_sequences == 0 and end.waiting_requests == 0
+
+
+def test_queue_limit_cancel_and_a_failing_call_leave_others_intact(peaked_path: Path):
+    with slot_cpp.Model(peaked_path, n_ctx=1024, n_parallel=1, max_waiting=1) as model:
+        holding = threading.Event()
+        release = threading.Event()
+
+        def blocking(piece: str) -> bool:
+            holding.set()
+            release.wait(30)
+            return True
+
+        first = {}
+        a = threading.Thread(target=lambda: first.setdefault(
+            "r", model.generate("Item 1", max_tokens=8, ignore_eos=True, on_text=blocking)))
+        a.start()
+        assert holding.wait(30)
+        # The only sequence is taken; one call may wait, the next is refused at once.
+        cancel = threading.Event()
+        waited: dict[str, BaseException] = {}
+
+        def waiter() -> None:
+            try:
+                model.generate("Item 2", max_tokens=8, cancel=cancel)
+            except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+                waited["e"] = exc
+
+        b = threading.Thread(target=waiter)
+        b.start()
+        deadline = time.monotonic() + 30
+        while model.stats().waiting_requests != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        with pytest.raises(slot_cpp.QueueFullError, match="waiting"):
+            model.generate("Item 3", max_tokens=4)
+        cancel.set()  # the waiting call gives up before it gets a sequence
+        b.join(30)
+        assert isinstance(waited.get("e"), slot_cpp.GenerationCancelled)
+        release.set()
+        a.join(30)
+        assert len(first["r"].tokens) == 8 and first["r"].finish_reason == "length"
+
+        # A callback that raises fails its own call only.
+        def boom(piece: str) -> bool:
+            raise RuntimeError("callback failed")
+
+        results: dict[str, object] = {}
+
+        def good() -> None:
+            results["good"] = model.generate("Item 4", max_tokens=12, ignore_eos=True)
+
+        g = threading.Thread(target=good)
+        g.start()
+        with pytest.raises(RuntimeError, match="callback failed"):
+            model.generate("Item 5", max_tokens=12, ignore_eos=True, on_text=boom)
+        g.join(30)
+        alone = model.generate("Item 4", max_tokens=12, ignore_eos=True, cache_prompt=False)
+        assert results["good"].tokens == alone.tokens  # type: ignore[attr-defined]
+        stats = model.stats()
+        assert stats.live_sequences == 0 and stats.waiting_requests == 0 and stats.failed_calls == 2
+
+
+def test_cancel_stops_a_running_call_and_frees_its_sequence(peaked_path: Path):
+    with slot_cpp.Model(peaked_path, n_ctx=4096, n_parallel=2) as model:
+        pieces = []
+        stop_after = 5
+
+        def on_text(piece: str) -> bool:
+            pieces.append(piece)
+            return True
+
+        calls = 0
+
+        def cancel() -> bool:
+            nonlocal calls
+            calls += 1
+            return len(pieces) >= stop_after
+
+        with pytest.raises(slot_cpp.GenerationCancelled):
+            model.generate("Item 6", max_tokens=3000, ignore_eos=True, on_text=on_text, cancel=cancel)
+        assert calls > 0 and stop_after <= len(pieces) < 3000
+        assert model.stats().live_sequences == 0
+        with pytest.raises(TypeError, match="cancel"):
+            model.generate("Item 6", max_tokens=2, cancel="soon")  # type: ignore[arg-type]
+        assert len(model.generate("Item 6", max_tokens=4, ignore_eos=True).tokens) == 4
