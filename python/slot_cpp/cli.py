@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -1019,6 +1020,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(rt)
     rt.set_defaults(func=cmd_rtd_tune)
 
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the [server] extra)")
+    _add_model_options(sv)
+    sv.set_defaults(n_ctx=0, n_parallel=4)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--api-key", default=os.environ.get("SLOT_CPP_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' (default: $SLOT_CPP_API_KEY, else none)")
+    sv.add_argument("--rtd", action="append", metavar="NAME=PATH", help="an RTD datastore requests may name")
+    sv.add_argument("--reward", action="append", metavar="NAME=SPEC",
+                    help="a QAlign reward requests may name: NAME=head:FILE.npz or NAME=judge")
+    sv.add_argument("--max-waiting", type=int, default=16,
+                    help="requests that may wait for a free sequence; more get 503")
+    sv.add_argument("--max-tokens-cap", type=int, default=4096, help="the largest max_tokens a request may ask")
+    sv.add_argument("--model-id", default=None, help="the model name clients use (default: the file's stem)")
+    sv.add_argument("--chat-template", default=None,
+                    help="built-in chat template name for models without one (see 'slot-cpp info')")
+    sv.set_defaults(func=cmd_serve)
+
     info = sub.add_parser("info", help="model metadata and build facts")
     info.add_argument("--json", action="store_true")
     _add_model_options(info)
@@ -1095,6 +1114,31 @@ def cmd_qalign_head(args: argparse.Namespace) -> int:
         head.save(args.out)
     print(f"[qalign] reward head on {stats['answers']} answers ({stats['right']} right), training accuracy "
           f"{stats['train_accuracy']:.3f}: {args.out}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from . import server
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    for name, value, low in (("--port", args.port, 0), ("--max-waiting", args.max_waiting, 0),
+                             ("--max-tokens-cap", args.max_tokens_cap, 1), ("--n-parallel", args.n_parallel, 1),
+                             ("--n-ctx", args.n_ctx, 0)):
+        if value < low:
+            raise UsageError(f"{name} must be >= {low}")
+    datastores = server.parse_named_paths(args.rtd, "--rtd")
+    rewards = server.parse_named_paths(args.reward, "--reward")
+    for name, path in datastores.items():
+        if not Path(path).is_file():
+            raise UsageError(f"--rtd {name}: no such file: {path}")
+    print(f"slot-cpp: serving on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    server.serve(args.model, host=args.host, port=args.port, n_parallel=args.n_parallel, n_ctx=args.n_ctx,
+                 n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, api_key=args.api_key,
+                 datastores=datastores, rewards=rewards, max_waiting=args.max_waiting,
+                 max_tokens_cap=args.max_tokens_cap, model_id=args.model_id, chat_template=args.chat_template,
+                 log_level="warning" if args.quiet else "info")
     return 0
 
 

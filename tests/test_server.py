@@ -1,0 +1,294 @@
+"""The OpenAI-compatible server: a real uvicorn server on a free local port,
+driven by the official ``openai`` client (and raw HTTP for what the client
+refuses to send)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+
+import slot_cpp
+from slot_cpp.qalign import LinearReward
+from slot_cpp.rtd import Datastore
+from slot_cpp.server import ServerConfig, create_app
+
+KEY = "test-key"
+
+
+@contextmanager
+def running(model: slot_cpp.Model, config: ServerConfig) -> Iterator[str]:
+    """Serves `model` on a free loopback port; yields the base URL."""
+    app = create_app(model, config)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def client(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def served(gemma: slot_cpp.Model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, slot_cpp.Model]]:
+    """Gemma behind a server with a key, a datastore and a reward head."""
+    tmp = tmp_path_factory.mktemp("server")
+    rows = [{"prompt": "The colour of the sky is", "completion": " blue, and the grass is green."},
+            {"prompt": "Water boils at", "completion": " one hundred degrees Celsius."}]
+    store = Datastore.build(gemma, rows, progress=False)
+    store_path = tmp / "facts.slotrtd"
+    store.save(store_path)
+    rng = np.random.default_rng(0)
+    head_path = str(tmp / "head.npz")
+    LinearReward(gemma, rng.normal(size=gemma.n_embd) / np.sqrt(gemma.n_embd), 0.0).save(head_path)
+    config = ServerConfig(model_id="gemma-3-270m", api_key=KEY, chat_template="gemma",
+                          datastores={"facts": str(store_path)}, rewards={"head": "head:" + head_path},
+                          max_tokens_cap=512)
+    with running(gemma, config) as url:
+        yield url, gemma
+
+
+PROMPT = "Question: What is the capital of France?\nAnswer:"
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.mark.slow
+def test_streaming_equals_non_streaming_and_usage_counts(served):
+    url, model = served
+    c = client(url)
+    chat = c.chat.completions.create(model="gemma-3-270m", messages=MESSAGES, max_tokens=24, temperature=0,
+                                     logprobs=True)
+    pieces = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="gemma-3-270m", messages=MESSAGES, max_tokens=24, temperature=0, stream=True,
+        stream_options={"include_usage": True}) if ch.choices]
+    assert chat.choices[0].message.content and "".join(pieces) == chat.choices[0].message.content
+    chat_prompt = model.prompt_tokens(MESSAGES, chat_template="gemma")
+    assert chat.usage.prompt_tokens == len(chat_prompt)
+    assert chat.usage.completion_tokens == len(chat.choices[0].logprobs.content)
+
+    text = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=16, temperature=0, logprobs=3)
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="gemma-3-270m", prompt=PROMPT, max_tokens=16, temperature=0, stream=True))
+    assert text.choices[0].text and streamed == text.choices[0].text
+    assert text.usage.prompt_tokens == len(model.tokenize(PROMPT))
+    lp = text.choices[0].logprobs
+    assert text.usage.completion_tokens == len(lp.tokens) == len(lp.token_logprobs)
+    assert "".join(lp.tokens) == text.choices[0].text
+    # Greedy: each chosen token is the most likely one, so its logprob is the top one.
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and chosen == pytest.approx(max(top.values()), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_n_seed_and_stop(served):
+    url, model = served
+    c = client(url)
+    kw: dict[str, Any] = dict(model="gemma-3-270m", prompt="Once upon a time", max_tokens=12, temperature=1.0, n=3)
+    # Same seed, same state of the KV cache: same samples. (Where cells sit
+    # and what is batched together changes rounding, which sampling can
+    # amplify; README says so.)
+    model.clear_cache()
+    a = c.completions.create(seed=7, **kw)
+    model.clear_cache()
+    b = c.completions.create(seed=7, **kw)
+    model.clear_cache()
+    other = c.completions.create(seed=8, **kw)
+    texts = [ch.text for ch in a.choices]
+    assert [ch.index for ch in a.choices] == [0, 1, 2]
+    assert texts == [ch.text for ch in b.choices]
+    assert len(set(texts)) > 1 and texts != [ch.text for ch in other.choices]
+    assert a.usage.completion_tokens <= 3 * 12
+
+    stopped = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=32, temperature=0,
+                                   stop=["\nQuestion:", "never"])
+    full = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=32, temperature=0)
+    assert "\nQuestion:" in full.choices[0].text, "the test needs an answer that runs on"
+    assert stopped.choices[0].finish_reason == "stop" and full.choices[0].finish_reason == "length"
+    assert stopped.choices[0].text == full.choices[0].text.split("\nQuestion:")[0]
+
+
+@pytest.mark.slow
+def test_slot_rtd_and_qalign_through_extra_body(served):
+    url, _ = served
+    c = client(url)
+    plain = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1)
+    slot = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1,
+                                extra_body={"slot": {"steps": 4, "lr": 0.1}})
+    report = slot.model_extra["slot_cpp"]["slot"]
+    assert report["steps_done"] == 4 and len(report["losses"]) == 4 and report["delta_norm"] > 0
+    assert report["losses"][-1] < report["losses"][0]
+    # delta shifts the distribution: the first token's log-probability moves.
+    assert abs(slot.choices[0].logprobs.token_logprobs[0] - plain.choices[0].logprobs.token_logprobs[0]) > 1e-3
+    assert "slot_cpp" not in (plain.model_extra or {})
+
+    # lambda = 1: pure retrieval; every token comes from the datastore's values.
+    rtd = c.completions.create(model="gemma-3-270m", prompt="The colour of the sky is", max_tokens=6,
+                               temperature=0, logprobs=1,
+                               extra_body={"rtd": {"datastore": "facts", "k": 4, "lambda": 1.0}})
+    applied = rtd.model_extra["slot_cpp"]["rtd"]
+    assert applied["datastore"] == "facts" and applied["k"] == 4 and applied["lambda"] == 1.0
+    store_text = " blue, and the grass is green. one hundred degrees Celsius."
+    assert all(tok in store_text for tok in rtd.choices[0].logprobs.tokens)
+
+    qa = c.chat.completions.create(model="gemma-3-270m", messages=MESSAGES, max_tokens=12, temperature=1.0,
+                                   seed=3, extra_body={"qalign": {"steps": 4, "beta": 1.0, "reward": "head"}})
+    q = qa.model_extra["slot_cpp"]["qalign"]
+    assert q["steps"] == 4 and 0.0 <= q["accept_rate"] <= 1.0 and np.isfinite(q["final_reward"])
+    assert qa.choices[0].message.content
+
+    with pytest.raises(openai.BadRequestError, match="unknown datastore"):
+        c.completions.create(model="gemma-3-270m", prompt="x", max_tokens=2,
+                             extra_body={"rtd": {"datastore": "/etc/passwd"}})
+    with pytest.raises(openai.BadRequestError, match="unknown reward"):
+        c.completions.create(model="gemma-3-270m", prompt="x", max_tokens=2,
+                             extra_body={"qalign": {"reward": "nope"}})
+
+
+@pytest.mark.slow
+def test_bad_requests_get_openai_errors_and_the_server_lives(served):
+    url, _ = served
+    c = client(url)
+    with pytest.raises(openai.AuthenticationError):
+        client(url, key="wrong").models.list()
+    assert httpx.get(url + "/v1/models").status_code == 401
+    assert [m.id for m in c.models.list().data] == ["gemma-3-270m"]
+    with pytest.raises(openai.NotFoundError) as e404:
+        c.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    assert e404.value.body["code"] == "model_not_found"
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def post(path: str, body: Any = None, content: bytes | None = None) -> httpx.Response:
+        return httpx.post(url + path, json=body, content=content, headers=headers, timeout=60)
+
+    cases = [
+        ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ({"prompt": "x", "temperature": "hot"}, "temperature"),
+        ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": "x", "max_tokens": 100000}, "max_tokens"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [1, 2, 10**9]}, "prompt"),
+        ({"prompt": "x", "slot": {"steps": 5, "lr": -1}}, "slot.lr"),
+    ]
+    for body, param in cases:
+        r = post("/v1/completions", body)
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["message"], body
+        assert err["param"] == param, (body, err)
+    r = post("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
+    r = post("/v1/chat/completions", {"messages": []})
+    assert r.status_code == 400
+    r = post("/v1/completions", content=b"{not json", )
+    assert r.status_code == 400
+    r = post("/v1/completions", {"prompt": "word " * 3000, "max_tokens": 10})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = post("/v1/completions", content=b'{"prompt": "' + b"a" * (2 << 20) + b'"}')
+    assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    ok = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=4, temperature=0)
+    assert ok.choices[0].text
+
+    metrics = httpx.get(url + "/metrics").text
+    assert 'slot_cpp_requests_total{endpoint="/v1/completions",status="400"}' in metrics
+    assert "slot_cpp_queue_depth 0" in metrics and "slot_cpp_completion_tokens_total" in metrics
+
+
+@pytest.mark.slow
+def test_disconnect_mid_stream_frees_the_sequence(served):
+    url, model = served
+    before = model.stats()
+    body = {"prompt": "Once upon a time", "max_tokens": 500, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert model.stats().live_sequences == 1
+    # 500 tokens take seconds; the cancelled call frees its sequence within a step.
+    deadline = time.monotonic() + 3.0
+    while model.stats().live_sequences and time.monotonic() < deadline:
+        time.sleep(0.01)
+    after = model.stats()
+    assert after.live_sequences == 0
+    # The call ended (stopped by its callback or cancelled) far short of 500 tokens.
+    assert after.completed_calls + after.failed_calls == before.completed_calls + before.failed_calls + 1
+    assert after.generated_tokens - before.generated_tokens < 100
+    c = client(url)
+    assert c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
+
+
+@pytest.mark.slow
+def test_overload_answers_503_with_retry_after(gemma_path: Path):
+    with slot_cpp.Model(gemma_path, n_ctx=1024, n_parallel=1) as model:
+        config = ServerConfig(model_id="g", max_waiting=0)
+        with running(model, config) as url:
+            c = client(url)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                long = pool.submit(c.completions.create, model="g", prompt="Once upon a time", max_tokens=300,
+                                   temperature=0)
+                deadline = time.monotonic() + 30
+                while model.stats().live_sequences == 0:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+                assert r.status_code == 503
+                assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded"
+                with pytest.raises(openai.InternalServerError):  # the client's class for 5xx
+                    c.completions.create(model="g", prompt="hi", max_tokens=2)
+                assert long.result().choices[0].text
+            assert c.completions.create(model="g", prompt="hi", max_tokens=2).choices[0].text is not None
+
+
+def test_concurrent_streams_equal_sequential_calls(peaked_path: Path):
+    prompts = [f"Item {i}: the number {i * 7} and" for i in range(16)]
+    with slot_cpp.Model(peaked_path, n_ctx=2048, n_parallel=4) as model:
+        with running(model, ServerConfig(model_id="tiny", max_waiting=16)) as url:
+            c = client(url)
+            # Without the prompt cache, a prompt's evaluation does not depend
+            # on what earlier calls left behind (see README on rounding).
+            fresh = {"cache_prompt": False}
+            sequential = [c.completions.create(model="tiny", prompt=p, max_tokens=20, temperature=0,
+                                               extra_body=fresh).choices[0].text for p in prompts]
+
+            def stream(p: str) -> str:
+                return "".join(ch.choices[0].text for ch in c.completions.create(
+                    model="tiny", prompt=p, max_tokens=20, temperature=0, stream=True, extra_body=fresh))
+
+            start = model.stats()
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                concurrent_texts = list(pool.map(stream, prompts))
+            end = model.stats()
+    assert concurrent_texts == sequential
+    assert all(t for t in sequential) and len(set(sequential)) > 1
+    assert end.completed_calls - start.completed_calls == 16 and end.failed_calls == start.failed_calls
+    # They decoded together: far fewer token steps than tokens.
+    tokens, steps = end.generated_tokens - start.generated_tokens, end.decode_steps - start.decode_steps
+    assert tokens > 2 * steps, (tokens, steps)
