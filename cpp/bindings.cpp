@@ -291,8 +291,9 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<slot::Session>(m, "Session")
         .def(py::init([](const std::string& path, int n_ctx, int n_batch, int n_threads, int n_gpu_layers,
-                         int n_parallel, bool use_mmap) {
+                         int n_parallel, bool use_mmap, const std::vector<std::string>& rpc_servers) {
                  slot::EngineParams p;
+                 p.rpc_servers = rpc_servers;
                  p.model_path = path;
                  p.n_ctx = n_ctx;
                  p.n_batch = n_batch;
@@ -303,7 +304,8 @@ PYBIND11_MODULE(_core, m) {
                  return std::make_unique<slot::Session>(p);
              }),
              py::arg("path"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("n_gpu_layers"),
-             py::arg("n_parallel"), py::arg("use_mmap"), py::call_guard<py::gil_scoped_release>())
+             py::arg("n_parallel"), py::arg("use_mmap"), py::arg("rpc_servers") = std::vector<std::string>{},
+             py::call_guard<py::gil_scoped_release>())
         .def("close", &slot::Session::close, py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("closed", py::cpp_function(&slot::Session::closed, kNoGil))
         .def("generate_batch",

@@ -40,6 +40,31 @@ void ensure_backend() {
     });
 }
 
+// The devices of ggml rpc-server processes, in the order given.
+std::vector<ggml_backend_dev_t> rpc_devices(const std::vector<std::string>& endpoints) {
+    ggml_backend_reg_t reg = ggml_backend_reg_by_name("RPC");
+    if (reg == nullptr) {
+        throw ModelLoadError("this build of slot_cpp has no RPC backend (build with -DSLOT_CPP_RPC=ON)");
+    }
+    using AddServer = ggml_backend_reg_t (*)(const char*);
+    auto add_server = reinterpret_cast<AddServer>(ggml_backend_reg_get_proc_address(reg, "ggml_backend_rpc_add_server"));
+    if (add_server == nullptr) throw ModelLoadError("the RPC backend lacks ggml_backend_rpc_add_server");
+    std::vector<ggml_backend_dev_t> out;
+    for (const auto& endpoint : endpoints) {
+        const auto colon = endpoint.rfind(':');
+        if (colon == std::string::npos || colon == 0 || colon + 1 == endpoint.size() ||
+            endpoint.find_first_not_of("0123456789", colon + 1) != std::string::npos) {
+            throw std::invalid_argument("an RPC server must be given as host:port, got '" + endpoint + "'");
+        }
+        ggml_backend_reg_t server = add_server(endpoint.c_str());
+        if (server == nullptr || ggml_backend_reg_dev_count(server) == 0) {
+            throw ModelLoadError("no ggml rpc-server answered at " + endpoint);
+        }
+        for (size_t i = 0; i < ggml_backend_reg_dev_count(server); ++i) out.push_back(ggml_backend_reg_dev_get(server, i));
+    }
+    return out;
+}
+
 }  // namespace
 
 Engine::Engine(const EngineParams& params) : params_(params) {
@@ -72,6 +97,12 @@ Engine::Engine(const EngineParams& params) : params_(params) {
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = params.n_gpu_layers < 0 ? -1 : params.n_gpu_layers;
+    if (!params.rpc_servers.empty()) {
+        rpc_devices_ = rpc_devices(params.rpc_servers);
+        rpc_devices_.push_back(nullptr);
+        mp.devices = rpc_devices_.data();
+        if (params.n_gpu_layers == 0) mp.n_gpu_layers = -1;
+    }
     if (!params.use_mmap) mp.load_mode = LLAMA_LOAD_MODE_NONE;
     clear_last_error_line();
     model_.reset(llama_model_load_from_file(params.model_path.c_str(), mp));

@@ -24,6 +24,9 @@ struct EngineParams {
     int n_gpu_layers = 0;    // -1: all layers
     int n_parallel = 4;      // sequences in the context; they share its n_ctx cells
     bool use_mmap = true;
+    // "host:port" of ggml rpc-server processes: the offloaded layers are
+    // split across them (llama.cpp's RPC backend), and n_gpu_layers 0 means all.
+    std::vector<std::string> rpc_servers;
 };
 
 struct ChatMessage {
@@ -160,6 +163,7 @@ private:
     llama_context_params side_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq) const;
 
     EngineParams params_;
+    std::vector<ggml_backend_dev_t> rpc_devices_;  // null-terminated, for the model's params
     ModelFileInfo info_;
     ModelPtr model_;
     ContextPtr ctx_;

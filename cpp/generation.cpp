@@ -59,7 +59,9 @@ namespace {
 // The device that holds the offloaded layers (the first GPU), or null for the
 // CPU: SLOT's head products run where the model's output runs.
 ggml_backend_dev_t head_device(const EngineParams& params) {
-    if (params.n_gpu_layers == 0) return nullptr;
+    // With RPC servers the layers are remote; the head products stay local
+    // (the head is read from the local file), on the CPU.
+    if (params.n_gpu_layers == 0 || !params.rpc_servers.empty()) return nullptr;
     for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
         ggml_backend_dev_t dev = ggml_backend_dev_get(i);
         const auto type = ggml_backend_dev_type(dev);

@@ -13,13 +13,27 @@ import pytest
 import slot_cpp
 
 PROMPTS = [f"Item {i}: the number {i * 7} and" for i in range(10)]
+# Batched and single decodes round differently (see README, "Rounding"): two
+# greedy runs may part only where the top two tokens tie to within this.
+TIE = 1e-3
+
+
+def assert_same_greedy(got: list[int], alone: slot_cpp.GenerationResult) -> None:
+    """`got` equals the greedy tokens of `alone`, or parts from them only at a
+    near-tie of `alone`'s top two tokens."""
+    for k, (a, b) in enumerate(zip(got, alone.tokens)):
+        if a != b:
+            top = sorted((lp for _, lp in alone.top_logprobs[k]), reverse=True)
+            assert top[0] - top[1] < TIE, f"parted at token {k} with a margin of {top[0] - top[1]:.4f}"
+            return
+    assert len(got) == len(alone.tokens)
 
 
 def test_threads_decode_together_and_equal_calls_alone(peaked_path: Path):
     with slot_cpp.Model(peaked_path, n_ctx=2048, n_parallel=4) as model:
         alone = []
         for p in PROMPTS:
-            alone.append(model.generate(p, max_tokens=16, ignore_eos=True, cache_prompt=False).tokens)
+            alone.append(model.generate(p, max_tokens=16, ignore_eos=True, cache_prompt=False, top_logprobs=2))
         start = model.stats()
         out: list[list[int]] = [[] for _ in PROMPTS]
         go = threading.Barrier(len(PROMPTS))
@@ -34,7 +48,8 @@ def test_threads_decode_together_and_equal_calls_alone(peaked_path: Path):
         for t in threads:
             t.join()
         end = model.stats()
-    assert out == alone
+    for got, ref in zip(out, alone):
+        assert_same_greedy(got, ref)
     tokens, steps = end.generated_tokens - start.generated_tokens, end.decode_steps - start.decode_steps
     assert tokens == 16 * len(PROMPTS)
     assert tokens > 2 * steps, "the threads' calls were not decoded together"
@@ -95,8 +110,8 @@ def test_queue_limit_cancel_and_a_failing_call_leave_others_intact(peaked_path: 
         with pytest.raises(RuntimeError, match="callback failed"):
             model.generate("Item 5", max_tokens=12, ignore_eos=True, on_text=boom)
         g.join(30)
-        alone = model.generate("Item 4", max_tokens=12, ignore_eos=True, cache_prompt=False)
-        assert results["good"].tokens == alone.tokens  # type: ignore[attr-defined]
+        alone = model.generate("Item 4", max_tokens=12, ignore_eos=True, cache_prompt=False, top_logprobs=2)
+        assert_same_greedy(results["good"].tokens, alone)  # type: ignore[attr-defined]
         stats = model.stats()
         assert stats.live_sequences == 0 and stats.waiting_requests == 0 and stats.failed_calls == 2
 

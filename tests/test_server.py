@@ -80,8 +80,12 @@ MESSAGES = [{"role": "user", "content": "Name three colours."}]
 def test_streaming_equals_non_streaming_and_usage_counts(served):
     url, model = served
     c = client(url)
+    # Each pair is computed from the same state of the KV cache, so the same
+    # rounding (README, "Rounding").
+    model.clear_cache()
     chat = c.chat.completions.create(model="gemma-3-270m", messages=MESSAGES, max_tokens=24, temperature=0,
                                      logprobs=True)
+    model.clear_cache()
     pieces = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
         model="gemma-3-270m", messages=MESSAGES, max_tokens=24, temperature=0, stream=True,
         stream_options={"include_usage": True}) if ch.choices]
@@ -90,7 +94,9 @@ def test_streaming_equals_non_streaming_and_usage_counts(served):
     assert chat.usage.prompt_tokens == len(chat_prompt)
     assert chat.usage.completion_tokens == len(chat.choices[0].logprobs.content)
 
+    model.clear_cache()
     text = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=16, temperature=0, logprobs=3)
+    model.clear_cache()
     streamed = "".join(ch.choices[0].text for ch in c.completions.create(
         model="gemma-3-270m", prompt=PROMPT, max_tokens=16, temperature=0, stream=True))
     assert text.choices[0].text and streamed == text.choices[0].text
@@ -275,8 +281,8 @@ def test_concurrent_streams_equal_sequential_calls(peaked_path: Path):
             # Without the prompt cache, a prompt's evaluation does not depend
             # on what earlier calls left behind (see README on rounding).
             fresh = {"cache_prompt": False}
-            sequential = [c.completions.create(model="tiny", prompt=p, max_tokens=20, temperature=0,
-                                               extra_body=fresh).choices[0].text for p in prompts]
+            sequential = [c.completions.create(model="tiny", prompt=p, max_tokens=20, temperature=0, logprobs=2,
+                                               extra_body=fresh).choices[0] for p in prompts]
 
             def stream(p: str) -> str:
                 return "".join(ch.choices[0].text for ch in c.completions.create(
@@ -286,9 +292,57 @@ def test_concurrent_streams_equal_sequential_calls(peaked_path: Path):
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
                 concurrent_texts = list(pool.map(stream, prompts))
             end = model.stats()
-    assert concurrent_texts == sequential
-    assert all(t for t in sequential) and len(set(sequential)) > 1
+    parted = 0
+    for text, ref in zip(concurrent_texts, sequential):
+        if text == ref.text:
+            continue
+        # Decoded beside others, a sequence rounds differently: it may part
+        # from the sequential text only where the top two tokens tie.
+        parted += 1
+        at = next(i for i, (a, b) in enumerate(zip(text, ref.text)) if a != b) if text[:len(ref.text)] != ref.text \
+            else len(ref.text)
+        k = max(i for i, offset in enumerate(ref.logprobs.text_offset) if offset <= at)
+        top = sorted(ref.logprobs.top_logprobs[k].values(), reverse=True)
+        assert len(top) == 2 and top[0] - top[1] < 1e-3, (k, top, text, ref.text)
+    assert parted <= 2
+    assert all(r.text for r in sequential) and len({r.text for r in sequential}) > 1
     assert end.completed_calls - start.completed_calls == 16 and end.failed_calls == start.failed_calls
     # They decoded together: far fewer token steps than tokens.
     tokens, steps = end.generated_tokens - start.generated_tokens, end.decode_steps - start.decode_steps
     assert tokens > 2 * steps, (tokens, steps)
+
+
+def test_cli_serve_runs_a_real_server_process(peaked_path: Path):
+    import signal
+    import subprocess
+    import sys
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, "-m", "slot_cpp", "serve", "--model", str(peaked_path), "--port",
+                             str(port), "--n-ctx", "1024", "--n-parallel", "2", "--api-key", "k", "--quiet",
+                             "--model-id", "tiny"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"the server exited with code {proc.returncode}"
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        c = client(url, key="k")
+        r = c.completions.create(model="tiny", prompt="Item 1", max_tokens=5, temperature=0)
+        assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+        with pytest.raises(openai.AuthenticationError):
+            client(url, key="nope").completions.create(model="tiny", prompt="x", max_tokens=1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) in (0, -signal.SIGINT, 130)
+    bad = subprocess.run([sys.executable, "-m", "slot_cpp", "serve", "--rtd", "nonsense"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import queue
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,28 @@ def _cancel_check(cancel: Optional[CancelCheck]) -> Optional[Callable[[], bool]]
     if not callable(cancel):
         raise TypeError("cancel must be a threading.Event or a callable returning bool")
     return lambda: bool(cancel())
+
+
+def _check_rpc(rpc: Optional[Sequence[str]]) -> list[str]:
+    if rpc is None:
+        return []
+    if isinstance(rpc, str):
+        rpc = rpc.split(",")
+    out = []
+    for endpoint in rpc:
+        if not isinstance(endpoint, str):
+            raise TypeError("rpc must be a list of 'host:port' strings")
+        host, sep, port = endpoint.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"an RPC server must be given as host:port, got {endpoint!r}")
+        # llama.cpp's RPC client aborts the process when it cannot connect:
+        # make sure something listens first.
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as exc:
+            raise _core.ModelLoadError(f"no ggml rpc-server answered at {endpoint.strip()} ({exc})") from None
+        out.append(endpoint.strip())
+    return out
 
 
 @dataclass(frozen=True)
@@ -201,6 +224,11 @@ class Model:
     ``n_parallel`` sequences (continuous batching); later samples wait for a
     free sequence. ``max_waiting`` > 0 bounds the calls waiting: one more
     raises :class:`QueueFullError` at once.
+
+    ``rpc=["host:port", ...]`` offloads the layers (all of them unless
+    ``n_gpu_layers`` says otherwise) to ggml rpc-server processes
+    (``slot-cpp rpc-server``) with llama.cpp's RPC backend; SLOT's head
+    products stay on the local CPU.
     """
 
     def __init__(
@@ -215,6 +243,7 @@ class Model:
         seed: int = 0,
         use_mmap: bool = True,
         max_waiting: int = 0,
+        rpc: Optional[Sequence[str]] = None,
     ) -> None:
         n_ctx = _check_int("n_ctx", n_ctx, 0)
         max_waiting = _check_int("max_waiting", max_waiting, 0)
@@ -232,8 +261,9 @@ class Model:
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         self._path = str(Path(path))
         self._session: Optional[_core.Session] = None
+        rpc_servers = _check_rpc(rpc)
         self._session = _core.Session(self._path, n_ctx, n_batch, threads, n_gpu_layers, n_parallel,
-                                      bool(use_mmap))
+                                      bool(use_mmap), rpc_servers)
         # Fixed for the model's life: read once, so that argument checks never
         # wait for a call running in another thread.
         self._n_vocab = self._session.n_vocab

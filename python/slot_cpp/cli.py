@@ -70,6 +70,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-parallel", type=int, default=4,
                    help="sequences decoded together; they share the --n-ctx KV cells")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="offload the layers to these ggml rpc-server processes (see 'slot-cpp rpc-server')")
     p.add_argument("--quiet", "-q", action="store_true", help="silence llama.cpp's log")
     p.add_argument("--verbose", "-v", action="count", default=0, help="show llama.cpp's log (-vv: debug)")
 
@@ -99,7 +101,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _open_model(args: argparse.Namespace) -> Model:
     n_parallel = max(args.n_parallel, getattr(args, "parallel", 1))
     return Model(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                 n_parallel=n_parallel, seed=args.seed)
+                 n_parallel=n_parallel, seed=args.seed, rpc=args.rpc)
 
 
 # ---------------------------------------------------------------- RTD options and rows
@@ -1038,6 +1040,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="built-in chat template name for models without one (see 'slot-cpp info')")
     sv.set_defaults(func=cmd_serve)
 
+    rs = sub.add_parser("rpc-server", help="run llama.cpp's ggml rpc-server (built with this package) so that "
+                                           "another machine's model can offload layers here",
+                        description="Runs the rpc-server binary built from the same llama.cpp tree; every option "
+                                    "after 'rpc-server' goes to it (e.g. -H 0.0.0.0 -p 50052 -t 4). It has no "
+                                    "authentication: expose it on trusted networks only.")
+    rs.add_argument("server_args", nargs=argparse.REMAINDER)
+    rs.set_defaults(func=cmd_rpc_server)
+
     info = sub.add_parser("info", help="model metadata and build facts")
     info.add_argument("--json", action="store_true")
     _add_model_options(info)
@@ -1117,6 +1127,22 @@ def cmd_qalign_head(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- rpc
+def rpc_server_path() -> Path:
+    """The ggml rpc-server binary shipped in the package."""
+    exe = "rpc-server.exe" if os.name == "nt" else "rpc-server"
+    # Beside the native module (an editable install keeps the Python files elsewhere).
+    return Path(_core.__file__).resolve().parent / "bin" / exe
+
+
+def cmd_rpc_server(args: argparse.Namespace) -> int:
+    path = rpc_server_path()
+    if not path.is_file():
+        raise UsageError(f"this build has no rpc-server ({path}); build with -DSLOT_CPP_RPC=ON")
+    os.execv(str(path), [str(path), *args.server_args])
+    return 0  # not reached
+
+
 # ---------------------------------------------------------------- serve
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
@@ -1138,6 +1164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, api_key=args.api_key,
                  datastores=datastores, rewards=rewards, max_waiting=args.max_waiting,
                  max_tokens_cap=args.max_tokens_cap, model_id=args.model_id, chat_template=args.chat_template,
+                 rpc=args.rpc,
                  log_level="warning" if args.quiet else "info")
     return 0
 

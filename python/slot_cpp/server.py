@@ -861,12 +861,13 @@ def serve(model_path: Union[str, os.PathLike[str], None] = None, *, host: str = 
           n_parallel: int = 4, n_ctx: int = 0, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
           api_key: Optional[str] = None, datastores: Optional[dict[str, str]] = None,
           rewards: Optional[dict[str, str]] = None, max_waiting: int = 16, max_tokens_cap: int = 4096,
-          model_id: Optional[str] = None, chat_template: Optional[str] = None, log_level: str = "info") -> None:
+          model_id: Optional[str] = None, chat_template: Optional[str] = None, rpc: Optional[str] = None,
+          log_level: str = "info") -> None:
     """Load a model and serve it until interrupted (binds to 127.0.0.1 unless told otherwise)."""
     if n_ctx == 0:
         n_ctx = 2048 * n_parallel
     model = Model(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_parallel=n_parallel,
-                  max_waiting=0)
+                  max_waiting=0, rpc=rpc)
     try:
         config = ServerConfig(model_id=model_id or Path(model.path).stem, api_key=api_key,
                               datastores=datastores or {}, rewards=rewards or {}, max_waiting=max_waiting,
