@@ -13,9 +13,11 @@ import pytest
 import slot_cpp
 
 PROMPTS = [f"Item {i}: the number {i * 7} and" for i in range(10)]
-# Batched and single decodes round differently (see README, "Rounding"): two
-# greedy runs may part only where the top two tokens tie to within this.
-TIE = 1e-3
+# Batched and single decodes round differently (see README, "Rounding"), and
+# the peaked model's 12x head scales that up: two greedy runs may part only
+# where the top two tokens are this close (cross-talk between sequences would
+# part them anywhere).
+TIE = 0.1
 
 
 def assert_same_greedy(got: list[int], alone: slot_cpp.GenerationResult) -> None:
