@@ -204,6 +204,12 @@ PYBIND11_MODULE(_core, m) {
         .SLOT_FIELD("weight_decay", slot.weight_decay)
         .SLOT_FIELD("memory_budget", slot.memory_budget)
         .SLOT_FIELD("recompute", slot.recompute)
+        .def_property(
+            "loss_mask",
+            [](const slot::GenerationRequest& r) { return std::vector<bool>(r.slot.loss_mask.begin(), r.slot.loss_mask.end()); },
+            [](slot::GenerationRequest& r, const std::vector<bool>& mask) {
+                r.slot.loss_mask.assign(mask.begin(), mask.end());
+            })
         .SLOT_FIELD("ignore_eos", ignore_eos)
         .SLOT_FIELD("logprobs", logprobs)
         .SLOT_FIELD("top_logprobs", top_logprobs)

@@ -160,6 +160,11 @@ void validate_request(const ModelShape& e, const GenerationRequest& req, int ind
             throw std::invalid_argument(where + exc.what());
         }
     }
+    if (!req.slot.loss_mask.empty() && req.slot.loss_mask.size() + 1 != req.prompt.size()) {
+        throw std::invalid_argument(where + "the loss mask has " + std::to_string(req.slot.loss_mask.size()) +
+                                    " entries but the prompt has " + std::to_string(req.prompt.size()) +
+                                    " tokens (one entry per token after the first)");
+    }
     if (!req.response_prefix.empty() && req.delta.empty() && req.slot.steps > 0) {
         throw std::invalid_argument(where + "a response prefix needs steps=0: learn delta on the prompt first, "
                                     "then pass it as delta");

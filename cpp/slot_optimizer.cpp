@@ -70,8 +70,18 @@ void validate(const SlotConfig& c) {
 
 PromptCache::PromptCache(OutputHead& head, const std::vector<int32_t>& tokens, const SlotConfig& config)
     : head_(head), V_(head.n_vocab()), d_(head.n_embd()) {
-    n_ = tokens.empty() ? 0 : static_cast<int>(tokens.size()) - 1;
-    targets_.assign(tokens.begin() + (tokens.empty() ? 0 : 1), tokens.end());
+    rows_ = tokens.empty() ? 0 : static_cast<int>(tokens.size()) - 1;
+    if (!config.loss_mask.empty() && static_cast<int>(config.loss_mask.size()) != rows_) {
+        throw std::invalid_argument("the loss mask has " + std::to_string(config.loss_mask.size()) +
+                                    " entries but the prompt has " + std::to_string(rows_) + " loss positions");
+    }
+    // Loss positions are stored compactly, in prompt order.
+    slot_of_.assign(static_cast<size_t>(rows_), -1);
+    for (int t = 0; t < rows_; ++t) {
+        if (!config.loss_mask.empty() && !config.loss_mask[static_cast<size_t>(t)]) continue;
+        slot_of_[static_cast<size_t>(t)] = n_++;
+        targets_.push_back(tokens[static_cast<size_t>(t) + 1]);
+    }
     const int64_t row_bytes = V_ * static_cast<int64_t>(sizeof(float));
     // A quarter of the budget goes to llama.cpp's prefill logits: the graph's
     // output tensor and the copy in its output buffer, prefill_rows rows each.
@@ -103,9 +113,20 @@ double PromptCache::target_logprob_from_logits(const float* row, int32_t target)
 }
 
 void PromptCache::add(int first, int count, const float* logits, const float* hidden) {
-    const int end = std::min(first + count, n_);
-    if (end <= first) return;
-    const int c = end - first;
+    const int end = std::min(first + count, rows_);
+    // Runs of consecutive loss positions fill consecutive cache rows.
+    int i = first;
+    while (i < end) {
+        if (slot_of_[static_cast<size_t>(i)] < 0) { ++i; continue; }
+        int j = i + 1;
+        while (j < end && slot_of_[static_cast<size_t>(j)] >= 0) ++j;
+        add_run(slot_of_[static_cast<size_t>(i)], j - i, logits + static_cast<size_t>(i - first) * V_,
+                hidden + static_cast<size_t>(i - first) * d_);
+        i = j;
+    }
+}
+
+void PromptCache::add_run(int first, int c, const float* logits, const float* hidden) {
     if (!cached_) {
         std::copy(hidden, hidden + static_cast<size_t>(c) * static_cast<size_t>(d_),
                   hidden_.begin() + static_cast<ptrdiff_t>(first) * d_);
@@ -265,7 +286,8 @@ SlotOutcome PromptCache::optimise(const SlotConfig& config, const InterruptCheck
         return out;
     }
     if (n_ == 0) {
-        out.stop_reason = "no loss positions (the prompt has one token)";
+        out.stop_reason = rows_ == 0 ? "no loss positions (the prompt has one token)"
+                                     : "no loss positions (the loss mask selects none)";
         return out;
     }
     std::vector<float> delta(static_cast<size_t>(d_), 0.0f), grad(static_cast<size_t>(d_));

@@ -30,6 +30,9 @@ struct SlotConfig {
     double weight_decay = 1e-8;
     int64_t memory_budget = int64_t(1) << 30;  // bytes for SLOT's prompt caches
     bool recompute = false;                    // force the published per-step recomputation
+    // Which prompt positions are in the loss: entry t for the prediction of
+    // token t+1 (prompt length - 1 entries); empty: all of them.
+    std::vector<uint8_t> loss_mask;
 };
 
 void validate(const SlotConfig& config);
@@ -61,7 +64,7 @@ public:
     PromptCache(OutputHead& head, const std::vector<int32_t>& tokens, const SlotConfig& config);
     ~PromptCache();
 
-    int n_positions() const { return n_; }  // loss positions: prompt length - 1
+    int n_positions() const { return n_; }  // loss positions: prompt length - 1, or the masked ones
     bool cached() const { return cached_; }
     int prefill_rows() const { return prefill_rows_; }
     int64_t bytes() const;
@@ -79,15 +82,19 @@ private:
     double loss_and_gradient_recompute(const std::vector<float>& delta, std::vector<float>& grad,
                                        const InterruptCheck& interrupted);
     double target_logprob_from_logits(const float* row, int32_t target) const;
+    // Cache rows [first, first + c) from consecutive prompt positions.
+    void add_run(int first, int c, const float* logits, const float* hidden);
 
     OutputHead& head_;
+    int rows_ = 0;                 // prompt positions that could be in the loss
+    std::vector<int> slot_of_;     // prompt position -> cache row, or -1 when masked out
     int n_ = 0;
     int64_t V_ = 0;
     int64_t d_ = 0;
     bool cached_ = true;
     int prefill_rows_ = 1;
     int recompute_rows_ = 1;
-    std::vector<int32_t> targets_;        // y_t = x_{t+1}
+    std::vector<int32_t> targets_;        // y_t = x_{t+1}, loss positions only
     std::vector<double> target_logp0_;    // log P0_t(y_t), cached path
     std::vector<float> hidden_;           // n x d, recompute path
     std::unique_ptr<StaticTensors> p0_;   // [V, n] softmax(z0), cached path

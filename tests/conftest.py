@@ -197,6 +197,14 @@ def gemma_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct (ChatML template), fetched once and hash-checked."""
+    from smollm2 import smollm2_path as fetch
+
+    return fetch()
+
+
+@pytest.fixture(scope="session")
 def gemma(gemma_path: Path):
     import slot_cpp
 

@@ -151,6 +151,16 @@ def test_slot_rtd_and_qalign_through_extra_body(served):
     # delta shifts the distribution: the first token's log-probability moves.
     assert abs(slot.choices[0].logprobs.token_logprobs[0] - plain.choices[0].logprobs.token_logprobs[0]) > 1e-3
     assert "slot_cpp" not in (plain.model_extra or {})
+    # SLOT's loss on the user's message content only (chat).
+    both = [c.chat.completions.create(model="gemma-3-270m", messages=MESSAGES, max_tokens=2, temperature=0,
+                                      extra_body={"slot": {"steps": 2, "lr": 0.01, "loss_on": on}})
+            for on in ("all", "user")]
+    reports = [b.model_extra["slot_cpp"]["slot"] for b in both]
+    assert [r["loss_on"] for r in reports] == ["all", "user"]
+    assert reports[0]["losses"][0] != pytest.approx(reports[1]["losses"][0])
+    with pytest.raises(openai.BadRequestError, match="chat messages"):
+        c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=2,
+                             extra_body={"slot": {"steps": 2, "loss_on": "user"}})
 
     # lambda = 1: pure retrieval; every token comes from the datastore's values.
     rtd = c.completions.create(model="gemma-3-270m", prompt="The colour of the sky is", max_tokens=6,

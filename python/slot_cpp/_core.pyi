@@ -85,6 +85,7 @@ class Request:
     weight_decay: float
     memory_budget: int
     recompute: bool
+    loss_mask: list[bool]
     ignore_eos: bool
     logprobs: bool
     top_logprobs: int

@@ -38,6 +38,12 @@ class ModelClosedError(_core.SlotError):
     """The Model was closed; create a new one."""
 
 
+def _check_loss_on(loss_on: Any) -> str:
+    if loss_on not in ("all", "user"):
+        raise ValueError(f"loss_on must be 'all' or 'user', got {loss_on!r}")
+    return str(loss_on)
+
+
 def _cancel_check(cancel: Optional[CancelCheck]) -> Optional[Callable[[], bool]]:
     if cancel is None:
         return None
@@ -422,23 +428,67 @@ class Model:
     def prompt_tokens(self, prompt: Prompt, *, chat_template: Optional[str] = None,
                       system: Optional[str] = None) -> list[int]:
         """Token ids of a prompt: raw text, or chat messages formatted with the template."""
+        return self._prompt_text_and_tokens(prompt, chat_template, system)[1]
+
+    def _prompt_text_and_tokens(self, prompt: Prompt, chat_template: Optional[str],
+                                system: Optional[str]) -> tuple[str, list[int], Optional[list[Message]]]:
+        messages: Optional[list[Message]] = None
         if isinstance(prompt, str):
             if system is not None:
-                text = self.apply_chat_template(
-                    [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
-                    template=chat_template)
+                messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
             elif chat_template is not None:
-                text = self.apply_chat_template([{"role": "user", "content": prompt}], template=chat_template)
-            else:
-                text = prompt
+                messages = [{"role": "user", "content": prompt}]
+            text = prompt if messages is None else self.apply_chat_template(messages, template=chat_template)
         else:
             text = self.apply_chat_template(prompt, template=chat_template)
+            messages = list(prompt)
         if text == "":
             raise ValueError("the prompt is empty")
         tokens = self.tokenize(text)
         if not tokens:
             raise ValueError("the prompt produced no tokens")
-        return tokens
+        return text, tokens, messages
+
+    def user_loss_mask(self, prompt: Prompt, *, chat_template: Optional[str] = None,
+                       system: Optional[str] = None) -> tuple[list[int], list[bool]]:
+        """Token ids of a chat prompt and SLOT's loss mask for ``loss_on="user"``:
+        entry t is True when tokens t and t+1 both lie inside one user
+        message's content. Template tokens are out, and so is each message's
+        first content token: it is predicted from the template's turn header,
+        the context the answer starts from, and learning it teaches the model
+        to answer by repeating the user."""
+        text, tokens, messages = self._prompt_text_and_tokens(prompt, chat_template, system)
+        if messages is None:
+            raise ValueError("loss_on='user' needs chat messages (or a chat_template or system prompt)")
+        data = text.encode("utf-8")
+        pieces = [self._s().token_piece(t) for t in tokens]
+        joined = b"".join(pieces)
+        if joined == data or joined.endswith(data):
+            shift = len(joined) - len(data)
+        else:
+            raise ValueError("the prompt's tokens do not spell out its formatted text; loss_on='user' cannot "
+                             "locate the user's messages")
+        spans = []
+        cursor = 0
+        for i, m in enumerate(messages):
+            content = m["content"].encode("utf-8")
+            if m["role"] != "user" or not content:
+                continue
+            at = data.find(content, cursor)
+            if at < 0:
+                raise ValueError(f"message {i}'s content does not appear verbatim in the formatted prompt; "
+                                 "loss_on='user' cannot locate it")
+            spans.append((at + shift, at + shift + len(content)))
+            cursor = at + len(content)
+        inside = []
+        offset = 0
+        for piece in pieces:
+            start, end = offset, offset + len(piece)
+            offset = end
+            span = next((k for k, (a, b) in enumerate(spans) if a <= start and end <= b and end > start), -1)
+            inside.append(span)
+        mask = [inside[t] >= 0 and inside[t] == inside[t + 1] for t in range(len(tokens) - 1)]
+        return tokens, mask
 
     # ---- generation --------------------------------------------------------
     def generate_with_slot(
@@ -476,6 +526,7 @@ class Model:
         return_hidden: bool = False,
         rtd: Optional["RtdOption"] = None,
         cancel: Optional[CancelCheck] = None,
+        loss_on: str = "all",
     ) -> GenerationResult:
         """Learn delta on the prompt with ``steps`` AdamW steps, then generate with it.
 
@@ -500,6 +551,10 @@ class Model:
         next-token distribution, after SLOT's bias; logprobs and score_tokens
         then report the blended distribution.
 
+        ``loss_on="user"`` restricts SLOT's loss to the content of the
+        user's messages of a chat prompt (see :meth:`user_loss_mask`); the
+        default ``"all"`` is the paper's loss over every prompt token.
+
         ``cancel`` (a ``threading.Event`` or a callable returning True to
         stop), polled every 20 ms on the calling thread, ends the call with
         :class:`GenerationCancelled`; its sequence is freed at once.
@@ -509,7 +564,12 @@ class Model:
         cancel_check = _cancel_check(cancel)
         if on_text is not None and not callable(on_text):
             raise TypeError("on_text must be callable")
-        if prompt_token_ids is not None:
+        loss_mask = None
+        if _check_loss_on(loss_on) == "user":
+            if prompt_token_ids is not None:
+                raise ValueError("loss_on='user' needs chat messages, not prompt_token_ids")
+            tokens, loss_mask = self.user_loss_mask(prompt, chat_template=chat_template, system=system)
+        elif prompt_token_ids is not None:
             tokens = self._check_tokens(prompt_token_ids)
             if not tokens:
                 raise ValueError("the prompt is empty")
@@ -521,7 +581,8 @@ class Model:
             stop=stop, delta=delta, ignore_eos=ignore_eos, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, memory_budget=memory_budget, recompute=recompute,
             response_prefix=response_prefix, logprobs=logprobs, top_logprobs=top_logprobs,
-            cache_prompt=cache_prompt, score_tokens=score_tokens, return_hidden=return_hidden, rtd=rtd)
+            cache_prompt=cache_prompt, score_tokens=score_tokens, return_hidden=return_hidden, rtd=rtd,
+            loss_mask=loss_mask)
         callback = None
         if on_text is not None:
             user_callback = on_text
@@ -579,7 +640,14 @@ class Model:
                 options[key] = v
         requests = []
         for i, (prompt, options) in enumerate(zip(prompts, per_prompt)):
-            tokens = self._batch_prompt_tokens(prompt, i, chat_template, system)
+            if _check_loss_on(options.pop("loss_on", "all")) == "user":
+                try:
+                    tokens, options["loss_mask"] = self.user_loss_mask(prompt, chat_template=chat_template,
+                                                                       system=system)
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"prompt {i}: {exc}") from None
+            else:
+                tokens = self._batch_prompt_tokens(prompt, i, chat_template, system)
             try:
                 requests.append(self._request(tokens, n=n, **options))
             except (TypeError, ValueError) as exc:
@@ -618,7 +686,7 @@ class Model:
                  recompute: bool = False, response_prefix: Optional[Sequence[int]] = None,
                  logprobs: bool = False, top_logprobs: int = 0, cache_prompt: bool = True,
                  score_tokens: Optional[Sequence[int]] = None, return_hidden: bool = False,
-                 rtd: Optional["RtdOption"] = None) -> _core.Request:
+                 rtd: Optional["RtdOption"] = None, loss_mask: Optional[list[bool]] = None) -> _core.Request:
         """Checks every argument and builds the native request."""
         r = _core.Request()
         r.prompt = tokens
@@ -641,6 +709,8 @@ class Model:
         r.weight_decay = _check_float("weight_decay", weight_decay, low=0.0)
         r.memory_budget = _check_int("memory_budget", memory_budget, 1 << 20)
         r.recompute = bool(recompute)
+        if loss_mask is not None:
+            r.loss_mask = loss_mask
         if isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, Sequence):
@@ -748,7 +818,7 @@ class Model:
 _REQUEST_KEYS = frozenset({
     "steps", "lr", "max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
     "seed", "stop", "delta", "ignore_eos", "beta1", "beta2", "eps", "weight_decay", "memory_budget", "recompute",
-    "response_prefix", "logprobs", "top_logprobs", "cache_prompt", "score_tokens", "return_hidden", "rtd",
+    "response_prefix", "logprobs", "top_logprobs", "cache_prompt", "score_tokens", "return_hidden", "rtd", "loss_on",
 })
 
 

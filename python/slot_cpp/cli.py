@@ -83,6 +83,9 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, slot_lists: bool = Fals
     else:
         p.add_argument("--steps", type=int, default=5, help="SLOT optimisation steps (0: plain generation)")
         p.add_argument("--lr", type=float, default=0.1, help="SLOT learning rate")
+    p.add_argument("--loss-on", choices=["all", "user"], default="all",
+                   help="SLOT's loss over every prompt token (the paper) or only the user's message content "
+                        "(chat prompts)")
     p.add_argument("--max-tokens", "-n", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=40)
@@ -298,8 +301,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if chat:
             messages = [{"role": "system", "content": args.system}] if args.system else []
             prompt = messages + [{"role": "user", "content": text}]
+        if args.loss_on == "user" and not chat and args.chat_template is None:
+            raise UsageError("--loss-on user needs a chat prompt (--chat, --system or --chat-template)")
         kwargs = dict(steps=args.steps, lr=args.lr, stop=args.stop, chat_template=args.chat_template, rtd=rtd,
-                      **_sampling_kwargs(args))
+                      loss_on=args.loss_on, **_sampling_kwargs(args))
         if args.json:
             result = model.generate_with_slot(prompt, **kwargs)
             print(json.dumps(result_json(result), indent=2))
@@ -337,7 +342,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages.append({"role": "user", "content": line})
             result = model.generate_with_slot(
                 messages, steps=args.steps, lr=args.lr, stop=args.stop, chat_template=args.chat_template, rtd=rtd,
-                on_text=lambda s: print(s, end="", flush=True), **_sampling_kwargs(args))
+                loss_on=args.loss_on, on_text=lambda s: print(s, end="", flush=True), **_sampling_kwargs(args))
             print(flush=True)
             _report_slot(result, sys.stderr)
             messages.append({"role": "assistant", "content": result.text})
@@ -370,7 +375,8 @@ def _methods(args: argparse.Namespace) -> list[str]:
 def _setting_name(args: argparse.Namespace, steps: int, lr: float) -> str:
     """The setting's name in records; '+rtd' marks runs with --rtd, so that
     resuming a file never mixes records with and without it."""
-    return gsm8k.setting_name(steps, lr) + ("+rtd" if args.rtd else "")
+    return (gsm8k.setting_name(steps, lr) + ("+user" if getattr(args, "loss_on", "all") == "user" and steps else "")
+            + ("+rtd" if args.rtd else ""))
 
 
 def _eval_settings(args: argparse.Namespace) -> list[tuple[int, float]]:
@@ -387,6 +393,8 @@ def _eval_settings(args: argparse.Namespace) -> list[tuple[int, float]]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _check_rtd_args(args)
+    if args.loss_on == "user" and args.format != "chat":
+        raise UsageError("--loss-on user needs --format chat (the few-shot format has no user messages)")
     if args.rtd and args.metric == "nll":
         raise UsageError("--rtd needs --metric accuracy (the nll metric scores the plain model's log-probabilities)")
     problems = gsm8k.load_problems(args.data, args.limit)
@@ -502,7 +510,7 @@ def _eval_methods(args: argparse.Namespace, problems: list[gsm8k.Problem], metho
 
 def _record_base(args: argparse.Namespace, problem: gsm8k.Problem, steps: int, lr: float) -> dict:
     base = {"metric": args.metric, "index": problem.index, "setting": _setting_name(args, steps, lr),
-            "steps": steps, "lr": lr, "format": args.format}
+            "steps": steps, "lr": lr, "format": args.format, "loss_on": args.loss_on}
     if args.rtd:
         base["rtd"] = args.rtd
     return base
@@ -513,7 +521,11 @@ def _eval_nll(model: Model, args: argparse.Namespace, problem: gsm8k.Problem, st
     start = time.monotonic()
     prompt_ids = model.prompt_tokens(prompt, chat_template=args.chat_template)
     solution_ids = model.tokenize(" " + problem.answer, add_special=False, parse_special=False)
-    slot = model.generate_with_slot("", prompt_token_ids=prompt_ids, steps=steps, lr=lr, max_tokens=0)
+    if args.loss_on == "user":
+        slot = model.generate_with_slot(prompt, chat_template=args.chat_template, steps=steps, lr=lr, max_tokens=0,
+                                        loss_on="user")
+    else:
+        slot = model.generate_with_slot("", prompt_token_ids=prompt_ids, steps=steps, lr=lr, max_tokens=0)
     logp = model.token_logprobs(prompt_ids + solution_ids, len(prompt_ids), slot.delta if steps else None)
     return {**_record_base(args, problem, steps, lr), "nll": float(-logp.mean()),
             "solution_tokens": len(solution_ids), "losses": slot.losses, "seconds": time.monotonic() - start}
@@ -529,7 +541,8 @@ def _eval_generate(model: Model, args: argparse.Namespace, items: list[tuple[gsm
         stops.append(stop + list(args.stop))
     start = time.monotonic()
     results = model.generate_batch(prompts, steps=[s for _, s, _ in items], lr=[lr for _, _, lr in items],
-                                   stop=stops, chat_template=args.chat_template, rtd=rtd, **_sampling_kwargs(args))
+                                   stop=stops, chat_template=args.chat_template, rtd=rtd, loss_on=args.loss_on,
+                                   **_sampling_kwargs(args))
     seconds = (time.monotonic() - start) / len(items)
     records = []
     for (problem, steps, lr), result in zip(items, results):

@@ -108,6 +108,7 @@ class _Body(BaseModel):
 class SlotOptions(_Body):
     steps: int = Field(5, ge=0, le=100)
     lr: float = Field(0.1, gt=0.0, le=10.0)
+    loss_on: Literal["all", "user"] = "all"
 
 
 class RtdOptions(_Body):
@@ -299,6 +300,7 @@ class _Job:
     """One request, resolved: token ids and generate_batch's keyword arguments."""
 
     tokens: list[int]
+    messages: Optional[list[dict[str, str]]]
     n: int
     kwargs: dict[str, Any]
     applied: dict[str, Any]
@@ -478,7 +480,7 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
         top = body.top_logprobs or 0
         if top and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        job = _resolve(state, body, tokens, max_tokens, body.logprobs, top)
+        job = _resolve(state, body, tokens, max_tokens, body.logprobs, top, messages=messages)
         return await _serve(state, request, job, body, chat=True)
 
     @app.post("/v1/completions")
@@ -532,7 +534,7 @@ def _check_model(state: _State, name: Optional[str]) -> None:
 
 
 def _resolve(state: _State, body: _Sampling, tokens: list[int], max_tokens: Optional[int], want_logprobs: bool,
-             top_logprobs: int) -> _Job:
+             top_logprobs: int, messages: Optional[list[dict[str, str]]] = None) -> _Job:
     """Checks a request against the server's limits and builds the generate call."""
     config, model = state.config, state.model
     if max_tokens is None:
@@ -553,7 +555,12 @@ def _resolve(state: _State, body: _Sampling, tokens: list[int], max_tokens: Opti
     applied: dict[str, Any] = {}
     if body.slot is not None and body.slot.steps > 0:
         kwargs.update(steps=body.slot.steps, lr=body.slot.lr)
-        applied["slot"] = {"steps": body.slot.steps, "lr": body.slot.lr}
+        applied["slot"] = {"steps": body.slot.steps, "lr": body.slot.lr, "loss_on": body.slot.loss_on}
+        if body.slot.loss_on == "user":
+            if messages is None:
+                raise ApiError(400, "slot.loss_on 'user' needs chat messages (/v1/chat/completions)",
+                               param="slot.loss_on")
+            kwargs.update(loss_on="user", chat_template=config.chat_template)
     if body.rtd is not None:
         from .rtd import RTD
 
@@ -581,7 +588,7 @@ def _resolve(state: _State, body: _Sampling, tokens: list[int], max_tokens: Opti
             raise ApiError(400, "qalign with rtd is not supported", param="qalign")
         if model.n_parallel < 2:
             raise ApiError(400, "qalign needs a server started with --n-parallel >= 2", param="qalign")
-    return _Job(tokens=tokens, n=body.n, kwargs=kwargs, applied=applied, qalign=body.qalign,
+    return _Job(tokens=tokens, messages=messages, n=body.n, kwargs=kwargs, applied=applied, qalign=body.qalign,
                 top_logprobs=top_logprobs, want_logprobs=want_logprobs)
 
 
@@ -624,7 +631,9 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 
 
 def _run_generate(state: _State, job: _Job, on_text: Any, cancel: threading.Event) -> list[GenerationResult]:
-    return state.model.generate_batch([job.tokens], n=job.n, on_text=on_text, cancel=cancel, **job.kwargs)
+    # The user-content loss mask is found from the messages; otherwise the tokens are used as they are.
+    prompt: Any = job.messages if job.kwargs.get("loss_on") == "user" else job.tokens
+    return state.model.generate_batch([prompt], n=job.n, on_text=on_text, cancel=cancel, **job.kwargs)
 
 
 def _run_qalign(state: _State, job: _Job, cancel: threading.Event) -> tuple[str, int, dict[str, Any]]:
@@ -635,8 +644,10 @@ def _run_qalign(state: _State, job: _Job, cancel: threading.Event) -> tuple[str,
     kw = job.kwargs
     if kw.get("steps"):
         # SLOT shapes the proposal: learn delta once, then every proposal uses it.
-        shaped = state.model.generate_batch([job.tokens], max_tokens=0, steps=kw["steps"], lr=kw["lr"],
-                                            cancel=cancel)[0]
+        user = kw.get("loss_on") == "user"
+        shaped = state.model.generate_batch([job.messages if user else job.tokens], max_tokens=0, steps=kw["steps"],
+                                            lr=kw["lr"], loss_on=kw.get("loss_on", "all"),
+                                            chat_template=kw.get("chat_template"), cancel=cancel)[0]
         delta = shaped.delta
     else:
         shaped, delta = None, None

@@ -1,0 +1,104 @@
+"""The second real model: SmolLM2-135M-Instruct, a llama-architecture instruct
+model with tied embeddings (its head is token_embd.weight, Q8_0 in this Q4_1
+file) and a ChatML template in its metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import gguf
+import numpy as np
+import pytest
+
+import slot_cpp
+
+QUESTION = [{"role": "user", "content": "What is 17 * 6? Answer briefly."}]
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path: Path) -> Iterator[tuple[slot_cpp.Model, np.ndarray]]:
+    reader = gguf.GGUFReader(str(smollm2_path))
+    head = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    weight = gguf.quants.dequantize(np.asarray(head.data), head.tensor_type).astype(np.float64)
+    with slot_cpp.Model(smollm2_path, n_ctx=1024, n_parallel=2) as model:
+        yield model, weight
+
+
+def test_metadata_template_and_head(smol):
+    model, weight = smol
+    info = model.info
+    assert info.architecture == "llama" and info.tied_embeddings and info.has_chat_template
+    assert info.head_tensor == "token_embd.weight" and info.head_type == "q8_0" and info.slot_supported
+    assert weight.shape == (model.n_vocab, model.n_embd)
+    np.testing.assert_array_equal(model.output_matrix(), weight.astype(np.float32))
+    text = model.apply_chat_template(QUESTION)
+    assert text == "<|im_start|>user\nWhat is 17 * 6? Answer briefly.<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.slow
+def test_chat_generation_with_its_own_template(smol):
+    model, _ = smol
+    r = model.generate(QUESTION, max_tokens=24)
+    assert r.text.strip() and r.finish_reason == "eos"  # ChatML's <|im_end|> ends the turn
+    assert "<|im_start|>" not in r.text and "17" in r.text
+
+
+def reference_loss_and_grad(z: np.ndarray, weight: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    z = z - z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    n = len(y)
+    loss = float(np.mean(-np.log(p[np.arange(n), y])))
+    p[np.arange(n), y] -= 1.0
+    return loss, weight.T @ p.sum(axis=0) / n
+
+
+def test_exact_slot_gradient_against_numpy(smol):
+    """SLOT's loss and gradient against float64 NumPy on the dequantised head:
+    the cached path from llama.cpp's prompt logits z0 (z0 + W delta), the
+    recompute path from the prompt states (W (h + delta))."""
+    model, weight = smol
+    tokens = model.prompt_tokens(QUESTION)
+    hidden, logits = model.prompt_states(tokens)
+    rng = np.random.default_rng(3)
+    delta = (0.05 * rng.standard_normal(model.n_embd)).astype(np.float32)
+    y = np.asarray(tokens[1:])
+    # (reference logits, loss tolerance, gradient tolerance): the recompute
+    # path's W (h + delta) runs through ggml's Q8_0 matmul, which rounds the
+    # states to 8 bits as llama.cpp's own logits do.
+    cases = {
+        False: (logits[:-1].astype(np.float64) + weight @ delta.astype(np.float64), 1e-5, 1e-4),
+        True: ((hidden[:-1].astype(np.float64) + delta) @ weight.T, 2e-3, 0.1),
+    }
+    for recompute, (z, loss_tol, grad_tol) in cases.items():
+        want_loss, want_grad = reference_loss_and_grad(z, weight, y)
+        loss, grad = model.slot_loss_and_gradient(tokens, delta, recompute=recompute)
+        assert loss == pytest.approx(want_loss, rel=loss_tol), recompute
+        assert np.linalg.norm(grad - want_grad) / np.linalg.norm(want_grad) < grad_tol, recompute
+
+
+def test_loss_on_user_content_masks_the_template(smol):
+    model, _ = smol
+    tokens, mask = model.user_loss_mask(QUESTION)
+    assert len(mask) == len(tokens) - 1
+    pieces = [model._s().token_piece(t).decode() for t in tokens]
+    # Targets inside the content after its first token; never a template token.
+    targets = "".join(p for p, m in zip(pieces[1:], mask) if m)
+    assert targets == " is 17 * 6? Answer briefly."
+    assert not any(m for p, m in zip(pieces[1:], mask) if p.startswith("<|") or p in ("user", "assistant"))
+    full = model.generate_with_slot(QUESTION, steps=3, lr=0.01, max_tokens=0, cache_prompt=False)
+    user = model.generate_with_slot(QUESTION, steps=3, lr=0.01, max_tokens=0, cache_prompt=False, loss_on="user")
+    assert user.steps_done == 3 and user.losses[0] != pytest.approx(full.losses[0])
+    assert user.losses[-1] < user.losses[0]
+    # The masked loss at delta = 0 is the mean NLL of the selected targets.
+    lp = model.token_logprobs(tokens, 1)
+    selected = [-lp[t] for t in range(len(mask)) if mask[t]]
+    assert user.losses[0] == pytest.approx(float(np.mean(selected)), rel=1e-3)
+    batch = model.generate_batch([QUESTION, "raw"], steps=3, lr=0.01, max_tokens=0, loss_on=["user", "all"],
+                                 cache_prompt=False)
+    assert batch[0].losses[0] == pytest.approx(user.losses[0], rel=1e-4)
+    with pytest.raises(ValueError, match="chat messages"):
+        model.generate_with_slot("raw text", steps=1, max_tokens=1, loss_on="user")
+    with pytest.raises(ValueError, match="loss_on"):
+        model.generate_with_slot(QUESTION, steps=1, max_tokens=1, loss_on="answer")
