@@ -152,7 +152,7 @@ void PromptCache::add_run(int first, int c, const float* logits, const float* hi
     }
 }
 
-double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, std::vector<float>& grad) {
+double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, std::vector<float>* grad) {
     std::vector<float> b(static_cast<size_t>(V_)), q(static_cast<size_t>(V_)), S(static_cast<size_t>(n_));
     {
         GraphBuilder g(8);
@@ -175,16 +175,18 @@ double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, st
     // at least 1/n_vocab, so its logarithm is well conditioned.
     const int64_t top = std::max_element(b.begin(), b.end()) - b.begin();
     const double lse_b = b[static_cast<size_t>(top)] - std::log(static_cast<double>(q[static_cast<size_t>(top)]));
-    const double inv_n = 1.0 / n_;
+    // Position t weighs w_t / sum(w): 1/n each unless calibration set weights.
+    const double total = weights_.empty() ? static_cast<double>(n_) : weight_sum_;
     double loss = 0.0;
     std::vector<float> r(static_cast<size_t>(n_));
     for (int t = 0; t < n_; ++t) {
+        const double w = weight(t) / total;
+        if (w == 0.0) continue;
         const double s = S[static_cast<size_t>(t)];
-        loss += -target_logp0_[static_cast<size_t>(t)] + lse_b + std::log(s) - b[static_cast<size_t>(targets_[t])];
-        r[static_cast<size_t>(t)] = static_cast<float>(inv_n / s);
+        loss += w * (-target_logp0_[static_cast<size_t>(t)] + lse_b + std::log(s) - b[static_cast<size_t>(targets_[t])]);
+        r[static_cast<size_t>(t)] = static_cast<float>(w / s);
     }
-    loss *= inv_n;
-    if (!std::isfinite(loss)) return loss;
+    if (!std::isfinite(loss) || grad == nullptr) return loss;
 
     std::vector<float> u(static_cast<size_t>(V_));
     {
@@ -198,15 +200,15 @@ double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, st
     }
     std::vector<float> gvec(static_cast<size_t>(V_));
     for (int64_t v = 0; v < V_; ++v) gvec[static_cast<size_t>(v)] = q[static_cast<size_t>(v)] * u[static_cast<size_t>(v)];
-    for (int t = 0; t < n_; ++t) gvec[static_cast<size_t>(targets_[t])] -= static_cast<float>(inv_n);
+    for (int t = 0; t < n_; ++t) gvec[static_cast<size_t>(targets_[t])] -= static_cast<float>(weight(t) / total);
     ScopedTimer timer(profile_.backward);
-    head_.project_transposed(gvec.data(), grad.data());
+    head_.project_transposed(gvec.data(), grad->data());
     return loss;
 }
 
-double PromptCache::loss_and_gradient_recompute(const std::vector<float>& delta, std::vector<float>& grad,
+double PromptCache::loss_and_gradient_recompute(const std::vector<float>& delta, std::vector<float>* grad,
                                                 const InterruptCheck& interrupted) {
-    const double inv_n = 1.0 / n_;
+    const double total = weights_.empty() ? static_cast<double>(n_) : weight_sum_;
     std::vector<double> u(static_cast<size_t>(V_), 0.0);
     std::vector<float> part(static_cast<size_t>(V_));
     std::vector<float> rows;
@@ -233,7 +235,8 @@ double PromptCache::loss_and_gradient_recompute(const std::vector<float>& delta,
         head_.backend().prepare(g);
         ggml_backend_tensor_set(h, rows.data(), 0, ggml_nbytes(h));
         if (bias) ggml_backend_tensor_set(bias, head_.bias().data(), 0, ggml_nbytes(bias));
-        weights.assign(static_cast<size_t>(c), static_cast<float>(inv_n));
+        weights.resize(static_cast<size_t>(c));
+        for (int i = 0; i < c; ++i) weights[static_cast<size_t>(i)] = static_cast<float>(weight(r0 + i) / total);
         set_column_split_input(prod, weights.data());
         {
             ScopedTimer timer(profile_.forward);
@@ -254,16 +257,16 @@ double PromptCache::loss_and_gradient_recompute(const std::vector<float>& delta,
                 head_.logits(rows.data() + static_cast<size_t>(i) * d_, 1, zrow.data());
                 logp = target_logprob_from_logits(zrow.data(), targets_[t]);
             }
-            loss -= logp;
+            loss -= weight(t) / total * logp;
         }
         if (interrupted && r0 + c < n_ && interrupted()) throw Interrupted();
     }
-    loss *= inv_n;
+    if (grad == nullptr) return loss;
     std::vector<float> gvec(static_cast<size_t>(V_));
     for (int64_t v = 0; v < V_; ++v) gvec[static_cast<size_t>(v)] = static_cast<float>(u[static_cast<size_t>(v)]);
-    for (int t = 0; t < n_; ++t) gvec[static_cast<size_t>(targets_[t])] -= static_cast<float>(inv_n);
+    for (int t = 0; t < n_; ++t) gvec[static_cast<size_t>(targets_[t])] -= static_cast<float>(weight(t) / total);
     ScopedTimer timer(profile_.backward);
-    head_.project_transposed(gvec.data(), grad.data());
+    head_.project_transposed(gvec.data(), grad->data());
     return loss;
 }
 
@@ -272,7 +275,18 @@ double PromptCache::loss_and_gradient(const std::vector<float>& delta, std::vect
     if (static_cast<int64_t>(delta.size()) != d_) throw std::invalid_argument("delta has the wrong length");
     if (n_ == 0) throw std::invalid_argument("the prompt needs at least two tokens for a SLOT loss");
     grad.assign(static_cast<size_t>(d_), 0.0f);
+    return evaluate(delta, &grad, interrupted);
+}
+
+double PromptCache::evaluate(const std::vector<float>& delta, std::vector<float>* grad,
+                             const InterruptCheck& interrupted) {
     return cached_ ? loss_and_gradient_cached(delta, grad) : loss_and_gradient_recompute(delta, grad, interrupted);
+}
+
+void PromptCache::set_weights(std::vector<float> weights) {
+    weights_ = std::move(weights);
+    weight_sum_ = 0.0;
+    for (float w : weights_) weight_sum_ += w;
 }
 
 SlotOutcome PromptCache::optimise(const SlotConfig& config, const InterruptCheck& interrupted) {
@@ -281,6 +295,7 @@ SlotOutcome PromptCache::optimise(const SlotConfig& config, const InterruptCheck
     out.delta.assign(static_cast<size_t>(d_), 0.0f);
     out.path = cached_ ? "cached" : "recompute";
     out.cache_bytes = bytes();
+    out.lr = config.lr;
     if (config.steps == 0) {
         out.stop_reason = "no steps requested";
         return out;
@@ -290,12 +305,33 @@ SlotOutcome PromptCache::optimise(const SlotConfig& config, const InterruptCheck
                                      : "no loss positions (the loss mask selects none)";
         return out;
     }
-    std::vector<float> delta(static_cast<size_t>(d_), 0.0f), grad(static_cast<size_t>(d_));
-    std::vector<double> m(static_cast<size_t>(d_), 0.0), v(static_cast<size_t>(d_), 0.0);
-    out.stop_reason = "completed";
     profile_ = StepProfile{};
     const auto started = std::chrono::steady_clock::now();
-    for (int step = 1; step <= config.steps; ++step) {
+    double lr = config.lr;
+    if (config.auto_lr) {
+        lr = calibrate(config, out, interrupted);
+        out.lr = lr;
+    }
+    if (lr > 0.0) {
+        out.stop_reason = "completed";
+        adam(config, lr, config.steps, interrupted, out);
+    } else {
+        out.stop_reason = "auto: no step size lowered the held-out loss; delta = 0";
+    }
+    out.cache_bytes = bytes();
+    profile_.host = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count() -
+                    profile_.forward - profile_.cache - profile_.backward;
+    out.profile = profile_;
+    return out;
+}
+
+void PromptCache::adam(const SlotConfig& config, double lr, int steps, const InterruptCheck& interrupted,
+                       SlotOutcome& out) {
+    std::vector<float> delta(static_cast<size_t>(d_), 0.0f), grad(static_cast<size_t>(d_));
+    std::vector<double> m(static_cast<size_t>(d_), 0.0), v(static_cast<size_t>(d_), 0.0);
+    out.losses.clear();
+    out.steps_done = 0;
+    for (int step = 1; step <= steps; ++step) {
         if (interrupted && interrupted()) throw Interrupted();
         const double loss = loss_and_gradient(delta, grad, interrupted);
         if (!std::isfinite(loss) || !all_finite(grad)) {
@@ -311,11 +347,11 @@ SlotOutcome PromptCache::optimise(const SlotConfig& config, const InterruptCheck
         for (int64_t i = 0; i < d_; ++i) {
             const size_t k = static_cast<size_t>(i);
             const double gi = grad[k];
-            double p = next[k] * (1.0 - config.lr * config.weight_decay);
+            double p = next[k] * (1.0 - lr * config.weight_decay);
             m[k] = config.beta1 * m[k] + (1.0 - config.beta1) * gi;
             v[k] = config.beta2 * v[k] + (1.0 - config.beta2) * gi * gi;
             const double denom = std::sqrt(v[k]) / std::sqrt(bc2) + config.eps;
-            p -= (config.lr / bc1) * m[k] / denom;
+            p -= (lr / bc1) * m[k] / denom;
             next[k] = static_cast<float>(p);
         }
         if (!all_finite(next)) {
@@ -327,10 +363,58 @@ SlotOutcome PromptCache::optimise(const SlotConfig& config, const InterruptCheck
         out.steps_done = step;
     }
     out.delta = delta;
-    profile_.host = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count() -
-                    profile_.forward - profile_.cache - profile_.backward;
-    out.profile = profile_;
-    return out;
+}
+
+double PromptCache::calibrate(const SlotConfig& config, SlotOutcome& out, const InterruptCheck& interrupted) {
+    // Two folds: learn delta on one half of the loss positions with the
+    // reference step size, then score the other half at delta scaled by each
+    // candidate factor (for a few Adam steps, delta grows about in proportion
+    // to the step size). The factor with the lowest held-out loss, averaged
+    // over both folds, sets the step size; none that beats delta = 0 means 0.
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::vector<double>& factors = config.auto_factors;
+    std::vector<double> held_out(factors.size() + 1, 0.0);  // [0]: delta = 0
+    const int half = n_ / 2;
+    int folds = 0;
+    for (int fold = 0; fold < 2; ++fold) {
+        // Train on one half, hold out the other (both halves non-empty).
+        std::vector<float> train(static_cast<size_t>(n_), 0.0f), test(static_cast<size_t>(n_), 0.0f);
+        for (int t = 0; t < n_; ++t) ((t < half) == (fold == 0) ? train : test)[static_cast<size_t>(t)] = 1.0f;
+        if (half == 0 || half == n_) break;
+        SlotOutcome trial;
+        set_weights(train);
+        adam(config, config.lr, config.steps, interrupted, trial);
+        set_weights(test);
+        std::vector<float> zero(static_cast<size_t>(d_), 0.0f), scaled(static_cast<size_t>(d_));
+        held_out[0] += evaluate(zero, nullptr, interrupted);
+        for (size_t k = 0; k < factors.size(); ++k) {
+            for (int64_t i = 0; i < d_; ++i) {
+                scaled[static_cast<size_t>(i)] = static_cast<float>(factors[k] * trial.delta[static_cast<size_t>(i)]);
+            }
+            held_out[k + 1] += evaluate(scaled, nullptr, interrupted);
+        }
+        ++folds;
+    }
+    set_weights({});
+    double lr = 0.0;
+    if (folds > 0) {
+        size_t best = 0;
+        for (size_t k = 0; k < held_out.size(); ++k) {
+            held_out[k] /= folds;
+            if (std::isfinite(held_out[k]) && held_out[k] < held_out[best]) best = k;
+        }
+        lr = best == 0 ? 0.0 : config.lr * factors[best - 1];
+        out.calibration_lrs.push_back(0.0);
+        out.calibration_losses.push_back(held_out[0]);
+        for (size_t k = 0; k < factors.size(); ++k) {
+            out.calibration_lrs.push_back(config.lr * factors[k]);
+            out.calibration_losses.push_back(held_out[k + 1]);
+        }
+    } else {
+        lr = config.lr;  // too few positions to hold any out
+    }
+    out.calibration_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return lr;
 }
 
 }  // namespace slot

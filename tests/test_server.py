@@ -50,8 +50,21 @@ def running(model: slot_cpp.Model, config: ServerConfig) -> Iterator[str]:
         thread.join(timeout=30)
 
 
+_CLIENTS: list[openai.OpenAI] = []
+
+
 def client(url: str, key: str = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=120)
+    c = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=120)
+    _CLIENTS.append(c)
+    return c
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Closes each test's clients, so that no connection is left to the garbage collector."""
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +164,11 @@ def test_slot_rtd_and_qalign_through_extra_body(served):
     # delta shifts the distribution: the first token's log-probability moves.
     assert abs(slot.choices[0].logprobs.token_logprobs[0] - plain.choices[0].logprobs.token_logprobs[0]) > 1e-3
     assert "slot_cpp" not in (plain.model_extra or {})
+    auto = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=2, temperature=0,
+                                extra_body={"slot": {"steps": 5, "lr": "auto"}})
+    auto_report = auto.model_extra["slot_cpp"]["slot"]
+    assert [row["lr"] for row in auto_report["calibration"]] == pytest.approx([0.0, 0.003, 0.01, 0.03])
+    assert auto_report["lr_used"] in [row["lr"] for row in auto_report["calibration"]]
     # SLOT's loss on the user's message content only (chat).
     both = [c.chat.completions.create(model="gemma-3-270m", messages=MESSAGES, max_tokens=2, temperature=0,
                                       extra_body={"slot": {"steps": 2, "lr": 0.01, "loss_on": on}})

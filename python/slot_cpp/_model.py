@@ -32,6 +32,7 @@ CancelCheck = Union[threading.Event, Callable[[], bool]]
 
 ROLES = frozenset({"system", "user", "assistant"})
 DEFAULT_MEMORY_BUDGET = 1 << 30
+AUTO_LR_REFERENCE = 0.01
 
 
 class ModelClosedError(_core.SlotError):
@@ -137,6 +138,11 @@ class GenerationResult:
     (P0^T*r), backward (W^T*g), host (loss, AdamW, transfers)."""
     cached_tokens: int = 0
     """Prompt tokens whose KV cells came from the prompt cache (not evaluated)."""
+    lr: float = 0.0
+    """The step size SLOT used: the given one, or the one lr="auto" chose (0: no step helped)."""
+    calibration: list[tuple[float, float]] = field(default_factory=list)
+    """lr="auto": (step size, held-out loss) of each candidate, 0 first."""
+    calibration_seconds: float = 0.0
     seed: int = 0
     """The sampler's seed (sample j of a prompt draws with seed + j)."""
     token_logprobs: Optional[list[float]] = None
@@ -496,7 +502,7 @@ class Model:
         prompt: Prompt,
         *,
         steps: int = 5,
-        lr: float = 0.1,
+        lr: Union[float, str] = 0.1,
         max_tokens: int = 256,
         temperature: float = 0.0,
         top_k: int = 40,
@@ -677,7 +683,8 @@ class Model:
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"prompt {index}: {exc}") from None
 
-    def _request(self, tokens: list[int], *, n: int, steps: int = 0, lr: float = 0.1, max_tokens: int = 256,
+    def _request(self, tokens: list[int], *, n: int, steps: int = 0, lr: Union[float, str] = 0.1,
+                 max_tokens: int = 256,
                  temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                  repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: Optional[int] = None,
                  stop: Union[str, Sequence[str]] = (), delta: Optional[np.ndarray] = None,
@@ -692,7 +699,14 @@ class Model:
         r.prompt = tokens
         r.n = n
         r.steps = _check_int("steps", steps, 0)
-        r.lr = _check_float("lr", lr, low=0.0, low_open=True)
+        if isinstance(lr, str):
+            if lr != "auto":
+                raise ValueError(f"lr must be a number > 0 or 'auto', got {lr!r}")
+            # Calibration tries 0 and this reference step size times 0.3, 1 and 3.
+            r.auto_lr = True
+            r.lr = AUTO_LR_REFERENCE
+        else:
+            r.lr = _check_float("lr", lr, low=0.0, low_open=True)
         r.max_tokens = _check_int("max_tokens", max_tokens, 0)
         r.temperature = _check_float("temperature", temperature, low=0.0)
         r.top_k = _check_int("top_k", top_k, 0)
@@ -892,6 +906,9 @@ def _result(raw: _core.RawResult, request: _core.Request) -> GenerationResult:
         timings=Timings(raw.prefill_seconds, raw.optimise_seconds, raw.generate_seconds),
         slot_profile=dict(raw.slot_profile),
         cached_tokens=raw.cached_tokens,
+        lr=float(raw.slot_lr),
+        calibration=[(float(a), float(b)) for a, b in zip(raw.calibration_lrs, raw.calibration_losses)],
+        calibration_seconds=float(raw.calibration_seconds),
         seed=raw.seed,
         token_logprobs=logprobs,
         top_logprobs=top,

@@ -16,7 +16,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, TextIO
+from typing import Any, Optional, Sequence, TextIO, Union
 
 import numpy as np
 
@@ -46,6 +46,20 @@ def _configure_logging(args: argparse.Namespace) -> None:
     from ._logging import set_llama_log_level
 
     set_llama_log_level(level)
+
+
+def _lr(text: str) -> Union[float, str]:
+    """A SLOT step size: a number, or 'auto' (chosen per prompt)."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from exc
+
+
+def _lr_list(text: str) -> list[Union[float, str]]:
+    return [_lr(x) for x in text.split(",") if x.strip()]
 
 
 def _float_list(text: str) -> list[float]:
@@ -79,10 +93,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_sampling_options(p: argparse.ArgumentParser, *, slot_lists: bool = False) -> None:
     if slot_lists:
         p.add_argument("--steps", type=_int_list, default=[0, 5], help="comma-separated steps values")
-        p.add_argument("--lr", type=_float_list, default=[0.1], help="comma-separated learning rates")
+        p.add_argument("--lr", type=_lr_list, default=[0.1],
+                       help="comma-separated learning rates ('auto': chosen per prompt)")
     else:
         p.add_argument("--steps", type=int, default=5, help="SLOT optimisation steps (0: plain generation)")
-        p.add_argument("--lr", type=float, default=0.1, help="SLOT learning rate")
+        p.add_argument("--lr", type=_lr, default=0.1,
+                       help="SLOT learning rate, or 'auto': chosen per prompt on held-out prompt tokens")
     p.add_argument("--loss-on", choices=["all", "user"], default="all",
                    help="SLOT's loss over every prompt token (the paper) or only the user's message content "
                         "(chat prompts)")
@@ -383,8 +399,8 @@ def _eval_settings(args: argparse.Namespace) -> list[tuple[int, float]]:
     settings = []
     for steps in args.steps:
         for lr in (args.lr if steps > 0 else args.lr[:1]):
-            if steps < 0 or lr <= 0:
-                raise UsageError("--steps must be >= 0 and --lr > 0")
+            if steps < 0 or (lr != "auto" and lr <= 0):
+                raise UsageError("--steps must be >= 0 and --lr > 0 (or auto)")
             settings.append((steps, lr))
     if not settings:
         raise UsageError("no settings to evaluate")
@@ -528,7 +544,9 @@ def _eval_nll(model: Model, args: argparse.Namespace, problem: gsm8k.Problem, st
         slot = model.generate_with_slot("", prompt_token_ids=prompt_ids, steps=steps, lr=lr, max_tokens=0)
     logp = model.token_logprobs(prompt_ids + solution_ids, len(prompt_ids), slot.delta if steps else None)
     return {**_record_base(args, problem, steps, lr), "nll": float(-logp.mean()),
-            "solution_tokens": len(solution_ids), "losses": slot.losses, "seconds": time.monotonic() - start}
+            "solution_tokens": len(solution_ids), "losses": slot.losses, "seconds": time.monotonic() - start,
+            "chosen_lr": slot.lr, "optimise_seconds": slot.timings.optimise,
+            "calibration_seconds": slot.calibration_seconds}
 
 
 def _eval_generate(model: Model, args: argparse.Namespace, items: list[tuple[gsm8k.Problem, int, float]],
@@ -948,7 +966,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--file", "-f")
     ex.add_argument("--chat", action="store_true")
     ex.add_argument("--steps", type=int, default=5)
-    ex.add_argument("--lr", type=float, default=0.1)
+    ex.add_argument("--lr", type=_lr, default=0.1)
     ex.add_argument("--top", type=int, default=15, help="tokens to list in each direction")
     ex.add_argument("--chat-template", default=None)
     ex.add_argument("--json", action="store_true")

@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Union
 
 FORMATS = ("fewshot", "chat")
 
@@ -167,8 +167,8 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
-def setting_name(steps: int, lr: float) -> str:
-    return f"steps={steps},lr={lr:g}"
+def setting_name(steps: int, lr: Union[float, str]) -> str:
+    return f"steps={steps},lr={lr}" if isinstance(lr, str) else f"steps={steps},lr={lr:g}"
 
 
 def summarise(records: Iterable[dict], settings: Sequence[str], metric: str) -> list[dict]:

@@ -107,7 +107,7 @@ class _Body(BaseModel):
 
 class SlotOptions(_Body):
     steps: int = Field(5, ge=0, le=100)
-    lr: float = Field(0.1, gt=0.0, le=10.0)
+    lr: Union[Literal["auto"], float] = Field(0.1)
     loss_on: Literal["all", "user"] = "all"
 
 
@@ -553,6 +553,8 @@ def _resolve(state: _State, body: _Sampling, tokens: list[int], max_tokens: Opti
         min_p=body.min_p, repeat_penalty=body.repeat_penalty, seed=seed, stop=_stop_list(body.stop),
         logprobs=want_logprobs, top_logprobs=top_logprobs, cache_prompt=body.cache_prompt)
     applied: dict[str, Any] = {}
+    if body.slot is not None and isinstance(body.slot.lr, float) and not 0.0 < body.slot.lr <= 10.0:
+        raise ApiError(400, "slot.lr must be 'auto' or a number in (0, 10]", param="slot.lr")
     if body.slot is not None and body.slot.steps > 0:
         kwargs.update(steps=body.slot.steps, lr=body.slot.lr)
         applied["slot"] = {"steps": body.slot.steps, "lr": body.slot.lr, "loss_on": body.slot.loss_on}
@@ -593,8 +595,11 @@ def _resolve(state: _State, body: _Sampling, tokens: list[int], max_tokens: Opti
 
 
 def _slot_report(result: GenerationResult) -> dict[str, Any]:
-    return {"losses": [float(x) for x in result.losses], "steps_done": result.steps_done,
-            "delta_norm": float(result.delta_norm), "status": result.slot_status}
+    out = {"losses": [float(x) for x in result.losses], "steps_done": result.steps_done,
+           "delta_norm": float(result.delta_norm), "status": result.slot_status, "lr_used": result.lr}
+    if result.calibration:
+        out["calibration"] = [{"lr": lr, "held_out_loss": loss} for lr, loss in result.calibration]
+    return out
 
 
 def _piece(model: Model, token: int) -> str:
