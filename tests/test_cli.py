@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import PROMPT, restore_sigint
 
@@ -99,6 +100,18 @@ def test_explain_lists_token_shifts_and_plots(gemma_path, tmp_path):
     assert len(report["losses"]) == 3 and report["delta_norm"] > 0
     assert len(report["raised"]) == 5 and len(report["lowered"]) == 5
     assert report["raised"][0]["logit_change"] > 0 > report["lowered"][0]["logit_change"]
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_explain_shows_the_auto_calibration(gemma_path, tmp_path):
+    png = tmp_path / "auto.png"
+    proc = _run("explain", PROMPT, "--model", str(gemma_path), "--steps", "5", "--lr", "auto", "--top", "3",
+                "--json", "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    tried = [(c["lr"], c["held_out_loss"]) for c in report["calibration"]]
+    assert [lr for lr, _ in tried] == pytest.approx([0.0, 0.003, 0.01, 0.03])
+    assert report["lr"] == min(tried, key=lambda c: c[1])[0] > 0 and len(report["losses"]) == 5
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

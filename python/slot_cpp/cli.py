@@ -684,7 +684,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         prompt: Prompt = [{"role": "user", "content": text}] if args.chat else text
         result = model.generate_with_slot(prompt, steps=args.steps, lr=args.lr, max_tokens=0,
                                           chat_template=args.chat_template)
+        if result.calibration and not args.json:
+            print("lr auto, held-out loss per step size: " +
+                  "  ".join(f"{lr:g}: {loss:.4f}" for lr, loss in result.calibration) + f"  -> lr {result.lr:g}")
         if result.delta is None or result.steps_done == 0:
+            if result.calibration and args.plot:
+                _plot_explain({"calibration": result.calibration, "lr": result.lr}, args.plot)
             raise UsageError(f"no delta was learned: {result.slot_status}")
         bias = model.logit_bias(result.delta)
         order = np.argsort(bias)
@@ -696,6 +701,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
         report = {
             "losses": result.losses,
+            "lr": result.lr,
+            "calibration": [{"lr": lr, "held_out_loss": loss} for lr, loss in result.calibration],
             "delta_norm": result.delta_norm,
             "raised": [{"token": t, "piece": label(t), "logit_change": float(bias[t])} for t in top],
             "lowered": [{"token": t, "piece": label(t), "logit_change": float(bias[t])} for t in bottom],
@@ -724,16 +731,34 @@ def _plot_explain(report: dict, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise UsageError("--plot needs matplotlib: pip install 'slot_cpp[plot]'") from exc
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
-    ax1.plot(range(1, len(report["losses"]) + 1), report["losses"], marker="o")
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("prompt loss (nats/token)")
-    ax1.set_title("SLOT loss per step")
-    items = report["raised"][::-1] + report["lowered"][::-1]
-    ax2.barh([repr(r["piece"]) for r in items], [r["logit_change"] for r in items],
-             color=["tab:green"] * len(report["raised"]) + ["tab:red"] * len(report["lowered"]))
-    ax2.set_xlabel("logit change (W*delta)")
-    ax2.set_title("tokens delta raises and lowers most")
+    calibration = report.get("calibration") or []
+    panels = (1 if calibration else 0) + (2 if "losses" in report else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 5), squeeze=False)
+    ax = list(axes[0])
+    if calibration:
+        # lr="auto": the held-out loss of each step size tried, the chosen one marked.
+        pairs = [(c["lr"], c["held_out_loss"]) if isinstance(c, dict) else c for c in calibration]
+        xs = list(range(len(pairs)))
+        cal = ax.pop(0)
+        cal.plot(xs, [loss for _, loss in pairs], marker="o")
+        cal.set_xticks(xs, [f"{lr:g}" for lr, _ in pairs])
+        chosen = next(i for i, (lr, _) in enumerate(pairs) if lr == report["lr"])
+        cal.plot([chosen], [pairs[chosen][1]], marker="*", markersize=16, color="tab:red", label="chosen")
+        cal.set_xlabel("step size")
+        cal.set_ylabel("held-out prompt loss (nats/token)")
+        cal.set_title("lr=auto calibration")
+        cal.legend()
+    if "losses" in report:
+        ax1, ax2 = ax
+        ax1.plot(range(1, len(report["losses"]) + 1), report["losses"], marker="o")
+        ax1.set_xlabel("step")
+        ax1.set_ylabel("prompt loss (nats/token)")
+        ax1.set_title("SLOT loss per step")
+        items = report["raised"][::-1] + report["lowered"][::-1]
+        ax2.barh([repr(r["piece"]) for r in items], [r["logit_change"] for r in items],
+                 color=["tab:green"] * len(report["raised"]) + ["tab:red"] * len(report["lowered"]))
+        ax2.set_xlabel("logit change (W*delta)")
+        ax2.set_title("tokens delta raises and lowers most")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
