@@ -211,7 +211,9 @@ PYBIND11_MODULE(_core, m) {
         .SLOT_FIELD("recompute", slot.recompute)
         .def_property(
             "loss_mask",
-            [](const slot::GenerationRequest& r) { return std::vector<bool>(r.slot.loss_mask.begin(), r.slot.loss_mask.end()); },
+            [](const slot::GenerationRequest& r) {
+                return std::vector<bool>(r.slot.loss_mask.begin(), r.slot.loss_mask.end());
+            },
             [](slot::GenerationRequest& r, const std::vector<bool>& mask) {
                 r.slot.loss_mask.assign(mask.begin(), mask.end());
             })

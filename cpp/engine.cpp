@@ -47,7 +47,8 @@ std::vector<ggml_backend_dev_t> rpc_devices(const std::vector<std::string>& endp
         throw ModelLoadError("this build of slot_cpp has no RPC backend (build with -DSLOT_CPP_RPC=ON)");
     }
     using AddServer = ggml_backend_reg_t (*)(const char*);
-    auto add_server = reinterpret_cast<AddServer>(ggml_backend_reg_get_proc_address(reg, "ggml_backend_rpc_add_server"));
+    auto add_server =
+        reinterpret_cast<AddServer>(ggml_backend_reg_get_proc_address(reg, "ggml_backend_rpc_add_server"));
     if (add_server == nullptr) throw ModelLoadError("the RPC backend lacks ggml_backend_rpc_add_server");
     std::vector<ggml_backend_dev_t> out;
     for (const auto& endpoint : endpoints) {
@@ -60,7 +61,9 @@ std::vector<ggml_backend_dev_t> rpc_devices(const std::vector<std::string>& endp
         if (server == nullptr || ggml_backend_reg_dev_count(server) == 0) {
             throw ModelLoadError("no ggml rpc-server answered at " + endpoint);
         }
-        for (size_t i = 0; i < ggml_backend_reg_dev_count(server); ++i) out.push_back(ggml_backend_reg_dev_get(server, i));
+        for (size_t i = 0; i < ggml_backend_reg_dev_count(server); ++i) {
+            out.push_back(ggml_backend_reg_dev_get(server, i));
+        }
     }
     return out;
 }

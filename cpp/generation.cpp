@@ -250,7 +250,8 @@ public:
     Batcher(Engine& engine, std::function<OutputHead&()> head, LoopCounters& stats,
             std::function<void(const std::shared_ptr<BatchJob>&)> admitted)
         : e_(engine), head_(std::move(head)), stats_(stats), admitted_(std::move(admitted)),
-          live_(static_cast<size_t>(engine.n_parallel()), 0), pinned_(live_.size(), 0), last_use_(live_.size(), 0), scratch_(static_cast<size_t>(engine.n_vocab())) {}
+          live_(static_cast<size_t>(engine.n_parallel()), 0), pinned_(live_.size(), 0), last_use_(live_.size(), 0),
+          scratch_(static_cast<size_t>(engine.n_vocab())) {}
 
     bool busy() const { return !waiting_.empty() || !lanes_.empty(); }
     bool live(int seq) const { return live_[static_cast<size_t>(seq)] != 0; }
@@ -847,30 +848,31 @@ std::vector<GenerationResult> Session::generate_batch(const std::vector<Generati
         incoming_.push_back(job);
     }
 
-    for (;;) {
-        // Wait while another caller drives the loop; take over when it stops.
-        {
-            std::unique_lock<std::mutex> lock(jobs_mutex_);
-            while (!job->done && driving_) {
-                jobs_cv_.wait_for(lock, std::chrono::milliseconds(20));
-                if (!job->done && interrupted) {
-                    lock.unlock();
-                    if (interrupted()) job->cancel.store(true);
-                    lock.lock();
-                }
-                // Not yet handed to the batcher: leave at once, whatever the driver is doing.
-                const auto queued = std::find(incoming_.begin(), incoming_.end(), job);
-                if (!job->done && job->cancel.load() && queued != incoming_.end()) {
-                    incoming_.erase(queued);
-                    if (job->counted_waiting) { job->counted_waiting = false; --waiting_; }
-                    if (!job->error) job->error = std::make_exception_ptr(Interrupted());
-                    job->done = true;
-                    ++cancelled_waiting_;
-                }
+    // Wait while another caller drives the loop; take over when it stops,
+    // unless this call ended meanwhile.
+    bool drive = false;
+    {
+        std::unique_lock<std::mutex> lock(jobs_mutex_);
+        while (!job->done && driving_) {
+            jobs_cv_.wait_for(lock, std::chrono::milliseconds(20));
+            if (!job->done && interrupted) {
+                lock.unlock();
+                if (interrupted()) job->cancel.store(true);
+                lock.lock();
             }
-            if (job->done) break;
-            driving_ = true;
+            // Not yet handed to the batcher: leave at once, whatever the driver is doing.
+            const auto queued = std::find(incoming_.begin(), incoming_.end(), job);
+            if (!job->done && job->cancel.load() && queued != incoming_.end()) {
+                incoming_.erase(queued);
+                if (job->counted_waiting) { job->counted_waiting = false; --waiting_; }
+                if (!job->error) job->error = std::make_exception_ptr(Interrupted());
+                job->done = true;
+                ++cancelled_waiting_;
+            }
         }
+        if (!job->done) driving_ = drive = true;
+    }
+    if (drive) {
         // Drive until this call ends; the others' calls advance with it.
         BatchEvents ev;
         try {
@@ -912,7 +914,6 @@ std::vector<GenerationResult> Session::generate_batch(const std::vector<Generati
             driving_ = false;
         }
         jobs_cv_.notify_all();
-        break;
     }
     if (job->error) std::rethrow_exception(job->error);
     return std::move(job->results);

@@ -611,9 +611,12 @@ def _logprobs_chat(model: Model, r: GenerationResult) -> dict[str, Any]:
     tops = r.top_logprobs or [[] for _ in r.tokens]
     for tok, lp, top in zip(r.tokens, r.token_logprobs, tops):
         text = _piece(model, tok)
+        alternatives = []
+        for t, v in top:
+            piece = _piece(model, t)
+            alternatives.append({"token": piece, "logprob": float(v), "bytes": list(piece.encode())})
         content.append({"token": text, "logprob": float(lp), "bytes": list(text.encode()),
-                        "top_logprobs": [{"token": _piece(model, t), "logprob": float(v),
-                                          "bytes": list(_piece(model, t).encode())} for t, v in top]})
+                        "top_logprobs": alternatives})
     return {"content": content}
 
 
