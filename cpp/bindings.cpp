@@ -304,9 +304,11 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<slot::Session>(m, "Session")
         .def(py::init([](const std::string& path, int n_ctx, int n_batch, int n_threads, int n_gpu_layers,
-                         int n_parallel, bool use_mmap, const std::vector<std::string>& rpc_servers) {
+                         int n_parallel, bool use_mmap, const std::vector<std::string>& rpc_servers,
+                         const std::vector<std::pair<std::string, float>>& loras) {
                  slot::EngineParams p;
                  p.rpc_servers = rpc_servers;
+                 p.loras = loras;
                  p.model_path = path;
                  p.n_ctx = n_ctx;
                  p.n_batch = n_batch;
@@ -318,7 +320,11 @@ PYBIND11_MODULE(_core, m) {
              }),
              py::arg("path"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("n_gpu_layers"),
              py::arg("n_parallel"), py::arg("use_mmap"), py::arg("rpc_servers") = std::vector<std::string>{},
+             py::arg("loras") = std::vector<std::pair<std::string, float>>{},
              py::call_guard<py::gil_scoped_release>())
+        .def("adapter_meta", &slot::Session::adapter_meta, py::arg("index"), py::arg("key"), kNoGil)
+        .def_property_readonly("n_adapters", py::cpp_function(&slot::Session::n_adapters, kNoGil))
+        .def_property_readonly("eos_token", py::cpp_function(&slot::Session::eos_token, kNoGil))
         .def("close", &slot::Session::close, py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("closed", py::cpp_function(&slot::Session::closed, kNoGil))
         .def("generate_batch",

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <mutex>
 #include <stdexcept>
@@ -121,6 +122,18 @@ Engine::Engine(const EngineParams& params) : params_(params) {
     n_embd_ = llama_model_n_embd_out(model_.get());
     if (n_embd_ <= 0) n_embd_ = llama_model_n_embd(model_.get());
 
+    for (const auto& [path, scale] : params.loras) {
+        if (!std::isfinite(scale)) throw std::invalid_argument("LoRA scale must be finite: " + path);
+        clear_last_error_line();
+        AdapterPtr adapter(llama_adapter_lora_init(model_.get(), path.c_str()));
+        if (!adapter) {
+            throw ModelLoadError(with_log_detail("llama.cpp could not apply the LoRA adapter " + path +
+                                                 " to " + params.model_path));
+        }
+        adapters_.push_back(std::move(adapter));
+        adapter_scales_.push_back(scale);
+    }
+
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx = static_cast<uint32_t>(params.n_ctx);
     cp.n_batch = static_cast<uint32_t>(params.n_batch);
@@ -138,12 +151,37 @@ Engine::Engine(const EngineParams& params) : params_(params) {
     cp.swa_full = true;
     cp.abort_callback = &Engine::abort_trampoline;
     cp.abort_callback_data = this;
-    ctx_.reset(llama_init_from_model(model_.get(), cp));
-    if (!ctx_) {
-        throw ModelLoadError(with_log_detail("llama.cpp could not create a context for " +
-                                             params.model_path));
-    }
+    ctx_ = new_context(cp, "a context for " + params.model_path);
     seq_tokens_.assign(static_cast<size_t>(params.n_parallel), {});
+}
+
+ContextPtr Engine::new_context(const llama_context_params& cp, const std::string& what) {
+    clear_last_error_line();
+    ContextPtr ctx(llama_init_from_model(model_.get(), cp));
+    if (!ctx) throw ModelLoadError(with_log_detail("llama.cpp could not create " + what));
+    if (!adapters_.empty()) {
+        std::vector<llama_adapter_lora*> raw;
+        for (const auto& a : adapters_) raw.push_back(a.get());
+        if (llama_set_adapters_lora(ctx.get(), raw.data(), raw.size(), adapter_scales_.data()) != 0) {
+            throw ModelLoadError(with_log_detail("llama.cpp could not set the LoRA adapters on " + what));
+        }
+    }
+    return ctx;
+}
+
+std::string Engine::adapter_meta(int index, const std::string& key) const {
+    if (index < 0 || index >= n_adapters()) throw std::out_of_range("no LoRA adapter " + std::to_string(index));
+    std::vector<char> buf(256);
+    int32_t n = llama_adapter_meta_val_str(adapters_[static_cast<size_t>(index)].get(), key.c_str(), buf.data(),
+                                           buf.size());
+    if (n < 0) return {};
+    if (static_cast<size_t>(n) >= buf.size()) {
+        buf.resize(static_cast<size_t>(n) + 1);
+        n = llama_adapter_meta_val_str(adapters_[static_cast<size_t>(index)].get(), key.c_str(), buf.data(),
+                                       buf.size());
+        if (n < 0) return {};
+    }
+    return std::string(buf.data(), static_cast<size_t>(n));
 }
 
 int Engine::n_ctx() const { return static_cast<int>(llama_n_ctx(ctx_.get())); }
@@ -491,8 +529,7 @@ void Engine::hidden_states(const std::vector<std::vector<int32_t>>& rows, const 
         cp.embeddings = true;
         cp.cb_eval = &Engine::stop_after_norm;
         cp.cb_eval_user_data = nullptr;
-        states_ctx_.reset(llama_init_from_model(model_.get(), cp));
-        if (!states_ctx_) throw Error(with_log_detail("could not create a context for hidden states"));
+        states_ctx_ = new_context(cp, "a context for hidden states");
     }
     llama_context* ctx = states_ctx_.get();
     llama_memory_t mem = llama_get_memory(ctx);
@@ -592,8 +629,7 @@ std::vector<std::vector<int32_t>> Engine::reference_greedy_batch(const std::vect
         static_cast<uint32_t>(total + 8),
         static_cast<uint32_t>(std::max<size_t>(params_.n_batch, static_cast<size_t>(n_seq))),
         static_cast<uint32_t>(n_seq));
-    ContextPtr ctx(llama_init_from_model(model_.get(), cp));
-    if (!ctx) throw Error(with_log_detail("could not create a reference context"));
+    ContextPtr ctx = new_context(cp, "a reference context");
     std::vector<std::unique_ptr<llama_sampler, SamplerDeleter>> samplers;
     for (int s = 0; s < n_seq; ++s) {
         samplers.emplace_back(llama_sampler_chain_init(llama_sampler_chain_default_params()));

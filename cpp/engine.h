@@ -27,6 +27,9 @@ struct EngineParams {
     // "host:port" of ggml rpc-server processes: the offloaded layers are
     // split across them (llama.cpp's RPC backend), and n_gpu_layers 0 means all.
     std::vector<std::string> rpc_servers;
+    // LoRA adapters (GGUF files made for this base model) and their scales,
+    // applied to every context of the engine.
+    std::vector<std::pair<std::string, float>> loras;
 };
 
 struct ChatMessage {
@@ -54,6 +57,8 @@ struct BatchToken {
 };
 
 struct ModelDeleter { void operator()(llama_model* m) const { llama_model_free(m); } };
+struct AdapterDeleter { void operator()(llama_adapter_lora* a) const { llama_adapter_lora_free(a); } };
+using AdapterPtr = std::unique_ptr<llama_adapter_lora, AdapterDeleter>;
 struct ContextDeleter { void operator()(llama_context* c) const { llama_free(c); } };
 using ModelPtr = std::unique_ptr<llama_model, ModelDeleter>;
 using ContextPtr = std::unique_ptr<llama_context, ContextDeleter>;
@@ -65,6 +70,10 @@ public:
     Engine& operator=(const Engine&) = delete;
 
     const ModelFileInfo& file_info() const { return info_; }
+    // A string value of LoRA adapter `index`'s GGUF metadata; empty when the key is absent.
+    std::string adapter_meta(int index, const std::string& key) const;
+    int n_adapters() const { return static_cast<int>(adapters_.size()); }
+    int32_t eos_token() const { return llama_vocab_eos(vocab_); }  // -1 when the vocabulary has none
     const EngineParams& params() const { return params_; }
     int n_vocab() const { return n_vocab_; }
     int n_embd() const { return n_embd_; }
@@ -161,11 +170,15 @@ private:
     static bool abort_trampoline(void* data);
     static bool stop_after_norm(ggml_tensor* t, bool ask, void* data);
     llama_context_params side_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq) const;
+    // A new context with the LoRA adapters set on it.
+    ContextPtr new_context(const llama_context_params& cp, const std::string& what);
 
     EngineParams params_;
     std::vector<ggml_backend_dev_t> rpc_devices_;  // null-terminated, for the model's params
     ModelFileInfo info_;
     ModelPtr model_;
+    std::vector<AdapterPtr> adapters_;  // after model_, before the contexts: freed in between
+    std::vector<float> adapter_scales_;
     ContextPtr ctx_;
     ContextPtr states_ctx_;  // hidden_states(): created on first use
     int states_batch_ = 0;

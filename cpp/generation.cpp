@@ -984,6 +984,15 @@ const ModelFileInfo& Session::file_info() {
     return engine().file_info();
 }
 
+std::string Session::adapter_meta(int index, const std::string& key) {
+    std::shared_lock<std::shared_mutex> life(life_);
+    return engine().adapter_meta(index, key);
+}
+
+int32_t Session::eos_token() { std::shared_lock<std::shared_mutex> life(life_); return engine().eos_token(); }
+
+int Session::n_adapters() { std::shared_lock<std::shared_mutex> life(life_); return engine().n_adapters(); }
+
 int Session::n_vocab() { std::shared_lock<std::shared_mutex> life(life_); engine(); return shape_.n_vocab; }
 int Session::n_embd() { std::shared_lock<std::shared_mutex> life(life_); engine(); return shape_.n_embd; }
 int Session::n_ctx() { std::shared_lock<std::shared_mutex> life(life_); engine(); return shape_.n_ctx; }

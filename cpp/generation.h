@@ -187,6 +187,10 @@ public:
     std::string apply_chat_template(const std::vector<ChatMessage>& messages, bool add_assistant,
                                     const std::string& template_name);
     const ModelFileInfo& file_info();
+    // A string value of LoRA adapter `index`'s GGUF metadata ("" when absent).
+    std::string adapter_meta(int index, const std::string& key);
+    int n_adapters();
+    int32_t eos_token();
     int n_vocab();
     int n_embd();
     int n_ctx();

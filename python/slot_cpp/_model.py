@@ -77,6 +77,31 @@ def _check_rpc(rpc: Optional[Sequence[str]]) -> list[str]:
     return out
 
 
+# Written into LoRA adapters by slot_cpp.lmcor.train_corrector: the digest of
+# the base model's fingerprint, checked when the adapter is loaded.
+ADAPTER_BASE_DIGEST_KEY = "slot_cpp.base_model.digest"
+
+LoraSpec = Union[str, "os.PathLike[str]", tuple[Union[str, "os.PathLike[str]"], float]]
+
+
+def _check_loras(lora: Union[LoraSpec, Sequence[LoraSpec], None]) -> list[tuple[str, float]]:
+    if lora is None:
+        return []
+    if isinstance(lora, (str, os.PathLike)) or (isinstance(lora, tuple) and len(lora) == 2
+                                                 and not isinstance(lora[1], (str, os.PathLike))):
+        lora = [lora]  # type: ignore[list-item]
+    out = []
+    for item in lora:  # type: ignore[union-attr]
+        path, scale = (item if isinstance(item, tuple) else (item, 1.0))
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError("lora must be a path, a (path, scale) pair, or a list of them")
+        scale = _check_float("LoRA scale", scale, low=-math.inf)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"LoRA adapter not found: {path}")
+        out.append((str(path), scale))
+    return out
+
+
 @dataclass(frozen=True)
 class BatchStats:
     """Counters of a Model's shared token loop (since it was loaded)."""
@@ -237,6 +262,10 @@ class Model:
     free sequence. ``max_waiting`` > 0 bounds the calls waiting: one more
     raises :class:`QueueFullError` at once.
 
+    ``lora=path`` (or ``(path, scale)``, or a list of them) applies GGUF LoRA
+    adapters made for this model (``slot-cpp lmcor train`` writes one), so one
+    base file serves several tasks; an adapter for another base is refused.
+
     ``rpc=["host:port", ...]`` offloads the layers (all of them unless
     ``n_gpu_layers`` says otherwise) to ggml rpc-server processes
     (``slot-cpp rpc-server``) with llama.cpp's RPC backend; SLOT's head
@@ -256,6 +285,7 @@ class Model:
         use_mmap: bool = True,
         max_waiting: int = 0,
         rpc: Optional[Sequence[str]] = None,
+        lora: Union[LoraSpec, Sequence[LoraSpec], None] = None,
     ) -> None:
         n_ctx = _check_int("n_ctx", n_ctx, 0)
         max_waiting = _check_int("max_waiting", max_waiting, 0)
@@ -273,9 +303,11 @@ class Model:
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         self._path = str(Path(path))
         self._session: Optional[_core.Session] = None
+        loras = _check_loras(lora)
         rpc_servers = _check_rpc(rpc)
         self._session = _core.Session(self._path, n_ctx, n_batch, threads, n_gpu_layers, n_parallel,
-                                      bool(use_mmap), rpc_servers)
+                                      bool(use_mmap), rpc_servers, loras)
+        self._loras = loras
         # Fixed for the model's life: read once, so that argument checks never
         # wait for a call running in another thread.
         self._n_vocab = self._session.n_vocab
@@ -283,6 +315,11 @@ class Model:
         self._n_ctx = self._session.n_ctx
         self._n_parallel = self._session.n_parallel
         self._session.set_max_waiting(max_waiting)
+        try:
+            self._check_adapter_bases()
+        except BaseException:
+            self.close()
+            raise
 
     # ---- lifecycle -------------------------------------------------------
     def close(self) -> None:
@@ -316,10 +353,30 @@ class Model:
             raise ModelClosedError("this Model is closed")
         return self._session
 
+    def _check_adapter_bases(self) -> None:
+        s = self._s()
+        for i, (path, _) in enumerate(self._loras):
+            expected = s.adapter_meta(i, ADAPTER_BASE_DIGEST_KEY)
+            if expected and expected != model_fingerprint(self)["digest"]:
+                raise _core.ModelLoadError(
+                    f"the LoRA adapter {path} was trained on another base model (its base digest {expected} "
+                    f"is not this model's {model_fingerprint(self)['digest']}): {self._path}")
+
     # ---- facts -----------------------------------------------------------
     @property
     def path(self) -> str:
         return self._path
+
+    @property
+    def eos_token(self) -> Optional[int]:
+        """The vocabulary's end-of-sequence token, or None when it has none."""
+        t = self._s().eos_token
+        return None if t < 0 else int(t)
+
+    @property
+    def loras(self) -> list[tuple[str, float]]:
+        """The LoRA adapters applied, as (path, scale)."""
+        return list(self._loras)
 
     @property
     def n_vocab(self) -> int:
