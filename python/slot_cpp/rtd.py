@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
+from ._progress import Progress
 from ._model import Model, _check_float, _check_int, model_fingerprint
 
 __all__ = [
@@ -166,30 +166,6 @@ def as_rtd(value: Any) -> Optional[RTD]:
     raise TypeError(f"rtd must be a Datastore or an RTD, got {type(value).__name__}")
 
 
-class _Progress:
-    """A progress bar on stderr (tqdm when installed), or nothing."""
-
-    def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self._bar: Any = None
-        if not enabled:
-            return
-        try:
-            from tqdm import tqdm  # type: ignore[import-untyped]
-        except ImportError:  # pragma: no cover - tqdm is a test dependency
-            tqdm = None
-        if tqdm is not None:
-            self._bar = tqdm(total=total, desc=label, unit="row", file=sys.stderr, leave=False)
-
-    def update(self, n: int, tokens: int) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
-            self._bar.set_postfix(keys=tokens, refresh=False)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 @dataclass
 class Datastore:
     """Keys (n, n_embd) float16, values (n,) int32, and how they were made."""
@@ -279,7 +255,7 @@ class Datastore:
             spans.append(span)
             values.append(vals)
         keys_parts = [np.asarray(self.keys)]
-        bar = _Progress(len(rows), "rtd build", progress)
+        bar = Progress(len(rows), "rtd build", progress)
         start = time.perf_counter()
         added = 0
         try:
@@ -290,7 +266,7 @@ class Datastore:
                     raise DatastoreError("the model produced non-finite hidden states")
                 keys_parts.append(h.astype(np.float16))
                 added += h.shape[0]
-                bar.update(b - a, added)
+                bar.update(b - a, keys=added)
         finally:
             bar.close()
         self.keys = np.ascontiguousarray(np.concatenate(keys_parts))
