@@ -341,6 +341,43 @@ def test_concurrent_streams_equal_sequential_calls(peaked_path: Path):
     assert tokens > 2 * steps, (tokens, steps)
 
 
+def test_lmcor_through_extra_body(peaked_path: Path):
+    from slot_cpp.lmcor import Corrector
+
+    with slot_cpp.Model(peaked_path, n_ctx=2048, n_parallel=4) as model:
+        config = ServerConfig(model_id="tiny", correctors={"self": str(peaked_path)}, chat_template="chatml")
+        with running(model, config) as url:
+            c = client(url)
+            r = c.completions.create(model="tiny", prompt="Fix: the cat sat", max_tokens=12, seed=5,
+                                     extra_body={"lmcor": {"corrector": "self", "k": 3, "temperature": 1.0}})
+            report = r.model_extra["slot_cpp"]["lmcor"]
+            assert report["input"] == "Fix: the cat sat" and report["k"] == 3 and len(report["candidates"]) == 3
+            assert report["dropped"] == 0 and report["generator_tokens"] > 0
+            assert r.usage.completion_tokens == report["generator_tokens"]
+            chat = c.chat.completions.create(model="tiny", messages=[{"role": "system", "content": "Be brief."},
+                                                                     {"role": "user", "content": "a b c"}],
+                                             max_tokens=8, extra_body={"lmcor": {"corrector": "self", "k": 2}})
+            assert chat.model_extra["slot_cpp"]["lmcor"]["input"] == "a b c"
+            streamed = list(c.completions.create(model="tiny", prompt="Fix: the cat sat", max_tokens=12, seed=5,
+                                                 stream=True, extra_body={"lmcor": {"corrector": "self", "k": 3,
+                                                                                    "temperature": 1.0}}))
+            for bad, param in (({"corrector": "nope"}, "lmcor.corrector"), ({"corrector": "self", "k": 0}, None)):
+                resp = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "lmcor": bad},
+                                  timeout=30)
+                assert resp.status_code == 400
+                if param:
+                    assert resp.json()["error"]["param"] == param
+            resp = httpx.post(url + "/v1/completions", json={"prompt": "x", "n": 2, "lmcor": {"corrector": "self"}},
+                              timeout=30)
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == "n"
+    # The answer is the corrector's rewrite of exactly those candidates (a fresh
+    # model of the server's shape, so that the numerics are the same).
+    with slot_cpp.Model(peaked_path, n_ctx=2048 * 4, n_parallel=4) as corrector_model:
+        local = Corrector(corrector_model).rewrite("Fix: the cat sat", report["candidates"])
+    assert r.choices[0].text == local.text
+    assert "".join(ch.choices[0].text for ch in streamed) == r.choices[0].text
+
+
 def test_cli_serve_runs_a_real_server_process(peaked_path: Path):
     import signal
     import subprocess

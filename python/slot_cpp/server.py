@@ -18,9 +18,14 @@ official client's ``extra_body``::
   server was started with (``--rtd NAME=PATH``), by name.
 - ``"qalign": {"steps", "beta", "reward"}``: QAlign under a reward the server
   was started with (``--reward NAME=head:PATH`` or ``NAME=judge``).
+- ``"lmcor": {"corrector", "k", "temperature"}``: the served model makes k
+  candidates (greedy + k - 1 samples), and a corrector the server was
+  started with (``--corrector NAME=MODEL.gguf[,ADAPTER.gguf]``) writes the
+  answer from them and the input (the last user message, or the prompt).
 
 Responses carry what was applied under ``"slot_cpp"``: SLOT's loss per step
-and delta norm, RTD's settings, QAlign's acceptance rate and final reward.
+and delta norm, RTD's settings, QAlign's acceptance rate and final reward,
+LMCor's candidates.
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ class ServerConfig:
     """RTD datastores by name -> file path (loaded at start-up)."""
     rewards: dict[str, str] = field(default_factory=dict)
     """QAlign rewards by name -> ``head:PATH`` (a linear reward head) or ``judge``."""
+    correctors: dict[str, str] = field(default_factory=dict)
+    """LMCor correctors by name -> ``MODEL.gguf`` or ``MODEL.gguf,ADAPTER.gguf`` (loaded at start-up)."""
     chat_template: Optional[str] = None
     """A built-in chat template name (or template text) for models without one."""
     max_waiting: int = 16
@@ -126,6 +133,12 @@ class QAlignOptions(_Body):
     beta: float = Field(1.0, gt=0.0)
 
 
+class LmcorOptions(_Body):
+    corrector: str
+    k: int = Field(5, ge=1, le=16)
+    temperature: float = Field(0.7, gt=0.0, le=2.0)
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
@@ -151,6 +164,7 @@ class _Sampling(_Body):
     slot: Optional[SlotOptions] = None
     rtd: Optional[RtdOptions] = None
     qalign: Optional[QAlignOptions] = None
+    lmcor: Optional[LmcorOptions] = None
 
 
 class ContentPart(_Body):
@@ -225,7 +239,7 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = {}
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self.methods = {"slot": 0, "rtd": 0, "qalign": 0}
+        self.methods = {"slot": 0, "rtd": 0, "qalign": 0, "lmcor": 0}
         self.in_flight = 0
         self.recent: list[tuple[float, int]] = []  # (time, completion tokens) of the last minute
 
@@ -305,6 +319,8 @@ class _Job:
     kwargs: dict[str, Any]
     applied: dict[str, Any]
     qalign: Optional[QAlignOptions]
+    lmcor: Optional[LmcorOptions]
+    lmcor_input: Optional[str]
     top_logprobs: int
     want_logprobs: bool
 
@@ -327,6 +343,18 @@ class _State:
                 self.datastores[name] = Datastore.load(path, model)
         for name, spec in config.rewards.items():
             self.rewards[name] = _make_reward(model, name, spec)
+        self.correctors: dict[str, Any] = {}
+        try:
+            for name, spec in config.correctors.items():
+                self.correctors[name] = _make_corrector(model, name, spec)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Frees the correctors' models (the served model is the caller's)."""
+        for corrector in self.correctors.values():
+            corrector.model.close()
 
     def admit(self) -> None:
         with self.admit_lock:
@@ -356,6 +384,17 @@ def _make_reward(model: Model, name: str, spec: str) -> Any:
     if kind == "judge":
         return qa.JudgeReward(model, name=name)
     raise ValueError(f"reward {name!r}: unknown kind {kind!r} (expected head:PATH or judge)")
+
+
+def _make_corrector(model: Model, name: str, spec: str) -> Any:
+    from .lmcor import Corrector
+
+    path, _, adapter = spec.partition(",")
+    if not path:
+        raise ValueError(f"corrector {name!r}: expected MODEL.gguf[,ADAPTER.gguf], got {spec!r}")
+    corrector_model = Model(path, n_ctx=2048 * model.n_parallel, n_parallel=model.n_parallel,
+                            lora=adapter or None)
+    return Corrector(corrector_model, overflow="drop")
 
 
 def _stop_list(stop: Union[str, list[str], None]) -> list[str]:
@@ -590,8 +629,25 @@ def _resolve(state: _State, body: _Sampling, tokens: list[int], max_tokens: Opti
             raise ApiError(400, "qalign with rtd is not supported", param="qalign")
         if model.n_parallel < 2:
             raise ApiError(400, "qalign needs a server started with --n-parallel >= 2", param="qalign")
+    lmcor_input = None
+    if body.lmcor is not None:
+        if body.lmcor.corrector not in state.correctors:
+            known = ", ".join(sorted(state.correctors)) or "none"
+            raise ApiError(400, f"unknown corrector {body.lmcor.corrector!r} (this server has: {known})",
+                           param="lmcor.corrector")
+        if body.n != 1:
+            raise ApiError(400, "lmcor returns one answer: n must be 1", param="n")
+        if want_logprobs:
+            raise ApiError(400, "logprobs are not available with lmcor", param="logprobs")
+        if body.qalign is not None:
+            raise ApiError(400, "lmcor with qalign is not supported", param="lmcor")
+        if messages is not None:
+            users = [m["content"] for m in messages if m["role"] == "user"]
+            lmcor_input = users[-1] if users else ""
+        else:
+            lmcor_input = model.detokenize(tokens)
     return _Job(tokens=tokens, messages=messages, n=body.n, kwargs=kwargs, applied=applied, qalign=body.qalign,
-                top_logprobs=top_logprobs, want_logprobs=want_logprobs)
+                lmcor=body.lmcor, lmcor_input=lmcor_input, top_logprobs=top_logprobs, want_logprobs=want_logprobs)
 
 
 def _slot_report(result: GenerationResult) -> dict[str, Any]:
@@ -676,6 +732,31 @@ def _run_qalign(state: _State, job: _Job, cancel: threading.Event) -> tuple[str,
     return final.text, len(final.tokens), report
 
 
+def _run_lmcor(state: _State, job: _Job, cancel: threading.Event) -> tuple[str, int, dict[str, Any]]:
+    from .lmcor import generate_candidates
+
+    assert job.lmcor is not None and job.lmcor_input is not None
+    options = {key: value for key, value in job.kwargs.items()
+               if key not in ("temperature", "seed", "logprobs", "top_logprobs", "loss_on", "chat_template")}
+    if job.kwargs.get("loss_on") == "user":
+        # Learn delta on the user's content once; every candidate uses it.
+        shaped = state.model.generate_batch([job.messages], max_tokens=0, steps=job.kwargs["steps"],
+                                            lr=job.kwargs["lr"], loss_on="user",
+                                            chat_template=job.kwargs.get("chat_template"), cancel=cancel)[0]
+        options.pop("steps")
+        options.pop("lr")
+        options["delta"] = shaped.delta
+    pool = generate_candidates(state.model, [job.lmcor_input], prompt_tokens=[job.tokens], k=job.lmcor.k,
+                               temperature=job.lmcor.temperature, seed=job.kwargs["seed"] % (2**62),
+                               cancel=cancel, **options)[0]
+    corrector = state.correctors[job.lmcor.corrector]
+    answer = corrector.rewrite(job.lmcor_input, pool.texts)
+    report = {"corrector": job.lmcor.corrector, "input": job.lmcor_input, "k": job.lmcor.k, "temperature": job.lmcor.temperature,
+              "candidates": pool.texts, "dropped": answer.dropped, "generator_tokens": pool.generated_tokens,
+              "corrector_tokens": answer.corrector_tokens}
+    return answer.text, pool.generated_tokens, report
+
+
 class _Cancelled(Exception):
     pass
 
@@ -691,7 +772,7 @@ async def _serve(state: _State, request: Request, job: _Job, body: _Sampling, *,
     state.admit()
     released = False
     try:
-        for method in ("slot", "rtd", "qalign"):
+        for method in ("slot", "rtd", "qalign", "lmcor"):
             if getattr(body, method) is not None:
                 with state.metrics.lock:
                     state.metrics.methods[method] += 1
@@ -703,11 +784,13 @@ async def _serve(state: _State, request: Request, job: _Job, body: _Sampling, *,
                                 on_close=state.release)
         cancel = threading.Event()
         try:
-            if job.qalign is not None:
-                text, n_tokens, report = await _in_thread(_run_qalign, state, job, cancel)
-                results_view = [(text, "stop" if n_tokens < job.kwargs["max_tokens"] else "length", None)]
+            if job.qalign is not None or job.lmcor is not None:
+                method, runner = ("qalign", _run_qalign) if job.qalign is not None else ("lmcor", _run_lmcor)
+                text, n_tokens, report = await _in_thread(runner, state, job, cancel)
+                finish = "stop" if method == "lmcor" or n_tokens < job.kwargs["max_tokens"] else "length"
+                results_view = [(text, finish, None)]
                 completion = n_tokens
-                extension: dict[str, Any] = {"qalign": report}
+                extension: dict[str, Any] = {method: report}
             else:
                 results = await _in_thread(_run_generate, state, job, None, cancel)
                 results_view = [(r.text, _FINISH.get(r.finish_reason, "stop"), r) for r in results]
@@ -809,6 +892,8 @@ async def _stream(state: _State, job: _Job, body: _Sampling, *, chat: bool, rid:
         try:
             if job.qalign is not None:
                 value: Any = ("qalign", _run_qalign(state, job, cancel))
+            elif job.lmcor is not None:
+                value = ("lmcor", _run_lmcor(state, job, cancel))
             else:
                 value = ("results", _run_generate(state, job, on_text, cancel))
         except BaseException as exc:  # handed to the event loop
@@ -844,11 +929,11 @@ async def _stream(state: _State, job: _Job, body: _Sampling, *, chat: bool, rid:
                                       "invalid_request_error", "param": None, "code": code, "status": status}})
                 break
             extension: dict[str, Any] = dict(job.applied)
-            if kind_ == "qalign":
+            if kind_ in ("qalign", "lmcor"):
                 text, completion, report = value
-                extension = {"qalign": report}
+                extension = {kind_: report}
                 yield _sse(chunk(0, text, None))
-                finishes = ["stop" if completion < job.kwargs["max_tokens"] else "length"]
+                finishes = ["stop" if kind_ == "lmcor" or completion < job.kwargs["max_tokens"] else "length"]
             else:
                 results: list[GenerationResult] = value
                 completion = sum(len(r.tokens) for r in results)
@@ -879,20 +964,24 @@ async def _stream(state: _State, job: _Job, body: _Sampling, *, chat: bool, rid:
 def serve(model_path: Union[str, os.PathLike[str], None] = None, *, host: str = "127.0.0.1", port: int = 8080,
           n_parallel: int = 4, n_ctx: int = 0, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
           api_key: Optional[str] = None, datastores: Optional[dict[str, str]] = None,
-          rewards: Optional[dict[str, str]] = None, max_waiting: int = 16, max_tokens_cap: int = 4096,
+          rewards: Optional[dict[str, str]] = None, correctors: Optional[dict[str, str]] = None,
+          max_waiting: int = 16, max_tokens_cap: int = 4096,
           model_id: Optional[str] = None, chat_template: Optional[str] = None, rpc: Optional[str] = None,
-          log_level: str = "info") -> None:
+          lora: Optional[list[tuple[str, float]]] = None, log_level: str = "info") -> None:
     """Load a model and serve it until interrupted (binds to 127.0.0.1 unless told otherwise)."""
     if n_ctx == 0:
         n_ctx = 2048 * n_parallel
     model = Model(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_parallel=n_parallel,
-                  max_waiting=0, rpc=rpc)
+                  max_waiting=0, rpc=rpc, lora=lora)
     try:
         config = ServerConfig(model_id=model_id or Path(model.path).stem, api_key=api_key,
-                              datastores=datastores or {}, rewards=rewards or {}, max_waiting=max_waiting,
-                              max_tokens_cap=max_tokens_cap, chat_template=chat_template)
+                              datastores=datastores or {}, rewards=rewards or {}, correctors=correctors or {},
+                              max_waiting=max_waiting, max_tokens_cap=max_tokens_cap, chat_template=chat_template)
         app = create_app(model, config)
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        try:
+            uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        finally:
+            app.state.slot_cpp.close()
     finally:
         model.close()
 
