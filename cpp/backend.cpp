@@ -39,7 +39,8 @@ StaticTensors::StaticTensors(size_t n_tensors) {
 }
 
 StaticTensors::~StaticTensors() {
-    if (buffer) ggml_backend_buffer_free(buffer);
+    if (release) release();
+    else if (buffer) ggml_backend_buffer_free(buffer);
     ggml_free(ctx);
 }
 
@@ -60,6 +61,7 @@ ComputeBackend::ComputeBackend(int n_threads, ggml_backend_dev_t device)
 }
 
 ComputeBackend::~ComputeBackend() {
+    if (reusable_ != nullptr) ggml_backend_buffer_free(reusable_);
     ggml_gallocr_free(galloc_);
     ggml_backend_free(backend_);
 }
@@ -67,6 +69,41 @@ ComputeBackend::~ComputeBackend() {
 void ComputeBackend::allocate(StaticTensors& tensors, const char* what) {
     tensors.buffer = ggml_backend_alloc_ctx_tensors(tensors.ctx, backend_);
     if (tensors.buffer == nullptr) throw Error(std::string("out of memory allocating ") + what);
+}
+
+void ComputeBackend::allocate_reusable(StaticTensors& tensors, const char* what) {
+    ggml_tensor* t = ggml_get_first_tensor(tensors.ctx);
+    if (t == nullptr || ggml_get_next_tensor(tensors.ctx, t) != nullptr) {
+        allocate(tensors, what);
+        return;
+    }
+    const size_t need = ggml_backend_buft_get_alloc_size(ggml_backend_get_default_buffer_type(backend_), t);
+    std::unique_lock<std::mutex> lock(reusable_mutex_);
+    if (reusable_in_use_ || need > kMaxReusableBytes) {
+        lock.unlock();
+        allocate(tensors, what);
+        return;
+    }
+    if (reusable_ == nullptr || ggml_backend_buffer_get_size(reusable_) < need) {
+        // Grow geometrically, so that prompts of rising lengths reallocate rarely.
+        size_t size = need;
+        if (reusable_ != nullptr) {
+            size = std::min(kMaxReusableBytes, std::max(need, ggml_backend_buffer_get_size(reusable_) * 2));
+            ggml_backend_buffer_free(reusable_);
+            reusable_ = nullptr;
+        }
+        reusable_ = ggml_backend_alloc_buffer(backend_, size);
+        if (reusable_ == nullptr) throw Error(std::string("out of memory allocating ") + what);
+    }
+    if (ggml_backend_tensor_alloc(reusable_, t, ggml_backend_buffer_get_base(reusable_)) != GGML_STATUS_SUCCESS) {
+        throw Error(std::string("could not place ") + what + " in its buffer");
+    }
+    reusable_in_use_ = true;
+    tensors.buffer = reusable_;
+    tensors.release = [this] {
+        std::lock_guard<std::mutex> guard(reusable_mutex_);
+        reusable_in_use_ = false;
+    };
 }
 
 void ComputeBackend::prepare(GraphBuilder& g) {

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
+#include <mutex>
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -27,6 +29,8 @@ struct GraphBuilder {
 struct StaticTensors {
     ggml_context* ctx = nullptr;
     ggml_backend_buffer_t buffer = nullptr;
+    // Set when the buffer is a backend's reusable one: gives it back instead of freeing it.
+    std::function<void()> release;
     explicit StaticTensors(size_t n_tensors);
     ~StaticTensors();
     StaticTensors(const StaticTensors&) = delete;
@@ -47,6 +51,12 @@ public:
     const char* name() const { return ggml_backend_name(backend_); }
     // Allocates every tensor of `tensors` on this backend.
     void allocate(StaticTensors& tensors, const char* what);
+    // The same for a single tensor rewritten for every prompt (the SLOT prompt
+    // cache): it goes in a buffer the backend keeps between uses, when that is
+    // free and the tensor is at most kMaxReusableBytes. Fresh memory costs a
+    // page fault per 4 KiB page when first written, about as much as the write.
+    void allocate_reusable(StaticTensors& tensors, const char* what);
+    static constexpr size_t kMaxReusableBytes = size_t(256) << 20;
     // Checks that the backend supports every op of the graph (an unsupported op
     // would abort inside ggml) and allocates its intermediate tensors; set
     // inputs after this.
@@ -58,6 +68,9 @@ private:
     bool is_cpu_ = true;
     ggml_backend_t backend_ = nullptr;
     ggml_gallocr_t galloc_ = nullptr;
+    std::mutex reusable_mutex_;
+    ggml_backend_buffer_t reusable_ = nullptr;
+    bool reusable_in_use_ = false;
 };
 
 }  // namespace slot

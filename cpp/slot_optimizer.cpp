@@ -94,7 +94,7 @@ PromptCache::PromptCache(OutputHead& head, const std::vector<int32_t>& tokens, c
         target_logp0_.assign(static_cast<size_t>(n_), 0.0);
         p0_ = std::make_unique<StaticTensors>(1);
         p0_tensor_ = ggml_new_tensor_2d(p0_->ctx, GGML_TYPE_F32, V_, n_);
-        head_.backend().allocate(*p0_, "the SLOT prompt cache");
+        head_.backend().allocate_reusable(*p0_, "the SLOT prompt cache");
     } else {
         hidden_.assign(static_cast<size_t>(n_) * static_cast<size_t>(d_), 0.0f);
     }
