@@ -46,7 +46,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -353,23 +353,29 @@ def _adapter_format(model: Model) -> Optional[CorrectorFormat]:
 
 
 # ---------------------------------------------------------------- rows
-def read_rows(path: PathLike, *, limit: Optional[int] = None) -> list[dict[str, str]]:
-    """``{"input", "target"}`` rows from a JSONL file, checked."""
-    rows = []
+def _jsonl(path: PathLike, what: str = "") -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of a JSONL file; a line
+    that is not JSON raises ValueError naming it (and `what` to do)."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("input"), str) \
-                    or not isinstance(row.get("target"), str):
-                raise ValueError(f"{path}:{line_no}: a row must be an object with string 'input' and 'target'")
-            rows.append({"input": row["input"], "target": row["target"]})
-            if limit is not None and len(rows) >= limit:
-                break
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg}){what}") from None
+
+
+def read_rows(path: PathLike, *, limit: Optional[int] = None) -> list[dict[str, str]]:
+    """``{"input", "target"}`` rows from a JSONL file, checked."""
+    rows = []
+    for line_no, row in _jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("input"), str) \
+                or not isinstance(row.get("target"), str):
+            raise ValueError(f"{path}:{line_no}: a row must be an object with string 'input' and 'target'")
+        rows.append({"input": row["input"], "target": row["target"]})
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
@@ -400,19 +406,11 @@ def make_corrector_data(
     path = Path(out)
     done = 0
     if path.exists():
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON; remove the file or that line to "
-                                     "resume") from None
-                if done >= len(rows) or rec.get("input") != rows[done]["input"]:
-                    raise ValueError(f"{path}:{line_no}: does not match row {done} of the data; these are "
-                                     "another run's candidates (use another output file)")
-                done += 1
+        for line_no, rec in _jsonl(path, "; remove that line to resume"):
+            if done >= len(rows) or not isinstance(rec, dict) or rec.get("input") != rows[done]["input"]:
+                raise ValueError(f"{path}:{line_no}: does not match row {done} of the data; these are "
+                                 "another run's candidates (use another output file)")
+            done += 1
     bar = Progress(len(rows), "candidates", progress, initial=done)
     written = 0
     try:
@@ -587,14 +585,7 @@ def train_corrector(
     base_path = Path(base)
     out_path = Path(out)
     if isinstance(data, (str, os.PathLike)):
-        records = []
-        with open(data, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{data}:{line_no}: not valid JSON ({exc.msg})") from None
+        records = [rec for _, rec in _jsonl(data)]
     else:
         records = list(data)
     for i, rec in enumerate(records):

@@ -621,10 +621,7 @@ def _resolve(state: _State, body: _Sampling, tokens: list[int], max_tokens: Opti
             raise ApiError(400, f"unknown reward {q.reward!r} (this server has: {known})", param="qalign.reward")
         if q.steps > config.max_qalign_steps:
             raise ApiError(400, f"qalign steps must be <= {config.max_qalign_steps}", param="qalign.steps")
-        if body.n != 1:
-            raise ApiError(400, "qalign returns one answer: n must be 1", param="n")
-        if want_logprobs:
-            raise ApiError(400, "logprobs are not available with qalign", param="logprobs")
+        _one_answer("qalign", body, want_logprobs)
         if body.rtd is not None:
             raise ApiError(400, "qalign with rtd is not supported", param="qalign")
         if model.n_parallel < 2:
@@ -635,10 +632,7 @@ def _resolve(state: _State, body: _Sampling, tokens: list[int], max_tokens: Opti
             known = ", ".join(sorted(state.correctors)) or "none"
             raise ApiError(400, f"unknown corrector {body.lmcor.corrector!r} (this server has: {known})",
                            param="lmcor.corrector")
-        if body.n != 1:
-            raise ApiError(400, "lmcor returns one answer: n must be 1", param="n")
-        if want_logprobs:
-            raise ApiError(400, "logprobs are not available with lmcor", param="logprobs")
+        _one_answer("lmcor", body, want_logprobs)
         if body.qalign is not None:
             raise ApiError(400, "lmcor with qalign is not supported", param="lmcor")
         if messages is not None:
@@ -648,6 +642,14 @@ def _resolve(state: _State, body: _Sampling, tokens: list[int], max_tokens: Opti
             lmcor_input = model.detokenize(tokens)
     return _Job(tokens=tokens, messages=messages, n=body.n, kwargs=kwargs, applied=applied, qalign=body.qalign,
                 lmcor=body.lmcor, lmcor_input=lmcor_input, top_logprobs=top_logprobs, want_logprobs=want_logprobs)
+
+
+def _one_answer(method: str, body: _Sampling, want_logprobs: bool) -> None:
+    """QAlign and LMCor return one answer, not sampled token by token."""
+    if body.n != 1:
+        raise ApiError(400, f"{method} returns one answer: n must be 1", param="n")
+    if want_logprobs:
+        raise ApiError(400, f"logprobs are not available with {method}", param="logprobs")
 
 
 def _slot_report(result: GenerationResult) -> dict[str, Any]:
