@@ -48,6 +48,7 @@ def running(model: slot_cpp.Model, config: ServerConfig) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        app.state.slot_cpp.close()
 
 
 _CLIENTS: list[openai.OpenAI] = []
@@ -350,10 +351,14 @@ def test_lmcor_through_extra_body(peaked_path: Path):
             c = client(url)
             r = c.completions.create(model="tiny", prompt="Fix: the cat sat", max_tokens=12, seed=5,
                                      extra_body={"lmcor": {"corrector": "self", "k": 3, "temperature": 1.0}})
+            bare = c.completions.create(model="tiny", prompt="Fix: the cat sat", max_tokens=4, seed=5,
+                                        extra_body={"lmcor": {"corrector": "self", "k": 2, "input": "the cat sat"}})
+            assert bare.model_extra["slot_cpp"]["lmcor"]["input"] == "the cat sat"
             report = r.model_extra["slot_cpp"]["lmcor"]
             assert report["input"] == "Fix: the cat sat" and report["k"] == 3 and len(report["candidates"]) == 3
             assert report["dropped"] == 0 and report["generator_tokens"] > 0
-            assert r.usage.completion_tokens == report["generator_tokens"]
+            assert report["finish_reason"] in ("eos", "length", "stop")
+            assert r.usage.completion_tokens == report["corrector_tokens"]
             chat = c.chat.completions.create(model="tiny", messages=[{"role": "system", "content": "Be brief."},
                                                                      {"role": "user", "content": "a b c"}],
                                              max_tokens=8, extra_body={"lmcor": {"corrector": "self", "k": 2}})

@@ -1149,6 +1149,9 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--out", "-o", required=True, help="the adapter to write (.gguf)")
     lt.add_argument("--rank", type=int, default=16)
     lt.add_argument("--alpha", type=float, default=32.0)
+    lt.add_argument("--target-modules", default=",".join(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj")),
+                    help="comma-separated projections that get LoRA matrices")
     lt.add_argument("--epochs", type=float, default=2.0)
     lt.add_argument("--lr", type=float, default=1e-3)
     lt.add_argument("--batch-tokens", type=int, default=2048, help="tokens per batch (rows of similar length)")
@@ -1265,6 +1268,7 @@ def cmd_lmcor_train(args: argparse.Namespace) -> int:
     from . import lmcor
 
     report = lmcor.train_corrector(args.base, args.data, args.out, rank=args.rank, alpha=args.alpha,
+                                   target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
                                    epochs=args.epochs, lr=args.lr, batch_tokens=args.batch_tokens,
                                    max_len=args.max_len, seed=args.seed, threads=args.threads,
                                    max_rows=args.limit, progress=sys.stderr.isatty())
@@ -1281,6 +1285,7 @@ def cmd_eval_lmcor(args: argparse.Namespace) -> int:
     from . import lmcor
 
     _check_rtd_args(args)
+    lmcor._import_sacrebleu()  # before loading two models
     rows = lmcor.read_rows(args.data, limit=args.limit)
     out = open(args.out, "w", encoding="utf-8") if args.out else None
     try:
@@ -1438,7 +1443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _configure_logging(args)
     try:
         return int(args.func(args))
-    except (UsageError, ValueError, TypeError, FileNotFoundError, _core.ModelLoadError,
+    except (UsageError, ValueError, TypeError, FileNotFoundError, ImportError, _core.ModelLoadError,
             _core.ContextLengthError, _core.UnsupportedModelError) as exc:
         print(f"slot-cpp: error: {exc}", file=sys.stderr)
         return 2

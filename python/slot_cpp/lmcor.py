@@ -166,6 +166,7 @@ class Correction:
     corrector_tokens: int
     generator_seconds: float
     corrector_seconds: float
+    finish_reason: str = "eos"       # the corrector's: "eos", "length" (max_tokens) or "stop"
 
 
 def _fill(template: str, x: str) -> str:
@@ -229,8 +230,14 @@ def generate_candidates(
             draw_seeds.append(_check_int("seed", s, 0) + j)
     t0 = time.perf_counter()
     if qalign is None:
+        options = dict(generator_options)
+        if options.get("steps") and options.get("delta") is None:
+            # SLOT: one delta per input, learned once; its k candidates use it.
+            learn = {key: options.pop(key) for key in _SLOT_KEYS if key in options}
+            shaped = generator.generate_batch(prompts[::k], max_tokens=0, cancel=options.get("cancel"), **learn)
+            options["delta"] = [shaped[i // k].delta for i in range(len(prompts))]
         results = generator.generate_batch(prompts, temperature=temps, seed=draw_seeds, max_tokens=max_tokens,
-                                           stop=list(stop), **generator_options)
+                                           stop=list(stop), **options)
         texts = [[r.text.strip() for r in results[i * k:(i + 1) * k]] for i in range(len(inputs))]
         tokens = [sum(len(r.tokens) for r in results[i * k:(i + 1) * k]) for i in range(len(inputs))]
     else:
@@ -240,6 +247,10 @@ def generate_candidates(
     return [Candidates(input=x, texts=texts[i], seeds=[None] + [draw_seeds[i * k + j] for j in range(1, k)],
                        generated_tokens=tokens[i], seconds=seconds / len(inputs))
             for i, x in enumerate(inputs)]
+
+
+# SLOT's options: learned once per input by generate_candidates.
+_SLOT_KEYS = ("steps", "lr", "loss_on", "beta1", "beta2", "eps", "weight_decay", "memory_budget", "recompute")
 
 
 def _qalign_pools(generator: Model, prompts: list[Union[str, list[int]]], options: QAlignSamples, k: int,
@@ -326,7 +337,7 @@ class Corrector:
         seconds = (time.perf_counter() - t0) / len(inputs)
         return [Correction(text=r.text.strip(), candidates=[c.strip() for c in cands], corrector_input=b[1],
                            dropped=b[2], generator_tokens=0, corrector_tokens=len(r.tokens), generator_seconds=0.0,
-                           corrector_seconds=seconds)
+                           corrector_seconds=seconds, finish_reason=r.finish_reason)
                 for r, b, cands in zip(results, built, candidates)]
 
     def correct(self, generator: Model, x: str, **options: Any) -> Correction:
@@ -407,8 +418,9 @@ def make_corrector_data(
     done = 0
     if path.exists():
         for line_no, rec in _jsonl(path, "; remove that line to resume"):
-            if done >= len(rows) or not isinstance(rec, dict) or rec.get("input") != rows[done]["input"]:
-                raise ValueError(f"{path}:{line_no}: does not match row {done} of the data; these are "
+            if done >= len(rows) or not isinstance(rec, dict) or rec.get("input") != rows[done]["input"] \
+                    or len(rec.get("candidates") or []) != k:
+                raise ValueError(f"{path}:{line_no}: does not match row {done} of the data with k={k}; these are "
                                  "another run's candidates (use another output file)")
             done += 1
     bar = Progress(len(rows), "candidates", progress, initial=done)
@@ -442,6 +454,8 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 # llama.cpp's converter permutes the rows of Q and K for these architectures
 # (rotary pairs interleaved); transformers undoes it when it reads the GGUF.
 _PERMUTED_QK = {"llama"}
+# Architectures whose tensors map as above and whose Q/K order is known here.
+_TRAINABLE = {"llama", "qwen2", "qwen3", "gemma2", "gemma3"}
 
 
 @dataclass
@@ -528,18 +542,23 @@ def _write_adapter(peft_model: Any, out: Path, *, architecture: str, alpha: floa
         raise ValueError("the trained model has no LoRA modules")
     tmp = out.with_name(out.name + ".part")
     writer = gguf.GGUFWriter(str(tmp), architecture)
-    writer.add_string("general.type", "adapter")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", float(alpha))
-    writer.add_string(ADAPTER_BASE_DIGEST_KEY, base_digest)
-    writer.add_string(ADAPTER_FORMAT_KEY, fmt.to_json())
-    for name, arr in tensors:
-        writer.add_tensor(name, arr)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, out)
+    try:
+        writer.add_string("general.type", "adapter")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", float(alpha))
+        writer.add_string(ADAPTER_BASE_DIGEST_KEY, base_digest)
+        writer.add_string(ADAPTER_FORMAT_KEY, fmt.to_json())
+        for name, arr in tensors:
+            writer.add_tensor(name, arr)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    try:
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def train_corrector(
@@ -575,6 +594,9 @@ def train_corrector(
     """
     torch, transformers, peft = _import_training()
     fmt = format or CorrectorFormat()
+    known = {key.split(".")[-1] for key in _HF_TO_GGUF}
+    if isinstance(target_modules, str) or not target_modules or not set(target_modules) <= known:
+        raise ValueError(f"target_modules must be a non-empty list drawn from {sorted(known)}, got {target_modules!r}")
     rank = _check_int("rank", rank, 1)
     alpha = _check_float("alpha", alpha, low=0.0, low_open=True)
     epochs = _check_float("epochs", epochs, low=0.0, low_open=True)
@@ -604,6 +626,9 @@ def train_corrector(
         if eos is None:
             raise ValueError(f"{base_path} has no end-of-sequence token to end the corrector's answers")
         architecture = tok_model.info.architecture
+        if architecture not in _TRAINABLE:
+            raise ValueError(f"lmcor training supports the {', '.join(sorted(_TRAINABLE))} architectures; "
+                             f"{base_path} is {architecture}")
         digest = str(model_fingerprint(tok_model)["digest"])
         examples, skipped = _training_examples(tok_model, fmt, records, max_len, eos)
     if not examples:

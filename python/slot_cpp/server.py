@@ -135,6 +135,8 @@ class QAlignOptions(_Body):
 
 class LmcorOptions(_Body):
     corrector: str
+    input: Optional[str] = None
+    """The bare input x the corrector reads (default: the last user message, or the prompt)."""
     k: int = Field(5, ge=1, le=16)
     temperature: float = Field(0.7, gt=0.0, le=2.0)
 
@@ -394,7 +396,11 @@ def _make_corrector(model: Model, name: str, spec: str) -> Any:
         raise ValueError(f"corrector {name!r}: expected MODEL.gguf[,ADAPTER.gguf], got {spec!r}")
     corrector_model = Model(path, n_ctx=2048 * model.n_parallel, n_parallel=model.n_parallel,
                             lora=adapter or None)
-    return Corrector(corrector_model, overflow="drop")
+    try:
+        return Corrector(corrector_model, overflow="drop")
+    except BaseException:
+        corrector_model.close()
+        raise
 
 
 def _stop_list(stop: Union[str, list[str], None]) -> list[str]:
@@ -578,6 +584,9 @@ def _resolve(state: _State, body: _Sampling, tokens: list[int], max_tokens: Opti
     config, model = state.config, state.model
     if max_tokens is None:
         max_tokens = max(1, min(config.max_tokens_cap, model.n_ctx - len(tokens)))
+        if body.lmcor is not None:
+            # k candidates each reserve max_tokens cells: keep them short unless asked.
+            max_tokens = min(max_tokens, 256)
     if max_tokens > config.max_tokens_cap:
         raise ApiError(400, f"max_tokens must be <= {config.max_tokens_cap}", param="max_tokens")
     if body.n > config.max_n:
@@ -635,13 +644,21 @@ def _resolve(state: _State, body: _Sampling, tokens: list[int], max_tokens: Opti
         _one_answer("lmcor", body, want_logprobs)
         if body.qalign is not None:
             raise ApiError(400, "lmcor with qalign is not supported", param="lmcor")
-        if messages is not None:
+        if body.lmcor.input is not None:
+            lmcor_input = body.lmcor.input
+        elif messages is not None:
             users = [m["content"] for m in messages if m["role"] == "user"]
             lmcor_input = users[-1] if users else ""
         else:
             lmcor_input = model.detokenize(tokens)
     return _Job(tokens=tokens, messages=messages, n=body.n, kwargs=kwargs, applied=applied, qalign=body.qalign,
                 lmcor=body.lmcor, lmcor_input=lmcor_input, top_logprobs=top_logprobs, want_logprobs=want_logprobs)
+
+
+def _finish(method: str, report: dict[str, Any], n_tokens: int, max_tokens: int) -> str:
+    if method == "lmcor":
+        return "length" if report["finish_reason"] == "length" else "stop"
+    return "stop" if n_tokens < max_tokens else "length"
 
 
 def _one_answer(method: str, body: _Sampling, want_logprobs: bool) -> None:
@@ -756,7 +773,8 @@ def _run_lmcor(state: _State, job: _Job, cancel: threading.Event) -> tuple[str, 
     report = {"corrector": job.lmcor.corrector, "input": job.lmcor_input, "k": job.lmcor.k, "temperature": job.lmcor.temperature,
               "candidates": pool.texts, "dropped": answer.dropped, "generator_tokens": pool.generated_tokens,
               "corrector_tokens": answer.corrector_tokens}
-    return answer.text, pool.generated_tokens, report
+    report["finish_reason"] = answer.finish_reason
+    return answer.text, answer.corrector_tokens, report
 
 
 class _Cancelled(Exception):
@@ -789,7 +807,7 @@ async def _serve(state: _State, request: Request, job: _Job, body: _Sampling, *,
             if job.qalign is not None or job.lmcor is not None:
                 method, runner = ("qalign", _run_qalign) if job.qalign is not None else ("lmcor", _run_lmcor)
                 text, n_tokens, report = await _in_thread(runner, state, job, cancel)
-                finish = "stop" if method == "lmcor" or n_tokens < job.kwargs["max_tokens"] else "length"
+                finish = _finish(method, report, n_tokens, job.kwargs["max_tokens"])
                 results_view = [(text, finish, None)]
                 completion = n_tokens
                 extension: dict[str, Any] = {method: report}
@@ -935,7 +953,7 @@ async def _stream(state: _State, job: _Job, body: _Sampling, *, chat: bool, rid:
                 text, completion, report = value
                 extension = {kind_: report}
                 yield _sse(chunk(0, text, None))
-                finishes = ["stop" if kind_ == "lmcor" or completion < job.kwargs["max_tokens"] else "length"]
+                finishes = [_finish(kind_, report, completion, job.kwargs["max_tokens"])]
             else:
                 results: list[GenerationResult] = value
                 completion = sum(len(r.tokens) for r in results)
