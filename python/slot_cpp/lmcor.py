@@ -224,10 +224,11 @@ def generate_candidates(
         if not isinstance(x, str):
             raise TypeError(f"every input must be a str, got {type(x).__name__}")
         text: Union[str, list[int]] = _fill(prompt, x) if prompt_tokens is None else list(prompt_tokens[i])
+        base = _check_int("seed", s, 0)
         for j in range(k):
             prompts.append(text)
             temps.append(0.0 if j == 0 else temperature)
-            draw_seeds.append(_check_int("seed", s, 0) + j)
+            draw_seeds.append(base + j)
     t0 = time.perf_counter()
     if qalign is None:
         options = dict(generator_options)
@@ -797,6 +798,7 @@ def evaluate(
     k = int(candidate_options.get("k", 5))
     base_seed = int(candidate_options.pop("seed", 0))
     records: list[dict[str, Any]] = []
+    sentence_chrf: dict[str, list[float]] = {"greedy": [], "oracle": []}
     gen_s = cor_s = 0.0
     bar = Progress(len(rows), "lmcor eval", progress)
     try:
@@ -810,6 +812,9 @@ def evaluate(
             for r, p, c in zip(chunk, pools, outs):
                 scores = [sacrebleu.sentence_chrf(t, [r["target"]]).score for t in p.texts]
                 best = int(np.argmax(scores))
+                # Kept for the summary, which would otherwise score these again.
+                sentence_chrf["greedy"].append(scores[0])
+                sentence_chrf["oracle"].append(scores[best])
                 rec = {"input": r["input"], "target": r["target"], "candidates": p.texts, "greedy": p.texts[0],
                        "oracle": p.texts[best], "lmcor": c.text, "dropped": c.dropped,
                        "generator_seconds": p.seconds, "corrector_seconds": c.corrector_seconds,
@@ -823,11 +828,12 @@ def evaluate(
     finally:
         bar.close()
     targets = [r["target"] for r in records]
+    sentence_chrf["lmcor"] = [sacrebleu.sentence_chrf(r["lmcor"], [r["target"]]).score for r in records]
     systems, per_row = [], {}
     for name in ("greedy", "oracle", "lmcor"):
         hyps = [r[name] for r in records]
         em = [float(_norm(h) == _norm(t)) for h, t in zip(hyps, targets)]
-        sc = [sacrebleu.sentence_chrf(h, [t]).score for h, t in zip(hyps, targets)]
+        sc = sentence_chrf[name]
         per_row[name] = (em, sc)
         em_m, em_ci = _mean_ci(em)
         sc_m, sc_ci = _mean_ci(sc)

@@ -719,21 +719,26 @@ def _run_generate(state: _State, job: _Job, on_text: Any, cancel: threading.Even
     return state.model.generate_batch([prompt], n=job.n, on_text=on_text, cancel=cancel, **job.kwargs)
 
 
+def _learn_delta(state: _State, job: _Job, cancel: threading.Event) -> Optional[GenerationResult]:
+    """SLOT for methods that sample several answers (QAlign, LMCor): learn delta
+    on the prompt once, so that every answer uses it; None without SLOT."""
+    kw = job.kwargs
+    if not kw.get("steps"):
+        return None
+    user = kw.get("loss_on") == "user"
+    return state.model.generate_batch([job.messages if user else job.tokens], max_tokens=0, steps=kw["steps"],
+                                      lr=kw["lr"], loss_on=kw.get("loss_on", "all"),
+                                      chat_template=kw.get("chat_template"), cancel=cancel)[0]
+
+
 def _run_qalign(state: _State, job: _Job, cancel: threading.Event) -> tuple[str, int, dict[str, Any]]:
     from .qalign import qalign
 
     assert job.qalign is not None
     q = job.qalign
     kw = job.kwargs
-    if kw.get("steps"):
-        # SLOT shapes the proposal: learn delta once, then every proposal uses it.
-        user = kw.get("loss_on") == "user"
-        shaped = state.model.generate_batch([job.messages if user else job.tokens], max_tokens=0, steps=kw["steps"],
-                                            lr=kw["lr"], loss_on=kw.get("loss_on", "all"),
-                                            chat_template=kw.get("chat_template"), cancel=cancel)[0]
-        delta = shaped.delta
-    else:
-        shaped, delta = None, None
+    shaped = _learn_delta(state, job, cancel)
+    delta = None if shaped is None else shaped.delta
 
     def on_step(step: int, accept_rate: float, reward: float) -> None:
         if cancel.is_set():
@@ -756,24 +761,20 @@ def _run_lmcor(state: _State, job: _Job, cancel: threading.Event) -> tuple[str, 
 
     assert job.lmcor is not None and job.lmcor_input is not None
     options = {key: value for key, value in job.kwargs.items()
-               if key not in ("temperature", "seed", "logprobs", "top_logprobs", "loss_on", "chat_template")}
-    if job.kwargs.get("loss_on") == "user":
-        # Learn delta on the user's content once; every candidate uses it.
-        shaped = state.model.generate_batch([job.messages], max_tokens=0, steps=job.kwargs["steps"],
-                                            lr=job.kwargs["lr"], loss_on="user",
-                                            chat_template=job.kwargs.get("chat_template"), cancel=cancel)[0]
-        options.pop("steps")
-        options.pop("lr")
+               if key not in ("temperature", "seed", "logprobs", "top_logprobs", "loss_on", "chat_template", "steps",
+                              "lr")}
+    shaped = _learn_delta(state, job, cancel)
+    if shaped is not None:
         options["delta"] = shaped.delta
     pool = generate_candidates(state.model, [job.lmcor_input], prompt_tokens=[job.tokens], k=job.lmcor.k,
                                temperature=job.lmcor.temperature, seed=job.kwargs["seed"] % (2**62),
                                cancel=cancel, **options)[0]
     corrector = state.correctors[job.lmcor.corrector]
     answer = corrector.rewrite(job.lmcor_input, pool.texts)
-    report = {"corrector": job.lmcor.corrector, "input": job.lmcor_input, "k": job.lmcor.k, "temperature": job.lmcor.temperature,
-              "candidates": pool.texts, "dropped": answer.dropped, "generator_tokens": pool.generated_tokens,
-              "corrector_tokens": answer.corrector_tokens}
-    report["finish_reason"] = answer.finish_reason
+    report = {"corrector": job.lmcor.corrector, "input": job.lmcor_input, "k": job.lmcor.k,
+              "temperature": job.lmcor.temperature, "candidates": pool.texts, "dropped": answer.dropped,
+              "generator_tokens": pool.generated_tokens, "corrector_tokens": answer.corrector_tokens,
+              "finish_reason": answer.finish_reason}
     return answer.text, answer.corrector_tokens, report
 
 
