@@ -238,6 +238,8 @@ def test_judge_reward_on_gemma(gemma):
     template = "Statement: {prompt} {response}\nThis statement is"
     judge = qa.JudgeReward(gemma, template, yes=" true", no=" false")
     flipped = qa.JudgeReward(gemma, template, yes=" false", no=" true")
+    # From an empty cache, whatever ran before on this shared model.
+    gemma.clear_cache()
     right = judge.score([qa.Candidate(q, good) for q, good, _ in FACTS])
     wrong = judge.score([qa.Candidate(q, bad) for q, _, bad in FACTS])
     # The score is log p(yes) - log p(no), nothing else: compared from the
