@@ -154,7 +154,7 @@ def test_eval_gsm8k_parallel_writes_the_same_records(gemma_path, tmp_path):
     assert _run(*common, "--output", str(tmp_path / "x.jsonl"), "--parallel", "0").returncode == 2
 
 
-def test_qalign_command_and_reward_head(gemma_path, tmp_path):
+def test_qalign_command_and_reward_head(gemma_path, gemma, tmp_path):
     easy = tmp_path / "easy.jsonl"
     easy.write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"})
                             + "\n" for a, b in [(2, 3), (4, 4), (1, 6), (5, 2), (3, 3), (7, 1)]))
@@ -179,6 +179,20 @@ def test_qalign_command_and_reward_head(gemma_path, tmp_path):
     assert len(chain) == 7 and 0.0 <= out["accept_rate"] <= 1.0
     assert all(s["reward"] == float("13" in s["text"]) for s in chain)
     assert "qalign [" in proc.stderr and "accept" in proc.stderr  # the progress line
+    # SLOT and RTD shape the proposal: at lambda = 1 every token comes from the datastore's values.
+    rows = tmp_path / "facts.jsonl"
+    fact = {"prompt": "Question: What is 6 + 7?\nAnswer:", "completion": " 13, or thirteen."}
+    rows.write_text(json.dumps(fact) + "\n")
+    values = set(gemma.tokenize(fact["prompt"] + fact["completion"])[len(gemma.tokenize(fact["prompt"])):])
+    store = tmp_path / "facts.slotrtd"
+    assert _run("rtd", "build", "--data", str(rows), "--out", str(store), "--model", str(gemma_path)).returncode == 0
+    shaped = _run("qalign", "Question: What is 6 + 7?\nAnswer:", "--model", str(gemma_path), "--reward", "contains:13",
+                  "--steps", "4", "--max-tokens", "6", "--slot-steps", "2", "--rtd", str(store), "--rtd-lambda", "1",
+                  "--rtd-k", "2", "--json")
+    assert shaped.returncode == 0, shaped.stderr
+    out = json.loads(shaped.stdout)
+    assert len(out["slot"]["losses"]) == 2 and out["rtd"]["lam"] == 1.0
+    assert all(set(s["tokens"]) <= values for s in out["chains"][0])
     bad = _run("qalign", "hi", "--model", str(gemma_path), "--reward", "telepathy")
     assert bad.returncode == 2 and "--reward must be" in bad.stderr
 

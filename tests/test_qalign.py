@@ -36,14 +36,15 @@ def crc_reward(prompt: str, response: str) -> float:
     return (zlib.crc32(response.encode()) % 97) / 40.0
 
 
-def enumerate_support(model, eos, delta, top_k, max_tokens):
-    """Every response the top-k proposal can produce, with its exact log p."""
+def enumerate_support(model, eos, delta, top_k, max_tokens, rtd=None):
+    """Every response the top-k proposal can produce, with its exact log p
+    (under the proposal's stages: delta's bias, then RTD's blend)."""
     x = model.tokenize(PROMPT)
     out = []
 
     def walk(prefix: list[int], logp: float) -> None:
         step = model.generate("", prompt_token_ids=x, response_prefix=prefix, max_tokens=1, ignore_eos=True,
-                              top_logprobs=top_k, delta=delta).top_logprobs[0]
+                              top_logprobs=top_k, delta=delta, rtd=rtd).top_logprobs[0]
         norm = np.logaddexp.reduce([lp for _, lp in step])  # the top-k-truncated distribution
         for token, lp in step:
             total = logp + lp - norm
@@ -58,23 +59,35 @@ def enumerate_support(model, eos, delta, top_k, max_tokens):
     return out
 
 
-def chain_p_value(model, eos_delta, beta_run: float, beta_target: float = 1.0, steps: int = 2500, thin: int = 4):
-    from scipy import stats
-
-    eos, delta = eos_delta
-    support = enumerate_support(model, eos, delta, top_k=2, max_tokens=3)
+def exact_target(model, support, beta):
     keys = [k for k, _ in support]
-    log_target = np.array([lp + crc_reward("", model.detokenize(list(k[0]))) / beta_target for k, lp in support])
-    target = np.exp(log_target - np.logaddexp.reduce(log_target))
-    result = qa.qalign(model, PROMPT, reward=crc_reward, beta=beta_run, steps=steps, max_tokens=3, chains=8,
-                       top_k=2, delta=delta, seed=11, answer="mbr")
+    log_target = np.array([lp + crc_reward("", model.detokenize(list(k[0]))) / beta for k, lp in support])
+    return keys, np.exp(log_target - np.logaddexp.reduce(log_target))
+
+
+def chain_states(result, thin: int = 4):
     # 8 x 2500 = 20k steps; every 4th state after 50 (the chain's correlation
     # is short on six states) for the chi-square's independent draws.
-    states = [(tuple(s.tokens), s.ended) for chain in result.chains for s in chain[50::thin]]
-    assert set(states) <= set(keys)  # the chain never leaves the support
+    return [(tuple(s.tokens), s.ended) for chain in result.chains for s in chain[50::thin]]
+
+
+def chi_square_p(states, keys, target) -> float:
+    from scipy import stats
+
     counts = np.array([states.count(k) for k in keys], dtype=float)
     assert target.min() * len(states) > 30
-    return float(stats.chisquare(counts, target * len(states)).pvalue), result, support
+    return float(stats.chisquare(counts, target * len(states)).pvalue)
+
+
+def chain_p_value(model, eos_delta, beta_run: float, beta_target: float = 1.0, steps: int = 2500, rtd=None):
+    eos, delta = eos_delta
+    support = enumerate_support(model, eos, delta, top_k=2, max_tokens=3, rtd=rtd)
+    keys, target = exact_target(model, support, beta_target)
+    result = qa.qalign(model, PROMPT, reward=crc_reward, beta=beta_run, steps=steps, max_tokens=3, chains=8,
+                       top_k=2, delta=delta, rtd=rtd, seed=11, answer="mbr")
+    states = chain_states(result)
+    assert set(states) <= set(keys)  # the chain never leaves the support
+    return chi_square_p(states, keys, target), result, support
 
 
 @pytest.mark.slow
@@ -91,6 +104,34 @@ def test_chain_samples_the_exact_target_and_a_wrong_rule_is_rejected(model, eos_
     monkeypatch.setattr(qa, "log_acceptance", lambda r1, r0, n1, n0, beta: min(0.0, (r1 - r0) / beta))
     p_length, _, _ = chain_p_value(model, eos_delta, beta_run=1.0)
     assert p_length < 1e-6
+
+
+@pytest.mark.slow
+def test_an_rtd_shaped_proposal_samples_the_shaped_target(model, eos_delta):
+    """With RTD blended into the proposal, the chain's target is
+    p_rtd(y) exp(r(y)/beta): it passes against that target and fails against
+    the one of the unshaped proposal."""
+    from slot_cpp import rtd as rtd_module
+
+    eos, delta = eos_delta
+    # The reference continues the prompt with the proposal's least likely
+    # three-token response; lambda = 0.01 moves masses by a few times.
+    plain_support = enumerate_support(model, eos, delta, top_k=2, max_tokens=3)
+    unlikely = min((item for item in plain_support if len(item[0][0]) == 3), key=lambda item: item[1])
+    continuation = model.detokenize(list(unlikely[0][0]))
+    store = rtd_module.Datastore.build(model, [{"prompt": PROMPT, "completion": continuation}], progress=False)
+    shaping = rtd_module.RTD(store, k=1, temperature=1.0, lam=0.01)
+    p_shaped, result, support = chain_p_value(model, eos_delta, beta_run=1.0, rtd=shaping)
+    assert p_shaped > 0.01
+    # The same chain against the target of the proposal without RTD, on the
+    # responses both proposals can produce.
+    plain_keys, plain_target = exact_target(model, plain_support, beta=1.0)
+    shared = [k for k in plain_keys if k in {key for key, _ in support}]
+    assert len(shared) >= 3
+    mask = np.array([k in shared for k in plain_keys])
+    states = [s for s in chain_states(result) if s in shared]
+    p_plain = chi_square_p(states, shared, plain_target[mask] / plain_target[mask].sum())
+    assert p_plain < 1e-6
 
 
 def test_steps_evaluate_only_the_new_suffix(model):

@@ -68,13 +68,15 @@ def _close_clients() -> Iterator[None]:
         _CLIENTS.pop().close()
 
 
+FACTS = [{"prompt": "The colour of the sky is", "completion": " blue, and the grass is green."},
+         {"prompt": "Water boils at", "completion": " one hundred degrees Celsius."}]
+
+
 @pytest.fixture(scope="module")
 def served(gemma: slot_cpp.Model, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, slot_cpp.Model]]:
     """Gemma behind a server with a key, a datastore and a reward head."""
     tmp = tmp_path_factory.mktemp("server")
-    rows = [{"prompt": "The colour of the sky is", "completion": " blue, and the grass is green."},
-            {"prompt": "Water boils at", "completion": " one hundred degrees Celsius."}]
-    store = Datastore.build(gemma, rows, progress=False)
+    store = Datastore.build(gemma, FACTS, progress=False)
     store_path = tmp / "facts.slotrtd"
     store.save(store_path)
     rng = np.random.default_rng(0)
@@ -195,6 +197,15 @@ def test_slot_rtd_and_qalign_through_extra_body(served):
     q = qa.model_extra["slot_cpp"]["qalign"]
     assert q["steps"] == 4 and 0.0 <= q["accept_rate"] <= 1.0 and np.isfinite(q["final_reward"])
     assert qa.choices[0].message.content
+    # RTD shapes QAlign's proposals: at lambda = 1 every state is a token of the datastore's values.
+    url, model = served
+    store_pieces = {model.detokenize([t]) for row in FACTS
+                    for t in model.tokenize(row["prompt"] + row["completion"])[len(model.tokenize(row["prompt"])):]}
+    shaped = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=1, temperature=1.0, seed=5,
+                                  extra_body={"qalign": {"steps": 4, "reward": "head"},
+                                              "rtd": {"datastore": "facts", "k": 4, "lambda": 1.0}})
+    assert shaped.model_extra["slot_cpp"]["rtd"]["lambda"] == 1.0
+    assert shaped.choices[0].text in store_pieces
 
     with pytest.raises(openai.BadRequestError, match="unknown datastore"):
         c.completions.create(model="gemma-3-270m", prompt="x", max_tokens=2,

@@ -399,8 +399,6 @@ def _methods(args: argparse.Namespace) -> list[str]:
             raise UsageError("sampling methods need --budget (generated tokens per problem, >= --max-tokens)")
         if any(m in ("bon", "wmv", "qalign") for m in methods) and args.reward is None:
             raise UsageError("bon, wmv and qalign need --reward")
-    if args.rtd and "qalign" in methods:
-        raise UsageError("--rtd cannot be used with --method qalign (its proposals do not take RTD)")
     return methods
 
 
@@ -515,7 +513,7 @@ def _eval_methods(args: argparse.Namespace, problems: list[gsm8k.Problem], metho
                 elif method == "qalign":
                     assert reward is not None  # _methods requires --reward for qalign
                     q = qa.qalign(model, prompt, reward=reward, beta=args.beta, steps=10**6, budget=args.budget,
-                                  chat_template=args.chat_template, **common)
+                                  chat_template=args.chat_template, rtd=rtd, **common)
                     prediction, tokens = q.answer, q.generated_tokens
                     text = q.answer_state.text if q.answer_state is not None else ""
                 else:
@@ -1038,7 +1036,11 @@ def build_parser() -> argparse.ArgumentParser:
     qa_p.add_argument("--extract", choices=("gsm8k", "text"), default="gsm8k",
                       help="what a vote counts: GSM8K's final number, or the whole text")
     qa_p.add_argument("--chat-template", default=None)
+    qa_p.add_argument("--slot-steps", type=int, default=0,
+                      help="shape the proposal with SLOT: optimisation steps on the prompt (0: off)")
+    qa_p.add_argument("--slot-lr", type=_lr, default=0.01, help="SLOT's step size (or auto)")
     qa_p.add_argument("--json", action="store_true")
+    _add_rtd_options(qa_p)
     _add_model_options(qa_p)
     qa_p.set_defaults(func=cmd_qalign)
 
@@ -1346,10 +1348,16 @@ def cmd_qalign(args: argparse.Namespace) -> int:
             messages = [{"role": "system", "content": args.system}] if args.system else []
             prompt = messages + [{"role": "user", "content": text}]
         reward = _reward(args, model)
+        rtd = _rtd_option(args, model)
+        slot = None
+        if args.slot_steps:
+            slot = model.generate_with_slot(prompt, steps=args.slot_steps, lr=args.slot_lr, max_tokens=0,
+                                            chat_template=args.chat_template)
         progress = Progress(args.steps, "qalign")
         result = qa.qalign(
             model, prompt, reward=reward, beta=args.beta, steps=args.steps, max_tokens=args.max_tokens,
             chains=args.chains, seed=args.seed, top_k=args.top_k, stop=args.stop, answer=args.answer,
+            delta=None if slot is None else slot.delta, rtd=rtd,
             extract=None if args.extract == "gsm8k" else (lambda t: t.strip() or None),
             burn_in=args.burn_in, chat_template=args.chat_template,
             on_step=lambda step, rate, mean: progress.advance(f"accept {rate:.2f} reward {mean:+.3f}"))
@@ -1359,6 +1367,8 @@ def cmd_qalign(args: argparse.Namespace) -> int:
             "answer": result.answer, "accept_rate": result.accept_rate, "votes": result.votes,
             "generated_tokens": result.generated_tokens, "decoded_tokens": result.decoded_tokens,
             "reward_calls": result.reward_calls,
+            "slot": None if slot is None else {"steps": args.slot_steps, "lr": slot.lr, "losses": list(slot.losses)},
+            "rtd": None if rtd is None else _rtd_description(rtd),
             "chains": [[{"step": s.step, "text": s.text, "tokens": s.tokens, "reward": s.reward,
                          "accepted": s.accepted} for s in chain] for chain in result.chains],
         }, indent=2))

@@ -14,8 +14,13 @@ p(y | x) * exp(r(x, y) / beta):
 
 |y| counts tokens, the end-of-sequence token included when the response
 ended with one (a response cut by max_tokens has no such token). With stop
-strings, a response ends at the token that completes the stop string. With a
-``delta`` (SLOT), p is the model's distribution under delta's logit bias.
+strings, a response ends at the token that completes the stop string.
+
+SLOT and RTD may shape the proposal: with a ``delta`` (SLOT's logit bias
+W*delta) or ``rtd`` (the retrieval blend, applied after the bias), p is the
+model's distribution with these stages on, and the chain's target is
+p_shaped(y | x) * exp(r(x, y) / beta). The acceptance rule needs no change:
+the proposal is still the model's own conditional, only a different model.
 
 The answer is a majority vote over the chain's states (an answer extractor:
 GSM8K's final number by default) or, for free text, the state with the
@@ -36,6 +41,7 @@ import numpy as np
 from . import gsm8k
 from ._model import GenerationResult, Model, Prompt
 from ._model import model_fingerprint as _model_fingerprint
+from .rtd import RTD
 
 __all__ = [
     "CallableReward",
@@ -353,6 +359,7 @@ def qalign(
     top_k: int = 0,
     stop: Sequence[str] = (),
     delta: Optional[np.ndarray] = None,
+    rtd: Optional[RTD] = None,
     answer: str = "vote",
     extract: Optional[Extractor] = None,
     burn_in: int = 0,
@@ -409,7 +416,7 @@ def qalign(
         return text[:cut] if cut >= 0 else text
 
     proposal: dict[str, Any] = dict(temperature=1.0, top_k=top_k, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
-                                    stop=list(stop), delta=delta)
+                                    stop=list(stop), delta=delta, rtd=rtd)
 
     def draw(prefixes: list[list[int]], budgets: list[int]) -> list[GenerationResult]:
         seeds = [int(s) for s in rng.integers(0, 2**62, size=len(prefixes))]

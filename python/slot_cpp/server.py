@@ -17,7 +17,8 @@ official client's ``extra_body``::
 - ``"rtd": {"datastore", "k", "temperature", "lambda"}``: a datastore the
   server was started with (``--rtd NAME=PATH``), by name.
 - ``"qalign": {"steps", "beta", "reward"}``: QAlign under a reward the server
-  was started with (``--reward NAME=head:PATH`` or ``NAME=judge``).
+  was started with (``--reward NAME=head:PATH`` or ``NAME=judge``); with
+  ``"slot"`` and/or ``"rtd"`` beside it, they shape the chain's proposal.
 - ``"lmcor": {"corrector", "k", "temperature"}``: the served model makes k
   candidates (greedy + k - 1 samples), and a corrector the server was
   started with (``--corrector NAME=MODEL.gguf[,ADAPTER.gguf]``) writes the
@@ -631,8 +632,6 @@ def _resolve(state: _State, body: _Sampling, tokens: list[int], max_tokens: Opti
         if q.steps > config.max_qalign_steps:
             raise ApiError(400, f"qalign steps must be <= {config.max_qalign_steps}", param="qalign.steps")
         _one_answer("qalign", body, want_logprobs)
-        if body.rtd is not None:
-            raise ApiError(400, "qalign with rtd is not supported", param="qalign")
         if model.n_parallel < 2:
             raise ApiError(400, "qalign needs a server started with --n-parallel >= 2", param="qalign")
     lmcor_input = None
@@ -731,6 +730,12 @@ def _learn_delta(state: _State, job: _Job, cancel: threading.Event) -> Optional[
                                       chat_template=kw.get("chat_template"), cancel=cancel)[0]
 
 
+def _applied_beside(job: _Job) -> dict[str, Any]:
+    """What a QAlign or LMCor response reports beside the method's own report:
+    RTD's settings (SLOT's delta is reported inside the method's report)."""
+    return {key: value for key, value in job.applied.items() if key != "slot"}
+
+
 def _run_qalign(state: _State, job: _Job, cancel: threading.Event) -> tuple[str, int, dict[str, Any]]:
     from .qalign import qalign
 
@@ -746,7 +751,7 @@ def _run_qalign(state: _State, job: _Job, cancel: threading.Event) -> tuple[str,
 
     result = qalign(state.model, "", prompt_token_ids=job.tokens, reward=state.rewards[q.reward], beta=q.beta,
                     steps=q.steps, max_tokens=kw["max_tokens"], seed=kw["seed"] % (2**32), top_k=kw["top_k"],
-                    stop=kw["stop"], delta=delta, answer="mbr", on_step=on_step)
+                    stop=kw["stop"], delta=delta, rtd=kw.get("rtd"), answer="mbr", on_step=on_step)
     final = result.chain[-1]
     report: dict[str, Any] = {"steps": q.steps, "beta": q.beta, "reward": q.reward,
                               "accept_rate": result.accept_rate, "final_reward": final.reward,
@@ -811,7 +816,7 @@ async def _serve(state: _State, request: Request, job: _Job, body: _Sampling, *,
                 finish = _finish(method, report, n_tokens, job.kwargs["max_tokens"])
                 results_view = [(text, finish, None)]
                 completion = n_tokens
-                extension: dict[str, Any] = {method: report}
+                extension: dict[str, Any] = {**_applied_beside(job), method: report}
             else:
                 results = await _in_thread(_run_generate, state, job, None, cancel)
                 results_view = [(r.text, _FINISH.get(r.finish_reason, "stop"), r) for r in results]
@@ -952,7 +957,7 @@ async def _stream(state: _State, job: _Job, body: _Sampling, *, chat: bool, rid:
             extension: dict[str, Any] = dict(job.applied)
             if kind_ in ("qalign", "lmcor"):
                 text, completion, report = value
-                extension = {kind_: report}
+                extension = {**_applied_beside(job), kind_: report}
                 yield _sse(chunk(0, text, None))
                 finishes = [_finish(kind_, report, completion, job.kwargs["max_tokens"])]
             else:
