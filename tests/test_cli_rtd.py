@@ -89,6 +89,57 @@ def test_rtd_build_tune_info_and_eval_mc_agree_with_score_choices(gemma_path, tm
         np.testing.assert_allclose(r["rtd_probs"], s.rtd, atol=1e-4)
 
 
+def test_eval_mc_scores_slot_settings_paired_against_plain(gemma_path, tmp_path):
+    import slot_cpp
+    from slot_cpp.rtd import score_choices
+
+    test = _write(tmp_path / "test.jsonl", QUESTIONS[:6])
+    records = tmp_path / "records.jsonl"
+    proc = _run("eval", "mc", "--data", str(test), "--steps", "0,3", "--lr", "0.05,auto", "--model", str(gemma_path),
+                "--json", "--out", str(records))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    table = {row["setting"]: row for row in summary["settings"]}
+    assert list(table) == ["plain", "steps=3,lr=0.05", "steps=3,lr=auto"]
+    assert sum(table["steps=3,lr=auto"]["lr_chosen"].values()) == 6
+    assert table["steps=3,lr=0.05"]["lr_chosen"] == {"0.05": 6}
+    rows = [json.loads(x) for x in test.read_text().splitlines()]
+    answers = [json.loads(x)["answer"] for x in records.read_text().splitlines()]
+    with slot_cpp.Model(gemma_path, n_ctx=4096, n_parallel=4, seed=0) as model:
+        plain = score_choices(model, rows)
+        slot = score_choices(model, rows, steps=3, lr=0.05)
+        # A prompt's delta, learned by generate_with_slot, scores the options
+        # as score_choices does. Each from an empty cache: one prompt alone,
+        # the same batch shapes, so the same rounding.
+        from slot_cpp.rtd import DEFAULT_CHOICE_TEMPLATE, _label_tokens, format_choice_prompt
+
+        model.clear_cache()
+        first = score_choices(model, rows[:1], steps=3, lr=0.05)[0]
+        model.clear_cache()
+        first_plain = score_choices(model, rows[:1])[0]
+        model.clear_cache()
+
+        prompt = format_choice_prompt(rows[0]["question"], rows[0]["choices"], (), DEFAULT_CHOICE_TEMPLATE)
+        delta = model.generate_with_slot(prompt, steps=3, lr=0.05, max_tokens=0).delta
+        alone = model.generate(prompt, max_tokens=0, delta=delta, score_tokens=_label_tokens(model, 4)).score_logprobs
+    probs = np.exp(np.asarray(alone) - np.logaddexp.reduce(alone))
+    np.testing.assert_allclose(first.plain, probs, atol=1e-6)
+    assert np.abs(first.plain - first_plain.plain).max() > 1e-2  # the delta moved the options
+    plain_ok = [s.plain_choice == a for s, a in zip(plain, answers)]
+    slot_ok = [s.plain_choice == a for s, a in zip(slot, answers)]
+    row = table["steps=3,lr=0.05"]
+    assert row["correct"] == sum(slot_ok) and table["plain"]["correct"] == sum(plain_ok)
+    assert row["fixed"] == sum(o and not p for p, o in zip(plain_ok, slot_ok))
+    assert row["broken"] == sum(p and not o for p, o in zip(plain_ok, slot_ok))
+    for line, s in zip(records.read_text().splitlines(), slot):
+        entry = json.loads(line)["slot"]["steps=3,lr=0.05"]
+        np.testing.assert_allclose(entry["probs"], s.plain, atol=1e-4)
+    text = _run("eval", "mc", "--data", str(test), "--steps", "0,2", "--lr", "0.05", "--limit", "2", "--model",
+                str(gemma_path))
+    assert text.returncode == 0, text.stderr
+    assert "| setting | n | accuracy |" in text.stdout and "| steps=2,lr=0.05 | 2 |" in text.stdout
+
+
 def test_generate_with_rtd_follows_a_stored_completion(gemma_path, tmp_path):
     data = tmp_path / "gen.jsonl"
     data.write_text(json.dumps({"prompt": "The secret password is",

@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO, Union
 
@@ -607,13 +608,15 @@ def _print_summary(rows: list[dict], metric: str, path: Path) -> None:
 
 # ---------------------------------------------------------------- eval mc
 def cmd_eval_mc(args: argparse.Namespace) -> int:
-    """Multiple-choice accuracy of the plain model and, with --rtd, of the blend
-    on the same prompts (paired: fixed, broken, exact McNemar p)."""
+    """Multiple-choice accuracy of the plain model, of SLOT's settings (--steps,
+    --lr) and, with --rtd, of the blend on each, on the same prompts (paired
+    against plain: fixed, broken, exact McNemar p)."""
     _check_rtd_args(args)
     _check_count("--shots", args.shots)
     _check_count("--limit", args.limit)
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
+    settings = [(0, args.lr[0])] + [s for s in _eval_settings(args) if s[0] > 0]
     rows, lines, _ = _read_rows(args.data, "choice")
     shots, questions = rows[:args.shots], rows[args.shots:]
     first = args.shots
@@ -622,6 +625,7 @@ def cmd_eval_mc(args: argparse.Namespace) -> int:
     if not questions:
         raise UsageError(f"{args.data} has no questions left to evaluate after {args.shots} shot(s)")
     answers = [_answer_index(q) for q in questions]
+    n = len(questions)
     with _open_model(args) as model:
         rtd = _rtd_option(args, model)
         prompt_shots = len(shots)
@@ -635,59 +639,84 @@ def cmd_eval_mc(args: argparse.Namespace) -> int:
             if shots and stored != shots:
                 print(f"slot-cpp: note: --shots {len(shots)} replaces the datastore's prompt format "
                       f"({len(stored)} stored shot(s)); its keys were taken with that one", file=sys.stderr)
-        progress = Progress(len(questions), "mc")
-        plain_right = rtd_right = 0
-        scores = []
-        for start in range(0, len(questions), args.batch_size):
-            chunk = questions[start:start + args.batch_size]
-            got = score_choices(model, chunk, rtd=rtd, shots=shots, template=template)
-            scores.extend(got)
-            plain_right += sum(s.plain_choice == answers[start + i] for i, s in enumerate(got))
-            rtd_right += sum(s.rtd_choice == answers[start + i] for i, s in enumerate(got))
-            done = len(scores)
-            note = f"plain {plain_right / done:.3f}" + (f" rtd {rtd_right / done:.3f}" if rtd is not None else "")
-            progress.advance(note, n=len(chunk))
+        progress = Progress(n * len(settings), "mc")
+        scores: list[list[Any]] = []  # per setting, per question
+        for steps, lr in settings:
+            name = "plain" if steps == 0 else gsm8k.setting_name(steps, lr)
+            got_all: list[Any] = []
+            for start in range(0, n, args.batch_size):
+                chunk = questions[start:start + args.batch_size]
+                got_all.extend(score_choices(model, chunk, rtd=rtd, shots=shots, template=template, steps=steps,
+                                             lr=lr))
+                right = sum(sc.plain_choice == answers[i] for i, sc in enumerate(got_all))
+                progress.advance(f"{name} {right / len(got_all):.3f}", n=len(chunk))
+            scores.append(got_all)
         progress.close()
-    n = len(questions)
-    plain_ok = [s.plain_choice == a for s, a in zip(scores, answers)]
-    lo, hi = gsm8k.wilson_interval(sum(plain_ok), n)
-    summary: dict[str, Any] = {"data": args.data, "n": n, "shots": prompt_shots,
-                               "plain_correct": sum(plain_ok), "plain_accuracy": sum(plain_ok) / n,
-                               "plain_ci95": [lo, hi]}
-    rtd_ok: list[bool] = []
+    # One row per setting, and per setting with RTD; each paired against plain.
+    plain_ok = [sc.plain_choice == a for sc, a in zip(scores[0], answers)]
+    table: list[dict[str, Any]] = []
+    for (steps, lr), got in zip(settings, scores):
+        variants = [("", [sc.plain_choice == a for sc, a in zip(got, answers)])]
+        if rtd is not None:
+            variants.append(("+rtd", [sc.rtd_choice == a for sc, a in zip(got, answers)]))
+        for suffix, ok in variants:
+            name = ("plain" if steps == 0 else gsm8k.setting_name(steps, lr)) + suffix
+            fixed = sum(o and not p for p, o in zip(plain_ok, ok))
+            broken = sum(p and not o for p, o in zip(plain_ok, ok))
+            lo, hi = gsm8k.wilson_interval(sum(ok), n)
+            row: dict[str, Any] = {"setting": name, "steps": steps, "lr": lr, "rtd": bool(suffix),
+                                   "correct": sum(ok), "accuracy": sum(ok) / n, "ci95": [lo, hi]}
+            if name != "plain":
+                row.update({"fixed": fixed, "broken": broken, "mcnemar_p": gsm8k.mcnemar_p(fixed, broken)})
+            if steps > 0:
+                row["lr_chosen"] = {f"{k:g}": v for k, v in sorted(Counter(sc.lr for sc in got).items())}
+            table.append(row)
+    summary: dict[str, Any] = {"data": args.data, "n": n, "shots": prompt_shots, "settings": table}
+    base = table[0]
+    summary.update({"plain_correct": base["correct"], "plain_accuracy": base["accuracy"],
+                    "plain_ci95": base["ci95"]})
     if rtd is not None:
-        rtd_ok = [s.rtd_choice == a for s, a in zip(scores, answers)]
-        fixed = sum(r and not p for p, r in zip(plain_ok, rtd_ok))
-        broken = sum(p and not r for p, r in zip(plain_ok, rtd_ok))
-        lo, hi = gsm8k.wilson_interval(sum(rtd_ok), n)
-        summary.update({"rtd_correct": sum(rtd_ok), "rtd_accuracy": sum(rtd_ok) / n, "rtd_ci95": [lo, hi],
-                        "fixed": fixed, "broken": broken, "mcnemar_p": gsm8k.mcnemar_p(fixed, broken),
-                        "rtd": _rtd_description(rtd)})
+        with_rtd = table[1]
+        summary.update({"rtd_correct": with_rtd["correct"], "rtd_accuracy": with_rtd["accuracy"],
+                        "rtd_ci95": with_rtd["ci95"], "fixed": with_rtd["fixed"], "broken": with_rtd["broken"],
+                        "mcnemar_p": with_rtd["mcnemar_p"], "rtd": _rtd_description(rtd)})
     if args.out:
         with open(args.out, "w", encoding="utf-8") as out:
-            for i, (q, a, sc) in enumerate(zip(questions, answers, scores)):
+            for i, (q, a) in enumerate(zip(questions, answers)):
+                sc = scores[0][i]
                 record: dict[str, Any] = {
                     "index": first + i, "line": lines[first + i], "question": q["question"],
                     "choices": q["choices"], "answer": a, "plain_probs": [float(x) for x in sc.plain],
                     "plain_choice": sc.plain_choice, "plain_correct": plain_ok[i]}
                 if sc.rtd is not None:
                     record.update({"rtd_probs": [float(x) for x in sc.rtd], "rtd_choice": sc.rtd_choice,
-                                   "rtd_correct": rtd_ok[i]})
+                                   "rtd_correct": sc.rtd_choice == a})
+                for (steps, lr), got in zip(settings[1:], scores[1:]):
+                    g = got[i]
+                    entry: dict[str, Any] = {"probs": [float(x) for x in g.plain], "choice": g.plain_choice,
+                                             "correct": g.plain_choice == a, "lr": g.lr}
+                    if g.rtd is not None:
+                        entry.update({"rtd_probs": [float(x) for x in g.rtd], "rtd_choice": g.rtd_choice})
+                    record.setdefault("slot", {})[gsm8k.setting_name(steps, lr)] = entry
                 out.write(json.dumps(record) + "\n")
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"\nMultiple choice ({args.data}, {prompt_shots} shot(s)):")
-    print("| method | n | accuracy | 95% CI | fixed | broken | McNemar p |")
+    print("| setting | n | accuracy | 95% CI | fixed | broken | McNemar p |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
-    lo, hi = summary["plain_ci95"]
-    print(f"| plain | {n} | {100 * summary['plain_accuracy']:.1f}% | {100 * lo:.1f}-{100 * hi:.1f}% | - | - | - |")
-    if rtd is not None:
-        d = summary["rtd"]
-        lo, hi = summary["rtd_ci95"]
-        print(f"| rtd k={d['k']} T={d['temperature']:.4g} lambda={d['lam']:g} | {n} | "
-              f"{100 * summary['rtd_accuracy']:.1f}% | {100 * lo:.1f}-{100 * hi:.1f}% | {summary['fixed']} | "
-              f"{summary['broken']} | {summary['mcnemar_p']:.3f} |")
+    for row in table:
+        name = row["setting"]
+        if row["rtd"] and rtd is not None:
+            d = summary["rtd"]
+            name += f" (k={d['k']} T={d['temperature']:.4g} lambda={d['lam']:g})"
+        lo, hi = row["ci95"]
+        paired = (f"{row['fixed']} | {row['broken']} | {row['mcnemar_p']:.3f}" if "fixed" in row else "- | - | -")
+        print(f"| {name} | {n} | {100 * row['accuracy']:.1f}% | {100 * lo:.1f}-{100 * hi:.1f}% | {paired} |")
+    for row in table:
+        if row.get("lr_chosen") and row["lr"] == "auto" and not row["rtd"]:
+            chosen = ", ".join(f"{k} x{v}" for k, v in row["lr_chosen"].items())
+            print(f"{row['setting']}: step sizes chosen: {chosen}")
     return 0
 
 
@@ -985,7 +1014,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rtd_options(g)
     g.set_defaults(func=cmd_eval)
 
-    mc = ev_sub.add_parser("mc", help="multiple-choice accuracy (question, choices, answer), plain and with --rtd")
+    mc = ev_sub.add_parser("mc", help="multiple-choice accuracy (question, choices, answer): plain, with SLOT "
+                                      "settings (--steps, --lr) and with --rtd")
     mc.add_argument("--data", required=True,
                     help="JSONL of {question, choices, answer}; answer a choice index or a letter")
     mc.add_argument("--shots", type=int, default=0,
@@ -993,6 +1023,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "none, or with --rtd of a choice datastore, the datastore's own prompt format)")
     mc.add_argument("--limit", type=int, default=None, help="evaluate the first N questions (after the shots)")
     mc.add_argument("--batch-size", type=int, default=32, help="questions scored per batch")
+    mc.add_argument("--steps", type=_int_list, default=[0],
+                    help="comma-separated SLOT steps; each setting above 0 learns a delta on every prompt "
+                         "(default: 0, plain only)")
+    mc.add_argument("--lr", type=_lr_list, default=[0.1],
+                    help="comma-separated SLOT learning rates ('auto': chosen per prompt)")
     mc.add_argument("--json", action="store_true", help="print the summary as JSON")
     mc.add_argument("--out", "--output", "-o", dest="out", default=None,
                     help="write per-question records (probabilities, choices, correctness) to this JSONL")

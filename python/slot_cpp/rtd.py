@@ -523,10 +523,13 @@ def _aligned(x: int) -> int:
 # ---- multiple choice ----------------------------------------------------------
 @dataclass(frozen=True)
 class ChoiceScores:
-    """Option probabilities (renormalised over the options) of one question."""
+    """Option probabilities (renormalised over the options) of one question:
+    ``plain`` without RTD, ``rtd`` with it (None without), both under SLOT's
+    delta when it was learned (``lr``: the step size used, 0 without SLOT)."""
 
     plain: np.ndarray
     rtd: Optional[np.ndarray]
+    lr: float = 0.0
 
     @property
     def plain_choice(self) -> int:
@@ -538,11 +541,14 @@ class ChoiceScores:
 
 
 def score_choices(model: Model, questions: Sequence[Mapping[str, Any]], *, rtd: Optional[RtdOption] = None,
-                  shots: Sequence[Mapping[str, Any]] = (), template: Optional[str] = None) -> list[ChoiceScores]:
+                  shots: Sequence[Mapping[str, Any]] = (), template: Optional[str] = None, steps: int = 0,
+                  lr: Union[float, str] = 0.1) -> list[ChoiceScores]:
     """For each ``{"question", "choices"}``: the probabilities of the option
-    labels under the plain model and, with ``rtd``, under the blend, both
-    renormalised over the options. With a choice datastore, its stored
-    prompt format (shots, template) is used unless given."""
+    labels without and, with ``rtd``, with the blend, both renormalised over
+    the options. With a choice datastore, its stored prompt format (shots,
+    template) is used unless given. With ``steps`` > 0, SLOT learns a delta
+    on each prompt (``lr``: a step size or "auto") and both are scored under
+    it; RTD's query stays the plain state, as in generation."""
     option = as_rtd(rtd)
     if option is not None and option.datastore.mode == "choice" and template is None and not shots:
         fmt = option.datastore.choice_prompt
@@ -558,14 +564,17 @@ def score_choices(model: Model, questions: Sequence[Mapping[str, Any]], *, rtd: 
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"question {i}: {exc}") from None
         labels.append(_label_tokens(model, len(q["choices"])))
-    plain = model.generate_batch(prompts, max_tokens=0, score_tokens=labels)
-    blended = (model.generate_batch(prompts, max_tokens=0, score_tokens=labels, rtd=option)
-               if option is not None else None)
+    plain = model.generate_batch(prompts, max_tokens=0, score_tokens=labels, steps=steps, lr=lr)
+    blended = None
+    if option is not None:
+        deltas = [r.delta for r in plain]
+        blended = model.generate_batch(prompts, max_tokens=0, score_tokens=labels, rtd=option,
+                                       delta=deltas if steps > 0 else None)
     out = []
     for i in range(len(prompts)):
         p = _renormalise(plain[i].score_logprobs)
         r = _renormalise(blended[i].score_logprobs) if blended is not None else None
-        out.append(ChoiceScores(p, r))
+        out.append(ChoiceScores(p, r, float(plain[i].lr) if steps > 0 else 0.0))
     return out
 
 
