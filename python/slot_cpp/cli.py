@@ -561,6 +561,7 @@ def _eval_nll(model: Model, args: argparse.Namespace, problem: gsm8k.Problem, st
     return {**_record_base(args, problem, steps, lr), "nll": float(-logp.mean()),
             "solution_tokens": len(solution_ids), "losses": slot.losses, "seconds": time.monotonic() - start,
             "chosen_lr": slot.lr, "optimise_seconds": slot.timings.optimise,
+            "calibration": [[c_lr, c_loss] for c_lr, c_loss in slot.calibration],
             "calibration_seconds": slot.calibration_seconds}
 
 
