@@ -24,7 +24,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -91,7 +90,6 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     model = ["--model", args.model] if args.model else []
     common = [*model, "--threads", str(args.threads)]
-    started = time.monotonic()
 
     head = work / "gsm_head.npz"
     if not head.exists():
@@ -125,8 +123,7 @@ def main() -> int:
                           "mean_generated_tokens": sum(r["generated_tokens"] for r in got.values()) / n})
     report = {"policy": Path(args.model).name if args.model else "gemma-3-270m", "command": "python benchmarks/qalign_budget.py " + " ".join(sys.argv[1:]),
               "head_rows": list(head_rows), "eval_rows": list(eval_rows), "budgets": budgets,
-              "max_tokens": args.max_tokens, "head": _head_summary(work / "head.log"), "table": table,
-              "seconds_this_run": time.monotonic() - started}
+              "max_tokens": args.max_tokens, "head": _head_summary(work / "head.log"), "table": table}
     save_report(args.out_dir, "qalign_budget", report, markdown)
     plot(report, Path(args.out_dir) / "qalign_budget.png")
     return 0
