@@ -501,9 +501,11 @@ llama_context_params Engine::side_context_params(uint32_t n_ctx, uint32_t n_batc
 }
 
 // The scheduler's eval callback of the states context: observe the final
-// norm's output, then stop the graph there (what follows is the head).
+// norm's output, then stop the graph there (what follows is the head). With
+// embeddings on and no pooling, llama.cpp renames that same tensor
+// "result_embd_pooled" when it builds the pooling step.
 bool Engine::stop_after_norm(ggml_tensor* t, bool ask, void*) {
-    const bool is_norm = std::strcmp(t->name, "result_norm") == 0;
+    const bool is_norm = std::strcmp(t->name, "result_norm") == 0 || std::strcmp(t->name, "result_embd_pooled") == 0;
     if (ask) return is_norm;
     return !is_norm;
 }
