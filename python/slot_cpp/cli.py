@@ -618,6 +618,7 @@ def cmd_eval_mc(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     settings = [(0, args.lr[0])] + [s for s in _eval_settings(args) if s[0] > 0]
+    names = ["plain"] + [gsm8k.setting_name(steps, lr) for steps, lr in settings[1:]]
     rows, lines, _ = _read_rows(args.data, "choice")
     shots, questions = rows[:args.shots], rows[args.shots:]
     first = args.shots
@@ -642,8 +643,7 @@ def cmd_eval_mc(args: argparse.Namespace) -> int:
                       f"({len(stored)} stored shot(s)); its keys were taken with that one", file=sys.stderr)
         progress = Progress(n * len(settings), "mc")
         scores: list[list[Any]] = []  # per setting, per question
-        for steps, lr in settings:
-            name = "plain" if steps == 0 else gsm8k.setting_name(steps, lr)
+        for (steps, lr), name in zip(settings, names):
             got_all: list[Any] = []
             for start in range(0, n, args.batch_size):
                 chunk = questions[start:start + args.batch_size]
@@ -656,12 +656,12 @@ def cmd_eval_mc(args: argparse.Namespace) -> int:
     # One row per setting, and per setting with RTD; each paired against plain.
     plain_ok = [sc.plain_choice == a for sc, a in zip(scores[0], answers)]
     table: list[dict[str, Any]] = []
-    for (steps, lr), got in zip(settings, scores):
+    for (steps, lr), setting, got in zip(settings, names, scores):
         variants = [("", [sc.plain_choice == a for sc, a in zip(got, answers)])]
         if rtd is not None:
             variants.append(("+rtd", [sc.rtd_choice == a for sc, a in zip(got, answers)]))
         for suffix, ok in variants:
-            name = ("plain" if steps == 0 else gsm8k.setting_name(steps, lr)) + suffix
+            name = setting + suffix
             fixed = sum(o and not p for p, o in zip(plain_ok, ok))
             broken = sum(p and not o for p, o in zip(plain_ok, ok))
             lo, hi = gsm8k.wilson_interval(sum(ok), n)
@@ -692,13 +692,13 @@ def cmd_eval_mc(args: argparse.Namespace) -> int:
                 if sc.rtd is not None:
                     record.update({"rtd_probs": [float(x) for x in sc.rtd], "rtd_choice": sc.rtd_choice,
                                    "rtd_correct": sc.rtd_choice == a})
-                for (steps, lr), got in zip(settings[1:], scores[1:]):
+                for setting, got in zip(names[1:], scores[1:]):
                     g = got[i]
                     entry: dict[str, Any] = {"probs": [float(x) for x in g.plain], "choice": g.plain_choice,
                                              "correct": g.plain_choice == a, "lr": g.lr}
                     if g.rtd is not None:
                         entry.update({"rtd_probs": [float(x) for x in g.rtd], "rtd_choice": g.rtd_choice})
-                    record.setdefault("slot", {})[gsm8k.setting_name(steps, lr)] = entry
+                    record.setdefault("slot", {})[setting] = entry
                 out.write(json.dumps(record) + "\n")
     if args.json:
         print(json.dumps(summary, indent=2))

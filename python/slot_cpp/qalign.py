@@ -41,7 +41,7 @@ import numpy as np
 from . import gsm8k
 from ._model import GenerationResult, Model, Prompt
 from ._model import model_fingerprint as _model_fingerprint
-from .rtd import RTD
+from .rtd import RtdOption
 
 __all__ = [
     "CallableReward",
@@ -359,7 +359,7 @@ def qalign(
     top_k: int = 0,
     stop: Sequence[str] = (),
     delta: Optional[np.ndarray] = None,
-    rtd: Optional[RTD] = None,
+    rtd: Optional[RtdOption] = None,
     answer: str = "vote",
     extract: Optional[Extractor] = None,
     burn_in: int = 0,
