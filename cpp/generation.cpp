@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "errors.h"
+#include "head_kernels.h"
 
 namespace slot {
 namespace {

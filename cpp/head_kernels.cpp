@@ -1,7 +1,9 @@
 #include "head_kernels.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <cstring>
 #include <vector>
 
@@ -224,11 +226,71 @@ void product_op(ggml_tensor* dst, int ith, int nth, void*) {
     for (int64_t v = v0; v < v1; ++v) out[v] = row_dot(wdata + static_cast<size_t>(v) * row_bytes, x, blocks);
 }
 
+// exp(x) for x <= 0 without a libm call, so that loops over it vectorise:
+// 2^n * e^r with n = round(x / ln 2) and |r| <= ln(2)/2, e^r by its Taylor
+// polynomial to degree 7 (truncation error < 3e-8 relative). Below -87.3 the
+// result is clamped near the smallest normal float (~1e-38), which no sum of
+// a vocabulary's terms can notice.
+inline float exp_nonpositive(float x) {
+    x = x < -87.3f ? -87.3f : x;
+    const float round = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+    const float n = (x * 1.44269504088896341f + round) - round;
+    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
 void check_q8_0_layout() {
     GGML_ASSERT(ggml_blck_size(GGML_TYPE_Q8_0) == kQ8Block && ggml_type_size(GGML_TYPE_Q8_0) == kQ8Bytes);
 }
 
 }  // namespace
+
+double log_sum_exp(const float* x, int64_t n) {
+    constexpr int kLanes = 16;
+    constexpr int64_t kBlock = 256;
+    float lane_max[kLanes];
+    std::fill(lane_max, lane_max + kLanes, -std::numeric_limits<float>::infinity());
+    int64_t i = 0;
+    bool nan = false;
+    for (; i + kLanes <= n; i += kLanes) {
+        for (int j = 0; j < kLanes; ++j) {
+            nan |= x[i + j] != x[i + j];
+            lane_max[j] = x[i + j] > lane_max[j] ? x[i + j] : lane_max[j];
+        }
+    }
+    float m = -std::numeric_limits<float>::infinity();
+    for (int j = 0; j < kLanes; ++j) m = std::max(m, lane_max[j]);
+    for (; i < n; ++i) {
+        nan |= std::isnan(x[i]);
+        m = std::max(m, x[i]);
+    }
+    if (nan) return std::numeric_limits<double>::quiet_NaN();
+    if (!std::isfinite(m)) return m;
+    double total = 0.0;
+    i = 0;
+    for (; i + kBlock <= n; i += kBlock) {
+        float acc[kLanes] = {};
+        for (int64_t b = 0; b < kBlock; b += kLanes) {
+            for (int j = 0; j < kLanes; ++j) acc[j] += exp_nonpositive(x[i + b + j] - m);
+        }
+        float s = 0.0f;
+        for (int j = 0; j < kLanes; ++j) s += acc[j];
+        total += s;
+    }
+    for (; i < n; ++i) total += std::exp(static_cast<double>(x[i]) - m);
+    return static_cast<double>(m) + std::log(total);
+}
 
 ggml_tensor* head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int n_tasks) {
     GGML_ASSERT(x->type == GGML_TYPE_F32 && ggml_is_contiguous(x) && ggml_nelements(x) == w->ne[0]);

@@ -10,6 +10,7 @@
 
 #include "errors.h"
 #include "ggml-cpu.h"
+#include "head_kernels.h"
 
 namespace slot {
 
@@ -149,6 +150,31 @@ void RtdIndex::exact_dots(const float* queries, int64_t n_queries, int64_t first
     }
 }
 
+void RtdIndex::range_dots(const float* query, const std::vector<std::pair<int64_t, int64_t>>& ranges,
+                          std::vector<float>& dots) const {
+    GraphBuilder g(2 * ranges.size() + 4);
+    ggml_tensor* q = g.input(GGML_TYPE_F32, dim_, 1);
+    std::vector<ggml_tensor*> outs;
+    int64_t total = 0;
+    for (const auto& [first, end] : ranges) {
+        ggml_tensor* kv = ggml_view_2d(g.ctx, keys_tensor_, dim_, end - first, keys_tensor_->nb[1],
+                                       static_cast<size_t>(first) * keys_tensor_->nb[1]);
+        ggml_tensor* out = ggml_mul_mat(g.ctx, kv, q);  // [end - first, 1]
+        g.output(out);
+        outs.push_back(out);
+        total += end - first;
+    }
+    backend_->prepare(g);
+    ggml_backend_tensor_set(q, query, 0, static_cast<size_t>(dim_) * sizeof(float));
+    backend_->compute(g, "the datastore search");
+    dots.resize(static_cast<size_t>(total));
+    size_t at = 0;
+    for (ggml_tensor* out : outs) {
+        ggml_backend_tensor_get(out, dots.data() + at, 0, ggml_nbytes(out));
+        at += static_cast<size_t>(ggml_nelements(out));
+    }
+}
+
 std::vector<RtdNeighbours> RtdIndex::search(const float* queries, int64_t n_queries, int k, int nprobe) const {
     if (n_queries <= 0) return {};
     if (k < 1) throw std::invalid_argument("k must be >= 1");
@@ -226,11 +252,12 @@ std::vector<RtdNeighbours> RtdIndex::search(const float* queries, int64_t n_quer
         }
         TopK top(k);
         const float qn = qnorm[static_cast<size_t>(b)];
+        range_dots(q, ranges, dots);
+        const float* d = dots.data();
         for (const auto& [s, e] : ranges) {
-            exact_dots(q, 1, s, e - s, dots);
-            for (int64_t i = 0; i < e - s; ++i) {
-                const float dist = std::max(0.0f, qn - 2.0f * dots[static_cast<size_t>(i)] + key_norms_[static_cast<size_t>(s + i)]);
-                top.push(dist, s + i);
+            for (int64_t i = s; i < e; ++i, ++d) {
+                const float dist = std::max(0.0f, qn - 2.0f * *d + key_norms_[static_cast<size_t>(i)]);
+                top.push(dist, i);
             }
         }
         RtdNeighbours& nb = result[static_cast<size_t>(b)];
@@ -271,11 +298,7 @@ std::vector<std::pair<int32_t, double>> rtd_reference(const RtdNeighbours& nb, c
 void rtd_blend(float* logits, int64_t n_vocab, const std::vector<std::pair<int32_t, double>>& reference,
                double lam) {
     if (lam <= 0.0) return;
-    float zmax = -std::numeric_limits<float>::infinity();
-    for (int64_t v = 0; v < n_vocab; ++v) zmax = std::max(zmax, logits[v]);
-    double sum = 0.0;
-    for (int64_t v = 0; v < n_vocab; ++v) sum += std::exp(static_cast<double>(logits[v] - zmax));
-    const double log_z = static_cast<double>(zmax) + std::log(sum);
+    const double log_z = log_sum_exp(logits, n_vocab);
     // Every token: log((1 - lam) p_LM); then the neighbours' values add lam * r.
     std::vector<float> before;
     before.reserve(reference.size());

@@ -5,6 +5,8 @@
 #include <stdexcept>
 #include <unordered_set>
 
+#include "head_kernels.h"
+
 namespace slot {
 
 void validate(const SamplingParams& p) {
@@ -26,11 +28,7 @@ void BiasStage::apply(const StageInput& in, float* logits) const {
 }
 
 TokenLogprob token_logprob(const float* logits, int64_t n_vocab, int32_t token, int top_n) {
-    float top = logits[0];
-    for (int64_t v = 1; v < n_vocab; ++v) top = std::max(top, logits[v]);
-    double sum = 0.0;
-    for (int64_t v = 0; v < n_vocab; ++v) sum += std::exp(static_cast<double>(logits[v] - top));
-    const double lse = static_cast<double>(top) + std::log(sum);
+    const double lse = log_sum_exp(logits, n_vocab);
     TokenLogprob out;
     out.logprob = static_cast<float>(static_cast<double>(logits[token]) - lse);
     if (top_n > 0) {

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "errors.h"
+#include "head_kernels.h"
 
 namespace slot {
 namespace {
@@ -36,15 +37,6 @@ bool all_finite(const std::vector<float>& v) {
 }
 
 }  // namespace
-
-double log_sum_exp(const float* x, int64_t n) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
-    if (!std::isfinite(m)) return m;
-    double s = 0.0;
-    for (int64_t i = 0; i < n; ++i) s += std::exp(static_cast<double>(x[i]) - m);
-    return m + std::log(s);
-}
 
 void fill_prompt_cache(Engine& engine, PromptCache& cache, int seq, const std::vector<int32_t>& tokens,
                        const MakeRoom& make_room, const InterruptCheck& interrupted) {

@@ -41,9 +41,6 @@ struct SlotConfig {
 
 void validate(const SlotConfig& config);
 
-// log(sum_i exp(x_i)), accumulated in double.
-double log_sum_exp(const float* x, int64_t n);
-
 // Where optimisation time went, summed over steps (seconds).
 struct StepProfile {
     double forward = 0.0;   // b = W*delta and the normalisers (recompute: W*(H+delta) and softmax)

@@ -79,6 +79,45 @@ def test_blend_equals_the_formula_on_hand_computed_cases():
         _core.rtd_blend(z, ref, 1.5)
 
 
+def test_blend_over_a_full_vocabulary_matches_double_precision():
+    # A vocabulary of gemma's size takes the vectorised log-sum-exp (blocks
+    # of 256 and a tail); every finite entry must equal the double-precision
+    # formula to float32 rounding (of the result, and of the normaliser that
+    # shifts it), with masked (-inf) logits and logits spread over hundreds
+    # of nats.
+    rng = np.random.default_rng(7)
+    rows = []
+    for scale in (0.5, 4.0, 60.0):
+        z = (rng.standard_normal(262_144 + 37) * scale).astype(np.float32)
+        z[rng.integers(0, len(z), 2000)] = -np.inf
+        z[[5, len(z) - 7]] = rng.standard_normal(2).astype(np.float32)
+        rows.append(z)
+    # Equal logits below the maximum, over a short row so that the result is
+    # small: every term has the same error, which cannot average out over
+    # random terms (5.2 nats is the worst case for the polynomial).
+    for gap in (0.3466, 5.2, 40.1):
+        z = np.full(1024 + 3, -gap, np.float32)
+        z[0] = 0.0
+        rows.append(z)
+    for z in rows:
+        ref = [(5, 0.3), (len(z) - 7, 0.7)]
+        zz = z.astype(np.float64)
+        lse = zz.max() + np.log(np.exp(zz - zz.max()).sum())
+        p = 0.5 * np.exp(zz - lse)
+        for v, r in ref:
+            p[v] += 0.5 * r
+        with np.errstate(divide="ignore"):
+            want = np.log(p)
+        got = _core.rtd_blend(z, ref, 0.5).astype(np.float64)
+        finite = np.isfinite(want)
+        assert np.array_equal(finite, np.isfinite(got))
+        err = np.abs(got[finite] - want[finite])
+        rounding = 2 * np.spacing(np.abs(want[finite]).astype(np.float32)) + 2 * np.spacing(np.float32(abs(lse)))
+        assert np.all(err <= rounding + 1e-7)
+        # The normaliser is right, not merely consistent: the blend sums to one.
+        assert np.exp(got[finite]).sum() == pytest.approx(1.0, abs=1e-5)
+
+
 def test_reference_distribution_and_huge_distances(tiny_model):
     store = random_store(tiny_model, n=500, seed=1)
     rng = np.random.default_rng(2)
