@@ -146,7 +146,13 @@ void PromptCache::add_run(int first, int c, const float* logits, const float* hi
 
 double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, std::vector<float>* grad) {
     std::vector<float> b(static_cast<size_t>(V_)), q(static_cast<size_t>(V_)), S(static_cast<size_t>(n_));
-    {
+    if (std::all_of(delta.begin(), delta.end(), [](float x) { return x == 0.0f; })) {
+        // delta = 0 (every first step, and calibration's baseline): b = 0, q is
+        // uniform and each S_t = sum_v p0_t(v) / V = 1/V, with no pass over
+        // the head or the cache.
+        std::fill(q.begin(), q.end(), static_cast<float>(1.0 / static_cast<double>(V_)));
+        std::fill(S.begin(), S.end(), static_cast<float>(1.0 / static_cast<double>(V_)));
+    } else {
         GraphBuilder g(8);
         ggml_tensor* din = g.input(GGML_TYPE_F32, d_);
         ggml_tensor* bt = head_.product(g.ctx, din);
