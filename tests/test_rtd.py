@@ -343,6 +343,22 @@ def test_tune_chooses_settings_that_beat_the_plain_model(tiny_model):
     assert blended.mean() == pytest.approx(result.score, rel=1e-6)
     assert plain.mean() == pytest.approx(result.plain_score, rel=1e-6)
 
+    # RTD on top of SLOT: the model's part is the NLL under each row's delta,
+    # the reference part is unchanged (the query is the plain state).
+    rng = np.random.default_rng(4)
+    deltas = [rng.normal(0, 0.5, tiny_model.n_embd).astype(np.float32), None]
+    shifted, both = rtd.generation_nll(tiny_model, store, rows[4:], deltas=deltas)
+    for row, delta, nll in zip(rows[4:], deltas, shifted):
+        p = tiny_model.tokenize(row["prompt"])
+        c = tiny_model.tokenize(row["completion"], add_special=False)
+        assert nll == pytest.approx(-tiny_model.token_logprobs(p + c, len(p), delta).mean(), rel=1e-9)
+    assert shifted[1] == plain[1] and both[1] == blended[1]
+    assert abs(shifted[0] - plain[0]) > 1e-3 and both[0] != blended[0]
+    # Per token, lam * r + (1 - lam) * p: with r fixed, the blend moves with p.
+    assert (both[0] < blended[0]) == (shifted[0] < plain[0])
+    with pytest.raises(ValueError, match="deltas"):
+        rtd.generation_nll(tiny_model, store, rows[4:], deltas=[None])
+
 
 # ---- gemma -------------------------------------------------------------------------
 @pytest.mark.slow

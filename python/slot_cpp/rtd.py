@@ -626,15 +626,20 @@ def _choice_parts(model: Model, store: Datastore, rows: Sequence[Mapping[str, An
         [_answer_index(r) for r in rows]
 
 
-def _generation_parts(model: Model, store: Datastore, rows: Sequence[Mapping[str, Any]]
+def _generation_parts(model: Model, store: Datastore, rows: Sequence[Mapping[str, Any]],
+                      deltas: Optional[Sequence[Optional[np.ndarray]]] = None
                       ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per row: the states before each completion token, the plain model's
-    log-probabilities of those tokens, and the tokens."""
+    """Per row: the states before each completion token, the model's
+    log-probabilities of those tokens (under the row's delta, if any), and
+    the tokens."""
+    if deltas is not None and len(deltas) != len(rows):
+        raise ValueError(f"deltas has {len(deltas)} entries for {len(rows)} rows")
     out = []
-    for row in rows:
+    for i, row in enumerate(rows):
         toks, span, gold = store._row_keys(model, row)
         hidden = model._s().hidden_states([toks], [span])
-        lp = np.asarray(model.token_logprobs(toks, span[0] + 1), dtype=np.float64)
+        delta = None if deltas is None else deltas[i]
+        lp = np.asarray(model.token_logprobs(toks, span[0] + 1, delta), dtype=np.float64)
         out.append((hidden, lp, np.asarray(gold)))
     return out
 
@@ -719,12 +724,18 @@ def tune(model: Model, store: Datastore, rows: Sequence[Mapping[str, Any]], *,
 
 
 def generation_nll(model: Model, store: Datastore, rows: Sequence[Mapping[str, Any]], *,
-                   rtd: Optional[RtdOption] = None) -> tuple[np.ndarray, np.ndarray]:
-    """Mean gold-token NLL per row under the plain model and under the blend
-    (settings from ``rtd`` or the datastore's defaults)."""
+                   rtd: Optional[RtdOption] = None,
+                   deltas: Optional[Sequence[Optional[np.ndarray]]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean gold-token NLL per row under the model and under the blend
+    (settings from ``rtd`` or the datastore's defaults).
+
+    With ``deltas`` (a SLOT delta per row, or None for a row without one),
+    the model's distribution is the one shifted by each row's delta, and the
+    blend is RTD on top of SLOT; the query stays the plain state, as in
+    generation."""
     opt = (as_rtd(rtd) or RTD(store)).resolved()
     assert opt.k is not None and opt.temperature is not None and opt.lam is not None
-    parts = _generation_parts(model, store, rows)
+    parts = _generation_parts(model, store, rows, deltas)
     plain, blended = [], []
     for h, lp, g in parts:
         d, i = store.search(model, h, opt.k, nprobe=opt.nprobe or 0)
