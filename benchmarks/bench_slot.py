@@ -90,22 +90,24 @@ def peak_rss_mib() -> float:
 
 def run(args: argparse.Namespace) -> dict:
     questions = load_questions(args.data, args.prompts)
-    rows = {"plain": [], "slot_cached": [], "slot_recompute": [], "llama_cpp_greedy": []}
+    rows = {"plain": [], "slot_cached": [], "slot_recompute": [], "slot_auto": [], "llama_cpp_greedy": []}
     prompt_ids: list[list[int]] = []
     with slot_cpp.Model(args.model, n_ctx=args.n_ctx, n_threads=args.threads) as model:
         prompts = [f"Question: {q}\nAnswer:" for q in questions]
         model.generate(prompts[0], max_tokens=4)  # warm-up: page in weights, build graphs
         model.generate_with_slot(prompts[0], steps=1, max_tokens=1)
-        common = dict(max_tokens=args.max_tokens, ignore_eos=True, lr=args.lr)
+        common = dict(max_tokens=args.max_tokens, ignore_eos=True)
         for prompt in prompts:
             for name, kwargs in (("plain", dict(steps=0)),
-                                 ("slot_cached", dict(steps=args.steps)),
-                                 ("slot_recompute", dict(steps=args.steps, recompute=True))):
+                                 ("slot_cached", dict(steps=args.steps, lr=args.lr)),
+                                 ("slot_recompute", dict(steps=args.steps, lr=args.lr, recompute=True)),
+                                 ("slot_auto", dict(steps=args.steps, lr="auto"))):
                 r = model.generate_with_slot(prompt, **kwargs, **common)
                 rows[name].append(dict(prompt_tokens=r.prompt_tokens, prefill=r.timings.prefill,
                                        optimise=r.timings.optimise, generate=r.timings.generate,
                                        total=r.timings.total, tokens=r.generated_tokens,
                                        tps=r.tokens_per_second, cache_bytes=r.slot_cache_bytes,
+                                       calibration=r.calibration_seconds,
                                        **{f"opt_{k}": v for k, v in r.slot_profile.items()}))
             tokens = model.tokenize(prompt)
             prompt_ids.append(tokens)
@@ -118,9 +120,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.torch_reference:
         rows["torch_reference_prompt_stage"] = torch_reference(info.path, prompt_ids, args)
     mean = {k: {f: statistics.fmean(r[f] for r in v) for f in v[0]} for k, v in rows.items()}
-    plain, fast, slow = mean["plain"], mean["slot_cached"], mean["slot_recompute"]
+    plain, fast, slow, auto = mean["plain"], mean["slot_cached"], mean["slot_recompute"], mean["slot_auto"]
     ratios = {
         "slot_end_to_end_vs_plain": fast["total"] / plain["total"],
+        "slot_auto_end_to_end_vs_plain": auto["total"] / plain["total"],
+        "auto_calibration_vs_fixed_steps": auto["calibration"] / fast["optimise"],
         "prompt_stage_speedup_vs_recompute": (slow["prefill"] + slow["optimise"]) / (fast["prefill"] + fast["optimise"]),
         "optimise_vs_extra_head_pass": fast["optimise"] / max(fast["prefill"] - plain["prefill"], 1e-9),
         "decode_tps_with_delta_vs_plain": fast["tps"] / plain["tps"],
@@ -152,7 +156,7 @@ def markdown(report: dict) -> str:
         "| mode | prefill s | optimise s | generate s | total s | decode tok/s |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in ("plain", "slot_cached", "slot_recompute"):
+    for name in ("plain", "slot_cached", "slot_recompute", "slot_auto"):
         r = m[name]
         lines.append(f"| {name} | {r['prefill']:.3f} | {r['optimise']:.3f} | {r['generate']:.3f} | "
                      f"{r['total']:.3f} | {r['tps']:.1f} |")
@@ -165,6 +169,8 @@ def markdown(report: dict) -> str:
     lines += ["", f"slot_cached optimisation by part (s, {report['settings']['steps']} steps): "
               f"W*delta and normalisers {f['opt_forward']:.3f}, P0^T*r {f['opt_cache']:.3f}, "
               f"W^T*g {f['opt_backward']:.3f}, host {f['opt_host']:.3f}"]
+    a = m["slot_auto"]
+    lines += ["", f"slot_auto (lr auto): calibration {a['calibration']:.3f} s of its {a['optimise']:.3f} s optimisation"]
     lines += ["", "| ratio | value |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()]
     lines.append(f"| peak RSS (MiB) | {report['peak_rss_mib']:.0f} |")

@@ -244,7 +244,9 @@ inline float exp_nonpositive(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    // NaN fails the comparison: the conversion below stays defined, and p is NaN.
+    const float exponent = n >= -126.0f ? n : -126.0f;
+    const int32_t bits = (static_cast<int32_t>(exponent) + 127) << 23;
     float scale;
     std::memcpy(&scale, &bits, sizeof(scale));
     return p * scale;
@@ -256,40 +258,74 @@ void check_q8_0_layout() {
 
 }  // namespace
 
-double log_sum_exp(const float* x, int64_t n) {
+namespace {
+
+float row_max(const float* x, int64_t n) {
     constexpr int kLanes = 16;
-    constexpr int64_t kBlock = 256;
     float lane_max[kLanes];
     std::fill(lane_max, lane_max + kLanes, -std::numeric_limits<float>::infinity());
     int64_t i = 0;
-    bool nan = false;
     for (; i + kLanes <= n; i += kLanes) {
-        for (int j = 0; j < kLanes; ++j) {
-            nan |= x[i + j] != x[i + j];
-            lane_max[j] = x[i + j] > lane_max[j] ? x[i + j] : lane_max[j];
-        }
+        for (int j = 0; j < kLanes; ++j) lane_max[j] = x[i + j] > lane_max[j] ? x[i + j] : lane_max[j];
     }
     float m = -std::numeric_limits<float>::infinity();
     for (int j = 0; j < kLanes; ++j) m = std::max(m, lane_max[j]);
-    for (; i < n; ++i) {
-        nan |= std::isnan(x[i]);
-        m = std::max(m, x[i]);
-    }
-    if (nan) return std::numeric_limits<double>::quiet_NaN();
-    if (!std::isfinite(m)) return m;
+    for (; i < n; ++i) m = std::max(m, x[i]);
+    return m;
+}
+
+// y = exp(x - m), returning the sum in double (float lanes over blocks of 256).
+double exp_shifted(const float* x, float m, int64_t n, float* y) {
+    constexpr int kLanes = 16;
+    constexpr int64_t kBlock = 256;
     double total = 0.0;
-    i = 0;
+    int64_t i = 0;
     for (; i + kBlock <= n; i += kBlock) {
         float acc[kLanes] = {};
         for (int64_t b = 0; b < kBlock; b += kLanes) {
-            for (int j = 0; j < kLanes; ++j) acc[j] += exp_nonpositive(x[i + b + j] - m);
+            for (int j = 0; j < kLanes; ++j) {
+                const float e = exp_nonpositive(x[i + b + j] - m);
+                if (y != nullptr) y[i + b + j] = e;
+                acc[j] += e;
+            }
         }
         float s = 0.0f;
         for (int j = 0; j < kLanes; ++j) s += acc[j];
         total += s;
     }
-    for (; i < n; ++i) total += std::exp(static_cast<double>(x[i]) - m);
-    return static_cast<double>(m) + std::log(total);
+    for (; i < n; ++i) {
+        const double e = std::exp(static_cast<double>(x[i]) - m);
+        if (y != nullptr) y[i] = static_cast<float>(e);
+        total += e;
+    }
+    return total;
+}
+
+void softmax_rows_op(ggml_tensor* dst, int ith, int nth, void* userdata) {
+    const auto* job = static_cast<const SoftmaxRowsJob*>(userdata);
+    const int64_t V = dst->ne[0], rows = dst->ne[1];
+    for (int64_t r = ith; r < rows; r += nth) {
+        const float* x = job->src + r * V;
+        float* y = reinterpret_cast<float*>(static_cast<char*>(dst->data) + r * dst->nb[1]);
+        const float m = row_max(x, V);
+        const double total = exp_shifted(x, m, V, y);
+        const float scale = static_cast<float>(1.0 / total);
+        for (int64_t i = 0; i < V; ++i) y[i] *= scale;
+        job->target_logprob[r] = static_cast<double>(x[job->targets[r]]) - m - std::log(total);
+    }
+}
+
+}  // namespace
+
+ggml_tensor* softmax_rows_from_host(ggml_context* ctx, ggml_tensor* dst, SoftmaxRowsJob* job) {
+    GGML_ASSERT(dst->type == GGML_TYPE_F32 && dst->nb[0] == sizeof(float));
+    return ggml_custom_inplace(ctx, dst, nullptr, 0, softmax_rows_op, GGML_N_TASKS_MAX, job);
+}
+
+double log_sum_exp(const float* x, int64_t n) {
+    const float m = row_max(x, n);  // NaN entries are skipped here and poison the sum below
+    if (!std::isfinite(m)) return m;  // every entry -inf, or an entry +inf
+    return static_cast<double>(m) + std::log(exp_shifted(x, m, n, nullptr));
 }
 
 ggml_tensor* head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int n_tasks) {

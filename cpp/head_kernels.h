@@ -20,6 +20,18 @@ ggml_tensor* head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int
 // columns. Each part covers a contiguous range of vocabulary rows.
 ggml_tensor* transposed_head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* g, int n_parts);
 
+// The prompt rows of SLOT's cache: `count` rows of logits in host memory
+// (src, row-major, n_vocab floats each) become probabilities in `dst` (rows of
+// a CPU tensor), and each row's log-probability of its target token is
+// written to target_logprob (computed from the logits, so it does not
+// underflow). One pass fewer over the rows than a copy and ggml_soft_max.
+struct SoftmaxRowsJob {
+    const float* src = nullptr;
+    const int32_t* targets = nullptr;
+    double* target_logprob = nullptr;
+};
+ggml_tensor* softmax_rows_from_host(ggml_context* ctx, ggml_tensor* dst, SoftmaxRowsJob* job);
+
 // log(sum_i exp(x_i)) over n floats. The exponential is a polynomial in
 // float32 lanes that the compiler vectorises (libm's exp is scalar and costs
 // about 3 ns a call: 0.8 ms for a 262k vocabulary); each term is within a few

@@ -124,9 +124,19 @@ void PromptCache::add_run(int first, int c, const float* logits, const float* hi
                   hidden_.begin() + static_cast<ptrdiff_t>(first) * d_);
         return;
     }
+    const size_t offset = p0_tensor_->nb[1] * static_cast<size_t>(first);
+    if (head_.backend().is_cpu()) {
+        // Read the logits once and write the probabilities into the cache rows.
+        SoftmaxRowsJob job{logits, targets_.data() + first, target_logp0_.data() + first};
+        GraphBuilder g(4);
+        ggml_tensor* rows = ggml_view_2d(g.ctx, p0_tensor_, V_, c, p0_tensor_->nb[1], offset);
+        g.output(softmax_rows_from_host(g.ctx, rows, &job));
+        head_.backend().prepare(g);
+        head_.backend().compute(g, "prompt softmax");
+        return;
+    }
     // The logits go straight into the cache rows and are normalised in place:
     // no intermediate N x vocab buffer.
-    const size_t offset = p0_tensor_->nb[1] * static_cast<size_t>(first);
     ggml_backend_tensor_set(p0_tensor_, logits, offset, p0_tensor_->nb[1] * static_cast<size_t>(c));
     GraphBuilder g(4);
     ggml_tensor* rows = ggml_view_2d(g.ctx, p0_tensor_, V_, c, p0_tensor_->nb[1], offset);
