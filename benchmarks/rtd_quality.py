@@ -80,13 +80,14 @@ def gsm(model, args) -> dict:
     tuned = rtd.tune(model, store, val, ks=(16, 64, 256), temperature_scales=(0.3, 1.0, 3.0),
                      lams=(0.05, 0.1, 0.2, 0.35))
     plain, blended = rtd.generation_nll(model, store, ev)
+    vs_plain = paired(blended, plain)
     out = {"reference": len(ref), "keys": len(store), "validation": len(val), "eval": len(ev),
            "build_seconds": build, "k": tuned.k, "temperature": tuned.temperature, "lam": tuned.lam,
-           "plain_nll": float(plain.mean()), "rtd_nll": float(blended.mean()), **paired(blended, plain)}
+           "plain_nll": float(plain.mean()), "rtd_nll": float(blended.mean()), **vs_plain}
     # SLOT on the same prompts (its loss on the prompt alone), alone and under
     # the blend: one delta per problem, RTD's query the plain state.
     methods = [{"method": "plain", "nll": float(plain.mean())},
-               {"method": "RTD", "nll": float(blended.mean()), **paired(blended, plain)}]
+               {"method": "RTD", "nll": float(blended.mean()), **vs_plain}]
     for lr in args.gsm_slot_lr:
         lr_value = lr if lr == "auto" else float(lr)
         deltas, chosen = [], []

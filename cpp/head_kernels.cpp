@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "ggml-cpu.h"
@@ -255,10 +255,6 @@ inline float exp_nonpositive(float x) {
 void check_q8_0_layout() {
     GGML_ASSERT(ggml_blck_size(GGML_TYPE_Q8_0) == kQ8Block && ggml_type_size(GGML_TYPE_Q8_0) == kQ8Bytes);
 }
-
-}  // namespace
-
-namespace {
 
 float row_max(const float* x, int64_t n) {
     constexpr int kLanes = 16;

@@ -124,54 +124,35 @@ void RtdIndex::set_ivf(std::vector<float> centroids, std::vector<int64_t> offset
     offsets_ = std::move(offsets);
 }
 
-// dots[h][q][i] = <key (first + i) slice h, query q slice h>, for count keys.
-void RtdIndex::exact_dots(const float* queries, int64_t n_queries, int64_t first, int64_t count,
-                          std::vector<float>& dots) const {
+// out[h][r][q][i] = <key (ranges[r].first + i) slice h, query q slice h>:
+// every head and key range from one graph (a graph per range costs more than
+// its product).
+void RtdIndex::key_dots(const float* queries, int64_t n_queries, const std::vector<std::pair<int64_t, int64_t>>& ranges,
+                        std::vector<float>& out) const {
     const int64_t dh = dim_ / heads_;
-    GraphBuilder g(static_cast<size_t>(4 * heads_ + 4));
+    GraphBuilder g(static_cast<size_t>(heads_) * (2 * ranges.size() + 1) + 4);
     ggml_tensor* q = g.input(GGML_TYPE_F32, dim_, n_queries);
     std::vector<ggml_tensor*> outs;
+    size_t total = 0;
     for (int h = 0; h < heads_; ++h) {
-        const size_t offset = static_cast<size_t>(first) * keys_tensor_->nb[1] + static_cast<size_t>(h * dh) * sizeof(uint16_t);
-        ggml_tensor* kv = ggml_view_2d(g.ctx, keys_tensor_, dh, count, keys_tensor_->nb[1], offset);
         ggml_tensor* qv = heads_ == 1 ? q : ggml_view_2d(g.ctx, q, dh, n_queries, q->nb[1], static_cast<size_t>(h * dh) * sizeof(float));
-        ggml_tensor* out = ggml_mul_mat(g.ctx, kv, qv);  // [count, n_queries]
-        g.output(out);
-        outs.push_back(out);
+        for (const auto& [first, end] : ranges) {
+            const size_t offset = static_cast<size_t>(first) * keys_tensor_->nb[1] + static_cast<size_t>(h * dh) * sizeof(uint16_t);
+            ggml_tensor* kv = ggml_view_2d(g.ctx, keys_tensor_, dh, end - first, keys_tensor_->nb[1], offset);
+            ggml_tensor* prod = ggml_mul_mat(g.ctx, kv, qv);  // [end - first, n_queries]
+            g.output(prod);
+            outs.push_back(prod);
+            total += static_cast<size_t>(ggml_nelements(prod));
+        }
     }
     backend_->prepare(g);
     ggml_backend_tensor_set(q, queries, 0, static_cast<size_t>(n_queries * dim_) * sizeof(float));
     backend_->compute(g, "the datastore search");
-    const size_t per_head = static_cast<size_t>(count * n_queries);
-    dots.resize(per_head * static_cast<size_t>(heads_));
-    for (int h = 0; h < heads_; ++h) {
-        ggml_backend_tensor_get(outs[static_cast<size_t>(h)], dots.data() + per_head * static_cast<size_t>(h), 0,
-                                per_head * sizeof(float));
-    }
-}
-
-void RtdIndex::range_dots(const float* query, const std::vector<std::pair<int64_t, int64_t>>& ranges,
-                          std::vector<float>& dots) const {
-    GraphBuilder g(2 * ranges.size() + 4);
-    ggml_tensor* q = g.input(GGML_TYPE_F32, dim_, 1);
-    std::vector<ggml_tensor*> outs;
-    int64_t total = 0;
-    for (const auto& [first, end] : ranges) {
-        ggml_tensor* kv = ggml_view_2d(g.ctx, keys_tensor_, dim_, end - first, keys_tensor_->nb[1],
-                                       static_cast<size_t>(first) * keys_tensor_->nb[1]);
-        ggml_tensor* out = ggml_mul_mat(g.ctx, kv, q);  // [end - first, 1]
-        g.output(out);
-        outs.push_back(out);
-        total += end - first;
-    }
-    backend_->prepare(g);
-    ggml_backend_tensor_set(q, query, 0, static_cast<size_t>(dim_) * sizeof(float));
-    backend_->compute(g, "the datastore search");
-    dots.resize(static_cast<size_t>(total));
+    out.resize(total);
     size_t at = 0;
-    for (ggml_tensor* out : outs) {
-        ggml_backend_tensor_get(out, dots.data() + at, 0, ggml_nbytes(out));
-        at += static_cast<size_t>(ggml_nelements(out));
+    for (ggml_tensor* prod : outs) {
+        ggml_backend_tensor_get(prod, out.data() + at, 0, ggml_nbytes(prod));
+        at += static_cast<size_t>(ggml_nelements(prod));
     }
 }
 
@@ -201,7 +182,7 @@ std::vector<RtdNeighbours> RtdIndex::search(const float* queries, int64_t n_quer
     std::vector<float> dots;
     const bool approximate = nprobe > 0 && !offsets_.empty();
     if (!approximate) {
-        exact_dots(queries, n_queries, 0, n_, dots);
+        key_dots(queries, n_queries, {{0, n_}}, dots);
         for (int64_t b = 0; b < n_queries; ++b) {
             for (int h = 0; h < heads_; ++h) {
                 const float* d = dots.data() + (static_cast<size_t>(h) * static_cast<size_t>(n_queries) + static_cast<size_t>(b)) * static_cast<size_t>(n_);
@@ -252,7 +233,7 @@ std::vector<RtdNeighbours> RtdIndex::search(const float* queries, int64_t n_quer
         }
         TopK top(k);
         const float qn = qnorm[static_cast<size_t>(b)];
-        range_dots(q, ranges, dots);
+        key_dots(q, 1, ranges, dots);
         const float* d = dots.data();
         for (const auto& [s, e] : ranges) {
             for (int64_t i = s; i < e; ++i, ++d) {

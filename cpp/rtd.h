@@ -66,12 +66,8 @@ public:
     std::vector<RtdNeighbours> search(const float* queries, int64_t n_queries, int k, int nprobe) const;
 
 private:
-    void exact_dots(const float* queries, int64_t n_queries, int64_t first, int64_t count,
-                    std::vector<float>& dots) const;
-    // One query against key ranges [first, end): their dots, range after
-    // range, from one graph (a graph per range costs more than its product).
-    void range_dots(const float* query, const std::vector<std::pair<int64_t, int64_t>>& ranges,
-                    std::vector<float>& dots) const;
+    void key_dots(const float* queries, int64_t n_queries, const std::vector<std::pair<int64_t, int64_t>>& ranges,
+                  std::vector<float>& out) const;
 
     const uint16_t* keys_ = nullptr;
     const int32_t* values_ = nullptr;

@@ -736,13 +736,13 @@ def generation_nll(model: Model, store: Datastore, rows: Sequence[Mapping[str, A
     opt = (as_rtd(rtd) or RTD(store)).resolved()
     assert opt.k is not None and opt.temperature is not None and opt.lam is not None
     parts = _generation_parts(model, store, rows, deltas)
-    plain, blended = [], []
+    model_nll, blended = [], []
     for h, lp, g in parts:
         d, i = store.search(model, h, opt.k, nprobe=opt.nprobe or 0)
         r = _reference_mass(store, d, i, g[:, None], opt.k, opt.temperature)[:, 0]
-        plain.append(float(np.mean(-lp)))
+        model_nll.append(float(np.mean(-lp)))
         blended.append(float(np.mean(-np.log(opt.lam * r + (1 - opt.lam) * np.exp(lp)))))
-    return np.asarray(plain), np.asarray(blended)
+    return np.asarray(model_nll), np.asarray(blended)
 
 
 __all__ += ["TuneResult", "generation_nll", "tune"]
