@@ -486,7 +486,7 @@ private:
             st.slot.slot_profile = outcome.profile;
             st.slot.slot_lr = outcome.lr;
             st.slot.calibration_lrs = std::move(outcome.calibration_lrs);
-            st.slot.calibration_losses = std::move(outcome.calibration_losses);
+            st.slot.calibration_kls = std::move(outcome.calibration_kls);
             st.slot.calibration_seconds = outcome.calibration_seconds;
             prepare(st, req, std::move(outcome.delta), "");
             st.slot.optimise_seconds = seconds_since(t0);

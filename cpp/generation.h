@@ -64,8 +64,8 @@ struct GenerationResult {
     std::vector<double> losses;
     int steps_done = 0;
     double slot_lr = 0.0;                     // the step size used (chosen per prompt with auto_lr)
-    std::vector<double> calibration_lrs;      // auto_lr: step sizes tried, 0 first
-    std::vector<double> calibration_losses;   // and their held-out losses
+    std::vector<double> calibration_lrs;      // auto_lr: step sizes measured, ascending
+    std::vector<double> calibration_kls;      // and the mean KL of their deltas
     double calibration_seconds = 0.0;
     std::string slot_status;    // why optimisation ended, or why it did not run
     std::string slot_path;      // "cached", "recompute" or ""

@@ -324,6 +324,18 @@ double log_sum_exp(const float* x, int64_t n) {
     return static_cast<double>(m) + std::log(exp_shifted(x, m, n, nullptr));
 }
 
+double softmax(const float* x, int64_t n, float* y) {
+    const float m = row_max(x, n);
+    if (!std::isfinite(m)) {
+        std::fill(y, y + n, std::numeric_limits<float>::quiet_NaN());
+        return m;
+    }
+    const double total = exp_shifted(x, m, n, y);
+    const float scale = static_cast<float>(1.0 / total);
+    for (int64_t i = 0; i < n; ++i) y[i] *= scale;
+    return static_cast<double>(m) + std::log(total);
+}
+
 ggml_tensor* head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int n_tasks) {
     GGML_ASSERT(x->type == GGML_TYPE_F32 && ggml_is_contiguous(x) && ggml_nelements(x) == w->ne[0]);
     if (!kSimdProduct || w->type != GGML_TYPE_Q8_0) return ggml_mul_mat(ctx, w, x);

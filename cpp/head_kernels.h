@@ -38,5 +38,7 @@ ggml_tensor* softmax_rows_from_host(ggml_context* ctx, ggml_tensor* dst, Softmax
 // ulp of float32, and sums of 256 terms are added in double. -inf entries
 // count as zero; returns -inf if every entry is -inf and NaN if any is NaN.
 double log_sum_exp(const float* x, int64_t n);
+// y = softmax(x) over n floats with the same exponential; returns log(sum_i exp(x_i)).
+double softmax(const float* x, int64_t n, float* y);
 
 }  // namespace slot

@@ -15,6 +15,9 @@ namespace {
 // A target probability below this is recomputed in double from the logits, so
 // that float underflow in P0 never turns into an infinite loss.
 constexpr double kTinyProbability = 1e-30;
+// lr="auto" measures the reference delta scaled by 2^e for e in this range.
+constexpr int kAutoLowestScale = -4;
+constexpr int kAutoHighestScale = 4;
 
 // Adds the seconds since construction to a counter when it goes out of scope.
 class ScopedTimer {
@@ -58,6 +61,9 @@ void validate(const SlotConfig& c) {
         throw std::invalid_argument("weight_decay must be a finite number >= 0");
     }
     if (c.memory_budget < (int64_t(1) << 20)) throw std::invalid_argument("memory_budget must be at least 1 MiB");
+    if (!(c.kl_budget > 0.0) || !std::isfinite(c.kl_budget)) {
+        throw std::invalid_argument("kl_budget must be a finite number > 0");
+    }
 }
 
 PromptCache::PromptCache(OutputHead& head, const std::vector<int32_t>& tokens, const SlotConfig& config)
@@ -183,13 +189,10 @@ double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, st
     // at least 1/n_vocab, so its logarithm is well conditioned.
     const int64_t top = std::max_element(b.begin(), b.end()) - b.begin();
     const double lse_b = b[static_cast<size_t>(top)] - std::log(static_cast<double>(q[static_cast<size_t>(top)]));
-    // Position t weighs w_t / sum(w): 1/n each unless calibration set weights.
-    const double total = weights_.empty() ? static_cast<double>(n_) : weight_sum_;
+    const double w = 1.0 / static_cast<double>(n_);  // each loss position's weight
     double loss = 0.0;
     std::vector<float> r(static_cast<size_t>(n_));
     for (int t = 0; t < n_; ++t) {
-        const double w = weight(t) / total;
-        if (w == 0.0) continue;
         const double s = S[static_cast<size_t>(t)];
         loss += w * (-target_logp0_[static_cast<size_t>(t)] + lse_b + std::log(s) - b[static_cast<size_t>(targets_[t])]);
         r[static_cast<size_t>(t)] = static_cast<float>(w / s);
@@ -208,7 +211,7 @@ double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, st
     }
     std::vector<float> gvec(static_cast<size_t>(V_));
     for (int64_t v = 0; v < V_; ++v) gvec[static_cast<size_t>(v)] = q[static_cast<size_t>(v)] * u[static_cast<size_t>(v)];
-    for (int t = 0; t < n_; ++t) gvec[static_cast<size_t>(targets_[t])] -= static_cast<float>(weight(t) / total);
+    for (int t = 0; t < n_; ++t) gvec[static_cast<size_t>(targets_[t])] -= static_cast<float>(w);
     ScopedTimer timer(profile_.backward);
     head_.project_transposed(gvec.data(), grad->data());
     return loss;
@@ -216,7 +219,7 @@ double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, st
 
 double PromptCache::loss_and_gradient_recompute(const std::vector<float>& delta, std::vector<float>* grad,
                                                 const InterruptCheck& interrupted) {
-    const double total = weights_.empty() ? static_cast<double>(n_) : weight_sum_;
+    const double w = 1.0 / static_cast<double>(n_);  // each loss position's weight
     std::vector<double> u(static_cast<size_t>(V_), 0.0);
     std::vector<float> part(static_cast<size_t>(V_));
     std::vector<float> rows;
@@ -243,8 +246,7 @@ double PromptCache::loss_and_gradient_recompute(const std::vector<float>& delta,
         head_.backend().prepare(g);
         ggml_backend_tensor_set(h, rows.data(), 0, ggml_nbytes(h));
         if (bias) ggml_backend_tensor_set(bias, head_.bias().data(), 0, ggml_nbytes(bias));
-        weights.resize(static_cast<size_t>(c));
-        for (int i = 0; i < c; ++i) weights[static_cast<size_t>(i)] = static_cast<float>(weight(r0 + i) / total);
+        weights.assign(static_cast<size_t>(c), static_cast<float>(w));
         set_column_split_input(prod, weights.data());
         {
             ScopedTimer timer(profile_.forward);
@@ -265,14 +267,14 @@ double PromptCache::loss_and_gradient_recompute(const std::vector<float>& delta,
                 head_.logits(rows.data() + static_cast<size_t>(i) * d_, 1, zrow.data());
                 logp = target_logprob_from_logits(zrow.data(), targets_[t]);
             }
-            loss -= weight(t) / total * logp;
+            loss -= w * logp;
         }
         if (interrupted && r0 + c < n_ && interrupted()) throw Interrupted();
     }
     if (grad == nullptr) return loss;
     std::vector<float> gvec(static_cast<size_t>(V_));
     for (int64_t v = 0; v < V_; ++v) gvec[static_cast<size_t>(v)] = static_cast<float>(u[static_cast<size_t>(v)]);
-    for (int t = 0; t < n_; ++t) gvec[static_cast<size_t>(targets_[t])] -= static_cast<float>(weight(t) / total);
+    for (int t = 0; t < n_; ++t) gvec[static_cast<size_t>(targets_[t])] -= static_cast<float>(w);
     ScopedTimer timer(profile_.backward);
     head_.project_transposed(gvec.data(), grad->data());
     return loss;
@@ -289,12 +291,6 @@ double PromptCache::loss_and_gradient(const std::vector<float>& delta, std::vect
 double PromptCache::evaluate(const std::vector<float>& delta, std::vector<float>* grad,
                              const InterruptCheck& interrupted) {
     return cached_ ? loss_and_gradient_cached(delta, grad) : loss_and_gradient_recompute(delta, grad, interrupted);
-}
-
-void PromptCache::set_weights(std::vector<float> weights) {
-    weights_ = std::move(weights);
-    weight_sum_ = 0.0;
-    for (float w : weights_) weight_sum_ += w;
 }
 
 SlotOutcome PromptCache::optimise(const SlotConfig& config, const InterruptCheck& interrupted) {
@@ -322,9 +318,9 @@ SlotOutcome PromptCache::optimise(const SlotConfig& config, const InterruptCheck
     }
     if (lr > 0.0) {
         out.stop_reason = "completed";
-        adam(config, lr, config.steps, interrupted, out);
+        if (out.steps_done == 0) adam(config, lr, config.steps, interrupted, out);
     } else {
-        out.stop_reason = "auto: no step size lowered the held-out loss; delta = 0";
+        out.stop_reason = "auto: the reference run left delta at 0 (a non-finite loss or gradient); delta = 0";
     }
     out.cache_bytes = bytes();
     profile_.host = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count() -
@@ -373,53 +369,124 @@ void PromptCache::adam(const SlotConfig& config, double lr, int steps, const Int
     out.delta = delta;
 }
 
-double PromptCache::calibrate(const SlotConfig& config, SlotOutcome& out, const InterruptCheck& interrupted) {
-    // Two folds: learn delta on one half of the loss positions with the
-    // reference step size, then score the other half at delta scaled by each
-    // candidate factor (for a few Adam steps, delta grows about in proportion
-    // to the step size). The factor with the lowest held-out loss, averaged
-    // over both folds, sets the step size; none that beats delta = 0 means 0.
-    const auto t0 = std::chrono::steady_clock::now();
-    const std::vector<double>& factors = config.auto_factors;
-    std::vector<double> held_out(factors.size() + 1, 0.0);  // [0]: delta = 0
-    const int half = n_ / 2;
-    int folds = 0;
-    for (int fold = 0; fold < 2; ++fold) {
-        // Train on one half, hold out the other (both halves non-empty).
-        std::vector<float> train(static_cast<size_t>(n_), 0.0f), test(static_cast<size_t>(n_), 0.0f);
-        for (int t = 0; t < n_; ++t) ((t < half) == (fold == 0) ? train : test)[static_cast<size_t>(t)] = 1.0f;
-        if (half == 0 || half == n_) break;
-        SlotOutcome trial;
-        set_weights(train);
-        adam(config, config.lr, config.steps, interrupted, trial);
-        set_weights(test);
-        std::vector<float> zero(static_cast<size_t>(d_), 0.0f), scaled(static_cast<size_t>(d_));
-        held_out[0] += evaluate(zero, nullptr, interrupted);
-        for (size_t k = 0; k < factors.size(); ++k) {
-            for (int64_t i = 0; i < d_; ++i) {
-                scaled[static_cast<size_t>(i)] = static_cast<float>(factors[k] * trial.delta[static_cast<size_t>(i)]);
-            }
-            held_out[k + 1] += evaluate(scaled, nullptr, interrupted);
-        }
-        ++folds;
+std::vector<double> PromptCache::scaled_kl(const std::vector<float>& delta, const std::vector<double>& scales,
+                                           const InterruptCheck& interrupted) {
+    if (static_cast<int64_t>(delta.size()) != d_) throw std::invalid_argument("delta has the wrong length");
+    // p_t(a*delta) = p0_t * exp(a*b) / Z_t with b = W*delta, so
+    //   KL(p0_t || p_t(a*delta)) = log Z_t - a * E_p0t[b],  log Z_t = lse(a*b) + log S_t(a),
+    // S_t(a) = sum_v p0_t(v) q_a(v), q_a = softmax(a*b): one product of the
+    // prompt's P0 with the columns q_a (one per scale) and b.
+    const int64_t k = static_cast<int64_t>(scales.size());
+    std::vector<float> b(static_cast<size_t>(V_)), scaled(static_cast<size_t>(V_));
+    head_.project(delta.data(), b.data());
+    std::vector<float> columns(static_cast<size_t>((k + 1) * V_));
+    std::vector<double> lse(static_cast<size_t>(k));
+    for (int64_t j = 0; j < k; ++j) {
+        const float a = static_cast<float>(scales[static_cast<size_t>(j)]);
+        for (int64_t v = 0; v < V_; ++v) scaled[static_cast<size_t>(v)] = a * b[static_cast<size_t>(v)];
+        lse[static_cast<size_t>(j)] = softmax(scaled.data(), V_, columns.data() + j * V_);
     }
-    set_weights({});
-    double lr = 0.0;
-    if (folds > 0) {
-        size_t best = 0;
-        for (size_t k = 0; k < held_out.size(); ++k) {
-            held_out[k] /= folds;
-            if (std::isfinite(held_out[k]) && held_out[k] < held_out[best]) best = k;
-        }
-        lr = best == 0 ? 0.0 : config.lr * factors[best - 1];
-        out.calibration_lrs.push_back(0.0);
-        out.calibration_losses.push_back(held_out[0]);
-        for (size_t k = 0; k < factors.size(); ++k) {
-            out.calibration_lrs.push_back(config.lr * factors[k]);
-            out.calibration_losses.push_back(held_out[k + 1]);
-        }
+    std::copy(b.begin(), b.end(), columns.begin() + k * V_);
+
+    std::vector<float> se(static_cast<size_t>(n_ * (k + 1)));  // [n, k+1]: S_t(a_j) and E_t
+    auto product = [&](GraphBuilder& g, ggml_tensor* rows, ggml_tensor* cols) {
+        ggml_tensor* out = ggml_mul_mat(g.ctx, rows, cols);  // [count, k+1]
+        g.output(out);
+        head_.backend().prepare(g);
+        ggml_backend_tensor_set(cols, columns.data(), 0, ggml_nbytes(cols));
+        return out;
+    };
+    if (cached_) {
+        GraphBuilder g(8);
+        ggml_tensor* cols = g.input(GGML_TYPE_F32, V_, k + 1);
+        ggml_tensor* out = product(g, p0_tensor_, cols);
+        head_.backend().compute(g, "SLOT trust region (P0 * q)");
+        std::vector<float> part(static_cast<size_t>(n_ * (k + 1)));
+        ggml_backend_tensor_get(out, part.data(), 0, ggml_nbytes(out));
+        se.swap(part);
     } else {
-        lr = config.lr;  // too few positions to hold any out
+        for (int r0 = 0; r0 < n_; r0 += recompute_rows_) {
+            const int c = std::min(recompute_rows_, n_ - r0);
+            GraphBuilder g(16);
+            ggml_tensor* h = g.input(GGML_TYPE_F32, d_, c);
+            ggml_tensor* z = ggml_mul_mat(g.ctx, head_.weight(), h);
+            ggml_tensor* bias = nullptr;
+            if (head_.has_bias()) {
+                bias = g.input(GGML_TYPE_F32, V_);
+                z = ggml_add(g.ctx, z, bias);
+            }
+            ggml_tensor* cols = g.input(GGML_TYPE_F32, V_, k + 1);
+            ggml_tensor* out = product(g, ggml_soft_max(g.ctx, z), cols);
+            ggml_backend_tensor_set(h, hidden_.data() + static_cast<size_t>(r0) * static_cast<size_t>(d_), 0,
+                                    ggml_nbytes(h));
+            if (bias) ggml_backend_tensor_set(bias, head_.bias().data(), 0, ggml_nbytes(bias));
+            head_.backend().compute(g, "SLOT trust region (recompute)");
+            // out is [c, k+1]: column j holds S_t(a_j) for the chunk's rows.
+            std::vector<float> part(static_cast<size_t>(c * (k + 1)));
+            ggml_backend_tensor_get(out, part.data(), 0, ggml_nbytes(out));
+            for (int64_t j = 0; j <= k; ++j) {
+                std::copy(part.begin() + j * c, part.begin() + (j + 1) * c, se.begin() + j * n_ + r0);
+            }
+            if (interrupted && r0 + c < n_ && interrupted()) throw Interrupted();
+        }
+    }
+    std::vector<double> kl(static_cast<size_t>(k), 0.0);
+    for (int64_t j = 0; j < k; ++j) {
+        const double a = scales[static_cast<size_t>(j)];
+        double sum = 0.0;
+        for (int t = 0; t < n_; ++t) {
+            const double s = se[static_cast<size_t>(j * n_ + t)];
+            const double e = se[static_cast<size_t>(k * n_ + t)];
+            sum += std::log(s) + lse[static_cast<size_t>(j)] - a * e;
+        }
+        sum /= static_cast<double>(n_);
+        // Exactly >= 0; rounding can leave a tiny negative value at small scales.
+        kl[static_cast<size_t>(j)] = std::isnan(sum) ? std::numeric_limits<double>::infinity() : std::max(0.0, sum);
+    }
+    return kl;
+}
+
+double PromptCache::calibrate(const SlotConfig& config, SlotOutcome& out, const InterruptCheck& interrupted) {
+    // A trust region on the change of the next-token distributions: the step
+    // size is the one whose delta moves them by a mean KL(p0 || p_delta) of
+    // kl_budget over the loss positions. A run at the reference step size
+    // gives delta's direction; over a few Adam steps delta grows about in
+    // proportion to the step size, so the reference delta times a stands for
+    // the step size a * lr. KL is measured on a ladder of scales (it grows
+    // about as a^2) and the budget's crossing is interpolated in log-log.
+    const auto t0 = std::chrono::steady_clock::now();
+    SlotOutcome reference;
+    adam(config, config.lr, config.steps, interrupted, reference);
+    double lr = 0.0;
+    const bool moved = std::any_of(reference.delta.begin(), reference.delta.end(), [](float x) { return x != 0.0f; });
+    if (reference.steps_done > 0 && moved) {
+        std::vector<double> scales;
+        for (int e = kAutoLowestScale; e <= kAutoHighestScale; ++e) scales.push_back(std::ldexp(1.0, e));
+        const std::vector<double> kl = scaled_kl(reference.delta, scales, interrupted);
+        const double budget = config.kl_budget;
+        double a = scales.back();  // the budget is not reached on the ladder: its top
+        for (size_t j = 0; j < scales.size(); ++j) {
+            if (kl[j] <= budget) continue;
+            if (j == 0) {
+                a = std::isfinite(kl[0]) ? scales[0] * std::sqrt(budget / kl[0]) : 0.0;
+            } else {
+                const double x0 = std::log(scales[j - 1]), x1 = std::log(scales[j]);
+                const double y0 = std::log(std::max(kl[j - 1], 1e-30));
+                const double y1 = std::isfinite(kl[j]) ? std::log(kl[j]) : y0 + 2.0 * (x1 - x0);
+                a = std::exp(x0 + (std::log(budget) - y0) * (x1 - x0) / (y1 - y0));
+            }
+            break;
+        }
+        lr = a * config.lr;
+        for (size_t j = 0; j < scales.size(); ++j) {
+            out.calibration_lrs.push_back(scales[j] * config.lr);
+            out.calibration_kls.push_back(kl[j]);
+        }
+        if (a == 1.0) {
+            out.delta = reference.delta;
+            out.losses = reference.losses;
+            out.steps_done = reference.steps_done;
+        }
     }
     out.calibration_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return lr;

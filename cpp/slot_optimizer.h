@@ -33,10 +33,12 @@ struct SlotConfig {
     // Which prompt positions are in the loss: entry t for the prediction of
     // token t+1 (prompt length - 1 entries); empty: all of them.
     std::vector<uint8_t> loss_mask;
-    // Step size chosen per prompt (lr="auto"): `lr` is the reference step
-    // size of the calibration, which tries lr * each factor (and 0).
+    // Step size chosen per prompt (lr="auto"), a trust region: the step size
+    // whose delta moves the prompt's next-token distributions by a mean
+    // KL(p0 || p_delta) of `kl_budget` nats per loss position. `lr` is the
+    // step size of the reference run whose delta is scaled to find it.
     bool auto_lr = false;
-    std::vector<double> auto_factors{0.3, 1.0, 3.0};
+    double kl_budget = 2e-3;
 };
 
 void validate(const SlotConfig& config);
@@ -58,8 +60,8 @@ struct SlotOutcome {
     int64_t cache_bytes = 0;
     StepProfile profile;
     double lr = 0.0;                          // the step size used (chosen, with auto_lr)
-    std::vector<double> calibration_lrs;      // auto_lr: the step sizes tried (0 first)
-    std::vector<double> calibration_losses;   // and their held-out losses
+    std::vector<double> calibration_lrs;      // auto_lr: the step sizes measured, ascending
+    std::vector<double> calibration_kls;      // and the mean KL of their (scaled) deltas
     double calibration_seconds = 0.0;
 };
 
@@ -81,6 +83,9 @@ public:
     // The loss at `delta` and its gradient dL/d delta (n_embd) on this cache's path.
     double loss_and_gradient(const std::vector<float>& delta, std::vector<float>& grad,
                              const InterruptCheck& interrupted);
+    // For each scale a: the mean over loss positions of KL(p0_t || p_t(a * delta)).
+    std::vector<double> scaled_kl(const std::vector<float>& delta, const std::vector<double>& scales,
+                                  const InterruptCheck& interrupted);
 
 private:
     // The loss at delta and, when grad is not null, its gradient.
@@ -90,9 +95,6 @@ private:
                                        const InterruptCheck& interrupted);
     void adam(const SlotConfig& config, double lr, int steps, const InterruptCheck& interrupted, SlotOutcome& out);
     double calibrate(const SlotConfig& config, SlotOutcome& out, const InterruptCheck& interrupted);
-    // Per loss position weights of the loss (calibration folds); empty: uniform.
-    void set_weights(std::vector<float> weights);
-    double weight(int t) const { return weights_.empty() ? 1.0 : weights_[static_cast<size_t>(t)]; }
     double target_logprob_from_logits(const float* row, int32_t target) const;
     // Cache rows [first, first + c) from consecutive prompt positions.
     void add_run(int first, int c, const float* logits, const float* hidden);
@@ -109,8 +111,6 @@ private:
     std::vector<int32_t> targets_;        // y_t = x_{t+1}, loss positions only
     std::vector<double> target_logp0_;    // log P0_t(y_t), cached path
     std::vector<float> hidden_;           // n x d, recompute path
-    std::vector<float> weights_;
-    double weight_sum_ = 0.0;
     std::unique_ptr<StaticTensors> p0_;   // [V, n] softmax(z0), cached path
     ggml_tensor* p0_tensor_ = nullptr;
     StepProfile profile_;

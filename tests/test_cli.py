@@ -109,9 +109,12 @@ def test_explain_shows_the_auto_calibration(gemma_path, tmp_path):
                 "--json", "--plot", str(png))
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    tried = [(c["lr"], c["held_out_loss"]) for c in report["calibration"]]
-    assert [lr for lr, _ in tried] == pytest.approx([0.0, 0.003, 0.01, 0.03])
-    assert report["lr"] == min(tried, key=lambda c: c[1])[0] > 0 and len(report["losses"]) == 5
+    ladder = [(c["lr"], c["kl"]) for c in report["calibration"]]
+    assert [lr for lr, _ in ladder] == pytest.approx([0.003 * 2.0 ** e for e in range(-4, 5)])
+    # The chosen step size lies between the rungs whose KL brackets the budget.
+    budget = report["kl_budget"]
+    above = next(i for i, (_, kl) in enumerate(ladder) if kl > budget)
+    assert ladder[above - 1][0] < report["lr"] < ladder[above][0] and len(report["losses"]) == 5
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

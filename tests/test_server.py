@@ -170,8 +170,14 @@ def test_slot_rtd_and_qalign_through_extra_body(served):
     auto = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=2, temperature=0,
                                 extra_body={"slot": {"steps": 5, "lr": "auto"}})
     auto_report = auto.model_extra["slot_cpp"]["slot"]
-    assert [row["lr"] for row in auto_report["calibration"]] == pytest.approx([0.0, 0.003, 0.01, 0.03])
-    assert auto_report["lr_used"] in [row["lr"] for row in auto_report["calibration"]]
+    ladder = auto_report["calibration"]
+    assert [row["lr"] for row in ladder] == pytest.approx([0.003 * 2.0 ** e for e in range(-4, 5)])
+    above = next(i for i, row in enumerate(ladder) if row["kl"] > 0.002)
+    assert ladder[above - 1]["lr"] < auto_report["lr_used"] < ladder[above]["lr"]
+    # A larger budget, asked for in the request, allows a larger step.
+    wider = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=2, temperature=0,
+                                 extra_body={"slot": {"steps": 5, "lr": "auto", "kl_budget": 0.008}})
+    assert wider.model_extra["slot_cpp"]["slot"]["lr_used"] > auto_report["lr_used"]
     # SLOT's loss on the user's message content only (chat).
     both = [c.chat.completions.create(model="gemma-3-270m", messages=MESSAGES, max_tokens=2, temperature=0,
                                       extra_body={"slot": {"steps": 2, "lr": 0.01, "loss_on": on}})
@@ -241,6 +247,7 @@ def test_bad_requests_get_openai_errors_and_the_server_lives(served):
         ({"prompt": ""}, "prompt"),
         ({"prompt": [1, 2, 10**9]}, "prompt"),
         ({"prompt": "x", "slot": {"steps": 5, "lr": -1}}, "slot.lr"),
+        ({"prompt": "x", "slot": {"steps": 5, "lr": "auto", "kl_budget": 0}}, "slot.kl_budget"),
     ]
     for body, param in cases:
         r = post("/v1/completions", body)

@@ -40,7 +40,7 @@ class RawResult:
     @property
     def calibration_lrs(self) -> list[float]: ...
     @property
-    def calibration_losses(self) -> list[float]: ...
+    def calibration_kls(self) -> list[float]: ...
     @property
     def calibration_seconds(self) -> float: ...
     @property
@@ -88,6 +88,7 @@ class Request:
     steps: int
     lr: float
     auto_lr: bool
+    kl_budget: float
     beta1: float
     beta2: float
     eps: float

@@ -32,7 +32,11 @@ CancelCheck = Union[threading.Event, Callable[[], bool]]
 
 ROLES = frozenset({"system", "user", "assistant"})
 DEFAULT_MEMORY_BUDGET = 1 << 30
-AUTO_LR_REFERENCE = 0.01
+# lr="auto": the reference run's step size, and the default trust region (the
+# mean KL, nats per loss position, that delta may move the prompt's
+# next-token distributions by).
+AUTO_LR_REFERENCE = 0.003
+DEFAULT_KL_BUDGET = 0.002
 
 
 class ModelClosedError(_core.SlotError):
@@ -164,9 +168,11 @@ class GenerationResult:
     cached_tokens: int = 0
     """Prompt tokens whose KV cells came from the prompt cache (not evaluated)."""
     lr: float = 0.0
-    """The step size SLOT used: the given one, or the one lr="auto" chose (0: no step helped)."""
+    """The step size SLOT used: the given one, or the one lr="auto" chose."""
     calibration: list[tuple[float, float]] = field(default_factory=list)
-    """lr="auto": (step size, held-out loss) of each candidate, 0 first."""
+    """lr="auto": (step size, mean KL(p0 || p_delta) over the loss positions)
+    along the ladder of step sizes measured, ascending; the chosen step size
+    is where this KL meets ``kl_budget``."""
     calibration_seconds: float = 0.0
     seed: int = 0
     """The sampler's seed (sample j of a prompt draws with seed + j)."""
@@ -590,6 +596,7 @@ class Model:
         rtd: Optional["RtdOption"] = None,
         cancel: Optional[CancelCheck] = None,
         loss_on: str = "all",
+        kl_budget: float = DEFAULT_KL_BUDGET,
     ) -> GenerationResult:
         """Learn delta on the prompt with ``steps`` AdamW steps, then generate with it.
 
@@ -618,6 +625,11 @@ class Model:
         user's messages of a chat prompt (see :meth:`user_loss_mask`); the
         default ``"all"`` is the paper's loss over every prompt token.
 
+        ``lr="auto"`` chooses the step size per prompt by a trust region:
+        the one whose delta moves the prompt's next-token distributions by a
+        mean KL(p0 || p_delta) of ``kl_budget`` nats per loss position
+        (``result.lr`` and ``result.calibration`` report it).
+
         ``cancel`` (a ``threading.Event`` or a callable returning True to
         stop), polled every 20 ms on the calling thread, ends the call with
         :class:`GenerationCancelled`; its sequence is freed at once.
@@ -645,7 +657,7 @@ class Model:
             weight_decay=weight_decay, memory_budget=memory_budget, recompute=recompute,
             response_prefix=response_prefix, logprobs=logprobs, top_logprobs=top_logprobs,
             cache_prompt=cache_prompt, score_tokens=score_tokens, return_hidden=return_hidden, rtd=rtd,
-            loss_mask=loss_mask)
+            loss_mask=loss_mask, kl_budget=kl_budget)
         callback = None
         if on_text is not None:
             user_callback = on_text
@@ -750,7 +762,8 @@ class Model:
                  recompute: bool = False, response_prefix: Optional[Sequence[int]] = None,
                  logprobs: bool = False, top_logprobs: int = 0, cache_prompt: bool = True,
                  score_tokens: Optional[Sequence[int]] = None, return_hidden: bool = False,
-                 rtd: Optional["RtdOption"] = None, loss_mask: Optional[list[bool]] = None) -> _core.Request:
+                 rtd: Optional["RtdOption"] = None, loss_mask: Optional[list[bool]] = None,
+                 kl_budget: float = DEFAULT_KL_BUDGET) -> _core.Request:
         """Checks every argument and builds the native request."""
         r = _core.Request()
         r.prompt = tokens
@@ -759,11 +772,11 @@ class Model:
         if isinstance(lr, str):
             if lr != "auto":
                 raise ValueError(f"lr must be a number > 0 or 'auto', got {lr!r}")
-            # Calibration tries 0 and this reference step size times 0.3, 1 and 3.
             r.auto_lr = True
             r.lr = AUTO_LR_REFERENCE
         else:
             r.lr = _check_float("lr", lr, low=0.0, low_open=True)
+        r.kl_budget = _check_float("kl_budget", kl_budget, low=0.0, low_open=True)
         r.max_tokens = _check_int("max_tokens", max_tokens, 0)
         r.temperature = _check_float("temperature", temperature, low=0.0)
         r.top_k = _check_int("top_k", top_k, 0)
@@ -890,6 +903,7 @@ _REQUEST_KEYS = frozenset({
     "steps", "lr", "max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
     "seed", "stop", "delta", "ignore_eos", "beta1", "beta2", "eps", "weight_decay", "memory_budget", "recompute",
     "response_prefix", "logprobs", "top_logprobs", "cache_prompt", "score_tokens", "return_hidden", "rtd", "loss_on",
+    "kl_budget",
 })
 
 
@@ -964,7 +978,7 @@ def _result(raw: _core.RawResult, request: _core.Request) -> GenerationResult:
         slot_profile=dict(raw.slot_profile),
         cached_tokens=raw.cached_tokens,
         lr=float(raw.slot_lr),
-        calibration=[(float(a), float(b)) for a, b in zip(raw.calibration_lrs, raw.calibration_losses)],
+        calibration=[(float(a), float(b)) for a, b in zip(raw.calibration_lrs, raw.calibration_kls)],
         calibration_seconds=float(raw.calibration_seconds),
         seed=raw.seed,
         token_logprobs=logprobs,

@@ -15,14 +15,13 @@ import os
 import re
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO, Union
 
 import numpy as np
 
 from . import SlotError, _core, gsm8k
-from ._model import GenerationResult, Model, Prompt
+from ._model import DEFAULT_KL_BUDGET, GenerationResult, Model, Prompt
 from .rtd import CHOICE_LABELS, RTD, Datastore, DatastoreError, _answer_index, score_choices, tune
 
 
@@ -101,10 +100,11 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, slot_lists: bool = Fals
     else:
         p.add_argument("--steps", type=int, default=5, help="SLOT optimisation steps (0: plain generation)")
         p.add_argument("--lr", type=_lr, default=0.1,
-                       help="SLOT learning rate, or 'auto': chosen per prompt on held-out prompt tokens")
+                       help="SLOT learning rate, or 'auto': chosen per prompt by a KL trust region (--kl-budget)")
     p.add_argument("--loss-on", choices=["all", "user"], default="all",
                    help="SLOT's loss over every prompt token (the paper) or only the user's message content "
                         "(chat prompts)")
+    _add_kl_budget_option(p)
     p.add_argument("--max-tokens", "-n", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=40)
@@ -113,6 +113,17 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, slot_lists: bool = Fals
     p.add_argument("--repeat-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat-template", default=None, help="built-in template name or template string")
+
+
+def _add_kl_budget_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kl-budget", type=float, default=DEFAULT_KL_BUDGET,
+                   help="lr auto: the mean KL (nats per loss position) by which delta may move the prompt's "
+                        f"next-token distributions (default {DEFAULT_KL_BUDGET:g})")
+
+
+def _slot_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """SLOT's options besides steps and lr."""
+    return dict(loss_on=args.loss_on, kl_budget=args.kl_budget)
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -337,7 +348,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.loss_on == "user" and not chat and args.chat_template is None:
             raise UsageError("--loss-on user needs a chat prompt (--chat, --system or --chat-template)")
         kwargs = dict(steps=args.steps, lr=args.lr, stop=args.stop, chat_template=args.chat_template, rtd=rtd,
-                      loss_on=args.loss_on, **_sampling_kwargs(args))
+                      **_slot_kwargs(args), **_sampling_kwargs(args))
         if args.json:
             result = model.generate_with_slot(prompt, **kwargs)
             print(json.dumps(result_json(result), indent=2))
@@ -375,7 +386,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages.append({"role": "user", "content": line})
             result = model.generate_with_slot(
                 messages, steps=args.steps, lr=args.lr, stop=args.stop, chat_template=args.chat_template, rtd=rtd,
-                loss_on=args.loss_on, on_text=lambda s: print(s, end="", flush=True), **_sampling_kwargs(args))
+                on_text=lambda s: print(s, end="", flush=True), **_slot_kwargs(args), **_sampling_kwargs(args))
             print(flush=True)
             _report_slot(result, sys.stderr)
             messages.append({"role": "assistant", "content": result.text})
@@ -403,10 +414,13 @@ def _methods(args: argparse.Namespace) -> list[str]:
     return methods
 
 
-def _setting_name(args: argparse.Namespace, steps: int, lr: float) -> str:
-    """The setting's name in records; '+rtd' marks runs with --rtd, so that
-    resuming a file never mixes records with and without it."""
+def _setting_name(args: argparse.Namespace, steps: int, lr: Union[float, str]) -> str:
+    """The setting's name in records; '+user', a KL budget other than the
+    default and '+rtd' are marked, so that resuming a file never mixes
+    records of different settings."""
+    budget = getattr(args, "kl_budget", DEFAULT_KL_BUDGET)
     return (gsm8k.setting_name(steps, lr) + ("+user" if getattr(args, "loss_on", "all") == "user" and steps else "")
+            + (f",kl={budget:g}" if lr == "auto" and steps and budget != DEFAULT_KL_BUDGET else "")
             + ("+rtd" if args.rtd else ""))
 
 
@@ -554,14 +568,15 @@ def _eval_nll(model: Model, args: argparse.Namespace, problem: gsm8k.Problem, st
     solution_ids = model.tokenize(" " + problem.answer, add_special=False, parse_special=False)
     if args.loss_on == "user":
         slot = model.generate_with_slot(prompt, chat_template=args.chat_template, steps=steps, lr=lr, max_tokens=0,
-                                        loss_on="user")
+                                        **_slot_kwargs(args))
     else:
-        slot = model.generate_with_slot("", prompt_token_ids=prompt_ids, steps=steps, lr=lr, max_tokens=0)
+        slot = model.generate_with_slot("", prompt_token_ids=prompt_ids, steps=steps, lr=lr, max_tokens=0,
+                                        kl_budget=args.kl_budget)
     logp = model.token_logprobs(prompt_ids + solution_ids, len(prompt_ids), slot.delta if steps else None)
     return {**_record_base(args, problem, steps, lr), "nll": float(-logp.mean()),
             "solution_tokens": len(solution_ids), "losses": slot.losses, "seconds": time.monotonic() - start,
             "chosen_lr": slot.lr, "optimise_seconds": slot.timings.optimise,
-            "calibration": [[c_lr, c_loss] for c_lr, c_loss in slot.calibration],
+            "calibration": [[c_lr, c_kl] for c_lr, c_kl in slot.calibration],
             "calibration_seconds": slot.calibration_seconds}
 
 
@@ -575,7 +590,7 @@ def _eval_generate(model: Model, args: argparse.Namespace, items: list[tuple[gsm
         stops.append(stop + list(args.stop))
     start = time.monotonic()
     results = model.generate_batch(prompts, steps=[s for _, s, _ in items], lr=[lr for _, _, lr in items],
-                                   stop=stops, chat_template=args.chat_template, rtd=rtd, loss_on=args.loss_on,
+                                   stop=stops, chat_template=args.chat_template, rtd=rtd, **_slot_kwargs(args),
                                    **_sampling_kwargs(args))
     seconds = (time.monotonic() - start) / len(items)
     records = []
@@ -648,7 +663,7 @@ def cmd_eval_mc(args: argparse.Namespace) -> int:
             for start in range(0, n, args.batch_size):
                 chunk = questions[start:start + args.batch_size]
                 got_all.extend(score_choices(model, chunk, rtd=rtd, shots=shots, template=template, steps=steps,
-                                             lr=lr))
+                                             lr=lr, kl_budget=args.kl_budget))
                 right = sum(sc.plain_choice == answers[i] for i, sc in enumerate(got_all))
                 progress.advance(f"{name} {right / len(got_all):.3f}", n=len(chunk))
             scores.append(got_all)
@@ -669,8 +684,11 @@ def cmd_eval_mc(args: argparse.Namespace) -> int:
                                    "correct": sum(ok), "accuracy": sum(ok) / n, "ci95": [lo, hi]}
             if name != "plain":
                 row.update({"fixed": fixed, "broken": broken, "mcnemar_p": gsm8k.mcnemar_p(fixed, broken)})
-            if steps > 0:
-                row["lr_chosen"] = {f"{k:g}": v for k, v in sorted(Counter(sc.lr for sc in got).items())}
+            if steps > 0 and lr == "auto":
+                # The trust region's step sizes are continuous: their spread, not a count per value.
+                chosen = np.array([sc.lr for sc in got])
+                row["lr_chosen"] = {"median": float(np.median(chosen)), "min": float(chosen.min()),
+                                    "max": float(chosen.max())}
             table.append(row)
     summary: dict[str, Any] = {"data": args.data, "n": n, "shots": prompt_shots, "settings": table}
     base = table[0]
@@ -715,9 +733,9 @@ def cmd_eval_mc(args: argparse.Namespace) -> int:
         paired = (f"{row['fixed']} | {row['broken']} | {row['mcnemar_p']:.3f}" if "fixed" in row else "- | - | -")
         print(f"| {name} | {n} | {100 * row['accuracy']:.1f}% | {100 * lo:.1f}-{100 * hi:.1f}% | {paired} |")
     for row in table:
-        if row.get("lr_chosen") and row["lr"] == "auto" and not row["rtd"]:
-            chosen = ", ".join(f"{k} x{v}" for k, v in row["lr_chosen"].items())
-            print(f"{row['setting']}: step sizes chosen: {chosen}")
+        if row.get("lr_chosen") and not row["rtd"]:
+            c = row["lr_chosen"]
+            print(f"{row['setting']}: step sizes chosen: median {c['median']:.4g} (range {c['min']:.4g}-{c['max']:.4g})")
     return 0
 
 
@@ -727,13 +745,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     with _open_model(args) as model:
         prompt: Prompt = [{"role": "user", "content": text}] if args.chat else text
         result = model.generate_with_slot(prompt, steps=args.steps, lr=args.lr, max_tokens=0,
-                                          chat_template=args.chat_template)
-        if result.calibration and not args.json:
-            print("lr auto, held-out loss per step size: " +
-                  "  ".join(f"{lr:g}: {loss:.4f}" for lr, loss in result.calibration) + f"  -> lr {result.lr:g}")
+                                          chat_template=args.chat_template, kl_budget=args.kl_budget)
+        calibration = [{"lr": lr, "kl": kl} for lr, kl in result.calibration]
+        if calibration and not args.json:
+            print(f"lr auto, mean KL per step size (budget {args.kl_budget:g}): " +
+                  "  ".join(f"{c['lr']:.3g}: {c['kl']:.2e}" for c in calibration) + f"  -> lr {result.lr:.4g}")
         if result.delta is None or result.steps_done == 0:
-            if result.calibration and args.plot:
-                _plot_explain({"calibration": result.calibration, "lr": result.lr}, args.plot)
+            if calibration and args.plot:
+                _plot_explain({"calibration": calibration, "lr": result.lr, "kl_budget": args.kl_budget}, args.plot)
             raise UsageError(f"no delta was learned: {result.slot_status}")
         bias = model.logit_bias(result.delta)
         order = np.argsort(bias)
@@ -746,7 +765,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         report = {
             "losses": result.losses,
             "lr": result.lr,
-            "calibration": [{"lr": lr, "held_out_loss": loss} for lr, loss in result.calibration],
+            "calibration": calibration,
+            "kl_budget": args.kl_budget,
             "delta_norm": result.delta_norm,
             "raised": [{"token": t, "piece": label(t), "logit_change": float(bias[t])} for t in top],
             "lowered": [{"token": t, "piece": label(t), "logit_change": float(bias[t])} for t in bottom],
@@ -780,17 +800,18 @@ def _plot_explain(report: dict, path: str) -> None:
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 5), squeeze=False)
     ax = list(axes[0])
     if calibration:
-        # lr="auto": the held-out loss of each step size tried, the chosen one marked.
-        pairs = [(c["lr"], c["held_out_loss"]) if isinstance(c, dict) else c for c in calibration]
-        xs = list(range(len(pairs)))
+        # lr="auto": the KL ladder of the reference delta, the budget and the step size read off it.
         cal = ax.pop(0)
-        cal.plot(xs, [loss for _, loss in pairs], marker="o")
-        cal.set_xticks(xs, [f"{lr:g}" for lr, _ in pairs])
-        chosen = next(i for i, (lr, _) in enumerate(pairs) if lr == report["lr"])
-        cal.plot([chosen], [pairs[chosen][1]], marker="*", markersize=16, color="tab:red", label="chosen")
+        lrs = [c["lr"] for c in calibration]
+        kls = [c["kl"] for c in calibration]
+        shown = [(lr, kl) for lr, kl in zip(lrs, kls) if kl > 0]
+        cal.loglog([lr for lr, _ in shown], [kl for _, kl in shown], marker="o", label="reference delta, scaled")
+        cal.axhline(report["kl_budget"], color="tab:grey", linestyle="--", label="KL budget")
+        if report["lr"] > 0:
+            cal.axvline(report["lr"], color="tab:red", label=f"chosen lr {report['lr']:.3g}")
         cal.set_xlabel("step size")
-        cal.set_ylabel("held-out prompt loss (nats/token)")
-        cal.set_title("lr=auto calibration")
+        cal.set_ylabel("mean KL(p0 || p_delta) over the prompt (nats)")
+        cal.set_title("lr=auto: trust region")
         cal.legend()
     if "losses" in report:
         ax1, ax2 = ax
@@ -1029,6 +1050,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: 0, plain only)")
     mc.add_argument("--lr", type=_lr_list, default=[0.1],
                     help="comma-separated SLOT learning rates ('auto': chosen per prompt)")
+    _add_kl_budget_option(mc)
     mc.add_argument("--json", action="store_true", help="print the summary as JSON")
     mc.add_argument("--out", "--output", "-o", dest="out", default=None,
                     help="write per-question records (probabilities, choices, correctness) to this JSONL")
@@ -1041,7 +1063,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--file", "-f")
     ex.add_argument("--chat", action="store_true")
     ex.add_argument("--steps", type=int, default=5)
-    ex.add_argument("--lr", type=_lr, default=0.1)
+    ex.add_argument("--lr", type=_lr, default=0.1, help="SLOT learning rate, or 'auto' (the trust region's "
+                    "KL ladder is shown and plotted)")
+    _add_kl_budget_option(ex)
     ex.add_argument("--top", type=int, default=15, help="tokens to list in each direction")
     ex.add_argument("--chat-template", default=None)
     ex.add_argument("--json", action="store_true")

@@ -48,7 +48,7 @@ import numpy as np
 
 from . import _core
 from ._progress import Progress
-from ._model import Model, _check_float, _check_int, model_fingerprint
+from ._model import DEFAULT_KL_BUDGET, Model, _check_float, _check_int, model_fingerprint
 
 __all__ = [
     "CHOICE_LABELS",
@@ -542,13 +542,14 @@ class ChoiceScores:
 
 def score_choices(model: Model, questions: Sequence[Mapping[str, Any]], *, rtd: Optional[RtdOption] = None,
                   shots: Sequence[Mapping[str, Any]] = (), template: Optional[str] = None, steps: int = 0,
-                  lr: Union[float, str] = 0.1) -> list[ChoiceScores]:
+                  lr: Union[float, str] = 0.1, kl_budget: float = DEFAULT_KL_BUDGET) -> list[ChoiceScores]:
     """For each ``{"question", "choices"}``: the probabilities of the option
     labels without and, with ``rtd``, with the blend, both renormalised over
     the options. With a choice datastore, its stored prompt format (shots,
     template) is used unless given. With ``steps`` > 0, SLOT learns a delta
-    on each prompt (``lr``: a step size or "auto") and both are scored under
-    it; RTD's query stays the plain state, as in generation."""
+    on each prompt (``lr``: a step size or "auto", with ``kl_budget``) and
+    both are scored under it; RTD's query stays the plain state, as in
+    generation."""
     option = as_rtd(rtd)
     if option is not None and option.datastore.mode == "choice" and template is None and not shots:
         fmt = option.datastore.choice_prompt
@@ -564,7 +565,8 @@ def score_choices(model: Model, questions: Sequence[Mapping[str, Any]], *, rtd: 
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"question {i}: {exc}") from None
         labels.append(_label_tokens(model, len(q["choices"])))
-    plain = model.generate_batch(prompts, max_tokens=0, score_tokens=labels, steps=steps, lr=lr)
+    plain = model.generate_batch(prompts, max_tokens=0, score_tokens=labels, steps=steps, lr=lr,
+                                 kl_budget=kl_budget)
     blended = None
     if option is not None:
         deltas = [r.delta for r in plain]

@@ -13,7 +13,9 @@ official client's ``extra_body``::
     client.chat.completions.create(model=..., messages=...,
         extra_body={"slot": {"steps": 5, "lr": 0.01}})
 
-- ``"slot": {"steps", "lr"}``: SLOT on the prompt before generating.
+- ``"slot": {"steps", "lr", "loss_on", "kl_budget"}``: SLOT on the prompt
+  before generating; ``"lr": "auto"`` picks the step size per prompt by a
+  KL trust region of ``kl_budget`` nats per loss position.
 - ``"rtd": {"datastore", "k", "temperature", "lambda"}``: a datastore the
   server was started with (``--rtd NAME=PATH``), by name.
 - ``"qalign": {"steps", "beta", "reward"}``: QAlign under a reward the server
@@ -54,7 +56,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("slot_cpp.server needs the server extra: pip install 'slot_cpp[server]'") from exc
 
 from . import _core
-from ._model import GenerationResult, Model
+from ._model import DEFAULT_KL_BUDGET, GenerationResult, Model
 
 __all__ = [
     "ServerConfig",
@@ -117,6 +119,7 @@ class SlotOptions(_Body):
     steps: int = Field(5, ge=0, le=100)
     lr: Union[Literal["auto"], float] = Field(0.1)
     loss_on: Literal["all", "user"] = "all"
+    kl_budget: float = Field(DEFAULT_KL_BUDGET, gt=0.0, le=10.0)
 
 
 class RtdOptions(_Body):
@@ -605,8 +608,10 @@ def _resolve(state: _State, body: _Sampling, tokens: list[int], max_tokens: Opti
     if body.slot is not None and isinstance(body.slot.lr, float) and not 0.0 < body.slot.lr <= 10.0:
         raise ApiError(400, "slot.lr must be 'auto' or a number in (0, 10]", param="slot.lr")
     if body.slot is not None and body.slot.steps > 0:
-        kwargs.update(steps=body.slot.steps, lr=body.slot.lr)
+        kwargs.update(steps=body.slot.steps, lr=body.slot.lr, kl_budget=body.slot.kl_budget)
         applied["slot"] = {"steps": body.slot.steps, "lr": body.slot.lr, "loss_on": body.slot.loss_on}
+        if body.slot.lr == "auto":
+            applied["slot"]["kl_budget"] = body.slot.kl_budget
         if body.slot.loss_on == "user":
             if messages is None:
                 raise ApiError(400, "slot.loss_on 'user' needs chat messages (/v1/chat/completions)",
@@ -672,7 +677,7 @@ def _slot_report(result: GenerationResult) -> dict[str, Any]:
     out = {"losses": [float(x) for x in result.losses], "steps_done": result.steps_done,
            "delta_norm": float(result.delta_norm), "status": result.slot_status, "lr_used": result.lr}
     if result.calibration:
-        out["calibration"] = [{"lr": lr, "held_out_loss": loss} for lr, loss in result.calibration]
+        out["calibration"] = [{"lr": lr, "kl": kl} for lr, kl in result.calibration]
     return out
 
 
@@ -726,7 +731,7 @@ def _learn_delta(state: _State, job: _Job, cancel: threading.Event) -> Optional[
         return None
     user = kw.get("loss_on") == "user"
     return state.model.generate_batch([job.messages if user else job.tokens], max_tokens=0, steps=kw["steps"],
-                                      lr=kw["lr"], loss_on=kw.get("loss_on", "all"),
+                                      lr=kw["lr"], loss_on=kw.get("loss_on", "all"), kl_budget=kw["kl_budget"],
                                       chat_template=kw.get("chat_template"), cancel=cancel)[0]
 
 
@@ -767,7 +772,7 @@ def _run_lmcor(state: _State, job: _Job, cancel: threading.Event) -> tuple[str, 
     assert job.lmcor is not None and job.lmcor_input is not None
     options = {key: value for key, value in job.kwargs.items()
                if key not in ("temperature", "seed", "logprobs", "top_logprobs", "loss_on", "chat_template", "steps",
-                              "lr")}
+                              "lr", "kl_budget")}
     shaped = _learn_delta(state, job, cancel)
     if shaped is not None:
         options["delta"] = shaped.delta
