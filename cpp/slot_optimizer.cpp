@@ -318,9 +318,11 @@ SlotOutcome PromptCache::optimise(const SlotConfig& config, const InterruptCheck
     }
     if (lr > 0.0) {
         out.stop_reason = "completed";
-        if (out.steps_done == 0) adam(config, lr, config.steps, interrupted, out);
+        adam(config, lr, config.steps, interrupted, out);
     } else {
-        out.stop_reason = "auto: the reference run left delta at 0 (a non-finite loss or gradient); delta = 0";
+        out.stop_reason = out.calibration_lrs.empty()
+                              ? "auto: the reference run left delta at 0 (a non-finite loss or gradient); delta = 0"
+                              : "auto: the KL of the smallest step measured is not finite; delta = 0";
     }
     out.cache_bytes = bytes();
     profile_.host = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count() -
@@ -481,11 +483,6 @@ double PromptCache::calibrate(const SlotConfig& config, SlotOutcome& out, const 
         for (size_t j = 0; j < scales.size(); ++j) {
             out.calibration_lrs.push_back(scales[j] * config.lr);
             out.calibration_kls.push_back(kl[j]);
-        }
-        if (a == 1.0) {
-            out.delta = reference.delta;
-            out.losses = reference.losses;
-            out.steps_done = reference.steps_done;
         }
     }
     out.calibration_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
