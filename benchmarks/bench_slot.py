@@ -83,6 +83,20 @@ def torch_reference(path: str, prompt_ids: list[list[int]], args: argparse.Names
     return rows[1:]
 
 
+def layer_macs_per_token(path: str) -> float | None:
+    """Multiply-adds per token of the model's matrices other than the embedding
+    and output head (from the GGUF's tensor shapes; None without gguf)."""
+    try:
+        import gguf
+    except ImportError:
+        return None
+    total = 0
+    for t in gguf.GGUFReader(path).tensors:
+        if len(t.shape) == 2 and not t.name.startswith(("token_embd", "output.")):
+            total += int(t.shape[0]) * int(t.shape[1])
+    return float(total)
+
+
 def peak_rss_mib() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1024 if sys.platform != "darwin" else rss / (1024 * 1024)
@@ -130,6 +144,14 @@ def run(args: argparse.Namespace) -> dict:
         "decode_tps_with_delta_vs_plain": fast["tps"] / plain["tps"],
         "plain_decode_tps_vs_llama_cpp": plain["tps"] / mean["llama_cpp_greedy"]["tps"],
     }
+    # SLOT's extra prefill is the output head at every prompt position; its
+    # rate next to that of the model's own layers in plain prefill.
+    tokens = plain["prompt_tokens"]
+    head_rate = tokens * info.n_vocab * info.n_embd / max(fast["prefill"] - plain["prefill"], 1e-9) / 1e9
+    layers = layer_macs_per_token(info.path)
+    rates = {"head_pass_gmacs": head_rate}
+    if layers is not None:
+        rates["plain_prefill_layers_gmacs"] = tokens * layers / plain["prefill"] / 1e9
     if "torch_reference_prompt_stage" in mean:
         ratios["prompt_stage_speedup_vs_torch_reference"] = (
             mean["torch_reference_prompt_stage"]["total"] / (fast["prefill"] + fast["optimise"]))
@@ -140,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "threads": args.threads, "system_info": slot_cpp.system_info().strip()},
         "settings": {"prompts": len(questions), "max_tokens": args.max_tokens, "steps": args.steps, "lr": args.lr},
-        "mean": mean, "ratios": ratios, "peak_rss_mib": peak_rss_mib(), "runs": rows,
+        "mean": mean, "ratios": ratios, "rates": rates, "peak_rss_mib": peak_rss_mib(), "runs": rows,
     }
 
 
@@ -171,6 +193,11 @@ def markdown(report: dict) -> str:
               f"W^T*g {f['opt_backward']:.3f}, host {f['opt_host']:.3f}"]
     a = m["slot_auto"]
     lines += ["", f"slot_auto (lr auto): calibration {a['calibration']:.3f} s of its {a['optimise']:.3f} s optimisation"]
+    r = report.get("rates", {})
+    if r:
+        lines += ["", f"SLOT's extra prefill (the head at every prompt position) runs at {r['head_pass_gmacs']:.1f} "
+                  "GMAC/s" + (f"; the model's layers in plain prefill at {r['plain_prefill_layers_gmacs']:.1f} GMAC/s"
+                              if "plain_prefill_layers_gmacs" in r else "")]
     lines += ["", "| ratio | value |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.3f} |" for k, v in report["ratios"].items()]
     lines.append(f"| peak RSS (MiB) | {report['peak_rss_mib']:.0f} |")
