@@ -217,6 +217,23 @@ double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, st
     return loss;
 }
 
+PromptCache::RecomputeChunk PromptCache::build_recompute_chunk(GraphBuilder& g, int c) const {
+    RecomputeChunk chunk;
+    chunk.states = g.input(GGML_TYPE_F32, d_, c);
+    ggml_tensor* z = ggml_mul_mat(g.ctx, head_.weight(), chunk.states);
+    if (head_.has_bias()) {
+        chunk.bias = g.input(GGML_TYPE_F32, V_);
+        z = ggml_add(g.ctx, z, chunk.bias);
+    }
+    chunk.probabilities = ggml_soft_max(g.ctx, z);
+    return chunk;
+}
+
+void PromptCache::set_recompute_inputs(const RecomputeChunk& chunk, const float* states) const {
+    ggml_backend_tensor_set(chunk.states, states, 0, ggml_nbytes(chunk.states));
+    if (chunk.bias) ggml_backend_tensor_set(chunk.bias, head_.bias().data(), 0, ggml_nbytes(chunk.bias));
+}
+
 double PromptCache::loss_and_gradient_recompute(const std::vector<float>& delta, std::vector<float>* grad,
                                                 const InterruptCheck& interrupted) {
     const double w = 1.0 / static_cast<double>(n_);  // each loss position's weight
@@ -233,19 +250,12 @@ double PromptCache::loss_and_gradient_recompute(const std::vector<float>& delta,
             for (int64_t j = 0; j < d_; ++j) rows[static_cast<size_t>(i * d_ + j)] += delta[static_cast<size_t>(j)];
         }
         GraphBuilder g(16);
-        ggml_tensor* h = g.input(GGML_TYPE_F32, d_, c);
-        ggml_tensor* z = ggml_mul_mat(g.ctx, head_.weight(), h);
-        ggml_tensor* bias = nullptr;
-        if (head_.has_bias()) {
-            bias = g.input(GGML_TYPE_F32, V_);
-            z = ggml_add(g.ctx, z, bias);
-        }
-        ggml_tensor* p = ggml_soft_max(g.ctx, z);
+        const RecomputeChunk chunk = build_recompute_chunk(g, c);
+        ggml_tensor* p = chunk.probabilities;
         g.output(p);
         ColumnSplitProduct prod = build_column_split_product(g, p, head_.column_slabs());
         head_.backend().prepare(g);
-        ggml_backend_tensor_set(h, rows.data(), 0, ggml_nbytes(h));
-        if (bias) ggml_backend_tensor_set(bias, head_.bias().data(), 0, ggml_nbytes(bias));
+        set_recompute_inputs(chunk, rows.data());
         weights.assign(static_cast<size_t>(c), static_cast<float>(w));
         set_column_split_input(prod, weights.data());
         {
@@ -410,18 +420,10 @@ std::vector<double> PromptCache::scaled_kl(const std::vector<float>& delta, cons
         for (int r0 = 0; r0 < n_; r0 += recompute_rows_) {
             const int c = std::min(recompute_rows_, n_ - r0);
             GraphBuilder g(16);
-            ggml_tensor* h = g.input(GGML_TYPE_F32, d_, c);
-            ggml_tensor* z = ggml_mul_mat(g.ctx, head_.weight(), h);
-            ggml_tensor* bias = nullptr;
-            if (head_.has_bias()) {
-                bias = g.input(GGML_TYPE_F32, V_);
-                z = ggml_add(g.ctx, z, bias);
-            }
+            const RecomputeChunk chunk = build_recompute_chunk(g, c);
             ggml_tensor* cols = g.input(GGML_TYPE_F32, V_, k + 1);
-            ggml_tensor* out = product(g, ggml_soft_max(g.ctx, z), cols);
-            ggml_backend_tensor_set(h, hidden_.data() + static_cast<size_t>(r0) * static_cast<size_t>(d_), 0,
-                                    ggml_nbytes(h));
-            if (bias) ggml_backend_tensor_set(bias, head_.bias().data(), 0, ggml_nbytes(bias));
+            ggml_tensor* out = product(g, chunk.probabilities, cols);
+            set_recompute_inputs(chunk, hidden_.data() + static_cast<size_t>(r0) * static_cast<size_t>(d_));
             head_.backend().compute(g, "SLOT trust region (recompute)");
             // out is [c, k+1]: column j holds S_t(a_j) for the chunk's rows.
             std::vector<float> part(static_cast<size_t>(c * (k + 1)));
