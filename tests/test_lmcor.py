@@ -134,6 +134,27 @@ def test_slot_on_the_generator_learns_once_per_input(tiny_model):
     assert pools[0].texts[0] == alone.text.strip()
 
 
+def test_every_slot_option_reaches_the_generators_slot_step(tiny_model, monkeypatch):
+    # lr="auto" with a kl_budget: the delta the candidates are drawn with is
+    # the one SLOT learns with that budget, not with the default one.
+    budget = 0.05
+    seen: list[dict] = []
+    real = tiny_model.generate_batch
+
+    def recording(prompts, *args, **kwargs):  # the real call, with its arguments kept
+        seen.append(kwargs)
+        return real(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "generate_batch", recording)
+    lmcor.generate_candidates(tiny_model, ["one input"], k=2, max_tokens=2, steps=3, lr="auto", kl_budget=budget)
+    monkeypatch.undo()
+    used = seen[-1]["delta"][0]
+    wanted = tiny_model.generate_batch(["one input"], max_tokens=0, steps=3, lr="auto", kl_budget=budget)[0]
+    default = tiny_model.generate_batch(["one input"], max_tokens=0, steps=3, lr="auto")[0]
+    assert not np.allclose(wanted.delta, default.delta)
+    np.testing.assert_allclose(used, wanted.delta, rtol=1e-5, atol=1e-7)
+
+
 def test_qalign_samples_are_the_chains_last_states(peaked_path):
     from slot_cpp.qalign import qalign
 

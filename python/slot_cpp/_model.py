@@ -10,12 +10,15 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _core
+from . import options as opts
 from ._default_model import default_model_path
+from .options import (  # noqa: F401  (AUTO_LR_REFERENCE: re-exported)
+    AUTO_LR_REFERENCE, RequestExtras, SamplingOptions, SlotOptions, check_float, check_int)
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message]]
@@ -23,30 +26,18 @@ Prompt = Union[str, Sequence[Message]]
 BatchPrompt = Union[str, Sequence[Message], Sequence[int]]
 """A prompt of generate_batch: raw text, chat messages, or token ids."""
 TextCallback = Callable[[str], Optional[bool]]
-if TYPE_CHECKING:
-    from .rtd import RtdOption
 BatchTextCallback = Callable[[int, str], Optional[bool]]
 """Receives (result index, text piece); returning False stops that sequence."""
 CancelCheck = Union[threading.Event, Callable[[], bool]]
 """A ``threading.Event`` or a callable: when set (or True), the call stops."""
 
 ROLES = frozenset({"system", "user", "assistant"})
-DEFAULT_MEMORY_BUDGET = 1 << 30
-# lr="auto": the reference run's step size, and the default trust region (the
-# mean KL, nats per loss position, that delta may move the prompt's
-# next-token distributions by).
-AUTO_LR_REFERENCE = 0.003
-DEFAULT_KL_BUDGET = 0.002
+DEFAULT_MEMORY_BUDGET: int = SlotOptions.memory_budget
+DEFAULT_KL_BUDGET: float = SlotOptions.kl_budget
 
 
 class ModelClosedError(_core.SlotError):
     """The Model was closed; create a new one."""
-
-
-def _check_loss_on(loss_on: Any) -> str:
-    if loss_on not in ("all", "user"):
-        raise ValueError(f"loss_on must be 'all' or 'user', got {loss_on!r}")
-    return str(loss_on)
 
 
 def _cancel_check(cancel: Optional[CancelCheck]) -> Optional[Callable[[], bool]]:
@@ -99,7 +90,7 @@ def _check_loras(lora: Union[LoraSpec, Sequence[LoraSpec], None]) -> list[tuple[
         path, scale = (item if isinstance(item, tuple) else (item, 1.0))
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError("lora must be a path, a (path, scale) pair, or a list of them")
-        scale = _check_float("LoRA scale", scale, low=-math.inf)
+        scale = check_float("LoRA scale", scale, low=-math.inf)
         if not Path(path).is_file():
             raise FileNotFoundError(f"LoRA adapter not found: {path}")
         out.append((str(path), scale))
@@ -224,39 +215,8 @@ class ModelInfo:
     slot_unsupported_reason: str
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_float(name: str, value: Any, *, low: float, high: float = math.inf,
-                 low_open: bool = False, high_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value}")
-    bad_low = v <= low if low_open else v < low
-    bad_high = v >= high if high_open else v > high
-    if bad_low or bad_high:
-        left = "(" if low_open else "["
-        right = ")" if high_open or high == math.inf else "]"
-        raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {value}")
-    return v
-
-
 def _check_delta(delta: Any, n_embd: int) -> np.ndarray:
-    arr = np.asarray(delta)
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise TypeError(f"delta must be a floating-point array, got dtype {arr.dtype}")
-    if arr.ndim != 1 or arr.shape[0] != n_embd:
-        raise ValueError(f"delta must have shape ({n_embd},), got {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("delta contains NaN or infinite values")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return opts.check_delta(delta, n_embd)
 
 
 class Model:
@@ -293,15 +253,15 @@ class Model:
         rpc: Optional[Sequence[str]] = None,
         lora: Union[LoraSpec, Sequence[LoraSpec], None] = None,
     ) -> None:
-        n_ctx = _check_int("n_ctx", n_ctx, 0)
-        max_waiting = _check_int("max_waiting", max_waiting, 0)
-        n_batch = _check_int("n_batch", n_batch, 1)
-        n_parallel = _check_int("n_parallel", n_parallel, 1)
+        n_ctx = check_int("n_ctx", n_ctx, 0)
+        max_waiting = check_int("max_waiting", max_waiting, 0)
+        n_batch = check_int("n_batch", n_batch, 1)
+        n_parallel = check_int("n_parallel", n_parallel, 1)
         if n_parallel > min(n_batch, 256):
             raise ValueError(f"n_parallel must be <= min(n_batch, 256) = {min(n_batch, 256)}, got {n_parallel}")
-        threads = 0 if n_threads is None else _check_int("n_threads", n_threads, 1)
-        n_gpu_layers = _check_int("n_gpu_layers", n_gpu_layers, -1)
-        self._seed = _check_int("seed", seed, 0)
+        threads = 0 if n_threads is None else check_int("n_threads", n_threads, 1)
+        n_gpu_layers = check_int("n_gpu_layers", n_gpu_layers, -1)
+        self._seed = check_int("seed", seed, 0)
         self._fingerprint: Optional[dict[str, Any]] = None
         if path is None:
             path = default_model_path()
@@ -358,6 +318,27 @@ class Model:
         if self._session is None:
             raise ModelClosedError("this Model is closed")
         return self._session
+
+    def native_session(self) -> _core.Session:
+        """The native session (``_core.Session``) under this Model, for the
+        method modules built on it (RTD makes its search index there). Not a
+        stable interface; raises :class:`ModelClosedError` once closed."""
+        return self._s()
+
+    def hidden_states(self, rows: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Final normed hidden states at ``spans[i]`` (start, end) positions of
+        each token row, stacked (sum of span lengths, n_embd), float32."""
+        lists = [self.check_tokens(r) for r in rows]
+        return self._s().hidden_states(lists, [(int(a), int(b)) for a, b in spans])
+
+    def token_piece(self, token: int) -> bytes:
+        """The bytes one token spells (special tokens included)."""
+        return self._s().token_piece(check_int("token", token, 0, self.n_vocab - 1))
+
+    def adapter_metadata(self, key: str) -> list[str]:
+        """The value of a GGUF metadata key in each loaded LoRA adapter ('' where absent)."""
+        s = self._s()
+        return [s.adapter_meta(i, key) for i in range(s.n_adapters)]
 
     def _check_adapter_bases(self) -> None:
         s = self._s()
@@ -483,16 +464,11 @@ class Model:
             pairs.append((role, content))
         return pairs
 
-    def _check_tokens(self, tokens: Any) -> list[int]:
-        out = []
-        n_vocab = self.n_vocab
-        for t in tokens:
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                raise TypeError(f"token ids must be ints, got {type(t).__name__}")
-            if not 0 <= t < n_vocab:
-                raise ValueError(f"token id {t} is outside the vocabulary [0, {n_vocab})")
-            out.append(int(t))
-        return out
+    def check_tokens(self, tokens: Any) -> list[int]:
+        """Token ids as a list of ints inside this model's vocabulary (TypeError/ValueError otherwise)."""
+        return opts.check_tokens(tokens, self.n_vocab)
+
+    _check_tokens = check_tokens
 
     def prompt_tokens(self, prompt: Prompt, *, chat_template: Optional[str] = None,
                       system: Optional[str] = None) -> list[int]:
@@ -564,71 +540,40 @@ class Model:
         self,
         prompt: Prompt,
         *,
-        steps: int = 5,
-        lr: Union[float, str] = 0.1,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
-        repeat_last_n: int = 64,
-        seed: Optional[int] = None,
-        stop: Sequence[str] = (),
-        delta: Optional[np.ndarray] = None,
         chat_template: Optional[str] = None,
         system: Optional[str] = None,
-        ignore_eos: bool = False,
-        on_text: Optional[TextCallback] = None,
-        beta1: float = 0.9,
-        beta2: float = 0.999,
-        eps: float = 1e-5,
-        weight_decay: float = 1e-8,
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
-        recompute: bool = False,
         prompt_token_ids: Optional[Sequence[int]] = None,
-        response_prefix: Optional[Sequence[int]] = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        cache_prompt: bool = True,
-        score_tokens: Optional[Sequence[int]] = None,
-        return_hidden: bool = False,
-        rtd: Optional["RtdOption"] = None,
+        on_text: Optional[TextCallback] = None,
         cancel: Optional[CancelCheck] = None,
-        loss_on: str = "all",
-        kl_budget: float = DEFAULT_KL_BUDGET,
+        sampling: Optional[SamplingOptions] = None,
+        slot: Optional[SlotOptions] = None,
+        **options: Any,
     ) -> GenerationResult:
         """Learn delta on the prompt with ``steps`` AdamW steps, then generate with it.
 
         ``prompt`` is raw text or a list of chat messages (formatted with the
-        model's chat template, or ``chat_template``). ``steps=0`` is plain
-        generation. A given ``delta`` is applied without optimisation.
-        ``on_text`` receives text pieces as they are generated; returning
-        False stops generation. Temperature 0 is greedy decoding.
+        model's chat template, or ``chat_template``); ``prompt_token_ids``
+        gives the tokens instead. ``steps=0`` is plain generation. A given
+        ``delta`` is applied without optimisation. ``on_text`` receives text
+        pieces as they are generated; returning False stops generation.
+
+        The options (every field of :class:`~slot_cpp.options.SamplingOptions`,
+        :class:`~slot_cpp.options.SlotOptions` and
+        :class:`~slot_cpp.options.RequestExtras`, listed below) are keyword
+        arguments; ``sampling=`` and ``slot=`` take whole groups, which the
+        keyword arguments then override.
 
         ``response_prefix`` (token ids) continues a response already begun:
         the prompt's and the prefix's KV cells are reused from the prompt
         cache where they are still held, and only new tokens are returned.
-        ``logprobs``/``top_logprobs`` record each token's log-probability
-        (and the N most likely alternatives). ``cache_prompt=False`` neither
-        reuses nor leaves behind KV cells. ``score_tokens`` and
-        ``return_hidden`` report the log-probabilities of those tokens and the
-        final hidden state at the context's last token (with ``max_tokens=0``,
-        scoring without generating).
-
-        ``rtd`` (a :class:`slot_cpp.rtd.Datastore`, or :class:`slot_cpp.rtd.RTD`
-        with k, temperature, lam) blends retrieval from a datastore into every
-        next-token distribution, after SLOT's bias; logprobs and score_tokens
-        then report the blended distribution.
-
-        ``loss_on="user"`` restricts SLOT's loss to the content of the
-        user's messages of a chat prompt (see :meth:`user_loss_mask`); the
-        default ``"all"`` is the paper's loss over every prompt token.
-
-        ``lr="auto"`` chooses the step size per prompt by a trust region:
-        the one whose delta moves the prompt's next-token distributions by a
-        mean KL(p0 || p_delta) of ``kl_budget`` nats per loss position
-        (``result.lr`` and ``result.calibration`` report it).
+        ``score_tokens`` and ``return_hidden`` with ``max_tokens=0`` score
+        without generating. ``rtd`` (a :class:`slot_cpp.rtd.Datastore`, or
+        :class:`slot_cpp.rtd.RTD`) blends retrieval into every next-token
+        distribution, after SLOT's bias; logprobs and score_tokens then
+        report the blended distribution. ``loss_on="user"`` restricts SLOT's
+        loss to the user's message content (see :meth:`user_loss_mask`).
+        ``lr="auto"`` chooses the step size per prompt by a trust region of
+        ``kl_budget`` (``result.lr`` and ``result.calibration`` report it).
 
         ``cancel`` (a ``threading.Event`` or a callable returning True to
         stop), polled every 20 ms on the calling thread, ends the call with
@@ -639,25 +584,17 @@ class Model:
         cancel_check = _cancel_check(cancel)
         if on_text is not None and not callable(on_text):
             raise TypeError("on_text must be callable")
-        loss_mask = None
-        if _check_loss_on(loss_on) == "user":
-            if prompt_token_ids is not None:
+        groups = self._groups(options, sampling, slot, where="generate_with_slot()")
+        if prompt_token_ids is not None:
+            if groups[1].loss_on == "user":
                 raise ValueError("loss_on='user' needs chat messages, not prompt_token_ids")
-            tokens, loss_mask = self.user_loss_mask(prompt, chat_template=chat_template, system=system)
-        elif prompt_token_ids is not None:
             tokens = self._check_tokens(prompt_token_ids)
             if not tokens:
                 raise ValueError("the prompt is empty")
+            loss_mask = None
         else:
-            tokens = self.prompt_tokens(prompt, chat_template=chat_template, system=system)
-        request = self._request(
-            tokens, n=1, steps=steps, lr=lr, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
-            stop=stop, delta=delta, ignore_eos=ignore_eos, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, memory_budget=memory_budget, recompute=recompute,
-            response_prefix=response_prefix, logprobs=logprobs, top_logprobs=top_logprobs,
-            cache_prompt=cache_prompt, score_tokens=score_tokens, return_hidden=return_hidden, rtd=rtd,
-            loss_mask=loss_mask, kl_budget=kl_budget)
+            tokens, loss_mask = self._tokens_and_mask(prompt, groups[1], chat_template, system)
+        request = self._build_request(tokens, 1, groups, loss_mask)
         callback = None
         if on_text is not None:
             user_callback = on_text
@@ -677,7 +614,9 @@ class Model:
         system: Optional[str] = None,
         on_text: Optional[BatchTextCallback] = None,
         cancel: Optional[CancelCheck] = None,
-        **kwargs: Any,
+        sampling: Optional[SamplingOptions] = None,
+        slot: Optional[SlotOptions] = None,
+        **options: Any,
     ) -> list[GenerationResult]:
         """Generate for many prompts at once, ``n`` samples each.
 
@@ -685,15 +624,16 @@ class Model:
         a prompt adjacent: result ``i * n + j`` is sample j of prompt i. Up to
         ``n_parallel`` sequences decode together, one llama_decode per token
         step; the rest wait for a free sequence. Each prompt is evaluated
-        once and its samples share its KV cells. SLOT (``steps`` > 0) learns
-        one delta per prompt, used by all its samples. Sample j draws with
-        ``seed + j``, so it equals a single call with that seed.
+        once and its samples share its KV cells. SLOT (``steps`` > 0; here
+        the default is 0, plain generation) learns one delta per prompt, used
+        by all its samples. Sample j draws with ``seed + j``, so it equals a
+        single call with that seed.
 
-        Keyword arguments are those of :meth:`generate_with_slot`. Any of
-        them may be given per prompt as a list of ``len(prompts)`` values
-        (``stop`` as a list of lists, ``delta`` as a list of arrays or None or
-        a 2-D array, ``response_prefix`` as a list of token lists). Prompts
-        are text, chat messages, or lists of token ids. ``on_text`` receives
+        The options are those of :meth:`generate_with_slot`. Any of them may
+        be given per prompt as a list of ``len(prompts)`` values (``stop`` as
+        a list of lists, ``delta`` as a list of arrays or None or a 2-D
+        array, ``response_prefix`` as a list of token lists). Prompts are
+        text, chat messages, or lists of token ids. ``on_text`` receives
         (result index, text piece). ``cancel`` is as in :meth:`generate_with_slot`.
         """
         s = self._s()
@@ -702,31 +642,28 @@ class Model:
             raise TypeError("prompts must be a list of prompts (text, chat messages or token ids)")
         if len(prompts) == 0:
             raise ValueError("prompts is empty")
-        n = _check_int("n", n, 1)
+        n = check_int("n", n, 1)
         if on_text is not None and not callable(on_text):
             raise TypeError("on_text must be callable")
-        unknown = set(kwargs) - _REQUEST_KEYS
-        if unknown:
-            raise TypeError(f"generate_batch() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-        per_prompt = [dict() for _ in prompts]  # type: list[dict[str, Any]]
-        for key, value in kwargs.items():
-            values = _split_per_prompt(key, value, len(prompts))
-            for options, v in zip(per_prompt, values):
-                options[key] = v
+        opts.split_options(options, where="generate_batch()")  # unknown names fail before anything runs
+        if slot is None and "steps" not in options:
+            options = {**options, "steps": 0}
+        per_prompt: list[dict[str, Any]] = [dict() for _ in prompts]
+        for key, value in options.items():
+            for one, v in zip(per_prompt, _split_per_prompt(key, value, len(prompts))):
+                one[key] = v
         requests = []
-        for i, (prompt, options) in enumerate(zip(prompts, per_prompt)):
-            if _check_loss_on(options.pop("loss_on", "all")) == "user":
-                try:
-                    tokens, options["loss_mask"] = self.user_loss_mask(prompt, chat_template=chat_template,
-                                                                       system=system)
-                except (TypeError, ValueError) as exc:
-                    raise type(exc)(f"prompt {i}: {exc}") from None
-            else:
-                tokens = self._batch_prompt_tokens(prompt, i, chat_template, system)
+        for i, (prompt, one) in enumerate(zip(prompts, per_prompt)):
             try:
-                requests.append(self._request(tokens, n=n, **options))
+                groups = self._groups(one, sampling, slot, where="generate_batch()")
+                if groups[1].loss_on == "user":
+                    tokens, loss_mask = self._tokens_and_mask(prompt, groups[1], chat_template, system)
+                else:
+                    tokens, loss_mask = self._batch_prompt_tokens(prompt, i, chat_template, system), None
+                requests.append(self._build_request(tokens, n, groups, loss_mask))
             except (TypeError, ValueError) as exc:
-                raise type(exc)(f"prompt {i}: {exc}") from None
+                message = str(exc)
+                raise type(exc)(message if message.startswith(f"prompt {i}") else f"prompt {i}: {message}") from None
         callback = None
         if on_text is not None:
             user_callback = on_text
@@ -737,6 +674,37 @@ class Model:
 
         raws = s.generate_batch(requests, callback, cancel_check)
         return [_result(raw, requests[k // n]) for k, raw in enumerate(raws)]
+
+    def _groups(self, options: Mapping[str, Any], sampling: Optional[SamplingOptions], slot: Optional[SlotOptions],
+                *, where: str) -> tuple[SamplingOptions, SlotOptions, RequestExtras]:
+        """Keyword options over the given groups, checked once by the groups themselves."""
+        split = opts.split_options(options, where=where)
+        out = []
+        for group_type, given in ((SamplingOptions, sampling), (SlotOptions, slot), (RequestExtras, None)):
+            if given is not None and not isinstance(given, group_type):
+                raise TypeError(f"expected a {group_type.__name__}, got {type(given).__name__}")
+            values = split[group_type]
+            out.append(given.replace(**values) if given is not None and values else given or group_type(**values))
+        return out[0], out[1], out[2]
+
+    def _tokens_and_mask(self, prompt: Prompt, slot: SlotOptions, chat_template: Optional[str],
+                         system: Optional[str]) -> tuple[list[int], Optional[list[bool]]]:
+        if slot.loss_on == "user":
+            return self.user_loss_mask(prompt, chat_template=chat_template, system=system)
+        return self.prompt_tokens(prompt, chat_template=chat_template, system=system), None
+
+    def _build_request(self, tokens: list[int], n: int, groups: tuple[SamplingOptions, SlotOptions, RequestExtras],
+                loss_mask: Optional[list[bool]]) -> _core.Request:
+        facts = opts.ModelFacts(n_vocab=self.n_vocab, n_embd=self.n_embd, seed=self._seed)
+        return opts.native_request(tokens, n, *groups, facts, loss_mask=loss_mask, apply_rtd=self._apply_rtd)
+
+    def _apply_rtd(self, value: Any, request: _core.Request) -> None:
+        # A Datastore or an RTD: each knows how to check itself against this
+        # model and set the native request's retrieval fields.
+        apply = getattr(value, "_apply", None)
+        if apply is None:
+            raise TypeError(f"rtd must be a Datastore or an RTD, got {type(value).__name__}")
+        apply(self, request)
 
     def _batch_prompt_tokens(self, prompt: Any, index: int, chat_template: Optional[str],
                              system: Optional[str]) -> list[int]:
@@ -751,86 +719,6 @@ class Model:
             return self.prompt_tokens(prompt, chat_template=chat_template, system=system)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"prompt {index}: {exc}") from None
-
-    def _request(self, tokens: list[int], *, n: int, steps: int = 0, lr: Union[float, str] = 0.1,
-                 max_tokens: int = 256,
-                 temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-                 repeat_penalty: float = 1.0, repeat_last_n: int = 64, seed: Optional[int] = None,
-                 stop: Union[str, Sequence[str]] = (), delta: Optional[np.ndarray] = None,
-                 ignore_eos: bool = False, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-5,
-                 weight_decay: float = 1e-8, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 recompute: bool = False, response_prefix: Optional[Sequence[int]] = None,
-                 logprobs: bool = False, top_logprobs: int = 0, cache_prompt: bool = True,
-                 score_tokens: Optional[Sequence[int]] = None, return_hidden: bool = False,
-                 rtd: Optional["RtdOption"] = None, loss_mask: Optional[list[bool]] = None,
-                 kl_budget: float = DEFAULT_KL_BUDGET) -> _core.Request:
-        """Checks every argument and builds the native request."""
-        r = _core.Request()
-        r.prompt = tokens
-        r.n = n
-        r.steps = _check_int("steps", steps, 0)
-        if isinstance(lr, str):
-            if lr != "auto":
-                raise ValueError(f"lr must be a number > 0 or 'auto', got {lr!r}")
-            r.auto_lr = True
-            r.lr = AUTO_LR_REFERENCE
-        else:
-            r.lr = _check_float("lr", lr, low=0.0, low_open=True)
-        r.kl_budget = _check_float("kl_budget", kl_budget, low=0.0, low_open=True)
-        r.max_tokens = _check_int("max_tokens", max_tokens, 0)
-        r.temperature = _check_float("temperature", temperature, low=0.0)
-        r.top_k = _check_int("top_k", top_k, 0)
-        r.top_p = _check_float("top_p", top_p, low=0.0, high=1.0, low_open=True)
-        r.min_p = _check_float("min_p", min_p, low=0.0, high=1.0)
-        r.repeat_penalty = _check_float("repeat_penalty", repeat_penalty, low=0.0, low_open=True)
-        r.repeat_last_n = _check_int("repeat_last_n", repeat_last_n, 0)
-        r.seed = self._seed if seed is None else _check_int("seed", seed, 0)
-        if r.seed + n - 1 >= 2**64:
-            raise ValueError("seed + n - 1 must fit in 64 bits")
-        r.beta1 = _check_float("beta1", beta1, low=0.0, high=1.0, high_open=True)
-        r.beta2 = _check_float("beta2", beta2, low=0.0, high=1.0, high_open=True)
-        r.eps = _check_float("eps", eps, low=0.0, low_open=True)
-        r.weight_decay = _check_float("weight_decay", weight_decay, low=0.0)
-        r.memory_budget = _check_int("memory_budget", memory_budget, 1 << 20)
-        r.recompute = bool(recompute)
-        if loss_mask is not None:
-            r.loss_mask = loss_mask
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, Sequence):
-            raise TypeError("stop must be a str or a list of str")
-        stop_list = list(stop)
-        for item in stop_list:
-            if not isinstance(item, str) or item == "":
-                raise ValueError("stop must be a list of non-empty strings")
-        r.stop = stop_list
-        if delta is not None:
-            r.delta = _check_delta(delta, self.n_embd)
-        r.ignore_eos = bool(ignore_eos)
-        if response_prefix is not None:
-            if isinstance(response_prefix, (str, bytes)):
-                raise TypeError("response_prefix must be token ids (use model.tokenize(text, add_special=False))")
-            r.response_prefix = self._check_tokens(response_prefix)
-            if r.response_prefix and delta is None and r.steps > 0:
-                raise ValueError("response_prefix needs steps=0: learn delta on the prompt first, "
-                                 "then pass it as delta")
-        r.top_logprobs = _check_int("top_logprobs", top_logprobs, 0)
-        if r.top_logprobs > self.n_vocab:
-            raise ValueError(f"top_logprobs must be <= n_vocab ({self.n_vocab})")
-        r.logprobs = bool(logprobs) or r.top_logprobs > 0
-        r.cache_prompt = bool(cache_prompt)
-        if score_tokens is not None:
-            if isinstance(score_tokens, (str, bytes)):
-                raise TypeError("score_tokens must be token ids")
-            r.score_tokens = self._check_tokens(score_tokens)
-        r.return_hidden = bool(return_hidden)
-        if rtd is not None:
-            from .rtd import as_rtd
-
-            option = as_rtd(rtd)
-            assert option is not None
-            option._apply(self, r)
-        return r
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> GenerationResult:
         """Plain generation (``steps=0``), or generation with a given ``delta``."""
@@ -873,7 +761,7 @@ class Model:
                        delta: Optional[np.ndarray] = None) -> np.ndarray:
         """log p(tokens[i] | tokens[:i]) for i >= first, under delta's logit bias if given."""
         toks = self._check_tokens(tokens)
-        first = _check_int("first", first, 1)
+        first = check_int("first", first, 1)
         if first >= len(toks):
             raise ValueError(f"first ({first}) must be < the number of tokens ({len(toks)})")
         d = None if delta is None else _check_delta(delta, self.n_embd)
@@ -887,7 +775,7 @@ class Model:
         lists = [self._check_tokens(p) for p in prompts]
         if not lists or any(not p for p in lists):
             raise ValueError("prompts must be a non-empty list of non-empty token lists")
-        out, seconds = self._s().reference_greedy_batch(lists, _check_int("n_new", n_new, 0))
+        out, seconds = self._s().reference_greedy_batch(lists, check_int("n_new", n_new, 0))
         return [list(o) for o in out], float(seconds)
 
     def reference_greedy(self, tokens: Sequence[int], n_new: int) -> tuple[list[int], float]:
@@ -895,16 +783,8 @@ class Model:
         toks = self._check_tokens(tokens)
         if not toks:
             raise ValueError("tokens is empty")
-        out, seconds = self._s().reference_greedy(toks, _check_int("n_new", n_new, 0))
+        out, seconds = self._s().reference_greedy(toks, check_int("n_new", n_new, 0))
         return list(out), float(seconds)
-
-
-_REQUEST_KEYS = frozenset({
-    "steps", "lr", "max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
-    "seed", "stop", "delta", "ignore_eos", "beta1", "beta2", "eps", "weight_decay", "memory_budget", "recompute",
-    "response_prefix", "logprobs", "top_logprobs", "cache_prompt", "score_tokens", "return_hidden", "rtd", "loss_on",
-    "kl_budget",
-})
 
 
 def model_fingerprint(model: Model) -> dict[str, Any]:
@@ -1039,3 +919,16 @@ def generate_with_slot(model_path: Union[str, os.PathLike[str], None], prompt: P
     model_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in model_keys}
     with Model(model_path, **model_kwargs) as model:
         return model.generate_with_slot(prompt, **kwargs)
+
+
+def _options_section() -> str:
+    lines = ["", "        Options (keyword arguments; defaults in brackets):", ""]
+    for group in opts.GROUPS:
+        for name, default, spec in opts.specs(group):
+            bound = spec.range_text()
+            lines.append(f"        - ``{name}`` [{default!r}]{' ' + bound if bound else ''}: {spec.doc}")
+    return "\n".join(lines) + "\n"
+
+
+if Model.generate_with_slot.__doc__:
+    Model.generate_with_slot.__doc__ += _options_section()

@@ -51,7 +51,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from ._progress import Progress
-from ._model import ADAPTER_BASE_DIGEST_KEY, Model, _check_float, _check_int, model_fingerprint
+from ._model import ADAPTER_BASE_DIGEST_KEY, Model, model_fingerprint
+from .options import LmcorOptions, SlotOptions, specs
+from .options import check_float as _check_float
+from .options import check_int as _check_int
 
 __all__ = [
     "ADAPTER_FORMAT_KEY",
@@ -181,8 +184,8 @@ def generate_candidates(
     inputs: Sequence[str],
     *,
     prompt: str = "{input}",
-    k: int = 5,
-    temperature: float = 0.7,
+    k: int = LmcorOptions.k,
+    temperature: float = LmcorOptions.temperature,
     seed: int = 0,
     max_tokens: int = 128,
     stop: Sequence[str] = ("\n",),
@@ -251,7 +254,7 @@ def generate_candidates(
 
 
 # SLOT's options: learned once per input by generate_candidates.
-_SLOT_KEYS = ("steps", "lr", "loss_on", "beta1", "beta2", "eps", "weight_decay", "memory_budget", "recompute")
+_SLOT_KEYS = tuple(name for name, _, _ in specs(SlotOptions))
 
 
 def _qalign_pools(generator: Model, prompts: list[Union[str, list[int]]], options: QAlignSamples, k: int,
@@ -356,9 +359,7 @@ class Corrector:
 
 
 def _adapter_format(model: Model) -> Optional[CorrectorFormat]:
-    s = model._s()
-    for i in range(s.n_adapters):
-        text = s.adapter_meta(i, ADAPTER_FORMAT_KEY)
+    for text in model.adapter_metadata(ADAPTER_FORMAT_KEY):
         if text:
             return CorrectorFormat.from_json(text)
     return None

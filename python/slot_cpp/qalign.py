@@ -41,6 +41,7 @@ import numpy as np
 from . import gsm8k
 from ._model import GenerationResult, Model, Prompt
 from ._model import model_fingerprint as _model_fingerprint
+from .options import QAlignOptions
 from .rtd import RtdOption
 
 __all__ = [
@@ -351,8 +352,8 @@ def qalign(
     prompt: Prompt,
     *,
     reward: RewardLike,
-    beta: float = 1.0,
-    steps: int = 64,
+    beta: float = QAlignOptions.beta,
+    steps: int = QAlignOptions.steps,
     max_tokens: int = 256,
     chains: int = 1,
     seed: int = 0,

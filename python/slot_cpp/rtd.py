@@ -48,7 +48,10 @@ import numpy as np
 
 from . import _core
 from ._progress import Progress
-from ._model import DEFAULT_KL_BUDGET, Model, _check_float, _check_int, model_fingerprint
+from ._model import Model, model_fingerprint
+from .options import RtdOptions, SlotOptions, specs
+from .options import check_float as _check_float
+from .options import check_int as _check_int
 
 __all__ = [
     "CHOICE_LABELS",
@@ -118,15 +121,15 @@ def _label_tokens(model: Model, n: int) -> list[int]:
 
 
 @dataclass(frozen=True)
-class RTD:
+class RTD(RtdOptions):
     """RTD settings for one request: ``rtd=RTD(store, k=..., temperature=..., lam=...)``.
-    Settings left None take the datastore's defaults (``Datastore.defaults``)."""
+    Settings left None take the datastore's defaults (``Datastore.defaults``);
+    the options themselves are defined in :class:`slot_cpp.options.RtdOptions`."""
 
-    datastore: "Datastore"
-    k: Optional[int] = None
-    temperature: Optional[float] = None
-    lam: Optional[float] = None
-    nprobe: Optional[int] = None
+    def __post_init__(self) -> None:
+        # The settings are checked once they are resolved against the
+        # datastore's defaults, when the request is made (see _apply).
+        pass
 
     def resolved(self) -> "RTD":
         d = self.datastore.defaults
@@ -136,19 +139,18 @@ class RTD:
                    self.nprobe if self.nprobe is not None else int(d.get("nprobe", 0)))
 
     def _apply(self, model: Model, request: _core.Request) -> None:
-        """Checks the settings and sets them on a native request."""
+        """Checks the resolved settings and sets them on a native request."""
         r = self.resolved()
         store = r.datastore
         index = store.index(model)  # checks the model first
-        k = _check_int("rtd k", r.k, 1)
-        if k > len(store):
-            raise ValueError(f"rtd k ({k}) is larger than the datastore ({len(store)} keys)")
-        assert r.temperature is not None and r.lam is not None and r.nprobe is not None
+        checked = RtdOptions(**r.as_dict())
+        assert checked.k is not None
+        if checked.k > len(store):
+            raise ValueError(f"rtd k ({checked.k}) is larger than the datastore ({len(store)} keys)")
         request.rtd = index
-        request.rtd_k = k
-        request.rtd_temperature = _check_float("rtd temperature", r.temperature, low=0.0, low_open=True)
-        request.rtd_lambda = _check_float("rtd lambda", r.lam, low=0.0, high=1.0)
-        request.rtd_nprobe = _check_int("rtd nprobe", r.nprobe, 0)
+        for name, _, spec in specs(RtdOptions):
+            if spec.native:
+                setattr(request, spec.native, getattr(checked, name))
         if request.rtd_nprobe > 0 and not store.has_ivf:
             raise ValueError("rtd nprobe needs an inverted-file index (Datastore.build_ivf)")
 
@@ -194,6 +196,10 @@ class Datastore:
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
+
+    def _apply(self, model: Model, request: _core.Request) -> None:
+        """``rtd=store``: the datastore with its default settings."""
+        RTD(self)._apply(model, request)
 
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path else ""
@@ -261,7 +267,7 @@ class Datastore:
         try:
             for a in range(0, len(rows), rows_per_call):
                 b = min(len(rows), a + rows_per_call)
-                h = model._s().hidden_states(token_rows[a:b], spans[a:b])
+                h = model.hidden_states(token_rows[a:b], spans[a:b])
                 if not np.all(np.isfinite(h)):
                     raise DatastoreError("the model produced non-finite hidden states")
                 keys_parts.append(h.astype(np.float16))
@@ -335,7 +341,7 @@ class Datastore:
 
     def index(self, model: Model) -> _core.RtdIndex:
         """The native index of these keys for `model` (made once per model)."""
-        s = model._s()
+        s = model.native_session()
         idx = self._indexes.get(s)
         if idx is None:
             self.check_model(model)
@@ -542,7 +548,7 @@ class ChoiceScores:
 
 def score_choices(model: Model, questions: Sequence[Mapping[str, Any]], *, rtd: Optional[RtdOption] = None,
                   shots: Sequence[Mapping[str, Any]] = (), template: Optional[str] = None, steps: int = 0,
-                  lr: Union[float, str] = 0.1, kl_budget: float = DEFAULT_KL_BUDGET) -> list[ChoiceScores]:
+                  lr: Union[float, str] = SlotOptions.lr, kl_budget: float = SlotOptions.kl_budget) -> list[ChoiceScores]:
     """For each ``{"question", "choices"}``: the probabilities of the option
     labels without and, with ``rtd``, with the blend, both renormalised over
     the options. With a choice datastore, its stored prompt format (shots,
@@ -639,7 +645,7 @@ def _generation_parts(model: Model, store: Datastore, rows: Sequence[Mapping[str
     out = []
     for i, row in enumerate(rows):
         toks, span, gold = store._row_keys(model, row)
-        hidden = model._s().hidden_states([toks], [span])
+        hidden = model.hidden_states([toks], [span])
         delta = None if deltas is None else deltas[i]
         lp = np.asarray(model.token_logprobs(toks, span[0] + 1, delta), dtype=np.float64)
         out.append((hidden, lp, np.asarray(gold)))
