@@ -149,7 +149,8 @@ public:
     int64_t decoded_tokens() const { return decoded_tokens_; }
 
     // Plain llama.cpp greedy decoding on a fresh context with its stock greedy
-    // sampler: an independent reference for tests and benchmarks.
+    // sampler: an independent reference for tests and benchmarks
+    // (reference_loop.cpp).
     std::vector<int32_t> reference_greedy(const std::vector<int32_t>& prompt, int n_new,
                                           const InterruptCheck& interrupted, double* decode_seconds);
     // The same for several prompts at once, the way llama.cpp's batched

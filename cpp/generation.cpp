@@ -468,16 +468,16 @@ private:
         if (slot_possible) {
             root = take_seq(-1, taken);
             e_.seq_clear(root);
-            PromptCache cache(head_(), req.prompt, req.slot);
+            SlotProblem problem(head_(), req.prompt, req.slot);
             // Every loss position is a token before the last; the last one is
             // then evaluated alone, as on every other path.
-            fill_prompt_cache(e_, cache, root, std::vector<int32_t>(req.prompt.begin(), req.prompt.end() - 1), room,
+            fill_slot_problem(e_, problem, root, std::vector<int32_t>(req.prompt.begin(), req.prompt.end() - 1), room,
                               stop);
             e_.append(root, {req.prompt.back()}, Engine::Outputs::Last, 0, {}, room, stop,
                       req.return_hidden || uses_hidden(req));
             prefill = seconds_since(t0);
             t0 = Clock::now();
-            SlotOutcome outcome = cache.optimise(req.slot, stop);
+            SlotOutcome outcome = problem.optimise(req.slot, stop);
             st.slot.losses = std::move(outcome.losses);
             st.slot.steps_done = outcome.steps_done;
             st.slot.slot_status = outcome.stop_reason;
@@ -1057,10 +1057,10 @@ double Session::slot_loss_and_gradient(const std::vector<int32_t>& tokens, const
     OutputHead& h = head();
     SlotConfig config;
     config.recompute = recompute;
-    PromptCache cache(h, tokens, config);
+    SlotProblem problem(h, tokens, config);
     e.clear_all();
-    fill_prompt_cache(e, cache, 0, tokens, {}, interrupted);
-    return cache.loss_and_gradient(delta, grad, interrupted);
+    fill_slot_problem(e, problem, 0, tokens, {}, interrupted);
+    return problem.loss_and_gradient(delta, grad, interrupted);
 }
 
 std::vector<float> Session::logit_bias(const std::vector<float>& delta) {
@@ -1108,21 +1108,6 @@ std::vector<double> Session::token_logprobs(const std::vector<int32_t>& tokens, 
               },
               interrupted);
     return out;
-}
-
-std::vector<int32_t> Session::reference_greedy(const std::vector<int32_t>& prompt, int n_new,
-                                               const InterruptCheck& interrupted, double* decode_seconds) {
-    std::lock_guard<FairMutex> lock(mutex_);
-    require_idle("reference_greedy");
-    return engine().reference_greedy(prompt, n_new, interrupted, decode_seconds);
-}
-
-std::vector<std::vector<int32_t>> Session::reference_greedy_batch(const std::vector<std::vector<int32_t>>& prompts,
-                                                                  int n_new, const InterruptCheck& interrupted,
-                                                                  double* decode_seconds) {
-    std::lock_guard<FairMutex> lock(mutex_);
-    require_idle("reference_greedy_batch");
-    return engine().reference_greedy_batch(prompts, n_new, interrupted, decode_seconds);
 }
 
 }  // namespace slot

@@ -20,7 +20,7 @@ ggml_tensor* head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int
 // columns. Each part covers a contiguous range of vocabulary rows.
 ggml_tensor* transposed_head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* g, int n_parts);
 
-// The prompt rows of SLOT's cache: `count` rows of logits in host memory
+// The prompt rows of a SlotProblem's P0: `count` rows of logits in host memory
 // (src, row-major, n_vocab floats each) become probabilities in `dst` (rows of
 // a CPU tensor), and each row's log-probability of its target token is
 // written to target_logprob (computed from the logits, so it does not

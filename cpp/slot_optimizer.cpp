@@ -41,12 +41,12 @@ bool all_finite(const std::vector<float>& v) {
 
 }  // namespace
 
-void fill_prompt_cache(Engine& engine, PromptCache& cache, int seq, const std::vector<int32_t>& tokens,
+void fill_slot_problem(Engine& engine, SlotProblem& problem, int seq, const std::vector<int32_t>& tokens,
                        const MakeRoom& make_room, const InterruptCheck& interrupted) {
     engine.seq_clear(seq);
-    engine.append(seq, tokens, Engine::Outputs::All, cache.prefill_rows(),
-                  [&cache](int first, int count, const float* logits, const float* hidden) {
-                      cache.add(first, count, logits, hidden);
+    engine.append(seq, tokens, Engine::Outputs::All, problem.prefill_rows(),
+                  [&problem](int first, int count, const float* logits, const float* hidden) {
+                      problem.add(first, count, logits, hidden);
                   },
                   make_room, interrupted);
 }
@@ -66,7 +66,7 @@ void validate(const SlotConfig& c) {
     }
 }
 
-PromptCache::PromptCache(OutputHead& head, const std::vector<int32_t>& tokens, const SlotConfig& config)
+SlotProblem::SlotProblem(OutputHead& head, const std::vector<int32_t>& tokens, const SlotConfig& config)
     : head_(head), V_(head.n_vocab()), d_(head.n_embd()) {
     rows_ = tokens.empty() ? 0 : static_cast<int>(tokens.size()) - 1;
     if (!config.loss_mask.empty() && static_cast<int>(config.loss_mask.size()) != rows_) {
@@ -92,25 +92,25 @@ PromptCache::PromptCache(OutputHead& head, const std::vector<int32_t>& tokens, c
         target_logp0_.assign(static_cast<size_t>(n_), 0.0);
         p0_ = std::make_unique<StaticTensors>(1);
         p0_tensor_ = ggml_new_tensor_2d(p0_->ctx, GGML_TYPE_F32, V_, n_);
-        head_.backend().allocate_reusable(*p0_, "the SLOT prompt cache");
+        head_.backend().allocate_reusable(*p0_, "the SLOT problem's P0");
     } else {
         hidden_.assign(static_cast<size_t>(n_) * static_cast<size_t>(d_), 0.0f);
     }
 }
 
-PromptCache::~PromptCache() = default;
+SlotProblem::~SlotProblem() = default;
 
-int64_t PromptCache::bytes() const {
+int64_t SlotProblem::bytes() const {
     if (n_ == 0) return 0;
     return cached_ ? static_cast<int64_t>(ggml_nbytes(p0_tensor_))
                    : static_cast<int64_t>(hidden_.size() * sizeof(float));
 }
 
-double PromptCache::target_logprob_from_logits(const float* row, int32_t target) const {
+double SlotProblem::target_logprob_from_logits(const float* row, int32_t target) const {
     return static_cast<double>(row[target]) - log_sum_exp(row, V_);
 }
 
-void PromptCache::add(int first, int count, const float* logits, const float* hidden) {
+void SlotProblem::add(int first, int count, const float* logits, const float* hidden) {
     const int end = std::min(first + count, rows_);
     // Runs of consecutive loss positions fill consecutive cache rows.
     int i = first;
@@ -124,7 +124,7 @@ void PromptCache::add(int first, int count, const float* logits, const float* hi
     }
 }
 
-void PromptCache::add_run(int first, int c, const float* logits, const float* hidden) {
+void SlotProblem::add_run(int first, int c, const float* logits, const float* hidden) {
     if (!cached_) {
         std::copy(hidden, hidden + static_cast<size_t>(c) * static_cast<size_t>(d_),
                   hidden_.begin() + static_cast<ptrdiff_t>(first) * d_);
@@ -160,7 +160,7 @@ void PromptCache::add_run(int first, int c, const float* logits, const float* hi
     }
 }
 
-double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, std::vector<float>* grad) {
+double SlotProblem::loss_and_gradient_cached(const std::vector<float>& delta, std::vector<float>* grad) {
     std::vector<float> b(static_cast<size_t>(V_)), q(static_cast<size_t>(V_)), S(static_cast<size_t>(n_));
     if (std::all_of(delta.begin(), delta.end(), [](float x) { return x == 0.0f; })) {
         // delta = 0 (every first step, and calibration's baseline): b = 0, q is
@@ -217,7 +217,7 @@ double PromptCache::loss_and_gradient_cached(const std::vector<float>& delta, st
     return loss;
 }
 
-PromptCache::RecomputeChunk PromptCache::build_recompute_chunk(GraphBuilder& g, int c) const {
+SlotProblem::RecomputeChunk SlotProblem::build_recompute_chunk(GraphBuilder& g, int c) const {
     RecomputeChunk chunk;
     chunk.states = g.input(GGML_TYPE_F32, d_, c);
     ggml_tensor* z = ggml_mul_mat(g.ctx, head_.weight(), chunk.states);
@@ -229,12 +229,12 @@ PromptCache::RecomputeChunk PromptCache::build_recompute_chunk(GraphBuilder& g, 
     return chunk;
 }
 
-void PromptCache::set_recompute_inputs(const RecomputeChunk& chunk, const float* states) const {
+void SlotProblem::set_recompute_inputs(const RecomputeChunk& chunk, const float* states) const {
     ggml_backend_tensor_set(chunk.states, states, 0, ggml_nbytes(chunk.states));
     if (chunk.bias) ggml_backend_tensor_set(chunk.bias, head_.bias().data(), 0, ggml_nbytes(chunk.bias));
 }
 
-double PromptCache::loss_and_gradient_recompute(const std::vector<float>& delta, std::vector<float>* grad,
+double SlotProblem::loss_and_gradient_recompute(const std::vector<float>& delta, std::vector<float>* grad,
                                                 const InterruptCheck& interrupted) {
     const double w = 1.0 / static_cast<double>(n_);  // each loss position's weight
     std::vector<double> u(static_cast<size_t>(V_), 0.0);
@@ -290,7 +290,7 @@ double PromptCache::loss_and_gradient_recompute(const std::vector<float>& delta,
     return loss;
 }
 
-double PromptCache::loss_and_gradient(const std::vector<float>& delta, std::vector<float>& grad,
+double SlotProblem::loss_and_gradient(const std::vector<float>& delta, std::vector<float>& grad,
                                      const InterruptCheck& interrupted) {
     if (static_cast<int64_t>(delta.size()) != d_) throw std::invalid_argument("delta has the wrong length");
     if (n_ == 0) throw std::invalid_argument("the prompt needs at least two tokens for a SLOT loss");
@@ -298,12 +298,12 @@ double PromptCache::loss_and_gradient(const std::vector<float>& delta, std::vect
     return evaluate(delta, &grad, interrupted);
 }
 
-double PromptCache::evaluate(const std::vector<float>& delta, std::vector<float>* grad,
+double SlotProblem::evaluate(const std::vector<float>& delta, std::vector<float>* grad,
                              const InterruptCheck& interrupted) {
     return cached_ ? loss_and_gradient_cached(delta, grad) : loss_and_gradient_recompute(delta, grad, interrupted);
 }
 
-SlotOutcome PromptCache::optimise(const SlotConfig& config, const InterruptCheck& interrupted) {
+SlotOutcome SlotProblem::optimise(const SlotConfig& config, const InterruptCheck& interrupted) {
     validate(config);
     SlotOutcome out;
     out.delta.assign(static_cast<size_t>(d_), 0.0f);
@@ -341,7 +341,7 @@ SlotOutcome PromptCache::optimise(const SlotConfig& config, const InterruptCheck
     return out;
 }
 
-void PromptCache::adam(const SlotConfig& config, double lr, int steps, const InterruptCheck& interrupted,
+void SlotProblem::adam(const SlotConfig& config, double lr, int steps, const InterruptCheck& interrupted,
                        SlotOutcome& out) {
     std::vector<float> delta(static_cast<size_t>(d_), 0.0f), grad(static_cast<size_t>(d_));
     std::vector<double> m(static_cast<size_t>(d_), 0.0), v(static_cast<size_t>(d_), 0.0);
@@ -381,7 +381,7 @@ void PromptCache::adam(const SlotConfig& config, double lr, int steps, const Int
     out.delta = delta;
 }
 
-std::vector<double> PromptCache::scaled_kl(const std::vector<float>& delta, const std::vector<double>& scales,
+std::vector<double> SlotProblem::scaled_kl(const std::vector<float>& delta, const std::vector<double>& scales,
                                            const InterruptCheck& interrupted) {
     if (static_cast<int64_t>(delta.size()) != d_) throw std::invalid_argument("delta has the wrong length");
     // p_t(a*delta) = p0_t * exp(a*b) / Z_t with b = W*delta, so
@@ -450,7 +450,7 @@ std::vector<double> PromptCache::scaled_kl(const std::vector<float>& delta, cons
     return kl;
 }
 
-double PromptCache::calibrate(const SlotConfig& config, SlotOutcome& out, const InterruptCheck& interrupted) {
+double SlotProblem::calibrate(const SlotConfig& config, SlotOutcome& out, const InterruptCheck& interrupted) {
     // A trust region on the change of the next-token distributions: the step
     // size is the one whose delta moves them by a mean KL(p0 || p_delta) of
     // kl_budget over the loss positions. A run at the reference step size

@@ -28,7 +28,7 @@ struct SlotConfig {
     double beta2 = 0.999;
     double eps = 1e-5;
     double weight_decay = 1e-8;
-    int64_t memory_budget = int64_t(1) << 30;  // bytes for SLOT's prompt caches
+    int64_t memory_budget = int64_t(1) << 30;  // bytes for a SLOT problem's P0 or states
     bool recompute = false;                    // force the published per-step recomputation
     // Which prompt positions are in the loss: entry t for the prediction of
     // token t+1 (prompt length - 1 entries); empty: all of them.
@@ -65,11 +65,14 @@ struct SlotOutcome {
     double calibration_seconds = 0.0;
 };
 
-// What the optimiser needs of the prompt, filled batch by batch from prefill.
-class PromptCache {
+// SLOT's optimisation problem for one prompt: what the optimiser needs of it
+// (P0 or the hidden states of its loss positions, filled batch by batch from
+// prefill), the loss and gradient, AdamW and the lr="auto" calibration. Not to
+// be confused with the prompt cache (KV cells reused between calls).
+class SlotProblem {
 public:
-    PromptCache(OutputHead& head, const std::vector<int32_t>& tokens, const SlotConfig& config);
-    ~PromptCache();
+    SlotProblem(OutputHead& head, const std::vector<int32_t>& tokens, const SlotConfig& config);
+    ~SlotProblem();
 
     int n_positions() const { return n_; }  // loss positions: prompt length - 1, or the masked ones
     bool cached() const { return cached_; }
@@ -80,7 +83,7 @@ public:
     void add(int first, int count, const float* logits, const float* hidden);
 
     SlotOutcome optimise(const SlotConfig& config, const InterruptCheck& interrupted);
-    // The loss at `delta` and its gradient dL/d delta (n_embd) on this cache's path.
+    // The loss at `delta` and its gradient dL/d delta (n_embd) on this problem's path.
     double loss_and_gradient(const std::vector<float>& delta, std::vector<float>& grad,
                              const InterruptCheck& interrupted);
     // For each scale a: the mean over loss positions of KL(p0_t || p_t(a * delta)).
@@ -126,8 +129,8 @@ private:
 };
 
 // Evaluates `tokens` into sequence `seq` from its start, feeding every
-// position to `cache`.
-void fill_prompt_cache(Engine& engine, PromptCache& cache, int seq, const std::vector<int32_t>& tokens,
+// position to `problem`.
+void fill_slot_problem(Engine& engine, SlotProblem& problem, int seq, const std::vector<int32_t>& tokens,
                        const MakeRoom& make_room, const InterruptCheck& interrupted);
 
 }  // namespace slot
