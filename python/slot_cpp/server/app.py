@@ -1,0 +1,347 @@
+"""The application: configuration, routes, the guard in front of /v1, and :func:`serve`."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import _core
+from .._model import Model
+from .errors import ApiError, internal_error, overloaded, validation_message
+from .metrics import Metrics
+from .protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from .serving import resolve, respond
+
+# ---- configuration -------------------------------------------------------------
+
+
+@dataclass
+class ServerConfig:
+    """What a server exposes and its limits."""
+
+    model_id: str
+    """The name clients pass as ``model`` (default: the GGUF file's stem)."""
+    api_key: Optional[str] = None
+    """When set, every /v1 request needs ``Authorization: Bearer <key>``."""
+    datastores: dict[str, str] = field(default_factory=dict)
+    """RTD datastores by name -> file path (loaded at start-up)."""
+    rewards: dict[str, str] = field(default_factory=dict)
+    """QAlign rewards by name -> ``head:PATH`` (a linear reward head) or ``judge``."""
+    correctors: dict[str, str] = field(default_factory=dict)
+    """LMCor correctors by name -> ``MODEL.gguf`` or ``MODEL.gguf,ADAPTER.gguf`` (loaded at start-up)."""
+    chat_template: Optional[str] = None
+    """A built-in chat template name (or template text) for models without one."""
+    max_waiting: int = 16
+    """Requests that may wait for a free sequence; one more gets 503."""
+    max_body_bytes: int = 1 << 20
+    max_tokens_cap: int = 4096
+    """The largest ``max_tokens`` a request may ask for."""
+    max_n: int = 16
+    max_qalign_steps: int = 256
+    retry_after_seconds: int = 1
+
+
+def parse_named_paths(items: Optional[list[str]], what: str) -> dict[str, str]:
+    """``["name=value", ...]`` -> dict, with clear errors."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{what} must be NAME=VALUE, got {item!r}")
+        if name in out:
+            raise ValueError(f"{what} name {name!r} is given twice")
+        out[name] = value
+    return out
+
+
+# ---- state -------------------------------------------------------------------------
+
+
+class _State:
+    """What the routes share: the model, what was loaded at start-up, the
+    metrics, and the admission count."""
+
+    def __init__(self, model: Model, config: ServerConfig) -> None:
+        self.model = model
+        self.config = config
+        self.metrics = Metrics()
+        self.datastores: dict[str, Any] = {}
+        self.rewards: dict[str, Any] = {}
+        # Requests beyond the live sequences and the waiting room get 503 at
+        # once, rather than queueing without bound.
+        self.capacity = model.n_parallel + config.max_waiting
+        self.admitted = 0
+        self.admit_lock = threading.Lock()
+        self.created = int(time.time())
+        if config.datastores:
+            from ..rtd import Datastore
+
+            for name, path in config.datastores.items():
+                self.datastores[name] = Datastore.load(path, model)
+        for name, spec in config.rewards.items():
+            self.rewards[name] = _make_reward(model, name, spec)
+        self.correctors: dict[str, Any] = {}
+        try:
+            for name, spec in config.correctors.items():
+                self.correctors[name] = _make_corrector(model, name, spec)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Frees the correctors' models (the served model is the caller's)."""
+        for corrector in self.correctors.values():
+            corrector.model.close()
+
+    def admit(self) -> None:
+        with self.admit_lock:
+            if self.admitted >= self.capacity:
+                raise overloaded(f"the server is serving {self.admitted} requests, its limit; retry later",
+                                 self.config.retry_after_seconds)
+            self.admitted += 1
+            self.metrics.in_flight = self.admitted
+
+    def release(self) -> None:
+        with self.admit_lock:
+            self.admitted -= 1
+            self.metrics.in_flight = self.admitted
+
+
+def _make_reward(model: Model, name: str, spec: str) -> Any:
+    from .. import qalign as qa
+
+    kind, _, arg = spec.partition(":")
+    if kind == "head":
+        if not arg:
+            raise ValueError(f"reward {name!r}: head needs a path (head:PATH)")
+        reward = qa.LinearReward.load(arg, model)
+        reward.name = name
+        return reward
+    if kind == "judge":
+        return qa.JudgeReward(model, name=name)
+    raise ValueError(f"reward {name!r}: unknown kind {kind!r} (expected head:PATH or judge)")
+
+
+def _make_corrector(model: Model, name: str, spec: str) -> Any:
+    from ..lmcor import Corrector
+
+    path, _, adapter = spec.partition(",")
+    if not path:
+        raise ValueError(f"corrector {name!r}: expected MODEL.gguf[,ADAPTER.gguf], got {spec!r}")
+    corrector_model = Model(path, n_ctx=2048 * model.n_parallel, n_parallel=model.n_parallel,
+                            lora=adapter or None)
+    try:
+        return Corrector(corrector_model, overflow="drop")
+    except BaseException:
+        corrector_model.close()
+        raise
+
+
+# ---- the application ------------------------------------------------------------
+
+
+_ENDPOINTS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics"})
+"""Paths the metrics count by name; any other path counts as "other"."""
+
+
+def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
+    """The ASGI application serving ``model``; the caller owns the model."""
+    if config is None:
+        config = ServerConfig(model_id=Path(model.path).stem)
+    state = _State(model, config)
+    app = FastAPI(title="slot_cpp", version=getattr(_core, "__version__", "0"), docs_url=None, redoc_url=None)
+    app.state.slot_cpp = state
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(exc)
+        return ApiError(400, message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return ApiError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return internal_error(exc).response()
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next: Any) -> Response:
+        """Authentication and the body size limit, before a body is parsed."""
+        path = request.url.path
+        try:
+            if path.startswith("/v1/"):
+                if config.api_key is not None:
+                    header = request.headers.get("authorization", "")
+                    scheme, _, token = header.partition(" ")
+                    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                             config.api_key.encode()):
+                        raise ApiError(401, "invalid or missing API key", type="authentication_error",
+                                       code="invalid_api_key")
+                length = request.headers.get("content-length")
+                if length is not None:
+                    try:
+                        too_big = int(length) > config.max_body_bytes
+                    except ValueError:
+                        raise ApiError(400, "bad Content-Length header") from None
+                    if too_big:
+                        raise ApiError(413, f"the request body is larger than {config.max_body_bytes} bytes",
+                                       code="request_too_large")
+                elif request.method == "POST":
+                    # No length (chunked): read up to the limit, and no further.
+                    body = b""
+                    async for chunk in request.stream():
+                        body += chunk
+                        if len(body) > config.max_body_bytes:
+                            raise ApiError(413, f"the request body is larger than {config.max_body_bytes} bytes",
+                                           code="request_too_large")
+                    request._body = body  # read once here; handlers read it from the cache
+            response: Response = await call_next(request)
+        except ApiError as exc:
+            response = exc.response()
+        state.metrics.record(path if path in _ENDPOINTS else "other", response.status_code)
+        return response
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        stats = model.stats()
+        return {"status": "ok", "model": config.model_id, "live_sequences": stats.live_sequences,
+                "waiting": stats.waiting_requests}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(state.metrics.render(model), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model_card(model_id: str) -> dict[str, Any]:
+        _check_model(state, model_id)
+        return _model_card(state)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        _check_model(state, body.model)
+        _check_unsupported(body)
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise ApiError(400, "only response_format type 'text' is supported", param="response_format")
+        messages = []
+        for m in body.messages:
+            content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+            role = "system" if m.role == "developer" else m.role
+            messages.append({"role": role, "content": content})
+        try:
+            tokens = model.prompt_tokens(messages, chat_template=config.chat_template)
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        except _core.SlotError as exc:
+            raise ApiError(400, f"the chat template could not format these messages: {exc}",
+                           param="messages") from None
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        top = body.top_logprobs or 0
+        if top and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        job = resolve(state, body, tokens, max_tokens, body.logprobs, top, messages=messages)
+        return await respond(state, job, body, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        _check_model(state, body.model)
+        _check_unsupported(body)
+        if body.echo:
+            raise ApiError(400, "echo is not supported", param="echo")
+        if body.suffix:
+            raise ApiError(400, "suffix is not supported", param="suffix")
+        if body.best_of not in (None, 1):
+            raise ApiError(400, "best_of is not supported (use n, or the qalign extension)", param="best_of")
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            if len(prompt) != 1:
+                raise ApiError(400, "one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        try:
+            if isinstance(prompt, str):
+                if prompt == "":
+                    raise ApiError(400, "the prompt is empty", param="prompt")
+                tokens = model.tokenize(prompt)
+            else:
+                if not prompt:
+                    raise ApiError(400, "the prompt is empty", param="prompt")
+                tokens = model._check_tokens(prompt)
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, str(exc), param="prompt") from None
+        top = body.logprobs or 0
+        job = resolve(state, body, tokens, body.max_tokens, body.logprobs is not None, top)
+        return await respond(state, job, body, chat=False)
+
+    return app
+
+
+def _model_card(state: _State) -> dict[str, Any]:
+    info = state.model.info
+    return {"id": state.config.model_id, "object": "model", "created": state.created, "owned_by": "slot_cpp",
+            "meta": {"architecture": info.architecture, "n_ctx": state.model.n_ctx,
+                     "n_parallel": state.model.n_parallel, "datastores": sorted(state.datastores),
+                     "rewards": sorted(state.rewards)}}
+
+
+def _check_model(state: _State, name: Optional[str]) -> None:
+    if name is not None and name != state.config.model_id:
+        raise ApiError(404, f"the model {name!r} does not exist; this server serves {state.config.model_id!r}",
+                       type="not_found_error", param="model", code="model_not_found")
+
+
+def _check_unsupported(body: SamplingRequest) -> None:
+    """OpenAI options this server cannot honour are errors, not silently ignored."""
+    if body.presence_penalty != 0.0:
+        raise ApiError(400, "presence_penalty is not supported (use repeat_penalty)", param="presence_penalty")
+    if body.frequency_penalty != 0.0:
+        raise ApiError(400, "frequency_penalty is not supported (use repeat_penalty)", param="frequency_penalty")
+    if body.logit_bias:
+        raise ApiError(400, "logit_bias is not supported", param="logit_bias")
+
+
+# ---- running it --------------------------------------------------------------------
+
+
+def serve(model_path: Union[str, os.PathLike[str], None] = None, *, host: str = "127.0.0.1", port: int = 8080,
+          n_parallel: int = 4, n_ctx: int = 0, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
+          api_key: Optional[str] = None, datastores: Optional[dict[str, str]] = None,
+          rewards: Optional[dict[str, str]] = None, correctors: Optional[dict[str, str]] = None,
+          max_waiting: int = 16, max_tokens_cap: int = 4096,
+          model_id: Optional[str] = None, chat_template: Optional[str] = None, rpc: Optional[str] = None,
+          lora: Optional[list[tuple[str, float]]] = None, log_level: str = "info") -> None:
+    """Load a model and serve it until interrupted (binds to 127.0.0.1 unless told otherwise)."""
+    if n_ctx == 0:
+        n_ctx = 2048 * n_parallel
+    model = Model(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_parallel=n_parallel,
+                  max_waiting=0, rpc=rpc, lora=lora)
+    try:
+        config = ServerConfig(model_id=model_id or Path(model.path).stem, api_key=api_key,
+                              datastores=datastores or {}, rewards=rewards or {}, correctors=correctors or {},
+                              max_waiting=max_waiting, max_tokens_cap=max_tokens_cap, chat_template=chat_template)
+        app = create_app(model, config)
+        try:
+            uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        finally:
+            app.state.slot_cpp.close()
+    finally:
+        model.close()

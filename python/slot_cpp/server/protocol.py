@@ -1,0 +1,213 @@
+"""The OpenAI wire format: request bodies (pydantic) and response shapes.
+
+Each extension group (``slot``, ``rtd``, ``qalign``, ``lmcor``) is one
+model, so that any of them can be replaced on its own. Response objects are
+plain dicts: the same helpers build the whole response and the streamed
+chunks, so that both carry the same fields.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .._model import DEFAULT_KL_BUDGET, GenerationResult, Model
+
+# ---- request bodies --------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    # Unknown fields are errors, not silently ignored options.
+    model_config = ConfigDict(extra="forbid")
+
+
+class SlotOptions(_Body):
+    steps: int = Field(5, ge=0, le=100)
+    lr: Union[Literal["auto"], float] = Field(0.1)
+    loss_on: Literal["all", "user"] = "all"
+    kl_budget: float = Field(DEFAULT_KL_BUDGET, gt=0.0, le=10.0)
+
+
+class RtdOptions(_Body):
+    datastore: str
+    k: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, gt=0.0)
+    lambda_: Optional[float] = Field(None, ge=0.0, le=1.0, alias="lambda")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class QAlignOptions(_Body):
+    reward: str
+    steps: int = Field(16, ge=1)
+    beta: float = Field(1.0, gt=0.0)
+
+
+class LmcorOptions(_Body):
+    corrector: str
+    input: Optional[str] = None
+    """The bare input x the corrector reads (default: the last user message, or the prompt)."""
+    k: int = Field(5, ge=1, le=16)
+    temperature: float = Field(0.7, gt=0.0, le=2.0)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class SamplingRequest(_Body):
+    """What both endpoints share: sampling, streaming and the extensions."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(1.0, gt=0.0)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[dict[str, float]] = None
+    user: Optional[str] = None
+    cache_prompt: bool = True
+    slot: Optional[SlotOptions] = None
+    rtd: Optional[RtdOptions] = None
+    qalign: Optional[QAlignOptions] = None
+    lmcor: Optional[LmcorOptions] = None
+
+
+class ContentPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Union[str, list[ContentPart]]
+    name: Optional[str] = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    response_format: Optional[dict[str, Any]] = None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Union[str, list[int], list[str]]
+    logprobs: Optional[int] = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+
+# ---- response shapes ---------------------------------------------------------------
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _piece(model: Model, token: int) -> str:
+    return model.detokenize([token])
+
+
+def logprobs_chat(model: Model, r: GenerationResult) -> dict[str, Any]:
+    """Chat's shape: one entry per token, with its bytes and alternatives."""
+    content = []
+    tops = r.top_logprobs or [[] for _ in r.tokens]
+    for tok, lp, top in zip(r.tokens, r.token_logprobs, tops):
+        text = _piece(model, tok)
+        alternatives = []
+        for t, v in top:
+            piece = _piece(model, t)
+            alternatives.append({"token": piece, "logprob": float(v), "bytes": list(piece.encode())})
+        content.append({"token": text, "logprob": float(lp), "bytes": list(text.encode()),
+                        "top_logprobs": alternatives})
+    return {"content": content}
+
+
+def logprobs_text(model: Model, r: GenerationResult) -> dict[str, Any]:
+    """The legacy completions' shape: parallel lists and character offsets."""
+    tokens, offsets, tops = [], [], []
+    offset = 0
+    for i, tok in enumerate(r.tokens):
+        text = _piece(model, tok)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        if r.top_logprobs:
+            tops.append({_piece(model, t): float(v) for t, v in r.top_logprobs[i]})
+    return {"tokens": tokens, "token_logprobs": [float(x) for x in r.token_logprobs],
+            "top_logprobs": tops if r.top_logprobs else None, "text_offset": offsets}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What every object of one response shares (id, creation time, model),
+    and the chat or text-completion shapes built from it."""
+
+    id: str
+    created: int
+    model: str
+    chat: bool
+
+    @classmethod
+    def new(cls, model: str, *, chat: bool) -> Reply:
+        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        return cls(id=rid, created=int(time.time()), model=model, chat=chat)
+
+    def _object(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, **fields}
+
+    def choice(self, index: int, text: str, finish: str, logprobs: Optional[dict[str, Any]]) -> dict[str, Any]:
+        """One choice of the whole response."""
+        if self.chat:
+            return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                    "logprobs": logprobs}
+        return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+
+    def whole(self, choices: list[dict[str, Any]], usage: dict[str, int],
+              extension: Optional[dict[str, Any]]) -> dict[str, Any]:
+        out = self._object("chat.completion" if self.chat else "text_completion", choices=choices, usage=usage,
+                           system_fingerprint=None)
+        if extension:
+            out["slot_cpp"] = extension
+        return out
+
+    def chunk(self, index: int, text: Optional[str], finish: Optional[str], *, role: bool = False,
+              extension: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """One streamed chunk: a choice's text piece, its role (chat's
+        first chunk) or its finish reason (``text`` None)."""
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        out = self._object(self._chunk_kind, choices=[choice])
+        if extension:
+            out["slot_cpp"] = extension
+        return out
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        """The last chunk with stream_options.include_usage: no choices."""
+        return self._object(self._chunk_kind, choices=[], usage=usage)
+
+    @property
+    def _chunk_kind(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"

@@ -1,0 +1,466 @@
+"""The serving pipeline: a request resolved into a :class:`Job`, run once, rendered twice.
+
+:func:`resolve` checks a request body against the server's limits and
+builds the generate call. :func:`run_job` is the one place that dispatches
+to plain generation, QAlign or LMCor; its events are text pieces while
+plain generation decodes (QAlign and LMCor have their text only at the
+end: one piece), then one :class:`Finished` with the finish reasons, the
+usage and the ``slot_cpp`` report. :func:`respond` runs it on a worker
+thread and renders the events either as the whole JSON response or as a
+server-sent event stream, so that both carry the same answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Optional, Union
+
+import anyio
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from .._model import GenerationResult
+from .errors import ApiError, RequestCancelled, error_from
+from .protocol import (
+    ChatCompletionRequest,
+    LmcorOptions,
+    QAlignOptions,
+    Reply,
+    SamplingRequest,
+    logprobs_chat,
+    logprobs_text,
+    usage,
+)
+
+if TYPE_CHECKING:
+    from .app import _State
+
+METHODS = ("slot", "rtd", "qalign", "lmcor")
+"""The request-body extensions, as counted by the metrics."""
+
+# The engine's finish reasons -> OpenAI's ("callback": the stream's client stopped reading).
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length", "callback": "stop"}
+
+# Each ending request waits for its worker in a pool thread; anyio's default
+# pool of 40 would make ending requests wait in line behind each other.
+_LIMITER = anyio.CapacityLimiter(1024)
+
+OnText = Callable[[int, str], bool]
+"""``on_text(choice index, piece) -> keep going``."""
+
+
+# ---- resolving a request ------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One request, resolved: token ids and generate_batch's keyword arguments."""
+
+    tokens: list[int]
+    messages: Optional[list[dict[str, str]]]
+    n: int
+    kwargs: dict[str, Any]
+    applied: dict[str, Any]
+    qalign: Optional[QAlignOptions]
+    lmcor: Optional[LmcorOptions]
+    lmcor_input: Optional[str]
+    top_logprobs: int
+    want_logprobs: bool
+
+
+def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens: Optional[int],
+            want_logprobs: bool, top_logprobs: int, messages: Optional[list[dict[str, str]]] = None) -> Job:
+    """Checks a request against the server's limits and builds the generate call."""
+    config, model = state.config, state.model
+    if max_tokens is None:
+        max_tokens = max(1, min(config.max_tokens_cap, model.n_ctx - len(tokens)))
+        if body.lmcor is not None:
+            # k candidates each reserve max_tokens cells: keep them short unless asked.
+            max_tokens = min(max_tokens, 256)
+    if max_tokens > config.max_tokens_cap:
+        raise ApiError(400, f"max_tokens must be <= {config.max_tokens_cap}", param="max_tokens")
+    if body.n > config.max_n:
+        raise ApiError(400, f"n must be <= {config.max_n}", param="n")
+    if len(tokens) + max_tokens > model.n_ctx:
+        raise ApiError(400, f"the prompt has {len(tokens)} tokens and max_tokens is {max_tokens}: more than the "
+                       f"context window of {model.n_ctx} tokens", param="messages" if isinstance(
+                           body, ChatCompletionRequest) else "prompt", code="context_length_exceeded")
+    seed = body.seed if body.seed is not None else secrets.randbits(62)
+    kwargs: dict[str, Any] = dict(
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        min_p=body.min_p, repeat_penalty=body.repeat_penalty, seed=seed, stop=_stop_list(body.stop),
+        logprobs=want_logprobs, top_logprobs=top_logprobs, cache_prompt=body.cache_prompt)
+    applied: dict[str, Any] = {}
+    if body.slot is not None and isinstance(body.slot.lr, float) and not 0.0 < body.slot.lr <= 10.0:
+        raise ApiError(400, "slot.lr must be 'auto' or a number in (0, 10]", param="slot.lr")
+    if body.slot is not None and body.slot.steps > 0:
+        kwargs.update(steps=body.slot.steps, lr=body.slot.lr, kl_budget=body.slot.kl_budget)
+        applied["slot"] = {"steps": body.slot.steps, "lr": body.slot.lr, "loss_on": body.slot.loss_on}
+        if body.slot.lr == "auto":
+            applied["slot"]["kl_budget"] = body.slot.kl_budget
+        if body.slot.loss_on == "user":
+            if messages is None:
+                raise ApiError(400, "slot.loss_on 'user' needs chat messages (/v1/chat/completions)",
+                               param="slot.loss_on")
+            kwargs.update(loss_on="user", chat_template=config.chat_template)
+    if body.rtd is not None:
+        from ..rtd import RTD
+
+        store = state.datastores.get(body.rtd.datastore)
+        if store is None:
+            known = ", ".join(sorted(state.datastores)) or "none"
+            raise ApiError(400, f"unknown datastore {body.rtd.datastore!r} (this server has: {known})",
+                           param="rtd.datastore")
+        option = RTD(store, k=body.rtd.k, temperature=body.rtd.temperature, lam=body.rtd.lambda_).resolved()
+        kwargs["rtd"] = option
+        applied["rtd"] = {"datastore": body.rtd.datastore, "k": option.k, "temperature": option.temperature,
+                          "lambda": option.lam}
+    if body.qalign is not None:
+        q = body.qalign
+        if q.reward not in state.rewards:
+            known = ", ".join(sorted(state.rewards)) or "none"
+            raise ApiError(400, f"unknown reward {q.reward!r} (this server has: {known})", param="qalign.reward")
+        if q.steps > config.max_qalign_steps:
+            raise ApiError(400, f"qalign steps must be <= {config.max_qalign_steps}", param="qalign.steps")
+        _one_answer("qalign", body, want_logprobs)
+        if model.n_parallel < 2:
+            raise ApiError(400, "qalign needs a server started with --n-parallel >= 2", param="qalign")
+    lmcor_input = None
+    if body.lmcor is not None:
+        if body.lmcor.corrector not in state.correctors:
+            known = ", ".join(sorted(state.correctors)) or "none"
+            raise ApiError(400, f"unknown corrector {body.lmcor.corrector!r} (this server has: {known})",
+                           param="lmcor.corrector")
+        _one_answer("lmcor", body, want_logprobs)
+        if body.qalign is not None:
+            raise ApiError(400, "lmcor with qalign is not supported", param="lmcor")
+        if body.lmcor.input is not None:
+            lmcor_input = body.lmcor.input
+        elif messages is not None:
+            users = [m["content"] for m in messages if m["role"] == "user"]
+            lmcor_input = users[-1] if users else ""
+        else:
+            lmcor_input = model.detokenize(tokens)
+    return Job(tokens=tokens, messages=messages, n=body.n, kwargs=kwargs, applied=applied, qalign=body.qalign,
+               lmcor=body.lmcor, lmcor_input=lmcor_input, top_logprobs=top_logprobs, want_logprobs=want_logprobs)
+
+
+def _stop_list(stop: Union[str, list[str], None]) -> list[str]:
+    if stop is None:
+        return []
+    items = [stop] if isinstance(stop, str) else list(stop)
+    if len(items) > 4:
+        raise ApiError(400, "stop may hold at most 4 sequences", param="stop")
+    if any(s == "" for s in items):
+        raise ApiError(400, "stop sequences must not be empty", param="stop")
+    return items
+
+
+def _one_answer(method: str, body: SamplingRequest, want_logprobs: bool) -> None:
+    """QAlign and LMCor return one answer, not sampled token by token."""
+    if body.n != 1:
+        raise ApiError(400, f"{method} returns one answer: n must be 1", param="n")
+    if want_logprobs:
+        raise ApiError(400, f"logprobs are not available with {method}", param="logprobs")
+
+
+# ---- running a job -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Text decoded for one choice."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ChoiceResult:
+    text: str
+    finish_reason: str
+    result: Optional[GenerationResult]
+    """Plain generation's result (its token logprobs); None for QAlign and LMCor."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a job: what a response reports beside the text."""
+
+    choices: list[ChoiceResult]
+    prompt_tokens: int
+    completion_tokens: int
+    extension: dict[str, Any]
+    """The ``slot_cpp`` report: what was applied, and how it went."""
+
+
+Event = Union[Piece, Finished]
+
+
+def run_job(state: _State, job: Job, on_text: Optional[OnText], cancel: threading.Event) -> Finished:
+    """Runs a job (blocking) with the method it asks for. Plain generation
+    hands its pieces to ``on_text`` as they decode; QAlign and LMCor choose
+    their answer at the end, so it comes as one piece."""
+    if job.qalign is None and job.lmcor is None:
+        results = _run_generate(state, job, on_text, cancel)
+        extension = dict(job.applied)
+        if "slot" in extension:
+            extension["slot"] = {**extension["slot"], **_slot_report(results[0])}
+        return Finished(choices=[ChoiceResult(r.text, _FINISH.get(r.finish_reason, "stop"), r) for r in results],
+                        prompt_tokens=len(job.tokens), completion_tokens=sum(len(r.tokens) for r in results),
+                        extension=extension)
+    method, runner = ("qalign", _run_qalign) if job.qalign is not None else ("lmcor", _run_lmcor)
+    text, n_tokens, report = runner(state, job, cancel)
+    if on_text is not None:
+        on_text(0, text)
+    if method == "lmcor":
+        finish = "length" if report["finish_reason"] == "length" else "stop"
+    else:
+        finish = "stop" if n_tokens < job.kwargs["max_tokens"] else "length"
+    # SLOT's delta is reported inside the method's own report; RTD's settings beside it.
+    extension = {key: value for key, value in job.applied.items() if key != "slot"}
+    extension[method] = report
+    return Finished(choices=[ChoiceResult(text, finish, None)], prompt_tokens=len(job.tokens),
+                    completion_tokens=n_tokens, extension=extension)
+
+
+def _slot_report(result: GenerationResult) -> dict[str, Any]:
+    out = {"losses": [float(x) for x in result.losses], "steps_done": result.steps_done,
+           "delta_norm": float(result.delta_norm), "status": result.slot_status, "lr_used": result.lr}
+    if result.calibration:
+        out["calibration"] = [{"lr": lr, "kl": kl} for lr, kl in result.calibration]
+    return out
+
+
+def _run_generate(state: _State, job: Job, on_text: Optional[OnText],
+                  cancel: threading.Event) -> list[GenerationResult]:
+    # The user-content loss mask is found from the messages; otherwise the tokens are used as they are.
+    prompt: Any = job.messages if job.kwargs.get("loss_on") == "user" else job.tokens
+    return state.model.generate_batch([prompt], n=job.n, on_text=on_text, cancel=cancel, **job.kwargs)
+
+
+def _learn_delta(state: _State, job: Job, cancel: threading.Event) -> Optional[GenerationResult]:
+    """SLOT for methods that sample several answers (QAlign, LMCor): learn delta
+    on the prompt once, so that every answer uses it; None without SLOT."""
+    kw = job.kwargs
+    if not kw.get("steps"):
+        return None
+    user = kw.get("loss_on") == "user"
+    return state.model.generate_batch([job.messages if user else job.tokens], max_tokens=0, steps=kw["steps"],
+                                      lr=kw["lr"], loss_on=kw.get("loss_on", "all"), kl_budget=kw["kl_budget"],
+                                      chat_template=kw.get("chat_template"), cancel=cancel)[0]
+
+
+def _run_qalign(state: _State, job: Job, cancel: threading.Event) -> tuple[str, int, dict[str, Any]]:
+    from ..qalign import qalign
+
+    assert job.qalign is not None
+    q = job.qalign
+    kw = job.kwargs
+    shaped = _learn_delta(state, job, cancel)
+    delta = None if shaped is None else shaped.delta
+
+    def on_step(step: int, accept_rate: float, reward: float) -> None:
+        if cancel.is_set():
+            raise RequestCancelled()
+
+    result = qalign(state.model, "", prompt_token_ids=job.tokens, reward=state.rewards[q.reward], beta=q.beta,
+                    steps=q.steps, max_tokens=kw["max_tokens"], seed=kw["seed"] % (2**32), top_k=kw["top_k"],
+                    stop=kw["stop"], delta=delta, rtd=kw.get("rtd"), answer="mbr", on_step=on_step)
+    final = result.chain[-1]
+    report: dict[str, Any] = {"steps": q.steps, "beta": q.beta, "reward": q.reward,
+                              "accept_rate": result.accept_rate, "final_reward": final.reward,
+                              "generated_tokens": result.generated_tokens}
+    if shaped is not None:
+        report["slot"] = _slot_report(shaped)
+    return final.text, len(final.tokens), report
+
+
+def _run_lmcor(state: _State, job: Job, cancel: threading.Event) -> tuple[str, int, dict[str, Any]]:
+    from ..lmcor import generate_candidates
+
+    assert job.lmcor is not None and job.lmcor_input is not None
+    options = {key: value for key, value in job.kwargs.items()
+               if key not in ("temperature", "seed", "logprobs", "top_logprobs", "loss_on", "chat_template", "steps",
+                              "lr", "kl_budget")}
+    shaped = _learn_delta(state, job, cancel)
+    if shaped is not None:
+        options["delta"] = shaped.delta
+    pool = generate_candidates(state.model, [job.lmcor_input], prompt_tokens=[job.tokens], k=job.lmcor.k,
+                               temperature=job.lmcor.temperature, seed=job.kwargs["seed"] % (2**62),
+                               cancel=cancel, **options)[0]
+    corrector = state.correctors[job.lmcor.corrector]
+    answer = corrector.rewrite(job.lmcor_input, pool.texts)
+    report = {"corrector": job.lmcor.corrector, "input": job.lmcor_input, "k": job.lmcor.k,
+              "temperature": job.lmcor.temperature, "candidates": pool.texts, "dropped": answer.dropped,
+              "generator_tokens": pool.generated_tokens, "corrector_tokens": answer.corrector_tokens,
+              "finish_reason": answer.finish_reason}
+    return answer.text, answer.corrector_tokens, report
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+class _Run:
+    """A job on its own worker thread, as an async iterator of its events.
+
+    Generation blocks, so it runs in a thread; its pieces reach the event
+    loop through ``call_soon_threadsafe``. Leaving the ``async with`` however
+    it is left (finished, failed, or the client gone) cancels the call and
+    waits for the thread: the call stops within one token step, so the
+    job's sequences are free when the block exits."""
+
+    def __init__(self, state: _State, job: Job, *, pieces: bool) -> None:
+        self._state, self._job, self._pieces = state, job, pieces
+        self._cancel = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._done = False
+
+    async def __aenter__(self) -> _Run:
+        loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Union[Event, _Failed]] = asyncio.Queue()
+        self._thread = threading.Thread(target=self._work, args=(loop,), name="slot_cpp-request", daemon=True)
+        self._thread.start()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._cancel.set()
+        if self._thread is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._thread.join, limiter=_LIMITER)
+
+    def _work(self, loop: asyncio.AbstractEventLoop) -> None:
+        queue, cancel = self._queue, self._cancel
+
+        def on_text(index: int, piece: str) -> bool:
+            if cancel.is_set():
+                return False  # stops the call (finish reason "callback")
+            loop.call_soon_threadsafe(queue.put_nowait, Piece(index, piece))
+            return True
+
+        try:
+            # Without pieces (the whole response), no per-token hop to the loop.
+            outcome: Union[Finished, _Failed] = run_job(self._state, self._job, on_text if self._pieces else None,
+                                                        cancel)
+        except BaseException as exc:  # handed to the event loop
+            outcome = _Failed(exc)
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, outcome)
+        except RuntimeError:  # the loop has closed: nobody is listening
+            pass
+
+    def __aiter__(self) -> _Run:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._done:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if isinstance(event, _Failed):
+            self._done = True
+            raise event.error
+        if isinstance(event, Finished):
+            self._done = True
+            self._state.metrics.tokens(event.prompt_tokens, event.completion_tokens)
+        return event
+
+
+# ---- rendering ----------------------------------------------------------------------
+
+
+async def respond(state: _State, job: Job, body: SamplingRequest, *, chat: bool) -> Response:
+    """Admits the request (503 when full), then answers it whole or as a stream."""
+    state.admit()
+    streaming = False
+    try:
+        state.metrics.used(method for method in METHODS if getattr(body, method) is not None)
+        reply = Reply.new(state.config.model_id, chat=chat)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            response = EventStream(_stream(state, job, reply, include_usage), on_close=state.release)
+            streaming = True  # the response releases its admission when it ends, however it ends
+            return response
+        try:
+            return JSONResponse(await _whole(state, job, reply))
+        except Exception as exc:
+            error = error_from(exc, retry_after=state.config.retry_after_seconds)
+            if error is None:
+                raise
+            raise error from None
+    finally:
+        if not streaming:
+            state.release()
+
+
+async def _whole(state: _State, job: Job, reply: Reply) -> dict[str, Any]:
+    finished: Optional[Finished] = None
+    async with _Run(state, job, pieces=False) as run:
+        async for event in run:
+            if isinstance(event, Finished):
+                finished = event
+    assert finished is not None
+    logprobs = logprobs_chat if reply.chat else logprobs_text
+    choices = [reply.choice(i, c.text, c.finish_reason,
+                            logprobs(state.model, c.result) if c.result is not None and job.want_logprobs else None)
+               for i, c in enumerate(finished.choices)]
+    return reply.whole(choices, usage(finished.prompt_tokens, finished.completion_tokens), finished.extension)
+
+
+async def _stream(state: _State, job: Job, reply: Reply, include_usage: bool) -> AsyncGenerator[bytes, None]:
+    """Server-sent events: one chunk per text piece, per choice; then the
+    finish reasons (the last one with the ``slot_cpp`` report), the usage
+    (with stream_options.include_usage) and [DONE]. An error after the 200
+    is sent as an event; a cancelled call ends the stream without [DONE]."""
+    try:
+        async with _Run(state, job, pieces=True) as run:
+            if reply.chat:
+                for i in range(job.n):
+                    yield _sse(reply.chunk(i, "", None, role=True))
+            async for event in run:
+                if isinstance(event, Piece):
+                    yield _sse(reply.chunk(event.index, event.text, None))
+                    continue
+                last = len(event.choices) - 1
+                for i, choice in enumerate(event.choices):
+                    yield _sse(reply.chunk(i, None, choice.finish_reason,
+                                           extension=event.extension if i == last else None))
+                if include_usage:
+                    yield _sse(reply.usage_chunk(usage(event.prompt_tokens, event.completion_tokens)))
+    except Exception as exc:
+        error = error_from(exc, retry_after=state.config.retry_after_seconds)
+        if error is None:
+            return
+        yield _sse(error.event())
+    yield b"data: [DONE]\n\n"
+
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A server-sent event stream that runs `on_close` once when the response
+    ends: sent, failed, or abandoned by the client before it began."""
+
+    def __init__(self, content: AsyncGenerator[bytes, None], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._content = content
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                # A stream left at a yield still holds its call: closing it
+                # cancels the call and waits for its sequences to be freed.
+                with anyio.CancelScope(shield=True):
+                    await self._content.aclose()
+            finally:
+                self._on_close()
