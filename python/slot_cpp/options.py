@@ -46,7 +46,9 @@ __all__ = [
     "check_float",
     "check_int",
     "from_arguments",
+    "from_http",
     "group_of",
+    "http_fields",
     "native_request",
     "request_model",
     "specs",
@@ -221,8 +223,9 @@ class SamplingOptions(_Group):
     repeat_penalty: float = _opt(1.0, "divide the logits of recently generated tokens by this (1: off)", "float",
                                  low=0.0, low_open=True)
     repeat_last_n: int = _opt(64, "how many recent tokens repeat_penalty looks at", "int", low=0)
-    seed: Optional[int] = _opt(None, "the sampler's seed (default: the Model's); sample j of a prompt draws with "
-                               "seed + j", "int", low=0, high=2**63 - 1, optional=True, flag=None, http=None, native=None)
+    seed: Optional[int] = _opt(None, "the sampler's seed (default: the Model's; a server draws one); sample j of a "
+                               "prompt draws with seed + j", "int", low=0, high=2**63 - 1, optional=True, flag=None,
+                               native=None)
     stop: tuple[str, ...] = _opt((), "stop strings (not included in the text)", "strings", http=None, native=None)
     ignore_eos: bool = _opt(False, "keep generating past the end-of-sequence token", "bool")
 
@@ -501,16 +504,15 @@ def http_default(name: str, default: Any, spec: OptionSpec) -> Any:
     return default if spec.http_default == SAME else spec.http_default
 
 
-def request_model(group: type, *, name: Optional[str] = None, extra_fields: Optional[Mapping[str, Any]] = None,
-                  base: Optional[type] = None) -> type:
-    """A pydantic model of a group's HTTP options, with their ranges, enums,
-    descriptions and the protocol's defaults; options without an HTTP name are
-    left out. ``extra_fields`` adds pydantic fields the server needs beside them."""
-    from pydantic import BaseModel, ConfigDict, Field, create_model
+def http_fields(group: type, *, only: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """pydantic field definitions of a group's HTTP options: their types,
+    ranges (with a server's tighter caps), enums, descriptions and the
+    protocol's defaults. Options without an HTTP name are left out."""
+    from pydantic import AfterValidator, Field
 
     fields: dict[str, Any] = {}
     for field_name, default, spec in specs(group):
-        if spec.http is None:
+        if spec.http is None or (only is not None and field_name not in only):
             continue
         constraints: dict[str, Any] = {}
         if spec.low is not None:
@@ -519,32 +521,43 @@ def request_model(group: type, *, name: Optional[str] = None, extra_fields: Opti
         if high is not None:
             constraints["lt" if spec.high_open and spec.http_high is None else "le"] = high
         annotation: Any
-        if spec.kind == "int":
-            annotation = int
-        elif spec.kind == "float":
-            annotation = float
+        if spec.kind in ("int", "float"):
+            annotation = int if spec.kind == "int" else float
         elif spec.kind == "bool":
-            annotation = bool
-            constraints = {}
+            annotation, constraints = bool, {}
         elif spec.kind == "str":
-            annotation = Literal[spec.choices]  # type: ignore[valid-type]
-            constraints = {}
+            annotation, constraints = Literal[spec.choices], {}  # type: ignore[valid-type]
         elif spec.kind == "lr":
-            annotation = Union[Literal["auto"], Annotated[float, Field(**constraints)]]
+            # A number or "auto": checked by the option's own rule (with the
+            # server's cap), so that an error names the field, not a branch.
+            capped = dataclasses.replace(spec, high=high)
+            label = spec.http or field_name
+            annotation = Annotated[Union[Literal["auto"], float],
+                                   AfterValidator(lambda v, c=capped, n=label: c.check(n, v))]
             constraints = {}
         else:
             raise TypeError(f"{group.__name__}.{field_name} ({spec.kind}) has no HTTP form")
         if spec.optional:
             annotation = Optional[annotation]
-        alias = spec.http if spec.http else None
-        value = http_default(field_name, default, spec)
-        fields[field_name] = (annotation, Field(value, description=spec.doc, alias=alias, **constraints))
-    for key, value in (extra_fields or {}).items():
-        fields[key] = value
-    if base is None:
-        class _Base(BaseModel):
-            model_config = ConfigDict(extra="forbid", populate_by_name=True)
-        base = _Base
-    model = create_model(name or group.__name__, __base__=base, **fields)
-    model.__doc__ = group.__doc__
+        description = spec.doc
+        if spec.kind == "lr":
+            description += f" (a number in {dataclasses.replace(spec, high=high).range_text()})"
+        fields[field_name] = (annotation, Field(http_default(field_name, default, spec), description=description,
+                                                alias=spec.http or None, **constraints))
+    return fields
+
+
+def from_http(body: Any, group: type) -> dict[str, Any]:
+    """The group's options a request body (made by http_fields) carries."""
+    return {name: getattr(body, name) for name, _, spec in specs(group)
+            if spec.http is not None and hasattr(body, name)}
+
+
+def request_model(name: str, fields: Mapping[str, Any], *, base: type, doc: Optional[str] = None) -> type:
+    """A pydantic model named ``name`` with these field definitions."""
+    from pydantic import create_model
+
+    model = create_model(name, __base__=base, **dict(fields))
+    if doc:
+        model.__doc__ = doc
     return model

@@ -15,7 +15,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .._model import DEFAULT_KL_BUDGET, GenerationResult, Model
+from .. import options as opts
+from .._model import GenerationResult, Model
 
 # ---- request bodies --------------------------------------------------------------
 
@@ -25,64 +26,52 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SlotOptions(_Body):
-    steps: int = Field(5, ge=0, le=100)
-    lr: Union[Literal["auto"], float] = Field(0.1)
-    loss_on: Literal["all", "user"] = "all"
-    kl_budget: float = Field(DEFAULT_KL_BUDGET, gt=0.0, le=10.0)
+# The method extensions and the sampling fields are made from the option
+# definitions in slot_cpp.options: their types, ranges, defaults and
+# descriptions are written there once.
+SlotOptions = opts.request_model("SlotOptions", opts.http_fields(opts.SlotOptions), base=_Body,
+                                 doc=opts.SlotOptions.__doc__)
 
+RtdOptions = opts.request_model(
+    "RtdOptions", {"datastore": (str, Field(description="the name of a datastore the server was started with")),
+                   **opts.http_fields(opts.RtdOptions)}, base=_Body, doc=opts.RtdOptions.__doc__)
 
-class RtdOptions(_Body):
-    datastore: str
-    k: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, gt=0.0)
-    lambda_: Optional[float] = Field(None, ge=0.0, le=1.0, alias="lambda")
+QAlignOptions = opts.request_model(
+    "QAlignOptions", {"reward": (str, Field(description="the name of a reward the server was started with")),
+                      **opts.http_fields(opts.QAlignOptions)}, base=_Body, doc=opts.QAlignOptions.__doc__)
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class QAlignOptions(_Body):
-    reward: str
-    steps: int = Field(16, ge=1)
-    beta: float = Field(1.0, gt=0.0)
-
-
-class LmcorOptions(_Body):
-    corrector: str
-    input: Optional[str] = None
-    """The bare input x the corrector reads (default: the last user message, or the prompt)."""
-    k: int = Field(5, ge=1, le=16)
-    temperature: float = Field(0.7, gt=0.0, le=2.0)
+LmcorOptions = opts.request_model(
+    "LmcorOptions", {"corrector": (str, Field(description="the name of a corrector the server was started with")),
+                     "input": (Optional[str], Field(None, description="the bare input x the corrector reads "
+                                                    "(default: the last user message, or the prompt)")),
+                     **opts.http_fields(opts.LmcorOptions)}, base=_Body, doc=opts.LmcorOptions.__doc__)
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class SamplingRequest(_Body):
-    """What both endpoints share: sampling, streaming and the extensions."""
-
+class _SamplingBody(_Body):
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repeat_penalty: float = Field(1.0, gt=0.0)
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = Field(None, ge=0, lt=2**63)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
-    cache_prompt: bool = True
-    slot: Optional[SlotOptions] = None
-    rtd: Optional[RtdOptions] = None
-    qalign: Optional[QAlignOptions] = None
-    lmcor: Optional[LmcorOptions] = None
+    slot: Optional[SlotOptions] = None  # type: ignore[valid-type]
+    rtd: Optional[RtdOptions] = None  # type: ignore[valid-type]
+    qalign: Optional[QAlignOptions] = None  # type: ignore[valid-type]
+    lmcor: Optional[LmcorOptions] = None  # type: ignore[valid-type]
+
+
+SamplingRequest: Any = opts.request_model(
+    "SamplingRequest", {**opts.http_fields(opts.SamplingOptions),
+                        **opts.http_fields(opts.RequestExtras, only=("cache_prompt",))},
+    base=_SamplingBody, doc="What both endpoints share: sampling, streaming and the extensions.")
 
 
 class ContentPart(_Body):
@@ -96,7 +85,7 @@ class ChatMessage(_Body):
     name: Optional[str] = None
 
 
-class ChatCompletionRequest(SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):  # type: ignore[misc, valid-type]
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
@@ -104,7 +93,7 @@ class ChatCompletionRequest(SamplingRequest):
     response_format: Optional[dict[str, Any]] = None
 
 
-class CompletionRequest(SamplingRequest):
+class CompletionRequest(SamplingRequest):  # type: ignore[misc, valid-type]
     prompt: Union[str, list[int], list[str]]
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     echo: bool = False

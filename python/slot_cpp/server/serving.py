@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Optional, Union
 import anyio
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from .. import options as opts
 from .._model import GenerationResult
 from .errors import ApiError, RequestCancelled, error_from
 from .protocol import (
@@ -88,16 +89,16 @@ def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens:
         raise ApiError(400, f"the prompt has {len(tokens)} tokens and max_tokens is {max_tokens}: more than the "
                        f"context window of {model.n_ctx} tokens", param="messages" if isinstance(
                            body, ChatCompletionRequest) else "prompt", code="context_length_exceeded")
-    seed = body.seed if body.seed is not None else secrets.randbits(62)
-    kwargs: dict[str, Any] = dict(
-        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-        min_p=body.min_p, repeat_penalty=body.repeat_penalty, seed=seed, stop=_stop_list(body.stop),
-        logprobs=want_logprobs, top_logprobs=top_logprobs, cache_prompt=body.cache_prompt)
+    kwargs: dict[str, Any] = {**opts.from_http(body, opts.SamplingOptions),
+                              **opts.from_http(body, opts.RequestExtras)}
+    kwargs.update(max_tokens=max_tokens, stop=_stop_list(body.stop), logprobs=want_logprobs,
+                  top_logprobs=top_logprobs)
+    if body.seed is None:
+        kwargs["seed"] = secrets.randbits(62)
     applied: dict[str, Any] = {}
-    if body.slot is not None and isinstance(body.slot.lr, float) and not 0.0 < body.slot.lr <= 10.0:
-        raise ApiError(400, "slot.lr must be 'auto' or a number in (0, 10]", param="slot.lr")
     if body.slot is not None and body.slot.steps > 0:
-        kwargs.update(steps=body.slot.steps, lr=body.slot.lr, kl_budget=body.slot.kl_budget)
+        slot = opts.from_http(body.slot, opts.SlotOptions)
+        kwargs.update(slot)
         applied["slot"] = {"steps": body.slot.steps, "lr": body.slot.lr, "loss_on": body.slot.loss_on}
         if body.slot.lr == "auto":
             applied["slot"]["kl_budget"] = body.slot.kl_budget
@@ -105,7 +106,7 @@ def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens:
             if messages is None:
                 raise ApiError(400, "slot.loss_on 'user' needs chat messages (/v1/chat/completions)",
                                param="slot.loss_on")
-            kwargs.update(loss_on="user", chat_template=config.chat_template)
+            kwargs.update(chat_template=config.chat_template)
     if body.rtd is not None:
         from ..rtd import RTD
 
@@ -114,7 +115,7 @@ def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens:
             known = ", ".join(sorted(state.datastores)) or "none"
             raise ApiError(400, f"unknown datastore {body.rtd.datastore!r} (this server has: {known})",
                            param="rtd.datastore")
-        option = RTD(store, k=body.rtd.k, temperature=body.rtd.temperature, lam=body.rtd.lambda_).resolved()
+        option = RTD(**{**opts.from_http(body.rtd, opts.RtdOptions), "datastore": store}).resolved()
         kwargs["rtd"] = option
         applied["rtd"] = {"datastore": body.rtd.datastore, "k": option.k, "temperature": option.temperature,
                           "lambda": option.lam}
@@ -248,10 +249,13 @@ def _learn_delta(state: _State, job: Job, cancel: threading.Event) -> Optional[G
     kw = job.kwargs
     if not kw.get("steps"):
         return None
+    slot = {key: kw[key] for key in _SLOT_NAMES if key in kw}
     user = kw.get("loss_on") == "user"
-    return state.model.generate_batch([job.messages if user else job.tokens], max_tokens=0, steps=kw["steps"],
-                                      lr=kw["lr"], loss_on=kw.get("loss_on", "all"), kl_budget=kw["kl_budget"],
-                                      chat_template=kw.get("chat_template"), cancel=cancel)[0]
+    return state.model.generate_batch([job.messages if user else job.tokens], max_tokens=0,
+                                      chat_template=kw.get("chat_template"), cancel=cancel, **slot)[0]
+
+
+_SLOT_NAMES = frozenset(name for name, _, _ in opts.specs(opts.SlotOptions))
 
 
 def _run_qalign(state: _State, job: Job, cancel: threading.Event) -> tuple[str, int, dict[str, Any]]:
@@ -283,9 +287,10 @@ def _run_lmcor(state: _State, job: Job, cancel: threading.Event) -> tuple[str, i
     from ..lmcor import generate_candidates
 
     assert job.lmcor is not None and job.lmcor_input is not None
+    # The candidates' temperature and seeds are LMCor's; SLOT's delta is learned once, above.
     options = {key: value for key, value in job.kwargs.items()
-               if key not in ("temperature", "seed", "logprobs", "top_logprobs", "loss_on", "chat_template", "steps",
-                              "lr", "kl_budget")}
+               if key not in _SLOT_NAMES and key not in ("temperature", "seed", "logprobs", "top_logprobs",
+                                                           "chat_template")}
     shaped = _learn_delta(state, job, cancel)
     if shaped is not None:
         options["delta"] = shaped.delta
