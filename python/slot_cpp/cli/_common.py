@@ -1,0 +1,309 @@
+"""What the commands share: usage errors, logging, argument types, the model,
+SLOT/sampling and RTD options, prompts and JSONL rows, result JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence, TextIO, Union
+
+from .. import _core
+from .._model import DEFAULT_KL_BUDGET, GenerationResult, Model
+from ..rtd import CHOICE_LABELS, RTD, Datastore, _answer_index
+
+
+class UsageError(Exception):
+    """Bad command-line input (exit code 2)."""
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.ERROR
+    if getattr(args, "verbose", 0) >= 2:
+        level = logging.DEBUG
+    elif getattr(args, "verbose", 0) == 1:
+        level = logging.INFO
+    elif getattr(args, "quiet", False):
+        level = logging.CRITICAL
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    root = logging.getLogger("slot_cpp")
+    root.addHandler(handler)
+    root.setLevel(level)
+    from .._logging import set_llama_log_level
+
+    set_llama_log_level(level)
+
+
+# ---------------------------------------------------------------- argument types
+def _lr(text: str) -> Union[float, str]:
+    """A SLOT step size: a number, or 'auto' (chosen per prompt)."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from exc
+
+
+def _lr_list(text: str) -> list[Union[float, str]]:
+    return [_lr(x) for x in text.split(",") if x.strip()]
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _check_count(name: str, value: Optional[int]) -> None:
+    if value is not None and value < 0:
+        raise UsageError(f"{name} must be >= 0")
+
+
+# ---------------------------------------------------------------- the model
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="GGUF model path (default: the embedded Gemma 3 270M)")
+    p.add_argument("--n-ctx", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--n-gpu-layers", type=int, default=0, help="-1: offload every layer")
+    p.add_argument("--n-parallel", type=int, default=4,
+                   help="sequences decoded together; they share the --n-ctx KV cells")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="offload the layers to these ggml rpc-server processes (see 'slot-cpp rpc-server')")
+    p.add_argument("--lora", action="append", default=[], metavar="ADAPTER.gguf[:SCALE]",
+                   help="apply a GGUF LoRA adapter made for --model (repeatable; see 'slot-cpp lmcor train')")
+    p.add_argument("--quiet", "-q", action="store_true", help="silence llama.cpp's log")
+    p.add_argument("--verbose", "-v", action="count", default=0, help="show llama.cpp's log (-vv: debug)")
+
+
+def _lora_specs(values: Sequence[str]) -> list[tuple[str, float]]:
+    out = []
+    for v in values:
+        path, sep, scale = v.rpartition(":")
+        if sep and path and not Path(v).exists():
+            try:
+                out.append((path, float(scale)))
+                continue
+            except ValueError:
+                pass
+        out.append((v, 1.0))
+    return out
+
+
+def _open_model(args: argparse.Namespace) -> Model:
+    n_parallel = max(args.n_parallel, getattr(args, "parallel", 1))
+    return Model(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                 n_parallel=n_parallel, seed=args.seed, rpc=args.rpc, lora=_lora_specs(args.lora) or None)
+
+
+# ---------------------------------------------------------------- SLOT and sampling options
+def _add_sampling_options(p: argparse.ArgumentParser, *, slot_lists: bool = False) -> None:
+    if slot_lists:
+        p.add_argument("--steps", type=_int_list, default=[0, 5], help="comma-separated steps values")
+        p.add_argument("--lr", type=_lr_list, default=[0.1],
+                       help="comma-separated learning rates ('auto': chosen per prompt)")
+    else:
+        p.add_argument("--steps", type=int, default=5, help="SLOT optimisation steps (0: plain generation)")
+        p.add_argument("--lr", type=_lr, default=0.1,
+                       help="SLOT learning rate, or 'auto': chosen per prompt by a KL trust region (--kl-budget)")
+    p.add_argument("--loss-on", choices=["all", "user"], default="all",
+                   help="SLOT's loss over every prompt token (the paper) or only the user's message content "
+                        "(chat prompts)")
+    _add_kl_budget_option(p)
+    p.add_argument("--max-tokens", "-n", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--chat-template", default=None, help="built-in template name or template string")
+
+
+def _add_kl_budget_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kl-budget", type=float, default=DEFAULT_KL_BUDGET,
+                   help="lr auto: the mean KL (nats per loss position) by which delta may move the prompt's "
+                        f"next-token distributions (default {DEFAULT_KL_BUDGET:g})")
+
+
+def _slot_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """SLOT's options besides steps and lr."""
+    return dict(loss_on=args.loss_on, kl_budget=args.kl_budget)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed)
+
+
+# ---------------------------------------------------------------- RTD options
+def _add_rtd_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rtd", default=None, metavar="STORE",
+                   help="blend retrieval from this RTD datastore (see 'slot-cpp rtd build') into every "
+                        "next-token distribution")
+    p.add_argument("--rtd-k", type=int, default=None, help="neighbours retrieved (default: the datastore's)")
+    p.add_argument("--rtd-temperature", type=float, default=None,
+                   help="softmax temperature over neighbour distances (default: the datastore's)")
+    p.add_argument("--rtd-lambda", type=float, default=None,
+                   help="weight of the retrieved distribution, 0 to 1 (default: the datastore's)")
+    p.add_argument("--rtd-nprobe", type=int, default=None,
+                   help="inverted lists searched (0: exact search; >0 needs a datastore built with --ivf)")
+
+
+_RTD_SETTINGS = (("rtd_k", "--rtd-k"), ("rtd_temperature", "--rtd-temperature"), ("rtd_lambda", "--rtd-lambda"),
+                 ("rtd_nprobe", "--rtd-nprobe"))
+
+
+def _check_rtd_args(args: argparse.Namespace) -> None:
+    """Settings of RTD without --rtd are a mistake, not something to ignore."""
+    if getattr(args, "rtd", None):
+        return
+    given = [flag for dest, flag in _RTD_SETTINGS if getattr(args, dest, None) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --rtd STORE")
+
+
+def _rtd_option(args: argparse.Namespace, model: Model) -> Optional[RTD]:
+    """The RTD of --rtd STORE (checked against `model`) with the --rtd-* settings
+    (None: the datastore's defaults), or None without --rtd."""
+    _check_rtd_args(args)
+    if not getattr(args, "rtd", None):
+        return None
+    store = Datastore.load(args.rtd, model)
+    option = RTD(store, k=args.rtd_k, temperature=args.rtd_temperature, lam=args.rtd_lambda,
+                 nprobe=args.rtd_nprobe)
+    # Check the settings now (as a request would), not after a long run has begun.
+    option._apply(model, _core.Request())
+    return option
+
+
+# ---------------------------------------------------------------- rewards (QAlign, best-of-n)
+def _reward(args: argparse.Namespace, model: Model) -> Any:
+    from .. import qalign as qa
+
+    spec = args.reward
+    if spec == "judge":
+        judge = model if args.judge_model is None else Model(args.judge_model, n_ctx=args.n_ctx,
+                                                             n_threads=args.threads, n_parallel=model.n_parallel)
+        return qa.JudgeReward(judge, args.judge_template or qa.DEFAULT_JUDGE_TEMPLATE, yes=args.judge_yes,
+                              no=args.judge_no, chat_template=args.chat_template if args.judge_model is None else None)
+    if spec.startswith("head:"):
+        return qa.LinearReward.load(spec[len("head:"):], model)
+    if spec.startswith("contains:"):
+        needle = spec[len("contains:"):]
+        return qa.CallableReward(lambda prompt, response: float(needle in response), name=spec)
+    raise UsageError("--reward must be 'judge', 'head:FILE.npz' or 'contains:TEXT'")
+
+
+# ---------------------------------------------------------------- prompts and rows
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.file:
+        return Path(args.file).read_text(encoding="utf-8")
+    if args.prompt is None or args.prompt == "-":
+        return sys.stdin.read()
+    return str(args.prompt)
+
+
+def _row_problem(row: dict[str, Any], mode: str) -> Optional[str]:
+    """What is wrong with a JSONL row of this mode, or None."""
+    if mode == "generation":
+        for key in ("prompt", "completion"):
+            if key not in row:
+                return f'missing {key!r} (a generation row is {{"prompt", "completion"}})'
+            if not isinstance(row[key], str) or not row[key]:
+                return f"{key!r} must be a non-empty string"
+        return None
+    for key in ("question", "choices", "answer"):
+        if key not in row:
+            return f'missing {key!r} (a choice row is {{"question", "choices", "answer"}})'
+    if not isinstance(row["question"], str) or not row["question"]:
+        return "'question' must be a non-empty string"
+    choices = row["choices"]
+    if (not isinstance(choices, list) or not 2 <= len(choices) <= len(CHOICE_LABELS)
+            or not all(isinstance(c, str) for c in choices)):
+        return f"'choices' must be a list of 2 to {len(CHOICE_LABELS)} strings"
+    try:
+        _answer_index(row)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _read_rows(path: str, mode: Optional[str]) -> tuple[list[dict[str, Any]], list[int], str]:
+    """The rows of a JSONL file, their line numbers and their mode: ``{"prompt",
+    "completion"}`` (generation) or ``{"question", "choices", "answer"}``
+    (choice; answer an index or a letter). ``mode`` None: what the first row
+    holds. A bad line is a UsageError naming it."""
+    rows: list[dict[str, Any]] = []
+    lines: list[int] = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UsageError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise UsageError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+                if mode is None:
+                    mode = "choice" if "choices" in row else "generation"
+                problem = _row_problem(row, mode)
+                if problem is not None:
+                    raise UsageError(f"{path} line {number}: {problem}")
+                rows.append(row)
+                lines.append(number)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not rows:
+        raise UsageError(f"{path} has no rows")
+    assert mode is not None
+    return rows, lines, mode
+
+
+# ---------------------------------------------------------------- results
+def result_json(result: GenerationResult) -> dict[str, Any]:
+    return {
+        "text": result.text,
+        "tokens": result.tokens,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "generated_tokens": result.generated_tokens,
+        "steps_done": result.steps_done,
+        "losses": result.losses,
+        "slot_status": result.slot_status,
+        "slot_path": result.slot_path,
+        "delta_norm": result.delta_norm,
+        "timings": {
+            "prefill_s": result.timings.prefill,
+            "optimise_s": result.timings.optimise,
+            "generate_s": result.timings.generate,
+            "tokens_per_second": result.tokens_per_second,
+        },
+    }
+
+
+def _report_slot(result: GenerationResult, out: TextIO) -> None:
+    if result.losses:
+        losses = " ".join(f"{x:.4f}" for x in result.losses)
+        print(f"[slot] loss per step: {losses}  |delta|={result.delta_norm:.4f}", file=out)
+    else:
+        print(f"[slot] {result.slot_status}", file=out)
+    t = result.timings
+    print(f"[slot] prefill {t.prefill:.2f}s, optimise {t.optimise:.2f}s, generate {t.generate:.2f}s "
+          f"({result.tokens_per_second:.1f} tok/s), finish: {result.finish_reason}", file=out)

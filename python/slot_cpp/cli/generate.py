@@ -1,0 +1,94 @@
+"""slot-cpp generate and slot-cpp chat."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+
+from .. import _core
+from .._model import Prompt
+from ._common import (UsageError, _add_model_options, _add_rtd_options, _add_sampling_options, _check_rtd_args,
+                      _open_model, _read_prompt, _report_slot, _rtd_option, _sampling_kwargs, _slot_kwargs,
+                      result_json)
+
+
+def register(sub: Any) -> None:
+    gen = sub.add_parser("generate", help="generate text with SLOT")
+    gen.add_argument("prompt", nargs="?", help="prompt text ('-' or absent: read stdin)")
+    gen.add_argument("--file", "-f", help="read the prompt from a file")
+    gen.add_argument("--chat", action="store_true", help="apply the chat template to the prompt")
+    gen.add_argument("--system", default=None, help="system prompt (implies --chat)")
+    gen.add_argument("--json", action="store_true", help="print the full result as JSON")
+    gen.add_argument("--save-delta", default=None, help="save the learned delta to this .npy file")
+    _add_model_options(gen)
+    _add_sampling_options(gen)
+    _add_rtd_options(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat; SLOT re-optimised on each turn")
+    chat.add_argument("--system", default=None)
+    _add_model_options(chat)
+    _add_sampling_options(chat)
+    _add_rtd_options(chat)
+    chat.set_defaults(func=cmd_chat)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _check_rtd_args(args)
+    text = _read_prompt(args)
+    chat = args.chat or args.system is not None
+    with _open_model(args) as model:
+        rtd = _rtd_option(args, model)
+        prompt: Prompt = text
+        if chat:
+            messages = [{"role": "system", "content": args.system}] if args.system else []
+            prompt = messages + [{"role": "user", "content": text}]
+        if args.loss_on == "user" and not chat and args.chat_template is None:
+            raise UsageError("--loss-on user needs a chat prompt (--chat, --system or --chat-template)")
+        kwargs = dict(steps=args.steps, lr=args.lr, stop=args.stop, chat_template=args.chat_template, rtd=rtd,
+                      **_slot_kwargs(args), **_sampling_kwargs(args))
+        if args.json:
+            result = model.generate_with_slot(prompt, **kwargs)
+            print(json.dumps(result_json(result), indent=2))
+        else:
+            result = model.generate_with_slot(prompt, on_text=lambda s: print(s, end="", flush=True), **kwargs)
+            print(flush=True)
+            _report_slot(result, sys.stderr)
+        if args.save_delta and result.delta is not None:
+            np.save(args.save_delta, result.delta)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    _check_rtd_args(args)
+    with _open_model(args) as model:
+        if args.chat_template is None and not model.info.has_chat_template:
+            raise UsageError("this model has no chat template; pass --chat-template "
+                             f"(one of: {', '.join(_core.chat_templates())})")
+        rtd = _rtd_option(args, model)
+        messages: list[dict[str, str]] = []
+        if args.system:
+            messages.append({"role": "system", "content": args.system})
+        print("slot-cpp chat: empty line or /exit to quit, /reset to start over", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if line.strip() in ("", "/exit", "/quit"):
+                break
+            if line.strip() == "/reset":
+                messages = messages[:1] if args.system else []
+                continue
+            messages.append({"role": "user", "content": line})
+            result = model.generate_with_slot(
+                messages, steps=args.steps, lr=args.lr, stop=args.stop, chat_template=args.chat_template, rtd=rtd,
+                on_text=lambda s: print(s, end="", flush=True), **_slot_kwargs(args), **_sampling_kwargs(args))
+            print(flush=True)
+            _report_slot(result, sys.stderr)
+            messages.append({"role": "assistant", "content": result.text})
+    return 0
