@@ -101,6 +101,7 @@ void bind_session(py::module_& m) {
         .def("drop_cached", &Session::drop_cached, py::arg("prefix"), kNoGil)
         .def_property_readonly("n_parallel", py::cpp_function(&Session::n_parallel, kNoGil))
         .def_property_readonly("decoded_tokens", py::cpp_function(&Session::decoded_tokens, kNoGil))
+        .def_property_readonly("logit_rows", py::cpp_function(&Session::logit_rows, kNoGil))
         .def("tokenize", &Session::tokenize, py::arg("text"), py::arg("add_special"), py::arg("parse_special"),
              kNoGil)
         // Text comes back as bytes: a token's piece may be part of a UTF-8 sequence.

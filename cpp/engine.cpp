@@ -271,6 +271,7 @@ int Engine::decode_checked(llama_batch& batch, const InterruptCheck& interrupted
     active_check_ = nullptr;
     if (rc == 0) {
         decoded_tokens_ += batch.n_tokens;
+        count_logit_rows(batch);
         return 0;
     }
     if (rc == 1) return 1;
@@ -305,6 +306,11 @@ void Engine::decode_with_room(llama_batch& batch, const MakeRoom& make_room, con
                                                      ") for " + what));
         }
     }
+}
+
+void Engine::count_logit_rows(const llama_batch& batch) {
+    // With embeddings on, llama.cpp outputs every position of the batch.
+    for (int i = 0; i < batch.n_tokens; ++i) logit_rows_ += (embeddings_on_ || batch.logits[i] != 0) ? 1 : 0;
 }
 
 void Engine::set_embeddings(bool on) {
@@ -357,7 +363,7 @@ void Engine::clear_all() {
 
 void Engine::append(int seq, const std::vector<int32_t>& tokens, Outputs outputs, int max_rows_per_batch,
                     const PrefillSink& sink, const MakeRoom& make_room, const InterruptCheck& interrupted,
-                    bool last_hidden) {
+                    bool last_hidden, bool prefill_hidden) {
     const bool all_positions = outputs == Outputs::All;
     if (tokens.empty()) throw std::invalid_argument("the prompt has no tokens");
     check_tokens(tokens);
@@ -371,7 +377,7 @@ void Engine::append(int seq, const std::vector<int32_t>& tokens, Outputs outputs
     last_logits_ = nullptr;
     last_hidden_ = nullptr;
     output_rows_.clear();
-    set_embeddings(all_positions || (last_hidden && outputs == Outputs::Last));
+    set_embeddings((all_positions && prefill_hidden) || (last_hidden && outputs == Outputs::Last));
     int rows = params_.n_batch;
     if (all_positions && max_rows_per_batch > 0) rows = std::min(rows, max_rows_per_batch);
     rows = std::max(1, rows);
@@ -391,8 +397,10 @@ void Engine::append(int seq, const std::vector<int32_t>& tokens, Outputs outputs
         held.insert(held.end(), tokens.begin() + start, tokens.begin() + start + count);
         if (all_positions && sink) {
             const float* logits = llama_get_logits(ctx_.get());
-            const float* hidden = llama_get_embeddings(ctx_.get());
-            if (logits == nullptr || hidden == nullptr) throw Error("llama.cpp returned no prefill outputs");
+            const float* hidden = prefill_hidden ? llama_get_embeddings(ctx_.get()) : nullptr;
+            if (logits == nullptr || (prefill_hidden && hidden == nullptr)) {
+                throw Error("llama.cpp returned no prefill outputs");
+            }
             sink(start_pos + start, count, logits, hidden);
         }
         if (interrupted && start + count < n && interrupted()) throw Interrupted();
@@ -539,6 +547,7 @@ void Engine::hidden_states(const std::vector<std::vector<int32_t>>& rows, const 
             throw Error(with_log_detail(std::string(what) + ": llama_decode failed with code " + std::to_string(rc)));
         }
         decoded_tokens_ += batch.n_tokens;
+        count_logit_rows(batch);
         const float* h = llama_get_embeddings(ctx);
         if (h == nullptr) throw Error("llama.cpp returned no hidden states");
         return h;

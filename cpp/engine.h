@@ -113,10 +113,11 @@ public:
     // max_rows_per_batch rows each; `first` counts from the sequence's start);
     // with Last, only the last position's logits, which last_logits() then
     // returns. make_room (may be empty) is asked to free cells when the KV
-    // cache is full; ContextLengthError when it cannot.
+    // cache is full; ContextLengthError when it cannot. Without
+    // prefill_hidden, Outputs::All hands the sink logits alone (hidden null).
     void append(int seq, const std::vector<int32_t>& tokens, Outputs outputs, int max_rows_per_batch,
                 const PrefillSink& sink, const MakeRoom& make_room, const InterruptCheck& interrupted,
-                bool last_hidden = false);
+                bool last_hidden = false, bool prefill_hidden = true);
     // Evaluates a context so that its last token's logits are computed the
     // same way whether or not a prefix came from the cache: the tokens before
     // the last in batches, then the last one alone.
@@ -147,6 +148,8 @@ public:
                        const InterruptCheck& interrupted);
     // Tokens evaluated since the engine was created.
     int64_t decoded_tokens() const { return decoded_tokens_; }
+    // Rows of logits llama.cpp has computed: the output head's evaluations.
+    int64_t logit_rows() const { return logit_rows_; }
 
     // Plain llama.cpp greedy decoding on a fresh context with its stock greedy
     // sampler: an independent reference for tests and benchmarks
@@ -194,6 +197,8 @@ private:
     std::vector<std::vector<int32_t>> seq_tokens_;
     std::vector<int> output_rows_;  // batch index of each output row of the last decode()
     int64_t decoded_tokens_ = 0;
+    int64_t logit_rows_ = 0;
+    void count_logit_rows(const llama_batch& batch);
 };
 
 }  // namespace slot

@@ -1000,6 +1000,7 @@ int Session::n_ctx() { std::shared_lock<std::shared_mutex> life(life_); engine()
 int Session::n_threads() { std::lock_guard<FairMutex> lock(mutex_); return engine().n_threads(); }
 int Session::n_parallel() { std::shared_lock<std::shared_mutex> life(life_); engine(); return shape_.n_parallel; }
 int64_t Session::decoded_tokens() { std::lock_guard<FairMutex> lock(mutex_); return engine().decoded_tokens(); }
+int64_t Session::logit_rows() { std::lock_guard<FairMutex> lock(mutex_); return engine().logit_rows(); }
 bool Session::has_chat_template() {
     std::shared_lock<std::shared_mutex> life(life_);
     return engine().has_chat_template();

@@ -197,6 +197,7 @@ public:
     int n_threads();
     int n_parallel();
     int64_t decoded_tokens();  // tokens evaluated by llama.cpp so far
+    int64_t logit_rows();      // rows of logits computed so far (output-head evaluations)
     bool has_chat_template();
     bool is_eog(int32_t token);
     // Where SLOT's head products run, e.g. "CPU (CPU head kernels)"; loads the head.

@@ -44,11 +44,30 @@ bool all_finite(const std::vector<float>& v) {
 void fill_slot_problem(Engine& engine, SlotProblem& problem, int seq, const std::vector<int32_t>& tokens,
                        const MakeRoom& make_room, const InterruptCheck& interrupted) {
     engine.seq_clear(seq);
-    engine.append(seq, tokens, Engine::Outputs::All, problem.prefill_rows(),
-                  [&problem](int first, int count, const float* logits, const float* hidden) {
-                      problem.add(first, count, logits, hidden);
-                  },
-                  make_room, interrupted);
+    // The output head runs at the loss positions alone: each run of them is
+    // evaluated with outputs, the positions between them without (a loss
+    // window or a user-content mask then costs the prefill only what it uses).
+    const std::vector<uint8_t> mask = problem.output_mask();
+    const auto in_loss = [&mask](size_t t) { return t < mask.size() && mask[t] != 0; };
+    const PrefillSink sink = [&problem](int first, int count, const float* logits, const float* hidden) {
+        problem.add(first, count, logits, hidden);
+    };
+    for (size_t i = 0; i < tokens.size();) {
+        const bool outputs = in_loss(i);
+        size_t j = i + 1;
+        while (j < tokens.size() && in_loss(j) == outputs) ++j;
+        const std::vector<int32_t> run(tokens.begin() + static_cast<ptrdiff_t>(i),
+                                       tokens.begin() + static_cast<ptrdiff_t>(j));
+        if (outputs) {
+            // Hidden states are kept only on the recompute path; asking
+            // llama.cpp for them makes it compute every position's logits too.
+            engine.append(seq, run, Engine::Outputs::All, problem.prefill_rows(), sink, make_room, interrupted,
+                          false, /*prefill_hidden=*/!problem.cached());
+        } else {
+            engine.append(seq, run, Engine::Outputs::None, 0, {}, make_room, interrupted);
+        }
+        i = j;
+    }
 }
 
 void validate(const SlotConfig& c) {
@@ -100,6 +119,12 @@ SlotProblem::SlotProblem(OutputHead& head, const std::vector<int32_t>& tokens, c
 
 SlotProblem::~SlotProblem() = default;
 
+std::vector<uint8_t> SlotProblem::output_mask() const {
+    std::vector<uint8_t> mask(slot_of_.size(), 0);
+    for (size_t t = 0; t < slot_of_.size(); ++t) mask[t] = slot_of_[t] >= 0 ? 1 : 0;
+    return mask;
+}
+
 int64_t SlotProblem::bytes() const {
     if (n_ == 0) return 0;
     return cached_ ? static_cast<int64_t>(ggml_nbytes(p0_tensor_))
@@ -118,8 +143,9 @@ void SlotProblem::add(int first, int count, const float* logits, const float* hi
         if (slot_of_[static_cast<size_t>(i)] < 0) { ++i; continue; }
         int j = i + 1;
         while (j < end && slot_of_[static_cast<size_t>(j)] >= 0) ++j;
+        // hidden is null on the cached path (the prefill asked for logits alone).
         add_run(slot_of_[static_cast<size_t>(i)], j - i, logits + static_cast<size_t>(i - first) * V_,
-                hidden + static_cast<size_t>(i - first) * d_);
+                hidden == nullptr ? nullptr : hidden + static_cast<size_t>(i - first) * d_);
         i = j;
     }
 }

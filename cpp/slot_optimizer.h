@@ -77,6 +77,9 @@ public:
     int n_positions() const { return n_; }  // loss positions: prompt length - 1, or the masked ones
     bool cached() const { return cached_; }
     int prefill_rows() const { return prefill_rows_; }
+    // Which prompt positions the prefill must produce outputs for: the loss
+    // positions (one entry per position before the last).
+    std::vector<uint8_t> output_mask() const;
     int64_t bytes() const;
     // The prefill sink: rows [first, first+count) of logits (n_vocab each) and
     // hidden states (n_embd each).

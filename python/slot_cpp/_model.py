@@ -392,6 +392,13 @@ class Model:
         """Tokens llama.cpp has evaluated in this Model so far (prompts and generated)."""
         return self._s().decoded_tokens
 
+    @property
+    def logit_rows(self) -> int:
+        """Rows of logits llama.cpp has computed in this Model so far: how
+        often the output head ran (prompt positions that needed outputs, and
+        one per generated token)."""
+        return self._s().logit_rows
+
     def stats(self) -> BatchStats:
         """Counters of the shared token loop: waiting calls, live sequences, tokens."""
         return BatchStats(**{k: int(v) for k, v in self._s().stats().items()})

@@ -241,6 +241,10 @@ class SlotOptions(_Group):
                             "prompt's next-token distributions", "float", low=0.0, low_open=True, http_high=10.0)
     loss_on: str = _opt("all", "SLOT's loss over every prompt token (the paper) or only the user's message "
                         "content (chat prompts)", "str", choices=("all", "user"), native=None)
+    loss_window: Optional[int] = _opt(None, "the loss covers only the predictions of the prompt's last N tokens "
+                                      "(with loss_on: of those, the user's); the output head runs at those "
+                                      "positions alone (None: the whole prompt)", "int", low=1, optional=True,
+                                      native=None)
     beta1: float = _opt(0.9, "AdamW's first-moment decay", "float", low=0.0, high=1.0, high_open=True)
     beta2: float = _opt(0.999, "AdamW's second-moment decay", "float", low=0.0, high=1.0, high_open=True)
     eps: float = _opt(1e-5, "AdamW's epsilon", "float", low=0.0, low_open=True)
@@ -285,10 +289,10 @@ class QAlignOptions(_Group):
 class LmcorOptions(_Group):
     """LMCor: the generator's candidates, rewritten by a corrector model."""
 
-    k: int = _opt(5, "candidates: the greedy answer and k - 1 samples", "int", low=1, http_high=16,
-                  flag="--candidates", native=None)
+    k: int = _opt(5, "candidates: the greedy answer and k - 1 samples", "int", low=1, http_high=16, flag="-k",
+                  native=None)
     temperature: float = _opt(0.7, "the samples' temperature", "float", low=0.0, low_open=True, http_high=2.0,
-                              flag="--candidate-temperature", native=None)
+                              native=None)
 
 
 @dataclass(frozen=True)
@@ -397,6 +401,11 @@ def native_request(tokens: list[int], n: int, sampling: SamplingOptions, slot: S
         r.lr = AUTO_LR_REFERENCE
     else:
         r.lr = float(slot.lr)
+    if slot.loss_window is not None:
+        # Entry t is the prediction of token t + 1: the last loss_window of them.
+        rows = max(len(tokens) - 1, 0)
+        window = [t >= rows - slot.loss_window for t in range(rows)]
+        loss_mask = window if loss_mask is None else [a and b for a, b in zip(loss_mask, window)]
     if loss_mask is not None:
         r.loss_mask = loss_mask
     if extras.delta is not None:
@@ -455,10 +464,11 @@ def flag_of(name: str, spec: OptionSpec) -> Optional[str]:
 
 def add_arguments(parser: argparse.ArgumentParser, group: type, *, only: Optional[Sequence[str]] = None,
                   exclude: Sequence[str] = (), lists: Sequence[str] = (),
-                  defaults: Optional[Mapping[str, Any]] = None, prefix: str = "") -> None:
+                  defaults: Optional[Mapping[str, Any]] = None, prefix: str = "", dest_prefix: str = "") -> None:
     """Add a group's options to ``parser`` as flags. Options named in ``lists``
     take comma-separated values (a sweep); ``defaults`` overrides a default for
-    this command; ``prefix`` names the flags (``--slot-steps``) and their dests."""
+    this command; ``prefix`` names the flags (``--slot-steps``) and their
+    dests; ``dest_prefix`` the dests alone."""
     for name, default, spec in specs(group):
         flag = flag_of(name, spec)
         if flag is None or name in exclude or (only is not None and name not in only):
@@ -467,31 +477,34 @@ def add_arguments(parser: argparse.ArgumentParser, group: type, *, only: Optiona
             flag = "--" + prefix + flag[2:]
         if defaults and name in defaults:
             default = defaults[name]
-        dest = prefix.replace("-", "_") + name
+        dest = dest_prefix + prefix.replace("-", "_") + name
         help_text = spec.doc + (f" (default: {default})" if default not in (None, (), False) else "")
         names = [flag] + ([spec.short] if spec.short and not prefix else [])
+        metavar = flag.lstrip("-").upper().replace("-", "_")
         if spec.kind == "bool":
             parser.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=default,
                                 help=spec.doc)
         elif spec.kind == "strings":
-            parser.add_argument(*names, dest=dest, action="append", default=[], help=spec.doc + " (repeatable)")
+            parser.add_argument(*names, dest=dest, action="append", default=[], metavar=metavar,
+                                help=spec.doc + " (repeatable)")
         elif spec.kind == "str":
             parser.add_argument(*names, dest=dest, choices=spec.choices, default=default, help=help_text)
         else:
             parse, what = _CLI_TYPES[spec.kind]
             if name in lists:
-                parser.add_argument(*names, dest=dest, type=_parse_list(parse, what),
+                parser.add_argument(*names, dest=dest, type=_parse_list(parse, what), metavar=metavar,
                                     default=list(default) if isinstance(default, (list, tuple)) else [default],
                                     help=spec.doc + " (comma-separated: each value is a setting)")
             else:
-                parser.add_argument(*names, dest=dest, type=parse, default=default, help=help_text)
+                parser.add_argument(*names, dest=dest, type=parse, default=default, metavar=metavar, help=help_text)
 
 
-def from_arguments(args: argparse.Namespace, group: type, *, prefix: str = "") -> dict[str, Any]:
+def from_arguments(args: argparse.Namespace, group: type, *, prefix: str = "",
+                   dest_prefix: str = "") -> dict[str, Any]:
     """The keyword arguments of a group that ``add_arguments`` put on ``args``."""
     out = {}
     for name, _, _ in specs(group):
-        dest = prefix.replace("-", "_") + name
+        dest = dest_prefix + prefix.replace("-", "_") + name
         if hasattr(args, dest):
             out[name] = getattr(args, dest)
     return out

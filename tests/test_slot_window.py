@@ -1,0 +1,62 @@
+"""SLOT's loss window: the loss over the last N predictions only, and the
+output head evaluated at those positions alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reference import slot_adamw
+
+TEXT = "In the beginning the universe was created. This has made a lot of people very angry and been widely " \
+       "regarded as a bad move."
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_window_is_slot_on_the_last_predictions(tiny_model, recompute):
+    ids = tiny_model.tokenize(TEXT)
+    rows = len(ids) - 1
+    window = 7
+    result = tiny_model.generate_with_slot("", prompt_token_ids=ids, steps=4, lr=0.05, loss_window=window,
+                                           max_tokens=0, recompute=recompute, cache_prompt=False)
+    hidden, _ = tiny_model.prompt_states(ids)
+    weight = tiny_model.output_matrix()
+    # The window's predictions: states rows-window .. rows-1, targets the tokens after them.
+    start = rows - window
+    ref_delta, ref_losses = slot_adamw(hidden[start:], weight, ids[start:], steps=4, lr=0.05)
+    np.testing.assert_allclose(result.losses, ref_losses, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(result.delta, ref_delta, rtol=1e-3, atol=1e-5)
+    # The whole-prompt loss is another problem: the window changes what is learned.
+    whole, _ = slot_adamw(hidden, weight, ids, steps=4, lr=0.05)
+    assert not np.allclose(result.delta, whole, rtol=1e-3, atol=1e-5)
+
+
+def test_window_wider_than_the_prompt_is_the_whole_prompt(tiny_model):
+    ids = tiny_model.tokenize(TEXT)
+    wide = tiny_model.generate_with_slot("", prompt_token_ids=ids, steps=3, lr=0.05, loss_window=10_000,
+                                         max_tokens=0)
+    whole = tiny_model.generate_with_slot("", prompt_token_ids=ids, steps=3, lr=0.05, max_tokens=0)
+    np.testing.assert_array_equal(wide.delta, whole.delta)
+
+
+def test_the_head_runs_only_at_the_window(tiny_model):
+    ids = tiny_model.tokenize(TEXT)
+    rows = len(ids) - 1
+
+    def head_rows(**kwargs):
+        before = tiny_model.logit_rows
+        tiny_model.generate_with_slot("", prompt_token_ids=ids, steps=2, lr=0.05, max_tokens=0,
+                                      cache_prompt=False, **kwargs)
+        return tiny_model.logit_rows - before
+
+    # Every loss position, then the last prompt token alone.
+    assert head_rows() == rows + 1
+    assert head_rows(loss_window=5) == 5 + 1
+    assert head_rows(loss_window=5, recompute=True) == 5 + 1
+
+
+def test_bad_window_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="loss_window"):
+        tiny_model.generate_with_slot("hello there", loss_window=0, max_tokens=1)
+    with pytest.raises(TypeError, match="loss_window"):
+        tiny_model.generate_with_slot("hello there", loss_window=2.5, max_tokens=1)
