@@ -53,9 +53,12 @@ class GSM8KOptions:
     kl_budget: float = DEFAULT_KL_BUDGET
     rtd_path: Optional[str] = None    # the RTD datastore blended in: marked in names ('+rtd') and records
     sampling: Mapping[str, Any] = field(default_factory=dict)  # max_tokens, temperature, top_k, ..., seed
+    slot: Mapping[str, Any] = field(default_factory=dict)  # SLOT's other options: loss_window, beta1, ...
 
     def setting_name(self, steps: int, lr: Lr) -> str:
-        return setting_name(steps, lr, loss_on=self.loss_on, kl_budget=self.kl_budget, rtd=bool(self.rtd_path))
+        window = self.slot.get("loss_window")
+        return (setting_name(steps, lr, loss_on=self.loss_on, kl_budget=self.kl_budget, rtd=bool(self.rtd_path))
+                + (f",window={window}" if window is not None and steps else ""))
 
 
 def gsm8k_prompt(question: str, format: str) -> tuple[Prompt, list[str]]:
@@ -157,10 +160,11 @@ def nll_record(model: Model, problem: gsm8k.Problem, setting: Setting, options: 
     solution_ids = model.tokenize(" " + problem.answer, add_special=False, parse_special=False)
     if options.loss_on == "user":
         slot = model.generate_with_slot(prompt, chat_template=options.chat_template, steps=steps, lr=lr,
-                                        max_tokens=0, loss_on=options.loss_on, kl_budget=options.kl_budget)
+                                        max_tokens=0, loss_on=options.loss_on, kl_budget=options.kl_budget,
+                                        **options.slot)
     else:
         slot = model.generate_with_slot("", prompt_token_ids=prompt_ids, steps=steps, lr=lr, max_tokens=0,
-                                        kl_budget=options.kl_budget)
+                                        kl_budget=options.kl_budget, **options.slot)
     logp = model.token_logprobs(prompt_ids + solution_ids, len(prompt_ids), slot.delta if steps else None)
     return {**_record_base(problem, setting, options), "nll": float(-logp.mean()),
             "solution_tokens": len(solution_ids), "losses": slot.losses, "seconds": time.monotonic() - start,
@@ -180,7 +184,7 @@ def generate_records(model: Model, items: Sequence[tuple[gsm8k.Problem, Setting,
     start = time.monotonic()
     results = model.generate_batch(prompts, steps=[s for _, (s, _), _ in items], lr=[lr for _, (_, lr), _ in items],
                                    stop=stops, chat_template=options.chat_template, rtd=rtd, loss_on=options.loss_on,
-                                   kl_budget=options.kl_budget, **options.sampling)
+                                   kl_budget=options.kl_budget, **options.sampling, **options.slot)
     seconds = (time.monotonic() - start) / len(items)
     records = []
     for (problem, setting, _), result in zip(items, results):

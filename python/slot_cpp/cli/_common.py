@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO, Union
 
 from .. import _core
-from .._model import DEFAULT_KL_BUDGET, GenerationResult, Model
+from .._model import GenerationResult, Model
+from ..options import (RtdOptions, SamplingOptions, SlotOptions, add_arguments, flag_of, from_arguments,
+                       specs)
 from ..rtd import CHOICE_LABELS, RTD, Datastore, _answer_index
 
 
@@ -109,43 +111,33 @@ def _open_model(args: argparse.Namespace) -> Model:
 
 
 # ---------------------------------------------------------------- SLOT and sampling options
+# The flags are made from the option definitions (slot_cpp.options): names,
+# types, defaults and help are written there once.
 def _add_sampling_options(p: argparse.ArgumentParser, *, slot_lists: bool = False) -> None:
+    """SLOT's and the sampler's options; with ``slot_lists``, --steps and --lr take
+    comma-separated values, each a setting to evaluate."""
     if slot_lists:
-        p.add_argument("--steps", type=_int_list, default=[0, 5], help="comma-separated steps values")
-        p.add_argument("--lr", type=_lr_list, default=[0.1],
-                       help="comma-separated learning rates ('auto': chosen per prompt)")
+        add_arguments(p, SlotOptions, lists=("steps", "lr"), defaults={"steps": (0, 5)})
     else:
-        p.add_argument("--steps", type=int, default=5, help="SLOT optimisation steps (0: plain generation)")
-        p.add_argument("--lr", type=_lr, default=0.1,
-                       help="SLOT learning rate, or 'auto': chosen per prompt by a KL trust region (--kl-budget)")
-    p.add_argument("--loss-on", choices=["all", "user"], default="all",
-                   help="SLOT's loss over every prompt token (the paper) or only the user's message content "
-                        "(chat prompts)")
-    _add_kl_budget_option(p)
-    p.add_argument("--max-tokens", "-n", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+        add_arguments(p, SlotOptions)
+    add_arguments(p, SamplingOptions)
     p.add_argument("--chat-template", default=None, help="built-in template name or template string")
 
 
 def _add_kl_budget_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kl-budget", type=float, default=DEFAULT_KL_BUDGET,
-                   help="lr auto: the mean KL (nats per loss position) by which delta may move the prompt's "
-                        f"next-token distributions (default {DEFAULT_KL_BUDGET:g})")
+    add_arguments(p, SlotOptions, only=("kl_budget",))
 
 
 def _slot_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """SLOT's options besides steps and lr."""
-    return dict(loss_on=args.loss_on, kl_budget=args.kl_budget)
+    return {k: v for k, v in from_arguments(args, SlotOptions).items() if k not in ("steps", "lr")}
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed)
+    """The sampler's options besides the stop strings; the seed is the model's (--seed)."""
+    out = {k: v for k, v in from_arguments(args, SamplingOptions).items() if k != "stop"}
+    out["seed"] = args.seed
+    return out
 
 
 # ---------------------------------------------------------------- RTD options
@@ -153,17 +145,11 @@ def _add_rtd_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtd", default=None, metavar="STORE",
                    help="blend retrieval from this RTD datastore (see 'slot-cpp rtd build') into every "
                         "next-token distribution")
-    p.add_argument("--rtd-k", type=int, default=None, help="neighbours retrieved (default: the datastore's)")
-    p.add_argument("--rtd-temperature", type=float, default=None,
-                   help="softmax temperature over neighbour distances (default: the datastore's)")
-    p.add_argument("--rtd-lambda", type=float, default=None,
-                   help="weight of the retrieved distribution, 0 to 1 (default: the datastore's)")
-    p.add_argument("--rtd-nprobe", type=int, default=None,
-                   help="inverted lists searched (0: exact search; >0 needs a datastore built with --ivf)")
+    add_arguments(p, RtdOptions, dest_prefix="rtd_")
 
 
-_RTD_SETTINGS = (("rtd_k", "--rtd-k"), ("rtd_temperature", "--rtd-temperature"), ("rtd_lambda", "--rtd-lambda"),
-                 ("rtd_nprobe", "--rtd-nprobe"))
+_RTD_SETTINGS = tuple(("rtd_" + name, flag_of(name, spec)) for name, _, spec in specs(RtdOptions)
+                      if flag_of(name, spec))
 
 
 def _check_rtd_args(args: argparse.Namespace) -> None:
@@ -182,8 +168,7 @@ def _rtd_option(args: argparse.Namespace, model: Model) -> Optional[RTD]:
     if not getattr(args, "rtd", None):
         return None
     store = Datastore.load(args.rtd, model)
-    option = RTD(store, k=args.rtd_k, temperature=args.rtd_temperature, lam=args.rtd_lambda,
-                 nprobe=args.rtd_nprobe)
+    option = RTD(**{**from_arguments(args, RtdOptions, dest_prefix="rtd_"), "datastore": store})
     # Check the settings now (as a request would), not after a long run has begun.
     option._apply(model, _core.Request())
     return option

@@ -11,9 +11,10 @@ from typing import Any, Union
 
 from .. import evaluation as ev
 from .. import gsm8k
-from ._common import (UsageError, _add_kl_budget_option, _add_model_options, _add_rtd_options,
-                      _add_sampling_options, _check_count, _check_rtd_args, _int_list, _lr_list, _open_model,
-                      _read_rows, _reward, _rtd_option, _sampling_kwargs)
+from ..options import SlotOptions, add_arguments
+from ._common import (UsageError, _add_model_options, _add_rtd_options,
+                      _add_sampling_options, _check_count, _check_rtd_args, _open_model,
+                      _read_rows, _reward, _rtd_option, _sampling_kwargs, _slot_kwargs)
 from .lmcor import _add_lmcor_options, _candidate_options, _open_corrector
 
 
@@ -63,12 +64,7 @@ def _register_mc(ev_sub: Any) -> None:
                          "none, or with --rtd of a choice datastore, the datastore's own prompt format)")
     mc.add_argument("--limit", type=int, default=None, help="evaluate the first N questions (after the shots)")
     mc.add_argument("--batch-size", type=int, default=32, help="questions scored per batch")
-    mc.add_argument("--steps", type=_int_list, default=[0],
-                    help="comma-separated SLOT steps; each setting above 0 learns a delta on every prompt "
-                         "(default: 0, plain only)")
-    mc.add_argument("--lr", type=_lr_list, default=[0.1],
-                    help="comma-separated SLOT learning rates ('auto': chosen per prompt)")
-    _add_kl_budget_option(mc)
+    add_arguments(mc, SlotOptions, only=("steps", "lr", "kl_budget"), lists=("steps", "lr"), defaults={"steps": (0,)})
     mc.add_argument("--json", action="store_true", help="print the summary as JSON")
     mc.add_argument("--out", "--output", "-o", dest="out", default=None,
                     help="write per-question records (probabilities, choices, correctness) to this JSONL")
@@ -140,7 +136,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_methods(args, problems, methods)
     options = ev.GSM8KOptions(metric=args.metric, format=args.format, chat_template=args.chat_template,
                               stop=list(args.stop), loss_on=args.loss_on, kl_budget=args.kl_budget,
-                              rtd_path=args.rtd, sampling=_sampling_kwargs(args))
+                              rtd_path=args.rtd, sampling=_sampling_kwargs(args),
+                              slot={k: v for k, v in _slot_kwargs(args).items() if k not in ("loss_on", "kl_budget")})
     variants = [(s, options.setting_name(*s)) for s in _eval_settings(args)]
     out_path = Path(args.output) if args.output else Path(f"gsm8k-{args.metric}.jsonl")
     done = ev.done_records(out_path, args.metric)

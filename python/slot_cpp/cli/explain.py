@@ -8,7 +8,8 @@ from typing import Any
 
 from .._model import Prompt
 from ..evaluation import plot_explain, token_shifts
-from ._common import UsageError, _add_kl_budget_option, _add_model_options, _lr, _open_model, _read_prompt
+from ..options import SlotOptions, add_arguments, from_arguments
+from ._common import UsageError, _add_model_options, _open_model, _read_prompt
 
 
 def register(sub: Any) -> None:
@@ -16,10 +17,7 @@ def register(sub: Any) -> None:
     ex.add_argument("prompt", nargs="?")
     ex.add_argument("--file", "-f")
     ex.add_argument("--chat", action="store_true")
-    ex.add_argument("--steps", type=int, default=5)
-    ex.add_argument("--lr", type=_lr, default=0.1, help="SLOT learning rate, or 'auto' (the trust region's "
-                    "KL ladder is shown and plotted)")
-    _add_kl_budget_option(ex)
+    add_arguments(ex, SlotOptions)  # with lr auto, the trust region's KL ladder is shown and plotted
     ex.add_argument("--top", type=int, default=15, help="tokens to list in each direction")
     ex.add_argument("--chat-template", default=None)
     ex.add_argument("--json", action="store_true")
@@ -32,8 +30,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     text = _read_prompt(args)
     with _open_model(args) as model:
         prompt: Prompt = [{"role": "user", "content": text}] if args.chat else text
-        result = model.generate_with_slot(prompt, steps=args.steps, lr=args.lr, max_tokens=0,
-                                          chat_template=args.chat_template, kl_budget=args.kl_budget)
+        result = model.generate_with_slot(prompt, max_tokens=0, chat_template=args.chat_template,
+                                          **from_arguments(args, SlotOptions))
         calibration = [{"lr": lr, "kl": kl} for lr, kl in result.calibration]
         if calibration and not args.json:
             print(f"lr auto, mean KL per step size (budget {args.kl_budget:g}): " +

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .._model import Model
-from ._common import (UsageError, _add_model_options, _add_rtd_options, _check_rtd_args, _lora_specs, _lr,
+from ..options import LmcorOptions, SlotOptions, add_arguments, from_arguments
+from ._common import (UsageError, _add_model_options, _add_rtd_options, _check_rtd_args, _lora_specs,
                       _open_model, _reward, _rtd_option)
 
 
@@ -42,7 +43,8 @@ def register(sub: Any) -> None:
                                                           "up_proj", "down_proj")),
                     help="comma-separated projections that get LoRA matrices")
     lt.add_argument("--epochs", type=float, default=2.0)
-    lt.add_argument("--lr", type=float, default=1e-3)
+    lt.add_argument("--lora-lr", "--lr", dest="lr", type=float, default=1e-3,
+                    help="the LoRA training's learning rate (--lr is an older name)")
     lt.add_argument("--batch-tokens", type=int, default=2048, help="tokens per batch (rows of similar length)")
     lt.add_argument("--max-len", type=int, default=1024, help="rows longer than this are left out, not cut")
     lt.add_argument("--limit", type=int, default=None, help="first N rows only")
@@ -65,12 +67,11 @@ def _add_lmcor_options(p: argparse.ArgumentParser, *, corrector: bool = True) ->
                             "candidates from the last")
     p.add_argument("--prompt-file", default=None,
                    help="the generator's prompt template with {input} (e.g. few-shot); default: the input alone")
-    p.add_argument("-k", type=int, default=5, help="candidates: the greedy answer and k-1 samples")
-    p.add_argument("--temperature", type=float, default=0.7, help="the samples' temperature")
+    add_arguments(p, LmcorOptions)
     p.add_argument("--max-tokens", "-n", type=int, default=128, help="tokens per candidate")
     p.add_argument("--stop", action="append", default=None, help="candidate stop string (default: newline)")
-    p.add_argument("--steps", type=int, default=0, help="SLOT steps on the generator's prompt (0: off)")
-    p.add_argument("--lr", type=_lr, default=0.01, help="SLOT learning rate for the generator, or 'auto'")
+    # SLOT on the generator's prompt (--steps 0: off).
+    add_arguments(p, SlotOptions, defaults={"steps": 0, "lr": 0.01})
     p.add_argument("--qalign-steps", type=int, default=0,
                    help="draw the k-1 samples as the last states of QAlign chains of this many steps (0: off)")
     p.add_argument("--reward", default=None, help="QAlign's reward: head:FILE.npz, contains:TEXT or judge")
@@ -87,7 +88,7 @@ def _candidate_options(args: argparse.Namespace, generator: Model) -> dict[str, 
     opts: dict[str, Any] = dict(prompt=prompt, k=args.k, temperature=args.temperature, max_tokens=args.max_tokens,
                                 stop=["\n"] if args.stop is None else args.stop, seed=args.seed)
     if args.steps:
-        opts.update(steps=args.steps, lr=args.lr)
+        opts.update(from_arguments(args, SlotOptions))
     rtd = _rtd_option(args, generator)
     if rtd is not None:
         opts["rtd"] = rtd

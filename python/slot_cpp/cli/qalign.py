@@ -12,7 +12,8 @@ from .. import gsm8k
 from .._model import Prompt
 from .._progress import Progress
 from ..evaluation import gsm8k_prompt, rtd_description
-from ._common import (UsageError, _add_model_options, _add_rtd_options, _lr, _open_model, _read_prompt, _reward,
+from ..options import QAlignOptions, SlotOptions, add_arguments, from_arguments
+from ._common import (UsageError, _add_model_options, _add_rtd_options, _open_model, _read_prompt, _reward,
                       _rtd_option)
 
 
@@ -29,8 +30,7 @@ def register(sub: Any) -> None:
     qa_p.add_argument("--judge-template", default=None, help="judge prompt with {prompt} and {response}")
     qa_p.add_argument("--judge-yes", default=" yes")
     qa_p.add_argument("--judge-no", default=" no")
-    qa_p.add_argument("--steps", type=int, default=64)
-    qa_p.add_argument("--beta", type=float, default=1.0)
+    add_arguments(qa_p, QAlignOptions)
     qa_p.add_argument("--chains", type=int, default=1)
     qa_p.add_argument("--burn-in", type=int, default=0)
     qa_p.add_argument("--max-tokens", "-n", type=int, default=256)
@@ -40,9 +40,8 @@ def register(sub: Any) -> None:
     qa_p.add_argument("--extract", choices=("gsm8k", "text"), default="gsm8k",
                       help="what a vote counts: GSM8K's final number, or the whole text")
     qa_p.add_argument("--chat-template", default=None)
-    qa_p.add_argument("--slot-steps", type=int, default=0,
-                      help="shape the proposal with SLOT: optimisation steps on the prompt (0: off)")
-    qa_p.add_argument("--slot-lr", type=_lr, default=0.01, help="SLOT's step size (or auto)")
+    # SLOT shapes the proposal: --slot-steps on the prompt (0: off), --slot-lr, ...
+    add_arguments(qa_p, SlotOptions, prefix="slot-", defaults={"steps": 0, "lr": 0.01})
     qa_p.add_argument("--json", action="store_true")
     _add_rtd_options(qa_p)
     _add_model_options(qa_p)
@@ -74,8 +73,8 @@ def cmd_qalign(args: argparse.Namespace) -> int:
         rtd = _rtd_option(args, model)
         slot = None
         if args.slot_steps:
-            slot = model.generate_with_slot(prompt, steps=args.slot_steps, lr=args.slot_lr, max_tokens=0,
-                                            chat_template=args.chat_template)
+            slot = model.generate_with_slot(prompt, max_tokens=0, chat_template=args.chat_template,
+                                            **from_arguments(args, SlotOptions, prefix="slot-"))
         progress = Progress(args.steps, "qalign", True, plain=True)
         result = qa.qalign(
             model, prompt, reward=reward, beta=args.beta, steps=args.steps, max_tokens=args.max_tokens,
