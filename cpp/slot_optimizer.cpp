@@ -330,7 +330,7 @@ double SlotProblem::evaluate(const std::vector<float>& delta, std::vector<float>
 }
 
 SlotOutcome SlotProblem::optimise(const SlotConfig& config, const InterruptCheck& interrupted) {
-    validate(config);
+    // The config was checked with its request (validate_request).
     SlotOutcome out;
     out.delta.assign(static_cast<size_t>(d_), 0.0f);
     out.path = cached_ ? "cached" : "recompute";
