@@ -56,7 +56,7 @@ def mmlu(model, args) -> dict:
     scores = []
     for a in range(0, len(ev), 32):
         scores += rtd.score_choices(model, ev[a:a + 32], rtd=store)
-    answers = [rtd._answer_index(r) for r in ev]
+    answers = [rtd.answer_index(r) for r in ev]
     plain_ok = [s.plain_choice == a for s, a in zip(scores, answers)]
     rtd_ok = [s.rtd_choice == a for s, a in zip(scores, answers)]
     fixed = sum(1 for p, r in zip(plain_ok, rtd_ok) if r and not p)

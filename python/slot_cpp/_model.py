@@ -410,7 +410,7 @@ class Model:
     def drop_cached(self, prefix: Sequence[int]) -> int:
         """Drop the cached sequences whose tokens start with ``prefix`` (a
         branch that will not be continued); returns how many were dropped."""
-        toks = self._check_tokens(prefix)
+        toks = self.check_tokens(prefix)
         if not toks:
             raise ValueError("prefix is empty")
         return int(self._s().drop_cached(toks))
@@ -443,7 +443,7 @@ class Model:
         return list(self._s().tokenize(text, add_special, parse_special))
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self._s().detokenize(self._check_tokens(tokens)).decode("utf-8", "replace")
+        return self._s().detokenize(self.check_tokens(tokens)).decode("utf-8", "replace")
 
     def apply_chat_template(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
                             template: Optional[str] = None) -> str:
@@ -475,7 +475,6 @@ class Model:
         """Token ids as a list of ints inside this model's vocabulary (TypeError/ValueError otherwise)."""
         return opts.check_tokens(tokens, self.n_vocab)
 
-    _check_tokens = check_tokens
 
     def prompt_tokens(self, prompt: Prompt, *, chat_template: Optional[str] = None,
                       system: Optional[str] = None) -> list[int]:
@@ -595,7 +594,7 @@ class Model:
         if prompt_token_ids is not None:
             if groups[1].loss_on == "user":
                 raise ValueError("loss_on='user' needs chat messages, not prompt_token_ids")
-            tokens = self._check_tokens(prompt_token_ids)
+            tokens = self.check_tokens(prompt_token_ids)
             if not tokens:
                 raise ValueError("the prompt is empty")
             loss_mask = None
@@ -717,11 +716,11 @@ class Model:
                              system: Optional[str]) -> list[int]:
         if (isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes)) and len(prompt) > 0
                 and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt)):
-            return self._check_tokens(prompt)
+            return self.check_tokens(prompt)
         if isinstance(prompt, np.ndarray) and prompt.ndim == 1 and np.issubdtype(prompt.dtype, np.integer):
             if prompt.size == 0:
                 raise ValueError(f"prompt {index} is empty")
-            return self._check_tokens(prompt.tolist())
+            return self.check_tokens(prompt.tolist())
         try:
             return self.prompt_tokens(prompt, chat_template=chat_template, system=system)
         except (TypeError, ValueError) as exc:
@@ -746,7 +745,7 @@ class Model:
 
     def prompt_states(self, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Final normed hidden states (N, n_embd) and logits (N, n_vocab) of a prompt."""
-        toks = self._check_tokens(tokens)
+        toks = self.check_tokens(tokens)
         if not toks:
             raise ValueError("tokens is empty")
         return self._s().prompt_states(toks)
@@ -754,7 +753,7 @@ class Model:
     def slot_loss_and_gradient(self, tokens: Sequence[int], delta: np.ndarray, *,
                                recompute: bool = False) -> tuple[float, np.ndarray]:
         """SLOT's prompt loss at ``delta`` and its analytical gradient."""
-        toks = self._check_tokens(tokens)
+        toks = self.check_tokens(tokens)
         if len(toks) < 2:
             raise ValueError("the prompt needs at least two tokens for a SLOT loss")
         d = _check_delta(delta, self.n_embd)
@@ -767,7 +766,7 @@ class Model:
     def token_logprobs(self, tokens: Sequence[int], first: int,
                        delta: Optional[np.ndarray] = None) -> np.ndarray:
         """log p(tokens[i] | tokens[:i]) for i >= first, under delta's logit bias if given."""
-        toks = self._check_tokens(tokens)
+        toks = self.check_tokens(tokens)
         first = check_int("first", first, 1)
         if first >= len(toks):
             raise ValueError(f"first ({first}) must be < the number of tokens ({len(toks)})")
@@ -779,7 +778,7 @@ class Model:
         (one context, one stock greedy sampler per sequence, one llama_decode
         per step): a reference for generate_batch. Returns the tokens and the
         seconds spent in the decode steps."""
-        lists = [self._check_tokens(p) for p in prompts]
+        lists = [self.check_tokens(p) for p in prompts]
         if not lists or any(not p for p in lists):
             raise ValueError("prompts must be a non-empty list of non-empty token lists")
         out, seconds = self._s().reference_greedy_batch(lists, check_int("n_new", n_new, 0))
@@ -787,7 +786,7 @@ class Model:
 
     def reference_greedy(self, tokens: Sequence[int], n_new: int) -> tuple[list[int], float]:
         """Greedy tokens from llama.cpp's own decode loop and sampler (a reference)."""
-        toks = self._check_tokens(tokens)
+        toks = self.check_tokens(tokens)
         if not toks:
             raise ValueError("tokens is empty")
         out, seconds = self._s().reference_greedy(toks, check_int("n_new", n_new, 0))

@@ -24,7 +24,7 @@ import numpy as np
 from . import gsm8k
 from ._model import DEFAULT_KL_BUDGET, Model, Prompt
 from ._progress import Progress
-from .rtd import RTD, ChoiceScores, _answer_index, score_choices
+from .rtd import RTD, ChoiceScores, answer_index, score_choices
 
 __all__ = [
     "METHODS", "GSM8KOptions", "gsm8k_prompt", "setting_name", "method_name", "done_records", "pending",
@@ -324,7 +324,7 @@ def evaluate_choices(model: Model, questions: Sequence[Mapping[str, Any]], setti
     """``{"question", "choices", "answer"}`` questions scored under every
     (steps, lr) setting (the first the plain model: steps 0), with and, given
     ``rtd``, without the blend; :attr:`ChoiceEval.table` pairs each against plain."""
-    answers = [_answer_index(q) for q in questions]
+    answers = [answer_index(q) for q in questions]
     names = ["plain"] + [gsm8k.setting_name(steps, lr) for steps, lr in settings[1:]]
     n = len(questions)
     bar = Progress(n * len(settings), "mc", progress, plain=True)
@@ -473,7 +473,7 @@ def token_shifts(model: Model, delta: np.ndarray, top: int = 15) -> tuple[list[d
     order = np.argsort(bias)
 
     def entry(t: int) -> dict[str, Any]:
-        return {"token": t, "piece": model._s().token_piece(t).decode("utf-8", "replace"),
+        return {"token": t, "piece": model.token_piece(t).decode("utf-8", "replace"),
                 "logit_change": float(bias[t])}
 
     return [entry(int(i)) for i in order[::-1][:top]], [entry(int(i)) for i in order[:top]]

@@ -433,7 +433,8 @@ def native_request(tokens: list[int], n: int, sampling: SamplingOptions, slot: S
 # ---- the command line ---------------------------------------------------------
 
 
-def _parse_lr(text: str) -> Union[float, str]:
+def parse_lr(text: str) -> Union[float, str]:
+    """A SLOT step size on the command line: a number, or 'auto'."""
     if text.strip() == "auto":
         return "auto"
     try:
@@ -442,7 +443,8 @@ def _parse_lr(text: str) -> Union[float, str]:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from exc
 
 
-def _parse_list(item: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
+def parse_list(item: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
+    """An argparse type for comma-separated values of ``item``."""
     def parse(text: str) -> list[Any]:
         try:
             return [item(x.strip()) for x in text.split(",") if x.strip()]
@@ -452,7 +454,7 @@ def _parse_list(item: Callable[[str], Any], what: str) -> Callable[[str], list[A
 
 
 _CLI_TYPES: dict[str, tuple[Callable[[str], Any], str]] = {
-    "int": (int, "integers"), "float": (float, "numbers"), "lr": (_parse_lr, "numbers or 'auto'"),
+    "int": (int, "integers"), "float": (float, "numbers"), "lr": (parse_lr, "numbers or 'auto'"),
 }
 
 
@@ -492,7 +494,7 @@ def add_arguments(parser: argparse.ArgumentParser, group: type, *, only: Optiona
         else:
             parse, what = _CLI_TYPES[spec.kind]
             if name in lists:
-                parser.add_argument(*names, dest=dest, type=_parse_list(parse, what), metavar=metavar,
+                parser.add_argument(*names, dest=dest, type=parse_list(parse, what), metavar=metavar,
                                     default=list(default) if isinstance(default, (list, tuple)) else [default],
                                     help=spec.doc + " (comma-separated: each value is a setting)")
             else:

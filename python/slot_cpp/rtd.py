@@ -60,6 +60,7 @@ __all__ = [
     "DatastoreError",
     "DatastoreMismatchError",
     "RTD",
+    "answer_index",
     "format_choice_prompt",
     "score_choices",
 ]
@@ -92,11 +93,11 @@ def format_choice_prompt(question: str, choices: Sequence[str], shots: Sequence[
 
     solved = "".join(
         template.format(shots="", question=s["question"], options=options(s["choices"]))
-        + f" {CHOICE_LABELS[_answer_index(s)]}\n\n" for s in shots)
+        + f" {CHOICE_LABELS[answer_index(s)]}\n\n" for s in shots)
     return template.format(shots=solved, question=question, options=options(choices))
 
 
-def _answer_index(row: Mapping[str, Any]) -> int:
+def answer_index(row: Mapping[str, Any]) -> int:
     answer = row["answer"]
     n = len(row["choices"])
     if isinstance(answer, str):
@@ -296,7 +297,7 @@ class Datastore:
         if self.mode == "choice":
             prompt = self.choice_prompt(row["question"], row["choices"])
             toks = model.tokenize(prompt)
-            label = _label_tokens(model, len(row["choices"]))[_answer_index(row)]
+            label = _label_tokens(model, len(row["choices"]))[answer_index(row)]
             return toks, (len(toks) - 1, len(toks)), [label]
         prompt, completion = row["prompt"], row["completion"]
         if not isinstance(prompt, str) or not isinstance(completion, str):
@@ -631,7 +632,7 @@ def _choice_parts(model: Model, store: Datastore, rows: Sequence[Mapping[str, An
     res = model.generate_batch(prompts, max_tokens=0, score_tokens=labels, return_hidden=True)
     hidden = np.stack([np.asarray(r.hidden) for r in res]).astype(np.float32)
     return hidden, [np.asarray(r.score_logprobs) for r in res], [np.asarray(l) for l in labels], \
-        [_answer_index(r) for r in rows]
+        [answer_index(r) for r in rows]
 
 
 def _generation_parts(model: Model, store: Datastore, rows: Sequence[Mapping[str, Any]],

@@ -13,8 +13,8 @@ from typing import Any, Optional, Sequence, TextIO, Union
 from .. import _core
 from .._model import GenerationResult, Model
 from ..options import (RtdOptions, SamplingOptions, SlotOptions, add_arguments, flag_of, from_arguments,
-                       specs)
-from ..rtd import CHOICE_LABELS, RTD, Datastore, _answer_index
+                       parse_list, specs)
+from ..rtd import CHOICE_LABELS, RTD, Datastore, answer_index
 
 
 class UsageError(Exception):
@@ -40,32 +40,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------- argument types
-def _lr(text: str) -> Union[float, str]:
-    """A SLOT step size: a number, or 'auto' (chosen per prompt)."""
-    if text.strip() == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from exc
-
-
-def _lr_list(text: str) -> list[Union[float, str]]:
-    return [_lr(x) for x in text.split(",") if x.strip()]
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+_float_list = parse_list(float, "numbers")
+_int_list = parse_list(int, "integers")
 
 
 def _check_count(name: str, value: Optional[int]) -> None:
@@ -220,7 +196,7 @@ def _row_problem(row: dict[str, Any], mode: str) -> Optional[str]:
             or not all(isinstance(c, str) for c in choices)):
         return f"'choices' must be a list of 2 to {len(CHOICE_LABELS)} strings"
     try:
-        _answer_index(row)
+        answer_index(row)
     except ValueError as exc:
         return str(exc)
     return None

@@ -285,7 +285,7 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
             else:
                 if not prompt:
                     raise ApiError(400, "the prompt is empty", param="prompt")
-                tokens = model._check_tokens(prompt)
+                tokens = model.check_tokens(prompt)
         except (TypeError, ValueError) as exc:
             raise ApiError(400, str(exc), param="prompt") from None
         top = body.logprobs or 0
