@@ -1,6 +1,7 @@
 #include "backend.h"
 
 #include <algorithm>
+#include <fstream>
 #include <string>
 
 #include "errors.h"
@@ -45,7 +46,7 @@ StaticTensors::~StaticTensors() {
 }
 
 ComputeBackend::ComputeBackend(int n_threads, ggml_backend_dev_t device)
-    : n_threads_(std::max(1, n_threads)), is_cpu_(device == nullptr) {
+    : n_threads_(std::max(1, n_threads)), is_cpu_(device == nullptr), device_(device) {
     if (is_cpu_) {
         backend_ = ggml_backend_cpu_init();
         if (backend_ == nullptr) throw Error("could not initialise the ggml CPU backend");
@@ -58,6 +59,25 @@ ComputeBackend::ComputeBackend(int n_threads, ggml_backend_dev_t device)
     }
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
     if (galloc_ == nullptr) throw Error("could not create a ggml graph allocator");
+}
+
+int64_t ComputeBackend::available_memory() const {
+    size_t free = 0, total = 0;
+    if (!is_cpu_) {
+        ggml_backend_dev_memory(device_, &free, &total);
+        return static_cast<int64_t>(free);
+    }
+    // ggml reports the CPU device's total as free on Linux: read what the
+    // kernel says can be allocated without swapping.
+    std::ifstream meminfo("/proc/meminfo");
+    std::string key, unit;
+    long long kib = 0;
+    while (meminfo >> key >> kib >> unit) {
+        if (key == "MemAvailable:") return static_cast<int64_t>(kib) * 1024;
+    }
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (cpu != nullptr) ggml_backend_dev_memory(cpu, &free, &total);
+    return static_cast<int64_t>(free);
 }
 
 ComputeBackend::~ComputeBackend() {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <mutex>
 
@@ -48,11 +49,15 @@ public:
 
     int n_threads() const { return n_threads_; }
     bool is_cpu() const { return is_cpu_; }
+    // Bytes of memory free on this backend's device now: the GPU's free
+    // memory, or the host's available memory (MemAvailable on Linux; ggml's
+    // figure for the CPU device elsewhere).
+    int64_t available_memory() const;
     const char* name() const { return ggml_backend_name(backend_); }
     // Allocates every tensor of `tensors` on this backend.
     void allocate(StaticTensors& tensors, const char* what);
-    // The same for a single tensor rewritten for every prompt (the SLOT prompt
-    // cache): it goes in a buffer the backend keeps between uses, when that is
+    // The same for a single tensor rewritten for every prompt (a SLOT
+    // problem's P0): it goes in a buffer the backend keeps between uses, when that is
     // free and the tensor is at most kMaxReusableBytes. Fresh memory costs a
     // page fault per 4 KiB page when first written, about as much as the write.
     void allocate_reusable(StaticTensors& tensors, const char* what);
@@ -66,6 +71,7 @@ public:
 private:
     int n_threads_ = 1;
     bool is_cpu_ = true;
+    ggml_backend_dev_t device_ = nullptr;
     ggml_backend_t backend_ = nullptr;
     ggml_gallocr_t galloc_ = nullptr;
     std::mutex reusable_mutex_;

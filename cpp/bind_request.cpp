@@ -79,6 +79,7 @@ void bind_request(py::module_& m) {
         .SLOT_FIELD("weight_decay", slot.weight_decay)
         .SLOT_FIELD("memory_budget", slot.memory_budget)
         .SLOT_FIELD("recompute", slot.recompute)
+        .SLOT_FIELD("cache_precision", slot.cache_precision)
         .def_property(
             "loss_mask",
             [](const GenerationRequest& r) {

@@ -212,14 +212,15 @@ void bind_session(py::module_& m) {
              },
              py::arg("tokens"))
         .def("slot_loss_and_gradient",
-             [](Session& s, const std::vector<int32_t>& tokens, const FloatArray& delta, bool recompute) {
+             [](Session& s, const std::vector<int32_t>& tokens, const FloatArray& delta, bool recompute,
+                const std::string& cache_precision) {
                  std::vector<float> d = from_numpy(delta), grad;
                  const double loss = without_gil([&](const InterruptCheck& check) {
-                     return s.slot_loss_and_gradient(tokens, d, recompute, grad, check);
+                     return s.slot_loss_and_gradient(tokens, d, recompute, cache_precision, grad, check);
                  });
                  return py::make_tuple(loss, to_numpy(grad));
              },
-             py::arg("tokens"), py::arg("delta"), py::arg("recompute"))
+             py::arg("tokens"), py::arg("delta"), py::arg("recompute"), py::arg("cache_precision") = "auto")
         .def("logit_bias",
              [](Session& s, const FloatArray& delta) {
                  const std::vector<float> d = from_numpy(delta);

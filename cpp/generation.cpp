@@ -1050,7 +1050,8 @@ void Session::prompt_states(const std::vector<int32_t>& tokens, std::vector<floa
 }
 
 double Session::slot_loss_and_gradient(const std::vector<int32_t>& tokens, const std::vector<float>& delta,
-                                       bool recompute, std::vector<float>& grad, const InterruptCheck& interrupted) {
+                                       bool recompute, const std::string& cache_precision, std::vector<float>& grad,
+                                       const InterruptCheck& interrupted) {
     std::lock_guard<FairMutex> lock(mutex_);
     require_idle("slot_loss_and_gradient");
     Engine& e = engine();
@@ -1058,6 +1059,8 @@ double Session::slot_loss_and_gradient(const std::vector<int32_t>& tokens, const
     OutputHead& h = head();
     SlotConfig config;
     config.recompute = recompute;
+    config.cache_precision = cache_precision;
+    validate(config);
     SlotProblem problem(h, tokens, config);
     e.clear_all();
     fill_slot_problem(e, problem, 0, tokens, {}, interrupted);

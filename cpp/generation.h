@@ -216,7 +216,8 @@ public:
     void prompt_states(const std::vector<int32_t>& tokens, std::vector<float>& hidden, std::vector<float>& logits,
                        const InterruptCheck& interrupted);
     double slot_loss_and_gradient(const std::vector<int32_t>& tokens, const std::vector<float>& delta,
-                                  bool recompute, std::vector<float>& grad, const InterruptCheck& interrupted);
+                                  bool recompute, const std::string& cache_precision, std::vector<float>& grad,
+                                  const InterruptCheck& interrupted);
     std::vector<float> logit_bias(const std::vector<float>& delta);
     // log p(tokens[i] | tokens[<i]) for i >= first (teacher forcing), with
     // delta's logit bias when delta is non-empty.

@@ -300,22 +300,106 @@ double exp_shifted(const float* x, float m, int64_t n, float* y) {
 void softmax_rows_op(ggml_tensor* dst, int ith, int nth, void* userdata) {
     const auto* job = static_cast<const SoftmaxRowsJob*>(userdata);
     const int64_t V = dst->ne[0], rows = dst->ne[1];
+    const bool bf16 = dst->type == GGML_TYPE_BF16;
+    std::vector<float> staging(bf16 ? static_cast<size_t>(V) : 0);
     for (int64_t r = ith; r < rows; r += nth) {
         const float* x = job->src + r * V;
-        float* y = reinterpret_cast<float*>(static_cast<char*>(dst->data) + r * dst->nb[1]);
+        char* row = static_cast<char*>(dst->data) + r * dst->nb[1];
+        float* y = bf16 ? staging.data() : reinterpret_cast<float*>(row);
         const float m = row_max(x, V);
         const double total = exp_shifted(x, m, V, y);
         const float scale = static_cast<float>(1.0 / total);
         for (int64_t i = 0; i < V; ++i) y[i] *= scale;
+        if (bf16) ggml_fp32_to_bf16_row(y, reinterpret_cast<ggml_bf16_t*>(row), V);
         job->target_logprob[r] = static_cast<double>(x[job->targets[r]]) - m - std::log(total);
+    }
+}
+
+inline float bf16_bits_to_float(uint16_t h) {
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
+// Vocabulary entries per block: a block of every column (k <= 16 of them)
+// stays in L2 while each row of the thread's share is swept over it.
+constexpr int64_t kBf16Block = 2048;
+constexpr int kLanes = 16;
+
+void bf16_rows_times_columns_op(ggml_tensor* dst, int ith, int nth, void*) {
+    const ggml_tensor* p0 = dst->src[0];
+    const ggml_tensor* cols = dst->src[1];
+    const int64_t V = p0->ne[0], rows = p0->ne[1], k = cols->ne[1];
+    const int64_t r0 = rows * ith / nth, r1 = rows * (ith + 1) / nth;
+    if (r0 >= r1) return;
+    std::vector<double> acc(static_cast<size_t>((r1 - r0) * k), 0.0);
+    std::vector<float> row(static_cast<size_t>(kBf16Block));
+    for (int64_t v0 = 0; v0 < V; v0 += kBf16Block) {
+        const int64_t len = std::min(kBf16Block, V - v0);
+        for (int64_t t = r0; t < r1; ++t) {
+            const auto* p = reinterpret_cast<const uint16_t*>(static_cast<const char*>(p0->data) + t * p0->nb[1]) + v0;
+            for (int64_t i = 0; i < len; ++i) row[static_cast<size_t>(i)] = bf16_bits_to_float(p[i]);
+            for (int64_t j = 0; j < k; ++j) {
+                const auto* c = reinterpret_cast<const float*>(static_cast<const char*>(cols->data) + j * cols->nb[1]) + v0;
+                float lane[kLanes] = {};
+                int64_t i = 0;
+                for (; i + kLanes <= len; i += kLanes) {
+                    for (int l = 0; l < kLanes; ++l) lane[l] += row[static_cast<size_t>(i + l)] * c[i + l];
+                }
+                double sum = 0.0;
+                for (; i < len; ++i) sum += static_cast<double>(row[static_cast<size_t>(i)]) * c[i];
+                for (float x : lane) sum += x;
+                acc[static_cast<size_t>((t - r0) * k + j)] += sum;
+            }
+        }
+    }
+    for (int64_t t = r0; t < r1; ++t) {
+        for (int64_t j = 0; j < k; ++j) {
+            *reinterpret_cast<float*>(static_cast<char*>(dst->data) + t * dst->nb[0] + j * dst->nb[1]) =
+                static_cast<float>(acc[static_cast<size_t>((t - r0) * k + j)]);
+        }
+    }
+}
+
+void bf16_rows_transposed_op(ggml_tensor* dst, int ith, int nth, void*) {
+    const ggml_tensor* p0 = dst->src[0];
+    const auto* r = static_cast<const float*>(dst->src[1]->data);
+    const int64_t V = p0->ne[0], rows = p0->ne[1];
+    // Each thread owns a range of the vocabulary (a multiple of the lanes).
+    const int64_t chunks = (V + kLanes - 1) / kLanes;
+    const int64_t v0 = std::min(V, chunks * ith / nth * kLanes), v1 = std::min(V, chunks * (ith + 1) / nth * kLanes);
+    float* out = static_cast<float*>(dst->data);
+    std::fill(out + v0, out + v1, 0.0f);
+    for (int64_t t = 0; t < rows; ++t) {
+        const float rt = r[t];
+        if (rt == 0.0f) continue;
+        const auto* p = reinterpret_cast<const uint16_t*>(static_cast<const char*>(p0->data) + t * p0->nb[1]);
+        for (int64_t v = v0; v < v1; ++v) out[v] += rt * bf16_bits_to_float(p[v]);
     }
 }
 
 }  // namespace
 
 ggml_tensor* softmax_rows_from_host(ggml_context* ctx, ggml_tensor* dst, SoftmaxRowsJob* job) {
-    GGML_ASSERT(dst->type == GGML_TYPE_F32 && dst->nb[0] == sizeof(float));
+    GGML_ASSERT((dst->type == GGML_TYPE_F32 || dst->type == GGML_TYPE_BF16) && dst->nb[0] == ggml_type_size(dst->type));
     return ggml_custom_inplace(ctx, dst, nullptr, 0, softmax_rows_op, GGML_N_TASKS_MAX, job);
+}
+
+ggml_tensor* bf16_rows_times_columns(ggml_context* ctx, ggml_tensor* p0, ggml_tensor* cols) {
+    GGML_ASSERT(p0->type == GGML_TYPE_BF16 && p0->nb[0] == sizeof(uint16_t));
+    GGML_ASSERT(cols->type == GGML_TYPE_F32 && cols->ne[0] == p0->ne[0] && cols->nb[0] == sizeof(float));
+    ggml_tensor* args[] = {p0, cols};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, p0->ne[1], cols->ne[1], 1, 1, args, 2, bf16_rows_times_columns_op,
+                          GGML_N_TASKS_MAX, nullptr);
+}
+
+ggml_tensor* bf16_rows_transposed_times(ggml_context* ctx, ggml_tensor* p0, ggml_tensor* r) {
+    GGML_ASSERT(p0->type == GGML_TYPE_BF16 && p0->nb[0] == sizeof(uint16_t));
+    GGML_ASSERT(r->type == GGML_TYPE_F32 && ggml_is_contiguous(r) && ggml_nelements(r) == p0->ne[1]);
+    ggml_tensor* args[] = {p0, r};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, p0->ne[0], 1, 1, 1, args, 2, bf16_rows_transposed_op,
+                          GGML_N_TASKS_MAX, nullptr);
 }
 
 double log_sum_exp(const float* x, int64_t n) {

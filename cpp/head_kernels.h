@@ -30,7 +30,18 @@ struct SoftmaxRowsJob {
     const int32_t* targets = nullptr;
     double* target_logprob = nullptr;
 };
+// dst may be float32 or bfloat16 (rounded to nearest even from float32).
 ggml_tensor* softmax_rows_from_host(ggml_context* ctx, ggml_tensor* dst, SoftmaxRowsJob* job);
+
+// A SlotProblem's P0 held in bfloat16 (when float32 would not fit its memory
+// budget): the products of a SLOT step read each entry back as float32 and
+// keep the other operand in float32 (ggml's mul_mat would round it to bf16).
+// out [rows, k] = P0 [V, rows] times cols [V, k], as ggml_mul_mat lays it out;
+// sums in float32 lanes over blocks of the vocabulary, added in double.
+ggml_tensor* bf16_rows_times_columns(ggml_context* ctx, ggml_tensor* p0, ggml_tensor* cols);
+// out [V] = P0^T r for r [rows] (float32): every row's entries scaled and
+// added in float32.
+ggml_tensor* bf16_rows_transposed_times(ggml_context* ctx, ggml_tensor* p0, ggml_tensor* r);
 
 // log(sum_i exp(x_i)) over n floats. The exponential is a polynomial in
 // float32 lanes that the compiler vectorises (libm's exp is scalar and costs

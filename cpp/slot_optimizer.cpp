@@ -79,7 +79,12 @@ void validate(const SlotConfig& c) {
     if (!(c.weight_decay >= 0.0) || !std::isfinite(c.weight_decay)) {
         throw std::invalid_argument("weight_decay must be a finite number >= 0");
     }
-    if (c.memory_budget < (int64_t(1) << 20)) throw std::invalid_argument("memory_budget must be at least 1 MiB");
+    if (c.memory_budget != 0 && c.memory_budget < (int64_t(1) << 20)) {
+        throw std::invalid_argument("memory_budget must be at least 1 MiB (or 0: automatic)");
+    }
+    if (c.cache_precision != "auto" && c.cache_precision != "float32" && c.cache_precision != "bfloat16") {
+        throw std::invalid_argument("cache_precision must be 'auto', 'float32' or 'bfloat16'");
+    }
     if (!(c.kl_budget > 0.0) || !std::isfinite(c.kl_budget)) {
         throw std::invalid_argument("kl_budget must be a finite number > 0");
     }
@@ -100,17 +105,34 @@ SlotProblem::SlotProblem(OutputHead& head, const std::vector<int32_t>& tokens, c
         targets_.push_back(tokens[static_cast<size_t>(t) + 1]);
     }
     const int64_t row_bytes = V_ * static_cast<int64_t>(sizeof(float));
+    budget_ = config.memory_budget > 0
+                  ? config.memory_budget
+                  : std::clamp<int64_t>(head.backend().available_memory() / 4, kMinAutoBudget, kMaxAutoBudget);
     // A quarter of the budget goes to llama.cpp's prefill logits: the graph's
     // output tensor and the copy in its output buffer, prefill_rows rows each.
-    prefill_rows_ = static_cast<int>(std::clamp<int64_t>(config.memory_budget / 8 / row_bytes, 1, 512));
-    const int64_t rest = config.memory_budget - 2 * prefill_rows_ * row_bytes;
-    cached_ = !config.recompute && static_cast<int64_t>(n_) * row_bytes <= rest;
+    prefill_rows_ = static_cast<int>(std::clamp<int64_t>(budget_ / 8 / row_bytes, 1, 512));
+    const int64_t rest = budget_ - 2 * prefill_rows_ * row_bytes;
+    const int64_t n = static_cast<int64_t>(n_);
+    const bool any = config.cache_precision == "auto";
+    cached_ = false;
+    if (!config.recompute) {
+        if ((any || config.cache_precision == "float32") && n * row_bytes <= rest) {
+            cached_ = true;
+            cache_type_ = GGML_TYPE_F32;
+        } else if ((any || config.cache_precision == "bfloat16") && head.backend().is_cpu() &&
+                   n * V_ * static_cast<int64_t>(sizeof(uint16_t)) <= rest) {
+            // Half the memory: entries rounded to 8 significant bits; the
+            // step's sums stay in float32 (see bf16_rows_times_columns).
+            cached_ = true;
+            cache_type_ = GGML_TYPE_BF16;
+        }
+    }
     recompute_rows_ = static_cast<int>(std::clamp<int64_t>(rest / (2 * row_bytes), 1, 256));
     if (n_ == 0) return;
     if (cached_) {
         target_logp0_.assign(static_cast<size_t>(n_), 0.0);
         p0_ = std::make_unique<StaticTensors>(1);
-        p0_tensor_ = ggml_new_tensor_2d(p0_->ctx, GGML_TYPE_F32, V_, n_);
+        p0_tensor_ = ggml_new_tensor_2d(p0_->ctx, cache_type_, V_, n_);
         head_.backend().allocate_reusable(*p0_, "the SLOT problem's P0");
     } else {
         hidden_.assign(static_cast<size_t>(n_) * static_cast<size_t>(d_), 0.0f);
@@ -118,6 +140,11 @@ SlotProblem::SlotProblem(OutputHead& head, const std::vector<int32_t>& tokens, c
 }
 
 SlotProblem::~SlotProblem() = default;
+
+ggml_tensor* SlotProblem::p0_times(ggml_context* ctx, ggml_tensor* cols) const {
+    return cache_type_ == GGML_TYPE_BF16 ? bf16_rows_times_columns(ctx, p0_tensor_, cols)
+                                         : ggml_mul_mat(ctx, p0_tensor_, cols);
+}
 
 std::vector<uint8_t> SlotProblem::output_mask() const {
     std::vector<uint8_t> mask(slot_of_.size(), 0);
@@ -199,7 +226,7 @@ double SlotProblem::loss_and_gradient_cached(const std::vector<float>& delta, st
         ggml_tensor* din = g.input(GGML_TYPE_F32, d_);
         ggml_tensor* bt = head_.product(g.ctx, din);
         ggml_tensor* qt = ggml_soft_max(g.ctx, bt);
-        ggml_tensor* st = ggml_mul_mat(g.ctx, p0_tensor_, qt);
+        ggml_tensor* st = p0_times(g.ctx, qt);
         g.output(bt);
         g.output(qt);
         g.output(st);
@@ -226,7 +253,17 @@ double SlotProblem::loss_and_gradient_cached(const std::vector<float>& delta, st
     if (!std::isfinite(loss) || grad == nullptr) return loss;
 
     std::vector<float> u(static_cast<size_t>(V_));
-    {
+    if (cache_type_ == GGML_TYPE_BF16) {
+        GraphBuilder g(4);
+        ggml_tensor* rt = g.input(GGML_TYPE_F32, n_);
+        ggml_tensor* ut = bf16_rows_transposed_times(g.ctx, p0_tensor_, rt);
+        g.output(ut);
+        head_.backend().prepare(g);
+        ggml_backend_tensor_set(rt, r.data(), 0, ggml_nbytes(rt));
+        ScopedTimer timer(profile_.cache);
+        head_.backend().compute(g, "SLOT step (P0^T*r, bfloat16)");
+        ggml_backend_tensor_get(ut, u.data(), 0, ggml_nbytes(ut));
+    } else {
         GraphBuilder g(10);
         ColumnSplitProduct prod = build_column_split_product(g, p0_tensor_, head_.column_slabs());
         head_.backend().prepare(g);
@@ -333,7 +370,7 @@ SlotOutcome SlotProblem::optimise(const SlotConfig& config, const InterruptCheck
     // The config was checked with its request (validate_request).
     SlotOutcome out;
     out.delta.assign(static_cast<size_t>(d_), 0.0f);
-    out.path = cached_ ? "cached" : "recompute";
+    out.path = !cached_ ? "recompute" : cache_type_ == GGML_TYPE_BF16 ? "cached_bf16" : "cached";
     out.cache_bytes = bytes();
     out.lr = config.lr;
     if (config.steps == 0) {
@@ -428,7 +465,7 @@ std::vector<double> SlotProblem::scaled_kl(const std::vector<float>& delta, cons
 
     std::vector<float> se(static_cast<size_t>(n_ * (k + 1)));  // [n, k+1]: S_t(a_j) and E_t
     auto product = [&](GraphBuilder& g, ggml_tensor* rows, ggml_tensor* cols) {
-        ggml_tensor* out = ggml_mul_mat(g.ctx, rows, cols);  // [count, k+1]
+        ggml_tensor* out = rows == p0_tensor_ ? p0_times(g.ctx, cols) : ggml_mul_mat(g.ctx, rows, cols);  // [count, k+1]
         g.output(out);
         head_.backend().prepare(g);
         ggml_backend_tensor_set(cols, columns.data(), 0, ggml_nbytes(cols));

@@ -28,8 +28,14 @@ struct SlotConfig {
     double beta2 = 0.999;
     double eps = 1e-5;
     double weight_decay = 1e-8;
-    int64_t memory_budget = int64_t(1) << 30;  // bytes for a SLOT problem's P0 or states
-    bool recompute = false;                    // force the published per-step recomputation
+    // Bytes a SLOT problem may hold (llama.cpp's prefill logits and its P0 or
+    // states); 0: a quarter of the device's available memory, between
+    // kMinAutoBudget and kMaxAutoBudget.
+    int64_t memory_budget = 0;
+    bool recompute = false;  // force the published per-step recomputation
+    // P0's precision: "float32", "bfloat16" (half the memory; CPU only), or
+    // "auto": float32 when it fits the budget, else bfloat16, else recompute.
+    std::string cache_precision = "auto";
     // Which prompt positions are in the loss: entry t for the prediction of
     // token t+1 (prompt length - 1 entries); empty: all of them.
     std::vector<uint8_t> loss_mask;
@@ -42,6 +48,9 @@ struct SlotConfig {
 };
 
 void validate(const SlotConfig& config);
+
+constexpr int64_t kMinAutoBudget = int64_t(1) << 30;
+constexpr int64_t kMaxAutoBudget = int64_t(8) << 30;
 
 // Where optimisation time went, summed over steps (seconds).
 struct StepProfile {
@@ -56,7 +65,7 @@ struct SlotOutcome {
     std::vector<double> losses;   // losses[i]: loss at the start of completed step i+1
     int steps_done = 0;
     std::string stop_reason;      // "completed", "no loss positions", "non-finite ..."
-    std::string path;             // "cached" or "recompute"
+    std::string path;             // "cached" (float32 P0), "cached_bf16" or "recompute"
     int64_t cache_bytes = 0;
     StepProfile profile;
     double lr = 0.0;                          // the step size used (chosen, with auto_lr)
@@ -120,7 +129,11 @@ private:
     int n_ = 0;
     int64_t V_ = 0;
     int64_t d_ = 0;
+    int64_t budget_ = 0;
     bool cached_ = true;
+    ggml_type cache_type_ = GGML_TYPE_F32;
+    // P0 times columns [V, k] -> [n, k], and P0^T times a vector [n] -> [V], for P0's type.
+    ggml_tensor* p0_times(ggml_context* ctx, ggml_tensor* cols) const;
     int prefill_rows_ = 1;
     int recompute_rows_ = 1;
     std::vector<int32_t> targets_;        // y_t = x_{t+1}, loss positions only

@@ -32,7 +32,7 @@ CancelCheck = Union[threading.Event, Callable[[], bool]]
 """A ``threading.Event`` or a callable: when set (or True), the call stops."""
 
 ROLES = frozenset({"system", "user", "assistant"})
-DEFAULT_MEMORY_BUDGET: int = SlotOptions.memory_budget
+DEFAULT_MEMORY_BUDGET: Optional[int] = SlotOptions.memory_budget  # None: sized from the memory available
 DEFAULT_KL_BUDGET: float = SlotOptions.kl_budget
 
 
@@ -149,7 +149,8 @@ class GenerationResult:
     slot_status: str
     """Why optimisation ended, or why it did not run."""
     slot_path: str
-    """"cached" (logit-cache fast path), "recompute" (published algorithm) or ""."""
+    """"cached" (the prompt's distributions cached in float32), "cached_bf16"
+    (cached in bfloat16), "recompute" (the published algorithm) or ""."""
     slot_cache_bytes: int
     prompt_tokens: int
     timings: Timings
@@ -750,14 +751,16 @@ class Model:
             raise ValueError("tokens is empty")
         return self._s().prompt_states(toks)
 
-    def slot_loss_and_gradient(self, tokens: Sequence[int], delta: np.ndarray, *,
-                               recompute: bool = False) -> tuple[float, np.ndarray]:
-        """SLOT's prompt loss at ``delta`` and its analytical gradient."""
+    def slot_loss_and_gradient(self, tokens: Sequence[int], delta: np.ndarray, *, recompute: bool = False,
+                               cache_precision: str = SlotOptions.cache_precision) -> tuple[float, np.ndarray]:
+        """SLOT's prompt loss at ``delta`` and its analytical gradient, on the
+        path a request with these options takes (the memory budget automatic)."""
         toks = self.check_tokens(tokens)
         if len(toks) < 2:
             raise ValueError("the prompt needs at least two tokens for a SLOT loss")
         d = _check_delta(delta, self.n_embd)
-        return self._s().slot_loss_and_gradient(toks, d, bool(recompute))
+        SlotOptions(cache_precision=cache_precision)  # checks it
+        return self._s().slot_loss_and_gradient(toks, d, bool(recompute), cache_precision)
 
     def logit_bias(self, delta: np.ndarray) -> np.ndarray:
         """b = W delta: the logit bias that delta adds at every position."""

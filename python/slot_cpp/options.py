@@ -249,11 +249,15 @@ class SlotOptions(_Group):
     beta2: float = _opt(0.999, "AdamW's second-moment decay", "float", low=0.0, high=1.0, high_open=True)
     eps: float = _opt(1e-5, "AdamW's epsilon", "float", low=0.0, low_open=True)
     weight_decay: float = _opt(1e-8, "AdamW's weight decay", "float", low=0.0)
-    memory_budget: int = _opt(1 << 30, "bytes SLOT may add (prefill logits and its cache of the prompt's "
-                              "distributions); past it, the loss is recomputed from the states", "int",
-                              low=1 << 20, http=None)
+    memory_budget: Optional[int] = _opt(None, "bytes SLOT may add (prefill logits and its cache of the prompt's "
+                                        "distributions); past it, the loss is recomputed from the states (None: a "
+                                        "quarter of the memory available on the device, 1 to 8 GiB)", "int",
+                                        low=1 << 20, optional=True, http=None, native=None)
     recompute: bool = _opt(False, "evaluate the head at every step (the published algorithm) instead of caching "
                            "the prompt's distributions", "bool")
+    cache_precision: str = _opt("auto", "the cached distributions' precision: float32, bfloat16 (half the memory, "
+                                "the CPU only), or auto: float32 when it fits memory_budget, else bfloat16",
+                                "str", choices=("auto", "float32", "bfloat16"))
 
 
 @dataclass(frozen=True)
@@ -396,6 +400,7 @@ def native_request(tokens: list[int], n: int, sampling: SamplingOptions, slot: S
     if r.seed + n - 1 >= 2**64:
         raise ValueError("seed + n - 1 must fit in 64 bits")
     r.stop = list(sampling.stop)
+    r.memory_budget = 0 if slot.memory_budget is None else slot.memory_budget  # 0: sized by the C++ core
     if slot.lr == "auto":
         r.auto_lr = True
         r.lr = AUTO_LR_REFERENCE
