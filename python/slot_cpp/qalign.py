@@ -347,6 +347,81 @@ def log_acceptance(r_new: float, r_old: float, len_new: int, len_old: int, beta:
     return min(0.0, value)
 
 
+def _check_qalign_options(model: Model, beta: float, *, steps: int, max_tokens: int, chains: int, top_k: int,
+                          burn_in: int, seed: int, budget: Optional[int], answer: str) -> None:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    for name, value, low in (("steps", steps, 1), ("max_tokens", max_tokens, 1), ("chains", chains, 1),
+                             ("top_k", top_k, 0), ("burn_in", burn_in, 0), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if burn_in > steps:
+        raise ValueError("burn_in must be <= steps")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
+    if answer not in ("vote", "mbr"):
+        raise ValueError("answer must be 'vote' or 'mbr'")
+    if 2 * chains > model.n_parallel:
+        # Each chain's state and its proposal hold a sequence at once, so that
+        # proposals fork the state's cells instead of evaluating the prefix again.
+        raise ValueError(f"{chains} chain(s) need n_parallel >= {2 * chains}; the model has {model.n_parallel}")
+
+
+def _accept_or_keep(history: list[list[ChainState]], step: int, proposals: list[list[int]],
+                    results: Sequence[GenerationResult], texts: list[str], rewards: list[float],
+                    u: np.ndarray, beta: float) -> tuple[int, int, list[tuple[list[int], list[int]]]]:
+    """Appends each chain's next state: its proposal if accepted, else its
+    current state again. Returns the proposals accepted, the tokens they
+    sampled, and each chain's (losing, surviving) responses."""
+    accepted = generated = 0
+    branches: list[tuple[list[int], list[int]]] = []
+    for c, (tokens, r) in enumerate(zip(proposals, results)):
+        s = history[c][-1]
+        generated += r.generated_tokens + (1 if _terminal(r) else 0)
+        proposed = ChainState(step, tokens, texts[c], rewards[c], True, _terminal(r))
+        log_a = log_acceptance(proposed.reward, s.reward, proposed.length, s.length, beta)
+        if math.log(max(u[c], 1e-300)) < log_a:
+            history[c].append(proposed)
+            accepted += 1
+            branches.append((s.tokens, tokens))
+        else:
+            history[c].append(ChainState(step, s.tokens, s.text, s.reward, False, s.ended))
+            branches.append((tokens, s.tokens))
+    return accepted, generated, branches
+
+
+def _drop_lost_branches(model: Model, x: list[int], branches: list[tuple[list[int], list[int]]]) -> None:
+    """Drops each step's losing branch from the cache, from its first token
+    that the chain's state does not share, so that the state's cells stay
+    for the next proposals to fork."""
+    for lost, survivor in branches:
+        k = next((j for j, (a, b) in enumerate(zip(lost, survivor)) if a != b), None)
+        if k is None and len(lost) > len(survivor):
+            k = len(survivor)
+        if k is not None:
+            model.drop_cached(x + lost[:k + 1])
+
+
+def _chain_answer(kept: list[ChainState], answer: str, extract: Extractor
+                  ) -> tuple[Optional[str], Optional[ChainState], dict[str, float]]:
+    """The chosen answer, a state giving it, and the votes (for "vote")."""
+    votes: dict[str, float] = {}
+    chosen: Optional[str] = None
+    chosen_state: Optional[ChainState] = None
+    if answer == "vote":
+        answers = [extract(state.text) for state in kept]
+        # Counter keeps first-seen order, so max breaks ties by the earliest answer.
+        counts = Counter(a for a in answers if a is not None)
+        votes = {k: float(v) for k, v in counts.items()}
+        if counts:
+            chosen = max(counts, key=counts.__getitem__)
+            chosen_state = kept[answers.index(chosen)]
+    else:
+        chosen_state = mbr_choice([state.text for state in kept], kept)
+        chosen = chosen_state.text if chosen_state is not None else None
+    return chosen, chosen_state, votes
+
+
 def qalign(
     model: Model,
     prompt: Prompt,
@@ -384,22 +459,8 @@ def qalign(
     if not isinstance(model, Model):
         raise TypeError("model must be a slot_cpp.Model")
     rew = as_reward(reward)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    for name, value, low in (("steps", steps, 1), ("max_tokens", max_tokens, 1), ("chains", chains, 1),
-                             ("top_k", top_k, 0), ("burn_in", burn_in, 0), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if burn_in > steps:
-        raise ValueError("burn_in must be <= steps")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
-    if answer not in ("vote", "mbr"):
-        raise ValueError("answer must be 'vote' or 'mbr'")
-    if 2 * chains > model.n_parallel:
-        # Each chain's state and its proposal hold a sequence at once, so that
-        # proposals fork the state's cells instead of evaluating the prefix again.
-        raise ValueError(f"{chains} chain(s) need n_parallel >= {2 * chains}; the model has {model.n_parallel}")
+    _check_qalign_options(model, beta, steps=steps, max_tokens=max_tokens, chains=chains, top_k=top_k,
+                          burn_in=burn_in, seed=seed, budget=budget, answer=answer)
     extract = extract or gsm8k.extract_answer
     if prompt_token_ids is not None:
         x = list(prompt_token_ids)
@@ -424,15 +485,14 @@ def qalign(
         return model.generate_batch([x] * len(prefixes), response_prefix=prefixes, max_tokens=budgets,
                                     seed=seeds, **proposal)
 
+    def candidates(responses: list[list[int]], response_texts: list[str]) -> list[Candidate]:
+        return [Candidate(prompt_text, t, tuple(x), tuple(toks), model) for toks, t in zip(responses, response_texts)]
+
     decoded_before = model.decoded_tokens
     meter = _TokenMeter()
     first = draw([[] for _ in range(chains)], [max_tokens] * chains)
     texts = [text_of(list(r.tokens)) for r in first]
     history: list[list[ChainState]] = [[] for _ in range(chains)]
-
-    def candidates(responses: list[list[int]], response_texts: list[str]) -> list[Candidate]:
-        return [Candidate(prompt_text, t, tuple(x), tuple(toks), model) for toks, t in zip(responses, response_texts)]
-
     rewards = _score(rew, candidates([list(r.tokens) for r in first], texts), history, meter)
     reward_calls = chains
     generated = sum(r.generated_tokens + (1 if _terminal(r) else 0) for r in first)
@@ -451,47 +511,16 @@ def qalign(
         texts = [text_of(t) for t in proposals]
         new_rewards = _score(rew, candidates(proposals, texts), history, meter)
         reward_calls += chains
-        u = rng.random(chains)
-        dead: list[tuple[list[int], list[int]]] = []
-        for c, (s, tokens, r) in enumerate(zip(current, proposals, results)):
-            generated += r.generated_tokens + (1 if _terminal(r) else 0)
-            proposed = ChainState(step, tokens, texts[c], new_rewards[c], True, _terminal(r))
-            log_a = log_acceptance(proposed.reward, s.reward, proposed.length, s.length, float(beta))
-            if math.log(max(u[c], 1e-300)) < log_a:
-                history[c].append(proposed)
-                accepted += 1
-                dead.append((s.tokens, tokens))
-            else:
-                history[c].append(ChainState(step, s.tokens, s.text, s.reward, False, s.ended))
-                dead.append((tokens, s.tokens))
-        # Drop each step's losing branch from the cache, from its first token
-        # that the chain's state does not share, so that the state's cells
-        # stay for the next proposals to fork.
-        for lost, survivor in dead:
-            k = next((j for j, (a, b) in enumerate(zip(lost, survivor)) if a != b), None)
-            if k is None and len(lost) > len(survivor):
-                k = len(survivor)
-            if k is not None:
-                model.drop_cached(x + lost[:k + 1])
+        took, sampled, branches = _accept_or_keep(history, step, proposals, results, texts, new_rewards,
+                                                  rng.random(chains), float(beta))
+        accepted += took
+        generated += sampled
+        _drop_lost_branches(model, x, branches)
         if on_step is not None:
             on_step(step, accepted / (step * chains), float(np.mean([h[-1].reward for h in history])))
     burn_in = min(burn_in, steps_run)
-
     kept: list[ChainState] = [state for h in history for state in h[burn_in:]]
-    votes: dict[str, float] = {}
-    chosen: Optional[str] = None
-    chosen_state: Optional[ChainState] = None
-    if answer == "vote":
-        answers = [extract(state.text) for state in kept]
-        # Counter keeps first-seen order, so max breaks ties by the earliest answer.
-        counts = Counter(a for a in answers if a is not None)
-        votes = {k: float(v) for k, v in counts.items()}
-        if counts:
-            chosen = max(counts, key=counts.__getitem__)
-            chosen_state = kept[answers.index(chosen)]
-    else:
-        chosen_state = mbr_choice([state.text for state in kept], kept)
-        chosen = chosen_state.text if chosen_state is not None else None
+    chosen, chosen_state, votes = _chain_answer(kept, answer, extract)
     return QAlignResult(
         chains=history, answer=chosen, answer_state=chosen_state,
         accept_rate=accepted / max(1, steps_run * chains), generated_tokens=generated,
