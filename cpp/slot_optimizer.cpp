@@ -108,21 +108,34 @@ SlotProblem::SlotProblem(OutputHead& head, const std::vector<int32_t>& tokens, c
     budget_ = config.memory_budget > 0
                   ? config.memory_budget
                   : std::clamp<int64_t>(head.backend().available_memory() / 4, kMinAutoBudget, kMaxAutoBudget);
-    // A quarter of the budget goes to llama.cpp's prefill logits: the graph's
-    // output tensor and the copy in its output buffer, prefill_rows rows each.
-    prefill_rows_ = static_cast<int>(std::clamp<int64_t>(budget_ / 8 / row_bytes, 1, 512));
+    // A quarter of the budget, at most 256 MiB, goes to llama.cpp's prefill
+    // logits: the graph's output tensor and the copy in its output buffer,
+    // prefill_rows rows each, which llama.cpp keeps once allocated.
+    prefill_rows_ = static_cast<int>(
+        std::clamp<int64_t>(std::min<int64_t>(budget_, kMinAutoBudget) / 8 / row_bytes, 1, 512));
     const int64_t rest = budget_ - 2 * prefill_rows_ * row_bytes;
     const int64_t n = static_cast<int64_t>(n_);
     const bool any = config.cache_precision == "auto";
     cached_ = false;
+    const bool cpu = head.backend().is_cpu();
+    const int64_t f32_bytes = n * row_bytes, bf16_bytes = n * V_ * static_cast<int64_t>(sizeof(uint16_t));
+    const bool f32_fits = f32_bytes <= rest, bf16_fits = cpu && bf16_bytes <= rest;
     if (!config.recompute) {
-        if ((any || config.cache_precision == "float32") && n * row_bytes <= rest) {
+        if (config.cache_precision == "float32") {
+            cached_ = f32_fits;
+        } else if (config.cache_precision == "bfloat16") {
+            // The bfloat16 kernels are the CPU's; a GPU keeps float32.
+            cached_ = cpu ? bf16_fits : f32_fits;
+            if (cpu) cache_type_ = GGML_TYPE_BF16;
+        } else if (f32_fits && (!cpu || !bf16_fits ||
+                                f32_bytes <= static_cast<int64_t>(ComputeBackend::kMaxReusableBytes))) {
+            // float32 while it fits the buffer the CPU backend keeps between
+            // prompts; past that, fresh pages (a fault each on first write)
+            // and twice the memory traffic make bfloat16 the faster cache.
             cached_ = true;
-            cache_type_ = GGML_TYPE_F32;
-        } else if ((any || config.cache_precision == "bfloat16") && head.backend().is_cpu() &&
-                   n * V_ * static_cast<int64_t>(sizeof(uint16_t)) <= rest) {
-            // Half the memory: entries rounded to 8 significant bits; the
-            // step's sums stay in float32 (see bf16_rows_times_columns).
+        } else if (bf16_fits) {
+            // Entries rounded to 8 significant bits; the step's sums stay in
+            // float32 (see bf16_rows_times_columns).
             cached_ = true;
             cache_type_ = GGML_TYPE_BF16;
         }

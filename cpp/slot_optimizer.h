@@ -33,8 +33,10 @@ struct SlotConfig {
     // kMinAutoBudget and kMaxAutoBudget.
     int64_t memory_budget = 0;
     bool recompute = false;  // force the published per-step recomputation
-    // P0's precision: "float32", "bfloat16" (half the memory; CPU only), or
-    // "auto": float32 when it fits the budget, else bfloat16, else recompute.
+    // P0's precision: "float32", "bfloat16" (half the memory; the CPU only, a
+    // GPU keeps float32), or "auto": float32 while it fits the buffer the CPU
+    // backend keeps between prompts (any size that fits the budget on a GPU),
+    // else bfloat16 when that fits the budget, else recompute.
     std::string cache_precision = "auto";
     // Which prompt positions are in the loss: entry t for the prediction of
     // token t+1 (prompt length - 1 entries); empty: all of them.

@@ -255,8 +255,9 @@ class SlotOptions(_Group):
                                         low=1 << 20, optional=True, http=None, native=None)
     recompute: bool = _opt(False, "evaluate the head at every step (the published algorithm) instead of caching "
                            "the prompt's distributions", "bool")
-    cache_precision: str = _opt("auto", "the cached distributions' precision: float32, bfloat16 (half the memory, "
-                                "the CPU only), or auto: float32 when it fits memory_budget, else bfloat16",
+    cache_precision: str = _opt("auto", "the cached distributions' precision: float32, bfloat16 (half the memory; "
+                                "the CPU only, a GPU keeps float32), or auto: float32 up to 256 MiB (on a GPU: "
+                                "while it fits memory_budget), else bfloat16 when it fits memory_budget",
                                 "str", choices=("auto", "float32", "bfloat16"))
 
 
