@@ -88,4 +88,5 @@ def validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]
         return f"unknown field {param!r}", param
     if kind == "json_invalid":
         return "the request body is not valid JSON", None
-    return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")  # an option's own check
+    return f"{param or 'body'}: {message}", param
