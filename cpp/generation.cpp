@@ -138,6 +138,11 @@ void validate_request(const ModelShape& e, const GenerationRequest& req, int ind
     if (req.n < 1) throw std::invalid_argument(where + "n must be >= 1");
     if (req.max_tokens < 0) throw std::invalid_argument(where + "max_tokens must be >= 0");
     if (req.top_logprobs < 0) throw std::invalid_argument(where + "top_logprobs must be >= 0");
+    for (const auto& [token, value] : req.logit_bias) {
+        if (token < 0 || token >= e.n_vocab || !std::isfinite(value)) {
+            throw std::invalid_argument(where + "logit_bias needs token ids inside the vocabulary and finite values");
+        }
+    }
     if (req.prompt.empty()) throw std::invalid_argument(where + "the prompt is empty");
     for (const auto& s : req.stop) {
         if (s.empty()) throw std::invalid_argument(where + "stop strings must not be empty");
@@ -420,7 +425,7 @@ private:
     }
 
     // Records the request's delta and builds its logit stages: SLOT's bias,
-    // then the retrieval blend.
+    // then the retrieval blend, then the request's logit_bias.
     void prepare(RequestState& st, const GenerationRequest& req, std::vector<float> delta, const char* status) {
         GenerationResult& info = st.slot;
         if (!delta.empty()) info.delta = std::move(delta);
@@ -435,6 +440,7 @@ private:
             st.stages.push_back(std::make_shared<RtdStage>(req.rtd, req.rtd_params));
             st.needs_hidden = true;
         }
+        if (!req.logit_bias.empty()) st.stages.push_back(std::make_shared<SparseBiasStage>(req.logit_bias));
         st.prepared = true;
     }
 
@@ -622,7 +628,7 @@ private:
         GenerationResult& res = g.job->results[static_cast<size_t>(lane.result)];
         const int64_t V = e_.n_vocab();
         const float* z = staged(st, logits, hidden);
-        const int32_t tok = lane.sampler->sample(z, nullptr, lane.history);
+        const int32_t tok = lane.sampler->sample(z, nullptr, lane.history, st.context.size());
         if (!req.ignore_eos && e_.is_eog(tok)) return finish(lane, "eos", ev);
         if (req.logprobs || req.top_logprobs > 0) {
             TokenLogprob lp = token_logprob(z, V, tok, req.top_logprobs);

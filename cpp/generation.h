@@ -54,6 +54,8 @@ struct GenerationRequest {
     // state h (not h + delta): the keys were taken from the plain model.
     std::shared_ptr<const RtdIndex> rtd;
     RtdParams rtd_params;
+    // Added to these tokens' logits after every other stage (OpenAI's logit_bias).
+    std::vector<std::pair<int32_t, float>> logit_bias;
 };
 
 struct GenerationResult {

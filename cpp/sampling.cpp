@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <unordered_map>
 #include <unordered_set>
 
 #include "head_kernels.h"
@@ -20,11 +21,20 @@ void validate(const SamplingParams& p) {
         throw std::invalid_argument("repeat_penalty must be a finite number > 0");
     }
     if (p.repeat_last_n < 0) throw std::invalid_argument("repeat_last_n must be >= 0");
+    if (!std::isfinite(p.presence_penalty) || !std::isfinite(p.frequency_penalty)) {
+        throw std::invalid_argument("presence_penalty and frequency_penalty must be finite");
+    }
 }
 
 void BiasStage::apply(const StageInput& in, float* logits) const {
     const float* b = bias_.data();
     for (int64_t v = 0; v < in.n_vocab; ++v) logits[v] += b[v];
+}
+
+void SparseBiasStage::apply(const StageInput& in, float* logits) const {
+    for (const auto& [token, value] : bias_) {
+        if (token >= 0 && token < in.n_vocab) logits[token] += value;
+    }
 }
 
 TokenLogprob token_logprob(const float* logits, int64_t n_vocab, int32_t token, int top_n) {
@@ -50,7 +60,8 @@ Sampler::Sampler(const SamplingParams& params, int64_t n_vocab)
     validate(params);
 }
 
-int32_t Sampler::sample(const float* logits, const float* bias, const std::vector<int32_t>& history) {
+int32_t Sampler::sample(const float* logits, const float* bias, const std::vector<int32_t>& history,
+                        size_t first_generated) {
     float* z = work_.data();
     if (bias != nullptr) {
         for (int64_t v = 0; v < n_vocab_; ++v) z[v] = logits[v] + bias[v];
@@ -65,6 +76,14 @@ int32_t Sampler::sample(const float* logits, const float* bias, const std::vecto
         for (int32_t t : seen) {
             if (t < 0 || t >= n_vocab_) continue;
             z[t] = z[t] > 0.0f ? z[t] / pen : z[t] * pen;
+        }
+    }
+    if ((params_.presence_penalty != 0.0 || params_.frequency_penalty != 0.0) && first_generated < history.size()) {
+        std::unordered_map<int32_t, int> counts;
+        for (size_t i = first_generated; i < history.size(); ++i) ++counts[history[i]];
+        for (const auto& [t, count] : counts) {
+            if (t < 0 || t >= n_vocab_) continue;
+            z[t] -= static_cast<float>(params_.frequency_penalty * count + (count > 0 ? params_.presence_penalty : 0.0));
         }
     }
     if (params_.temperature == 0.0) {

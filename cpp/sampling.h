@@ -19,6 +19,9 @@ struct SamplingParams {
     double min_p = 0.05;        // 0: off
     double repeat_penalty = 1.0;  // 1: off
     int repeat_last_n = 64;
+    // OpenAI's penalties over the generated tokens: logit -= frequency * count + presence * (count > 0).
+    double presence_penalty = 0.0;
+    double frequency_penalty = 0.0;
     uint64_t seed = 0;
 };
 
@@ -52,6 +55,16 @@ private:
     std::vector<float> bias_;
 };
 
+// logits[token] += bias for a few tokens (OpenAI's logit_bias).
+class SparseBiasStage : public LogitStage {
+public:
+    explicit SparseBiasStage(std::vector<std::pair<int32_t, float>> bias) : bias_(std::move(bias)) {}
+    void apply(const StageInput& in, float* logits) const override;
+
+private:
+    std::vector<std::pair<int32_t, float>> bias_;
+};
+
 // log softmax(logits)[token], and the top_n most likely tokens with theirs
 // (most likely first; ties by token id).
 struct TokenLogprob {
@@ -64,8 +77,10 @@ class Sampler {
 public:
     Sampler(const SamplingParams& params, int64_t n_vocab);
     // `bias` may be null. `history` holds the tokens seen so far (prompt and
-    // generated), for the repetition penalty.
-    int32_t sample(const float* logits, const float* bias, const std::vector<int32_t>& history);
+    // generated), for the repetition penalty; those from `first_generated` on
+    // were generated, for the presence and frequency penalties.
+    int32_t sample(const float* logits, const float* bias, const std::vector<int32_t>& history,
+                   size_t first_generated = 0);
 
 private:
     SamplingParams params_;

@@ -125,6 +125,8 @@ def _other_value(name: str, default, spec):
         return default / 2
     if spec.kind == "strings":
         return ("###",)
+    if spec.kind == "bias":
+        return ((1, 5.0),)
     raise AssertionError(spec.kind)
 
 
@@ -155,6 +157,8 @@ def test_every_generate_option_reaches_the_native_request(tiny_model, group, nam
         assert list(request.stop) == list(value)
     elif name in ("seed", "memory_budget"):
         assert getattr(request, name) == value
+    elif name == "logit_bias":
+        assert [tuple(p) for p in request.logit_bias] == list(value)
     elif name == "loss_window":
         assert list(request.loss_mask) == [t >= len(ids) - 1 - value for t in range(len(ids) - 1)]
     elif name == "loss_on":
@@ -196,11 +200,13 @@ def test_every_option_is_a_flag_with_its_default(group):
             extra = [flag if value else "--no-" + flag[2:]]
         elif spec.kind == "strings":
             extra = [flag, value[0]]
+        elif spec.kind == "bias":
+            extra = [flag, f"{value[0][0]}={value[0][1]}"]
         else:
             extra = [flag, str(value)]
         args = parser.parse_args(argv[:1 + (argv[0] == "lmcor")] + extra + argv[1 + (argv[0] == "lmcor"):])
         got = opts.from_arguments(args, group, dest_prefix=dest_prefix)
-        assert got[name] == (list(value) if spec.kind == "strings" else value), (group.__name__, name)
+        assert got[name] == (list(value) if spec.kind in ("strings", "bias") else value), (group.__name__, name)
     assert seen > 0
 
 

@@ -222,6 +222,25 @@ def test_slot_rtd_and_qalign_through_extra_body(served):
 
 
 @pytest.mark.slow
+def test_openai_penalties_and_logit_bias_through_the_client(served):
+    url, model = served
+    c = client(url)
+    forced = model.tokenize(" Paris", add_special=False)[0]
+    r = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=3, temperature=1.0, seed=1,
+                             logit_bias={str(forced): 100})
+    assert r.choices[0].text == model.detokenize([forced] * 3)
+    plain = c.completions.create(model="gemma-3-270m", prompt="Once upon a time", max_tokens=16, temperature=0)
+    penalised = c.completions.create(model="gemma-3-270m", prompt="Once upon a time", max_tokens=16, temperature=0,
+                                     presence_penalty=2.0, frequency_penalty=2.0)
+    direct = model.generate("Once upon a time", max_tokens=16, presence_penalty=2.0, frequency_penalty=2.0,
+                            top_k=0, top_p=1.0, min_p=0.0)
+    assert penalised.choices[0].text == direct.text
+    assert plain.choices[0].text != penalised.choices[0].text
+    bad = httpx.post(url + "/v1/completions", json={"prompt": "x", "logit_bias": {"x": 1}},
+                     headers={"Authorization": f"Bearer {KEY}"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "logit_bias"
+
+
 def test_bad_requests_get_openai_errors_and_the_server_lives(served):
     url, _ = served
     c = client(url)

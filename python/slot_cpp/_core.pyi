@@ -83,6 +83,9 @@ class Request:
     min_p: float
     repeat_penalty: float
     repeat_last_n: int
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: list[tuple[int, float]]
     seed: int
     stop: list[str]
     steps: int

@@ -833,6 +833,13 @@ def _split_per_prompt(key: str, value: Any, count: int) -> list[Any]:
             per = list(value)
         else:
             return [value] * count
+    elif key == "logit_bias":
+        # Per prompt: a list of mappings (or None); otherwise one bias for all.
+        nested = (isinstance(value, (list, tuple)) and len(value) > 0
+                  and all(v is None or isinstance(v, Mapping) for v in value))
+        if not nested:
+            return [value] * count
+        per = list(value)
     elif key in ("stop", "response_prefix", "score_tokens"):
         nested = (isinstance(value, (list, tuple)) and len(value) > 0
                   and all(v is None or (isinstance(v, (list, tuple)) and not isinstance(v, str)) for v in value))

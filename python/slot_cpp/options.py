@@ -26,7 +26,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, Iterator, Literal, Mapping, Optional, Sequence, Union
+from typing import Annotated, Any, Callable, Iterable, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -102,7 +102,8 @@ class OptionSpec:
 
     doc: str
     kind: str
-    """int, float, bool, str, lr (a float or 'auto'), strings (a list of str), or object (Python only)."""
+    """int, float, bool, str, lr (a float or 'auto'), strings (a list of str), bias (token id -> logit
+    bias, as OpenAI's logit_bias), or object (Python only)."""
     low: Optional[float] = None
     high: Optional[float] = None
     low_open: bool = False
@@ -146,6 +147,21 @@ class OptionSpec:
             if value not in self.choices:
                 raise ValueError(f"{name} must be " + " or ".join(repr(c) for c in self.choices) + f", got {value!r}")
             return str(value)
+        if self.kind == "bias":
+            items = value.items() if isinstance(value, Mapping) else value
+            if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+                raise TypeError(f"{name} must map token ids to biases")
+            out: dict[int, float] = {}
+            for pair in items:
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                    raise TypeError(f"{name} must map token ids to biases")
+                key, bias = pair
+                if isinstance(key, str) and key.strip().isdigit():
+                    key = int(key)
+                if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or key < 0:
+                    raise ValueError(f"{name} keys must be token ids (ints >= 0), got {key!r}")
+                out[int(key)] = check_float(f"{name}[{key}]", bias, low=-100.0, high=100.0)
+            return tuple(sorted(out.items()))
         if self.kind == "strings":
             if isinstance(value, str):
                 value = [value]
@@ -228,6 +244,15 @@ class SamplingOptions(_Group):
                                native=None)
     stop: tuple[str, ...] = _opt((), "stop strings (not included in the text)", "strings", http=None, native=None)
     ignore_eos: bool = _opt(False, "keep generating past the end-of-sequence token", "bool")
+    presence_penalty: float = _opt(0.0, "subtract this from the logit of every token the answer already holds "
+                                   "(OpenAI's presence_penalty)", "float", low=-2.0, high=2.0)
+    frequency_penalty: float = _opt(0.0, "subtract this times the number of times the answer already holds a "
+                                    "token from its logit (OpenAI's frequency_penalty)", "float", low=-2.0,
+                                    high=2.0)
+    logit_bias: Optional[tuple[tuple[int, float], ...]] = _opt(
+        None, "added to these tokens' logits after every other stage, -100 to 100 (OpenAI's logit_bias: "
+        "-100 bans a token, 100 all but forces it); a mapping token id -> bias", "bias", optional=True,
+        native=None)
 
 
 @dataclass(frozen=True)
@@ -414,6 +439,9 @@ def native_request(tokens: list[int], n: int, sampling: SamplingOptions, slot: S
         loss_mask = window if loss_mask is None else [a and b for a, b in zip(loss_mask, window)]
     if loss_mask is not None:
         r.loss_mask = loss_mask
+    if sampling.logit_bias:
+        check_tokens([token for token, _ in sampling.logit_bias], facts.n_vocab)
+        r.logit_bias = list(sampling.logit_bias)
     if extras.delta is not None:
         r.delta = check_delta(extras.delta, facts.n_embd)
     if extras.response_prefix is not None:
@@ -459,6 +487,16 @@ def parse_list(item: Callable[[str], Any], what: str) -> Callable[[str], list[An
     return parse
 
 
+def _parse_bias(text: str) -> tuple[int, float]:
+    token, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError(text)
+        return int(token), float(bias)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected TOKEN=BIAS (a token id and a number), got {text!r}") from exc
+
+
 _CLI_TYPES: dict[str, tuple[Callable[[str], Any], str]] = {
     "int": (int, "integers"), "float": (float, "numbers"), "lr": (parse_lr, "numbers or 'auto'"),
 }
@@ -497,6 +535,9 @@ def add_arguments(parser: argparse.ArgumentParser, group: type, *, only: Optiona
                                 help=spec.doc + " (repeatable)")
         elif spec.kind == "str":
             parser.add_argument(*names, dest=dest, choices=spec.choices, default=default, help=help_text)
+        elif spec.kind == "bias":
+            parser.add_argument(*names, dest=dest, action="append", type=_parse_bias, default=None,
+                                metavar="TOKEN=BIAS", help=spec.doc + " (repeatable)")
         else:
             parse, what = _CLI_TYPES[spec.kind]
             if name in lists:
@@ -548,6 +589,10 @@ def http_fields(group: type, *, only: Optional[Sequence[str]] = None) -> dict[st
             annotation, constraints = bool, {}
         elif spec.kind == "str":
             annotation, constraints = Literal[spec.choices], {}  # type: ignore[valid-type]
+        elif spec.kind == "bias":
+            # OpenAI's shape (token id strings -> bias), checked by the option's own rule.
+            annotation = Annotated[dict[str, float], AfterValidator(lambda v, c=spec, n=field_name: c.check(n, v))]
+            constraints = {}
         elif spec.kind == "lr":
             # A number or "auto": checked by the option's own rule (with the
             # server's cap), so that an error names the field, not a branch.

@@ -20,7 +20,7 @@ from .. import _core
 from .._model import Model
 from .errors import ApiError, internal_error, overloaded, validation_message
 from .metrics import Metrics
-from .protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from .protocol import ChatCompletionRequest, CompletionRequest
 from .serving import resolve, respond
 
 # ---- configuration -------------------------------------------------------------
@@ -240,7 +240,6 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         _check_model(state, body.model)
-        _check_unsupported(body)
         if body.response_format and body.response_format.get("type", "text") != "text":
             raise ApiError(400, "only response_format type 'text' is supported", param="response_format")
         messages = []
@@ -265,7 +264,6 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         _check_model(state, body.model)
-        _check_unsupported(body)
         if body.echo:
             raise ApiError(400, "echo is not supported", param="echo")
         if body.suffix:
@@ -307,16 +305,6 @@ def _check_model(state: _State, name: Optional[str]) -> None:
     if name is not None and name != state.config.model_id:
         raise ApiError(404, f"the model {name!r} does not exist; this server serves {state.config.model_id!r}",
                        type="not_found_error", param="model", code="model_not_found")
-
-
-def _check_unsupported(body: SamplingRequest) -> None:
-    """OpenAI options this server cannot honour are errors, not silently ignored."""
-    if body.presence_penalty != 0.0:
-        raise ApiError(400, "presence_penalty is not supported (use repeat_penalty)", param="presence_penalty")
-    if body.frequency_penalty != 0.0:
-        raise ApiError(400, "frequency_penalty is not supported (use repeat_penalty)", param="frequency_penalty")
-    if body.logit_bias:
-        raise ApiError(400, "logit_bias is not supported", param="logit_bias")
 
 
 # ---- running it --------------------------------------------------------------------

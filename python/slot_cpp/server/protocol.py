@@ -58,9 +58,6 @@ class _SamplingBody(_Body):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list[str], None] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: Optional[dict[str, float]] = None
     user: Optional[str] = None
     slot: Optional[SlotOptions] = None  # type: ignore[valid-type]
     rtd: Optional[RtdOptions] = None  # type: ignore[valid-type]
