@@ -230,10 +230,11 @@ def test_openai_penalties_and_logit_bias_through_the_client(served):
                              logit_bias={str(forced): 100})
     assert r.choices[0].text == model.detokenize([forced] * 3)
     plain = c.completions.create(model="gemma-3-270m", prompt="Once upon a time", max_tokens=16, temperature=0)
+    # Both evaluate the prompt afresh, so that no earlier call's cells change the rounding.
     penalised = c.completions.create(model="gemma-3-270m", prompt="Once upon a time", max_tokens=16, temperature=0,
-                                     presence_penalty=2.0, frequency_penalty=2.0)
+                                     presence_penalty=2.0, frequency_penalty=2.0, extra_body={"cache_prompt": False})
     direct = model.generate("Once upon a time", max_tokens=16, presence_penalty=2.0, frequency_penalty=2.0,
-                            top_k=0, top_p=1.0, min_p=0.0)
+                            top_k=0, top_p=1.0, min_p=0.0, cache_prompt=False)
     assert penalised.choices[0].text == direct.text
     assert plain.choices[0].text != penalised.choices[0].text
     bad = httpx.post(url + "/v1/completions", json={"prompt": "x", "logit_bias": {"x": 1}},
@@ -454,3 +455,23 @@ def test_cli_serve_runs_a_real_server_process(peaked_path: Path):
     bad = subprocess.run([sys.executable, "-m", "slot_cpp", "serve", "--rtd", "nonsense"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr
+
+
+def test_embeddings_and_tokenize_as_the_anchors_serve_them(served):
+    url, model = served
+    c = client(url)
+    texts = ["The capital of France is Paris.", "Bananas are yellow."]
+    # The official client asks for base64 by default; both encodings decode to Model.embed.
+    got = c.embeddings.create(model="gemma-3-270m", input=texts)
+    floats = c.embeddings.create(model="gemma-3-270m", input=texts, encoding_format="float")
+    want = model.embed(texts)
+    for g, f, w in zip(got.data, floats.data, want):
+        np.testing.assert_allclose(g.embedding, w, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(f.embedding, w, rtol=1e-6, atol=1e-7)
+    assert got.usage.prompt_tokens == sum(len(model.tokenize(t)) for t in texts)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    tok = httpx.post(url + "/tokenize", json={"content": "Hello world"}, headers=headers).json()["tokens"]
+    assert tok == model.tokenize("Hello world", add_special=False)
+    text = httpx.post(url + "/detokenize", json={"tokens": tok}, headers=headers).json()["content"]
+    assert text == "Hello world"
+    assert httpx.post(url + "/tokenize", json={"content": "x"}).status_code == 401

@@ -332,6 +332,35 @@ class Model:
         lists = [self.check_tokens(r) for r in rows]
         return self._s().hidden_states(lists, [(int(a), int(b)) for a, b in spans])
 
+    def embed(self, texts: Union[str, Sequence[Union[str, Sequence[int]]]], *, pooling: str = "mean",
+              normalize: bool = True) -> np.ndarray:
+        """Sentence embeddings: the final normed hidden states of each text
+        (or token list), pooled over its tokens (``"mean"``) or taken at its
+        last token (``"last"``), L2-normalised unless told otherwise.
+        Returns float32 (len(texts), n_embd); a single str gives one row."""
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        items = [texts] if isinstance(texts, str) else list(texts)
+        if not items:
+            raise ValueError("texts is empty")
+        rows = []
+        for i, item in enumerate(items):
+            toks = self.tokenize(item) if isinstance(item, str) else self.check_tokens(item)
+            if not toks:
+                raise ValueError(f"text {i} has no tokens")
+            rows.append(toks)
+        spans = [(0, len(r)) if pooling == "mean" else (len(r) - 1, len(r)) for r in rows]
+        states = self.hidden_states(rows, spans).astype(np.float64)
+        out = np.empty((len(rows), self.n_embd), dtype=np.float64)
+        at = 0
+        for i, (a, b) in enumerate(spans):
+            out[i] = states[at:at + b - a].mean(axis=0)
+            at += b - a
+        if normalize:
+            norms = np.linalg.norm(out, axis=1, keepdims=True)
+            out = out / np.where(norms > 0, norms, 1.0)
+        return out.astype(np.float32)
+
     def token_piece(self, token: int) -> bytes:
         """The bytes one token spells (special tokens included)."""
         return self._s().token_piece(check_int("token", token, 0, self.n_vocab - 1))

@@ -29,6 +29,8 @@ def register(sub: Any) -> None:
                     help="requests that may wait for a free sequence; more get 503")
     sv.add_argument("--max-tokens-cap", type=int, default=4096, help="the largest max_tokens a request may ask")
     sv.add_argument("--model-id", default=None, help="the model name clients use (default: the file's stem)")
+    sv.add_argument("--pooling", choices=("mean", "last"), default="mean",
+                    help="how /v1/embeddings pools a text's final hidden states (default: mean)")
     sv.add_argument("--chat-template", default=None,
                     help="built-in chat template name for models without one (see 'slot-cpp info')")
     sv.set_defaults(func=cmd_serve)
@@ -91,5 +93,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  datastores=datastores, rewards=rewards, correctors=correctors, max_waiting=args.max_waiting,
                  max_tokens_cap=args.max_tokens_cap, model_id=args.model_id, chat_template=args.chat_template,
                  rpc=args.rpc, lora=_lora_specs(getattr(args, "lora", [])) or None,
-                 log_level="warning" if args.quiet else "info")
+                 log_level="warning" if args.quiet else "info", pooling=args.pooling)
     return 0

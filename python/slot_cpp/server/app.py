@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hmac
 import os
 import threading
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import anyio
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,7 +22,8 @@ from .. import _core
 from .._model import Model
 from .errors import ApiError, internal_error, overloaded, validation_message
 from .metrics import Metrics
-from .protocol import ChatCompletionRequest, CompletionRequest
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
+                       TokenizeRequest)
 from .serving import resolve, respond
 
 # ---- configuration -------------------------------------------------------------
@@ -42,6 +45,8 @@ class ServerConfig:
     """LMCor correctors by name -> ``MODEL.gguf`` or ``MODEL.gguf,ADAPTER.gguf`` (loaded at start-up)."""
     chat_template: Optional[str] = None
     """A built-in chat template name (or template text) for models without one."""
+    pooling: str = "mean"
+    """How /v1/embeddings pools a text's final hidden states: "mean" or "last" (see Model.embed)."""
     max_waiting: int = 16
     """Requests that may wait for a free sequence; one more gets 503."""
     max_body_bytes: int = 1 << 20
@@ -151,7 +156,10 @@ def _make_corrector(model: Model, name: str, spec: str) -> Any:
 # ---- the application ------------------------------------------------------------
 
 
-_ENDPOINTS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics"})
+_ENDPOINTS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize",
+                        "/detokenize", "/health", "/metrics"})
+# Endpoints that read the model: they need the API key when one is set.
+_GUARDED = ("/v1/", "/tokenize", "/detokenize")
 """Paths the metrics count by name; any other path counts as "other"."""
 
 
@@ -186,7 +194,7 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
         """Authentication and the body size limit, before a body is parsed."""
         path = request.url.path
         try:
-            if path.startswith("/v1/"):
+            if path.startswith(_GUARDED):
                 if config.api_key is not None:
                     header = request.headers.get("authorization", "")
                     scheme, _, token = header.partition(" ")
@@ -261,6 +269,44 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
         job = resolve(state, body, tokens, max_tokens, body.logprobs, top, messages=messages)
         return await respond(state, job, body, chat=True)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> Response:
+        _check_model(state, body.model)
+        inputs: list[Any] = [body.input] if isinstance(body.input, str) else list(body.input)
+        if inputs and all(isinstance(x, int) for x in inputs):
+            inputs = [inputs]  # one token list
+        if not inputs:
+            raise ApiError(400, "input is empty", param="input")
+        if body.dimensions is not None and body.dimensions != model.n_embd:
+            raise ApiError(400, f"this model's embeddings have {model.n_embd} dimensions", param="dimensions")
+        try:
+            vectors = await anyio.to_thread.run_sync(lambda: model.embed(inputs, pooling=config.pooling))
+            n_tokens = sum(len(model.tokenize(x)) if isinstance(x, str) else len(x) for x in inputs)
+        except (TypeError, ValueError, _core.ContextLengthError) as exc:
+            raise ApiError(400, str(exc), param="input") from None
+        data = []
+        for i, v in enumerate(vectors):
+            embedding: Any = (base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
+                              else [float(x) for x in v])
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+        state.metrics.tokens(n_tokens, 0)
+        return JSONResponse({"object": "list", "data": data, "model": config.model_id,
+                             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        tokens = model.tokenize(body.content, add_special=body.add_special)
+        if body.with_pieces:
+            return {"tokens": [{"id": t, "piece": model.token_piece(t).decode("utf-8", "replace")} for t in tokens]}
+        return {"tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        try:
+            return {"content": model.detokenize(body.tokens)}
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, str(exc), param="tokens") from None
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         _check_model(state, body.model)
@@ -316,7 +362,7 @@ def serve(model_path: Union[str, os.PathLike[str], None] = None, *, host: str = 
           rewards: Optional[dict[str, str]] = None, correctors: Optional[dict[str, str]] = None,
           max_waiting: int = 16, max_tokens_cap: int = 4096,
           model_id: Optional[str] = None, chat_template: Optional[str] = None, rpc: Optional[str] = None,
-          lora: Optional[list[tuple[str, float]]] = None, log_level: str = "info") -> None:
+          lora: Optional[list[tuple[str, float]]] = None, log_level: str = "info", pooling: str = "mean") -> None:
     """Load a model and serve it until interrupted (binds to 127.0.0.1 unless told otherwise)."""
     if n_ctx == 0:
         n_ctx = 2048 * n_parallel
@@ -325,7 +371,8 @@ def serve(model_path: Union[str, os.PathLike[str], None] = None, *, host: str = 
     try:
         config = ServerConfig(model_id=model_id or Path(model.path).stem, api_key=api_key,
                               datastores=datastores or {}, rewards=rewards or {}, correctors=correctors or {},
-                              max_waiting=max_waiting, max_tokens_cap=max_tokens_cap, chat_template=chat_template)
+                              max_waiting=max_waiting, max_tokens_cap=max_tokens_cap, chat_template=chat_template,
+                              pooling=pooling)
         app = create_app(model, config)
         try:
             uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -90,6 +90,24 @@ class ChatCompletionRequest(SamplingRequest):  # type: ignore[misc, valid-type]
     response_format: Optional[dict[str, Any]] = None
 
 
+class EmbeddingRequest(_Body):
+    input: Union[str, list[str], list[int], list[list[int]]]
+    model: Optional[str] = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = Field(None, ge=1)
+    user: Optional[str] = None
+
+
+class TokenizeRequest(_Body):
+    content: str
+    add_special: bool = False
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Body):
+    tokens: list[int]
+
+
 class CompletionRequest(SamplingRequest):  # type: ignore[misc, valid-type]
     prompt: Union[str, list[int], list[str]]
     logprobs: Optional[int] = Field(None, ge=0, le=20)
