@@ -216,10 +216,6 @@ class ModelInfo:
     slot_unsupported_reason: str
 
 
-def _check_delta(delta: Any, n_embd: int) -> np.ndarray:
-    return opts.check_delta(delta, n_embd)
-
-
 class Model:
     """A GGUF model loaded through llama.cpp, ready for SLOT generation.
 
@@ -343,12 +339,10 @@ class Model:
         items = [texts] if isinstance(texts, str) else list(texts)
         if not items:
             raise ValueError("texts is empty")
-        rows = []
-        for i, item in enumerate(items):
-            toks = self.tokenize(item) if isinstance(item, str) else self.check_tokens(item)
-            if not toks:
-                raise ValueError(f"text {i} has no tokens")
-            rows.append(toks)
+        rows = [self.tokenize(item) if isinstance(item, str) else list(item) for item in items]
+        for i, row in enumerate(rows):
+            if not row:
+                raise ValueError(f"text {i} has no tokens")  # hidden_states checks the token ids
         spans = [(0, len(r)) if pooling == "mean" else (len(r) - 1, len(r)) for r in rows]
         states = self.hidden_states(rows, spans).astype(np.float64)
         out = np.empty((len(rows), self.n_embd), dtype=np.float64)
@@ -504,7 +498,6 @@ class Model:
     def check_tokens(self, tokens: Any) -> list[int]:
         """Token ids as a list of ints inside this model's vocabulary (TypeError/ValueError otherwise)."""
         return opts.check_tokens(tokens, self.n_vocab)
-
 
     def prompt_tokens(self, prompt: Prompt, *, chat_template: Optional[str] = None,
                       system: Optional[str] = None) -> list[int]:
@@ -730,7 +723,7 @@ class Model:
         return self.prompt_tokens(prompt, chat_template=chat_template, system=system), None
 
     def _build_request(self, tokens: list[int], n: int, groups: tuple[SamplingOptions, SlotOptions, RequestExtras],
-                loss_mask: Optional[list[bool]]) -> _core.Request:
+                       loss_mask: Optional[list[bool]]) -> _core.Request:
         facts = opts.ModelFacts(n_vocab=self.n_vocab, n_embd=self.n_embd, seed=self._seed)
         return opts.native_request(tokens, n, *groups, facts, loss_mask=loss_mask, apply_rtd=self._apply_rtd)
 
@@ -787,13 +780,13 @@ class Model:
         toks = self.check_tokens(tokens)
         if len(toks) < 2:
             raise ValueError("the prompt needs at least two tokens for a SLOT loss")
-        d = _check_delta(delta, self.n_embd)
+        d = opts.check_delta(delta, self.n_embd)
         SlotOptions(cache_precision=cache_precision)  # checks it
         return self._s().slot_loss_and_gradient(toks, d, bool(recompute), cache_precision)
 
     def logit_bias(self, delta: np.ndarray) -> np.ndarray:
         """b = W delta: the logit bias that delta adds at every position."""
-        return self._s().logit_bias(_check_delta(delta, self.n_embd))
+        return self._s().logit_bias(opts.check_delta(delta, self.n_embd))
 
     def token_logprobs(self, tokens: Sequence[int], first: int,
                        delta: Optional[np.ndarray] = None) -> np.ndarray:
@@ -802,7 +795,7 @@ class Model:
         first = check_int("first", first, 1)
         if first >= len(toks):
             raise ValueError(f"first ({first}) must be < the number of tokens ({len(toks)})")
-        d = None if delta is None else _check_delta(delta, self.n_embd)
+        d = None if delta is None else opts.check_delta(delta, self.n_embd)
         return np.asarray(self._s().token_logprobs(toks, first, d), dtype=np.float64)
 
     def reference_greedy_batch(self, prompts: Sequence[Sequence[int]], n_new: int) -> tuple[list[list[int]], float]:

@@ -28,7 +28,7 @@ from .rtd import RTD, ChoiceScores, answer_index, score_choices
 
 __all__ = [
     "METHODS", "GSM8KOptions", "gsm8k_prompt", "setting_name", "method_name", "done_records", "pending",
-    "resume_note", "evaluate_gsm8k", "evaluate_settings", "nll_record", "generate_records", "evaluate_methods",
+    "resume_note", "evaluate_settings", "nll_record", "generate_records", "evaluate_methods",
     "method_record", "summarise_file", "summary_table", "ChoiceEval", "choice_prompt_format", "evaluate_choices",
     "choice_summary", "choice_records", "choice_table", "rtd_description", "lmcor_summary", "lmcor_table",
     "token_shifts", "plot_explain",
@@ -103,18 +103,6 @@ def _append(out: TextIO, record: dict) -> None:
 
 
 # ---- GSM8K: SLOT settings ------------------------------------------------------
-def evaluate_gsm8k(model: Model, problems: Sequence[gsm8k.Problem], settings: Sequence[Setting],
-                   out_path: Union[str, Path], options: GSM8KOptions = GSM8KOptions(), *, rtd: Optional[RTD] = None,
-                   parallel: int = 1, progress: bool = True) -> list[dict]:
-    """Every problem under every (steps, lr) setting, resuming ``out_path``;
-    the summary rows of :func:`summarise_file` (paired against the first)."""
-    out_path = Path(out_path)
-    variants = [(s, options.setting_name(*s)) for s in settings]
-    todo = pending(problems, variants, done_records(out_path, options.metric))
-    evaluate_settings(model, todo, out_path, options, rtd=rtd, parallel=parallel, progress=progress)
-    return summarise_file(out_path, problems, [name for _, name in variants], options.metric)
-
-
 def evaluate_settings(model: Model, todo: Sequence[tuple[gsm8k.Problem, Setting, str]], out_path: Path,
                       options: GSM8KOptions, *, rtd: Optional[RTD] = None, parallel: int = 1,
                       progress: bool = True) -> None:

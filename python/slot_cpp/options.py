@@ -47,7 +47,6 @@ __all__ = [
     "check_int",
     "from_arguments",
     "from_http",
-    "group_of",
     "http_fields",
     "native_request",
     "request_model",
@@ -135,10 +134,8 @@ class OptionSpec:
                 raise ValueError(f"{name} must be a number > 0 or 'auto', got {value!r}")
             return value
         if self.kind == "int":
-            out = check_int(name, value, int(self.low if self.low is not None else -(2**63)))
-            if self.high is not None and out > self.high:
-                raise ValueError(f"{name} must be <= {int(self.high)}, got {value}")
-            return out
+            return check_int(name, value, int(self.low if self.low is not None else -(2**63)),
+                             None if self.high is None else int(self.high))
         if self.kind in ("float", "lr"):
             return check_float(name, value, low=-math.inf if self.low is None else self.low,
                                high=math.inf if self.high is None else self.high,
@@ -355,11 +352,6 @@ def specs(group: type) -> Iterator[tuple[str, Any, OptionSpec]]:
     """(name, default, spec) of every option of a group."""
     for f in dataclasses.fields(group):
         yield f.name, f.default, f.metadata["spec"]
-
-
-def group_of(name: str) -> Optional[type]:
-    """The group a generate keyword belongs to, or None."""
-    return _FLAT.get(name)
 
 
 def split_options(options: Mapping[str, Any], *, where: str) -> dict[type, dict[str, Any]]:

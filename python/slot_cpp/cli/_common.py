@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence, TextIO, Union
+from typing import Any, Optional, Sequence, TextIO
 
 from .. import _core
 from .._model import GenerationResult, Model
@@ -100,20 +100,14 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, slot_lists: bool = Fals
     p.add_argument("--chat-template", default=None, help="built-in template name or template string")
 
 
-def _add_kl_budget_option(p: argparse.ArgumentParser) -> None:
-    add_arguments(p, SlotOptions, only=("kl_budget",))
-
-
 def _slot_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """SLOT's options besides steps and lr."""
     return {k: v for k, v in from_arguments(args, SlotOptions).items() if k not in ("steps", "lr")}
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampler's options besides the stop strings; the seed is the model's (--seed)."""
-    out = {k: v for k, v in from_arguments(args, SamplingOptions).items() if k != "stop"}
-    out["seed"] = args.seed
-    return out
+    """The sampler's options besides the stop strings (the seed is --seed, the model's)."""
+    return {k: v for k, v in from_arguments(args, SamplingOptions).items() if k != "stop"}
 
 
 # ---------------------------------------------------------------- RTD options

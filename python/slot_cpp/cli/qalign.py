@@ -111,7 +111,7 @@ def cmd_qalign_head(args: argparse.Namespace) -> int:
     with _open_model(args) as model:
         progress = Progress(len(problems), "reward head", True, plain=True)
         pairs = [(gsm8k_prompt(p.question, args.format)[0], p.reference) for p in problems]
-        stop = gsm8k.CHAT_STOP if args.format == "chat" else gsm8k.FEWSHOT_STOP
+        stop = gsm8k_prompt("", args.format)[1]
         head, stats = qa.train_linear_reward(model, pairs, samples=args.samples, max_tokens=args.max_tokens,
                                              l2=args.l2, seed=args.seed, stop=stop,
                                              on_problem=lambda k: progress.update(1))

@@ -15,7 +15,7 @@ from ._common import UsageError, _add_model_options, _lora_specs
 def register(sub: Any) -> None:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the [server] extra)")
     _add_model_options(sv)
-    sv.set_defaults(n_ctx=0, n_parallel=4)
+    sv.set_defaults(n_ctx=0)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     sv.add_argument("--port", type=int, default=8080)
     sv.add_argument("--api-key", default=os.environ.get("SLOT_CPP_API_KEY"),
@@ -92,6 +92,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, api_key=args.api_key,
                  datastores=datastores, rewards=rewards, correctors=correctors, max_waiting=args.max_waiting,
                  max_tokens_cap=args.max_tokens_cap, model_id=args.model_id, chat_template=args.chat_template,
-                 rpc=args.rpc, lora=_lora_specs(getattr(args, "lora", [])) or None,
+                 rpc=args.rpc, lora=_lora_specs(args.lora) or None,
                  log_level="warning" if args.quiet else "info", pooling=args.pooling)
     return 0

@@ -246,7 +246,7 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
         return _model_card(state)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
         _check_model(state, body.model)
         if body.response_format and body.response_format.get("type", "text") != "text":
             raise ApiError(400, "only response_format type 'text' is supported", param="response_format")
@@ -280,15 +280,16 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
         if body.dimensions is not None and body.dimensions != model.n_embd:
             raise ApiError(400, f"this model's embeddings have {model.n_embd} dimensions", param="dimensions")
         try:
-            vectors = await anyio.to_thread.run_sync(lambda: model.embed(inputs, pooling=config.pooling))
-            n_tokens = sum(len(model.tokenize(x)) if isinstance(x, str) else len(x) for x in inputs)
+            rows = [model.tokenize(x) if isinstance(x, str) else x for x in inputs]  # once: for embed and usage
+            vectors = await anyio.to_thread.run_sync(lambda: model.embed(rows, pooling=config.pooling))
         except (TypeError, ValueError, _core.ContextLengthError) as exc:
             raise ApiError(400, str(exc), param="input") from None
         data = []
         for i, v in enumerate(vectors):
             embedding: Any = (base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
-                              else [float(x) for x in v])
+                              else v.tolist())
             data.append({"object": "embedding", "index": i, "embedding": embedding})
+        n_tokens = sum(len(r) for r in rows)
         state.metrics.tokens(n_tokens, 0)
         return JSONResponse({"object": "list", "data": data, "model": config.model_id,
                              "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
@@ -308,7 +309,7 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
             raise ApiError(400, str(exc), param="tokens") from None
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    async def completions(body: CompletionRequest) -> Response:
         _check_model(state, body.model)
         if body.echo:
             raise ApiError(400, "echo is not supported", param="echo")

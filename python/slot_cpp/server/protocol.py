@@ -123,19 +123,28 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _piece(model: Model, token: int) -> str:
-    return model.detokenize([token])
+def _pieces(model: Model) -> Any:
+    """token -> its text, each distinct token detokenized once per response."""
+    cache: dict[int, str] = {}
+
+    def piece(token: int) -> str:
+        text = cache.get(token)
+        if text is None:
+            text = cache[token] = model.detokenize([token])
+        return text
+    return piece
 
 
 def logprobs_chat(model: Model, r: GenerationResult) -> dict[str, Any]:
     """Chat's shape: one entry per token, with its bytes and alternatives."""
+    _piece = _pieces(model)
     content = []
     tops = r.top_logprobs or [[] for _ in r.tokens]
     for tok, lp, top in zip(r.tokens, r.token_logprobs, tops):
-        text = _piece(model, tok)
+        text = _piece(tok)
         alternatives = []
         for t, v in top:
-            piece = _piece(model, t)
+            piece = _piece(t)
             alternatives.append({"token": piece, "logprob": float(v), "bytes": list(piece.encode())})
         content.append({"token": text, "logprob": float(lp), "bytes": list(text.encode()),
                         "top_logprobs": alternatives})
@@ -144,15 +153,16 @@ def logprobs_chat(model: Model, r: GenerationResult) -> dict[str, Any]:
 
 def logprobs_text(model: Model, r: GenerationResult) -> dict[str, Any]:
     """The legacy completions' shape: parallel lists and character offsets."""
+    _piece = _pieces(model)
     tokens, offsets, tops = [], [], []
     offset = 0
     for i, tok in enumerate(r.tokens):
-        text = _piece(model, tok)
+        text = _piece(tok)
         tokens.append(text)
         offsets.append(offset)
         offset += len(text)
         if r.top_logprobs:
-            tops.append({_piece(model, t): float(v) for t, v in r.top_logprobs[i]})
+            tops.append({_piece(t): float(v) for t, v in r.top_logprobs[i]})
     return {"tokens": tokens, "token_logprobs": [float(x) for x in r.token_logprobs],
             "top_logprobs": tops if r.top_logprobs else None, "text_offset": offsets}
 

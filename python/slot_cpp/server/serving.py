@@ -68,7 +68,6 @@ class Job:
     qalign: Optional[QAlignOptions]
     lmcor: Optional[LmcorOptions]
     lmcor_input: Optional[str]
-    top_logprobs: int
     want_logprobs: bool
 
 
@@ -146,7 +145,7 @@ def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens:
         else:
             lmcor_input = model.detokenize(tokens)
     return Job(tokens=tokens, messages=messages, n=body.n, kwargs=kwargs, applied=applied, qalign=body.qalign,
-               lmcor=body.lmcor, lmcor_input=lmcor_input, top_logprobs=top_logprobs, want_logprobs=want_logprobs)
+               lmcor=body.lmcor, lmcor_input=lmcor_input, want_logprobs=want_logprobs)
 
 
 def _stop_list(stop: Union[str, list[str], None]) -> list[str]:
