@@ -11,6 +11,9 @@ and cut to the length), 32 new tokens, 5 steps at lr 0.01, no prompt cache:
 - exact: SLOT's default (the cache of the prompt's distributions in float32
   when it fits the memory budget, else bfloat16, else recompute);
 - bf16: the cache in bfloat16;
+- bounded: each position's most probable tokens until the rest hold at most
+  1e-3 of the probability (``cache_precision="bounded"``), with the bound on
+  the loss's error that SLOT reports;
 - window: the loss on the last 256 predictions (``loss_window=256``);
 - recompute: the published algorithm (the head over every position each step).
 
@@ -36,6 +39,7 @@ MODES = {
     "plain": dict(steps=0),
     "exact": dict(),
     "bf16": dict(cache_precision="bfloat16"),
+    "bounded": dict(cache_precision="bounded"),
     "window": dict(loss_window=256),
     "recompute": dict(recompute=True),
 }
@@ -88,7 +92,8 @@ def run_one(model: slot_cpp.Model, ids: list[int], mode: str, args: argparse.Nam
             "generate": r.timings.generate, "path": r.slot_path or "-", "cache_mib": r.slot_cache_bytes / 2**20,
             "head_rows": model.logit_rows - rows, "steps_done": r.steps_done,
             "peak_added_mib": (_status("VmHWM") - base) / 2**20 if peak_known else None,
-            "final_loss": r.losses[-1] if r.losses else None}
+            "final_loss": r.losses[-1] if r.losses else None, "loss_bound": r.slot_loss_bound,
+            "mean_k": r.slot_cache_mean_k}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -123,17 +128,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _bound(row: dict[str, Any]) -> str:
+    if row["path"] != "bounded":
+        return "exact" if row["path"] != "-" else ""
+    return f"{row['loss_bound']:.1e} (K {row['mean_k']:.0f})"
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"`{report['command']}`  ", f"{report['machine']}", "",
              "| model | prompt tokens | mode | path | total s | vs plain | prefill s | optimise s | generate s "
-             "| cache MiB | head rows | peak added MiB |",
-             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| cache MiB | head rows | peak added MiB | loss bound |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["rows"]:
         peak = "" if r["peak_added_mib"] is None else f"{r['peak_added_mib']:.0f}"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
         lines.append(f"| {r['model']} | {r['tokens']} | {r['mode']} | {r['path']} | {r['total']:.2f} | {ratio} | "
                      f"{r['prefill']:.2f} | {r['optimise']:.2f} | {r['generate']:.2f} | {r['cache_mib']:.0f} | "
-                     f"{r['head_rows']} | {peak} |")
+                     f"{r['head_rows']} | {peak} | {_bound(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -28,6 +28,8 @@ void bind_request(py::module_& m) {
         .def_readonly("slot_status", &GenerationResult::slot_status)
         .def_readonly("slot_path", &GenerationResult::slot_path)
         .def_readonly("slot_cache_bytes", &GenerationResult::slot_cache_bytes)
+        .def_readonly("slot_loss_bound", &GenerationResult::slot_loss_bound)
+        .def_readonly("slot_cache_mean_k", &GenerationResult::slot_cache_mean_k)
         .def_property_readonly("slot_profile", [](const GenerationResult& r) {
             py::dict d;
             d["forward"] = r.slot_profile.forward;
@@ -83,6 +85,7 @@ void bind_request(py::module_& m) {
         .SLOT_FIELD("memory_budget", slot.memory_budget)
         .SLOT_FIELD("recompute", slot.recompute)
         .SLOT_FIELD("cache_precision", slot.cache_precision)
+        .SLOT_FIELD("cache_tail_mass", slot.cache_tail_mass)
         .def_property(
             "loss_mask",
             [](const GenerationRequest& r) {

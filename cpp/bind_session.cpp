@@ -213,14 +213,17 @@ void bind_session(py::module_& m) {
              py::arg("tokens"))
         .def("slot_loss_and_gradient",
              [](Session& s, const std::vector<int32_t>& tokens, const FloatArray& delta, bool recompute,
-                const std::string& cache_precision) {
+                const std::string& cache_precision, double cache_tail_mass) {
                  std::vector<float> d = from_numpy(delta), grad;
+                 double bound = 0.0;
                  const double loss = without_gil([&](const InterruptCheck& check) {
-                     return s.slot_loss_and_gradient(tokens, d, recompute, cache_precision, grad, check);
+                     return s.slot_loss_and_gradient(tokens, d, recompute, cache_precision, cache_tail_mass, grad,
+                                                     bound, check);
                  });
-                 return py::make_tuple(loss, to_numpy(grad));
+                 return py::make_tuple(loss, to_numpy(grad), bound);
              },
-             py::arg("tokens"), py::arg("delta"), py::arg("recompute"), py::arg("cache_precision") = "auto")
+             py::arg("tokens"), py::arg("delta"), py::arg("recompute"), py::arg("cache_precision"),
+             py::arg("cache_tail_mass"))
         .def("logit_bias",
              [](Session& s, const FloatArray& delta) {
                  const std::vector<float> d = from_numpy(delta);

@@ -489,6 +489,8 @@ private:
             st.slot.slot_status = outcome.stop_reason;
             st.slot.slot_path = outcome.path;
             st.slot.slot_cache_bytes = outcome.cache_bytes;
+            st.slot.slot_loss_bound = outcome.loss_bound;
+            st.slot.slot_cache_mean_k = outcome.cache_mean_k;
             st.slot.slot_profile = outcome.profile;
             st.slot.slot_lr = outcome.lr;
             st.slot.calibration_lrs = std::move(outcome.calibration_lrs);
@@ -1056,7 +1058,8 @@ void Session::prompt_states(const std::vector<int32_t>& tokens, std::vector<floa
 }
 
 double Session::slot_loss_and_gradient(const std::vector<int32_t>& tokens, const std::vector<float>& delta,
-                                       bool recompute, const std::string& cache_precision, std::vector<float>& grad,
+                                       bool recompute, const std::string& cache_precision, double cache_tail_mass,
+                                       std::vector<float>& grad, double& loss_bound,
                                        const InterruptCheck& interrupted) {
     std::lock_guard<FairMutex> lock(mutex_);
     require_idle("slot_loss_and_gradient");
@@ -1066,11 +1069,14 @@ double Session::slot_loss_and_gradient(const std::vector<int32_t>& tokens, const
     SlotConfig config;
     config.recompute = recompute;
     config.cache_precision = cache_precision;
+    config.cache_tail_mass = cache_tail_mass;
     validate(config);
     SlotProblem problem(h, tokens, config);
     e.clear_all();
     fill_slot_problem(e, problem, 0, tokens, {}, interrupted);
-    return problem.loss_and_gradient(delta, grad, interrupted);
+    const double loss = problem.loss_and_gradient(delta, grad, interrupted);
+    loss_bound = problem.last_loss_bound();
+    return loss;
 }
 
 std::vector<float> Session::logit_bias(const std::vector<float>& delta) {

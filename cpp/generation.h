@@ -70,8 +70,10 @@ struct GenerationResult {
     std::vector<double> calibration_kls;      // and the mean KL of their deltas
     double calibration_seconds = 0.0;
     std::string slot_status;    // why optimisation ended, or why it did not run
-    std::string slot_path;      // "cached", "recompute" or ""
+    std::string slot_path;      // "cached", "cached_bf16", "bounded", "recompute" or ""
     int64_t slot_cache_bytes = 0;
+    double slot_loss_bound = 0.0;  // bounded path: the bound on the losses' error
+    double slot_cache_mean_k = 0.0;
     StepProfile slot_profile;
     int prompt_tokens = 0;
     int cached_tokens = 0;      // prompt tokens whose KV cells were reused, not evaluated
@@ -218,7 +220,8 @@ public:
     void prompt_states(const std::vector<int32_t>& tokens, std::vector<float>& hidden, std::vector<float>& logits,
                        const InterruptCheck& interrupted);
     double slot_loss_and_gradient(const std::vector<int32_t>& tokens, const std::vector<float>& delta,
-                                  bool recompute, const std::string& cache_precision, std::vector<float>& grad,
+                                  bool recompute, const std::string& cache_precision, double cache_tail_mass,
+                                  std::vector<float>& grad, double& loss_bound,
                                   const InterruptCheck& interrupted);
     std::vector<float> logit_bias(const std::vector<float>& delta);
     // log p(tokens[i] | tokens[<i]) for i >= first (teacher forcing), with

@@ -315,6 +315,69 @@ void softmax_rows_op(ggml_tensor* dst, int ith, int nth, void* userdata) {
     }
 }
 
+// One row of the bounded cache. Probabilities are grouped by their binary
+// exponent in one pass, which gives the threshold that covers 1 - tail_mass
+// of the row; a second pass collects the tokens above it, and only those are
+// sorted.
+void top_probabilities_row(const TopRowsJob& job, int64_t r, std::vector<float>& y, std::vector<int32_t>& picked) {
+    const int64_t V = job.n_vocab;
+    const float* x = job.src + r * V;
+    TopProbabilities& out = job.rows[r];
+    const float m = row_max(x, V);
+    const double total = exp_shifted(x, m, V, y.data());  // y = exp(x - m) in (0, 1]
+    job.target_logprob[r] = static_cast<double>(x[job.targets[r]]) - m - std::log(total);
+    // Bucket e holds the entries whose float exponent is e (e = 127 for 1.0).
+    constexpr int kBuckets = 128;
+    double mass[kBuckets] = {};
+    int64_t count[kBuckets] = {};
+    for (int64_t i = 0; i < V; ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, &y[static_cast<size_t>(i)], sizeof(bits));
+        const int e = static_cast<int>(std::min<uint32_t>((bits >> 23) & 0xffu, kBuckets - 1));
+        mass[e] += y[static_cast<size_t>(i)];
+        ++count[e];
+    }
+    const double need = (1.0 - job.tail_mass) * total;
+    double covered = 0.0;
+    int64_t kept = 0;
+    int lowest = kBuckets - 1;
+    for (; lowest > 0; --lowest) {
+        covered += mass[lowest];
+        kept += count[lowest];
+        if (covered >= need || kept >= job.max_k) break;
+    }
+    // Every entry at or above bucket `lowest`: at least 2^(lowest - 127).
+    uint32_t threshold_bits = static_cast<uint32_t>(lowest) << 23;
+    float threshold;
+    std::memcpy(&threshold, &threshold_bits, sizeof(threshold));
+    picked.clear();
+    for (int64_t i = 0; i < V; ++i) {
+        if (y[static_cast<size_t>(i)] >= threshold) picked.push_back(static_cast<int32_t>(i));
+    }
+    const auto more_probable = [&y](int32_t a, int32_t b) {
+        return y[static_cast<size_t>(a)] > y[static_cast<size_t>(b)] || (y[static_cast<size_t>(a)] == y[static_cast<size_t>(b)] && a < b);
+    };
+    const size_t limit = std::min(picked.size(), static_cast<size_t>(job.max_k));
+    std::partial_sort(picked.begin(), picked.begin() + static_cast<ptrdiff_t>(limit), picked.end(), more_probable);
+    out.ids.clear();
+    out.probs.clear();
+    double sum = 0.0;
+    for (size_t j = 0; j < limit && sum < need; ++j) {
+        const float v = y[static_cast<size_t>(picked[j])];
+        out.ids.push_back(picked[j]);
+        out.probs.push_back(static_cast<float>(v / total));
+        sum += v;
+    }
+    out.tail = std::max(0.0, (total - sum) / total);
+}
+
+void top_probabilities_op(ggml_tensor* dst, int ith, int nth, void* userdata) {
+    const auto* job = static_cast<const TopRowsJob*>(userdata);
+    std::vector<float> y(static_cast<size_t>(job->n_vocab));
+    std::vector<int32_t> picked;
+    for (int64_t r = ith; r < dst->ne[0]; r += nth) top_probabilities_row(*job, r, y, picked);
+}
+
 inline float bf16_bits_to_float(uint16_t h) {
     const uint32_t bits = static_cast<uint32_t>(h) << 16;
     float f;
@@ -384,6 +447,16 @@ void bf16_rows_transposed_op(ggml_tensor* dst, int ith, int nth, void*) {
 ggml_tensor* softmax_rows_from_host(ggml_context* ctx, ggml_tensor* dst, SoftmaxRowsJob* job) {
     GGML_ASSERT((dst->type == GGML_TYPE_F32 || dst->type == GGML_TYPE_BF16) && dst->nb[0] == ggml_type_size(dst->type));
     return ggml_custom_inplace(ctx, dst, nullptr, 0, softmax_rows_op, GGML_N_TASKS_MAX, job);
+}
+
+ggml_tensor* top_probabilities_from_host(ggml_context* ctx, int64_t rows, TopRowsJob* job) {
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, rows, 1, 1, 1, nullptr, 0, top_probabilities_op, GGML_N_TASKS_MAX, job);
+}
+
+void top_probabilities_rows(const TopRowsJob& job, int64_t first, int64_t end) {
+    std::vector<float> y(static_cast<size_t>(job.n_vocab));
+    std::vector<int32_t> picked;
+    for (int64_t r = first; r < end; ++r) top_probabilities_row(job, r, y, picked);
 }
 
 ggml_tensor* bf16_rows_times_columns(ggml_context* ctx, ggml_tensor* p0, ggml_tensor* cols) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "ggml.h"
 
@@ -32,6 +33,28 @@ struct SoftmaxRowsJob {
 };
 // dst may be float32 or bfloat16 (rounded to nearest even from float32).
 ggml_tensor* softmax_rows_from_host(ggml_context* ctx, ggml_tensor* dst, SoftmaxRowsJob* job);
+
+// The bounded cache's entry for one prompt position: its most probable tokens,
+// most probable first, until the others (the tail) hold at most the job's
+// tail_mass of probability or max_k tokens are kept.
+struct TopProbabilities {
+    std::vector<int32_t> ids;
+    std::vector<float> probs;
+    double tail = 0.0;  // the probability of every token not in ids
+};
+struct TopRowsJob {
+    const float* src = nullptr;  // rows of logits, n_vocab floats each
+    int64_t n_vocab = 0;
+    const int32_t* targets = nullptr;
+    double* target_logprob = nullptr;  // log P0 of each row's target, from the logits
+    TopProbabilities* rows = nullptr;
+    double tail_mass = 0.0;
+    int max_k = 0;
+};
+// Fills job->rows[0, rows) on ggml's CPU thread pool (a node of the graph).
+ggml_tensor* top_probabilities_from_host(ggml_context* ctx, int64_t rows, TopRowsJob* job);
+// The same on the calling thread, for rows [first, end) (backends other than the CPU).
+void top_probabilities_rows(const TopRowsJob& job, int64_t first, int64_t end);
 
 // A SlotProblem's P0 held in bfloat16 (when float32 would not fit its memory
 // budget): the products of a SLOT step read each entry back as float32 and

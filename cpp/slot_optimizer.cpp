@@ -18,6 +18,11 @@ constexpr double kTinyProbability = 1e-30;
 // lr="auto" measures the reference delta scaled by 2^e for e in this range.
 constexpr int kAutoLowestScale = -4;
 constexpr int kAutoHighestScale = 4;
+// The bounded cache keeps at most this many tokens per position, and fits the
+// budget with at least the smaller number or not at all.
+constexpr int kMaxTopTokens = 4096;
+constexpr int kMinTopTokens = 16;
+constexpr int64_t kTopEntryBytes = sizeof(int32_t) + sizeof(float);
 
 // Adds the seconds since construction to a counter when it goes out of scope.
 class ScopedTimer {
@@ -82,8 +87,12 @@ void validate(const SlotConfig& c) {
     if (c.memory_budget != 0 && c.memory_budget < (int64_t(1) << 20)) {
         throw std::invalid_argument("memory_budget must be at least 1 MiB (or 0: automatic)");
     }
-    if (c.cache_precision != "auto" && c.cache_precision != "float32" && c.cache_precision != "bfloat16") {
-        throw std::invalid_argument("cache_precision must be 'auto', 'float32' or 'bfloat16'");
+    if (c.cache_precision != "auto" && c.cache_precision != "float32" && c.cache_precision != "bfloat16" &&
+        c.cache_precision != "bounded") {
+        throw std::invalid_argument("cache_precision must be 'auto', 'float32', 'bfloat16' or 'bounded'");
+    }
+    if (!(c.cache_tail_mass > 0.0 && c.cache_tail_mass < 1.0)) {
+        throw std::invalid_argument("cache_tail_mass must be in (0, 1)");
     }
     if (!(c.kl_budget > 0.0) || !std::isfinite(c.kl_budget)) {
         throw std::invalid_argument("kl_budget must be a finite number > 0");
@@ -120,9 +129,14 @@ SlotProblem::SlotProblem(OutputHead& head, const std::vector<int32_t>& tokens, c
     const bool cpu = head.backend().is_cpu();
     const int64_t f32_bytes = n * row_bytes, bf16_bytes = n * V_ * static_cast<int64_t>(sizeof(uint16_t));
     const bool f32_fits = f32_bytes <= rest, bf16_fits = cpu && bf16_bytes <= rest;
+    max_k_ = static_cast<int>(std::min<int64_t>(kMaxTopTokens, n > 0 ? rest / (n * kTopEntryBytes) : kMaxTopTokens));
+    const bool top_fits = max_k_ >= kMinTopTokens;
+    tail_mass_ = config.cache_tail_mass;
     if (!config.recompute) {
         if (config.cache_precision == "float32") {
             cached_ = f32_fits;
+        } else if (config.cache_precision == "bounded") {
+            cached_ = bounded_ = top_fits;
         } else if (config.cache_precision == "bfloat16") {
             // The bfloat16 kernels are the CPU's; a GPU keeps float32.
             cached_ = cpu ? bf16_fits : f32_fits;
@@ -138,11 +152,16 @@ SlotProblem::SlotProblem(OutputHead& head, const std::vector<int32_t>& tokens, c
             // float32 (see bf16_rows_times_columns).
             cached_ = true;
             cache_type_ = GGML_TYPE_BF16;
+        } else if (top_fits) {
+            cached_ = bounded_ = true;
         }
     }
     recompute_rows_ = static_cast<int>(std::clamp<int64_t>(rest / (2 * row_bytes), 1, 256));
     if (n_ == 0) return;
-    if (cached_) {
+    if (bounded_) {
+        target_logp0_.assign(static_cast<size_t>(n_), 0.0);
+        top_.resize(static_cast<size_t>(n_));
+    } else if (cached_) {
         target_logp0_.assign(static_cast<size_t>(n_), 0.0);
         p0_ = std::make_unique<StaticTensors>(1);
         p0_tensor_ = ggml_new_tensor_2d(p0_->ctx, cache_type_, V_, n_);
@@ -167,6 +186,11 @@ std::vector<uint8_t> SlotProblem::output_mask() const {
 
 int64_t SlotProblem::bytes() const {
     if (n_ == 0) return 0;
+    if (bounded_) {
+        int64_t entries = 0;
+        for (const TopProbabilities& row : top_) entries += static_cast<int64_t>(row.ids.size());
+        return entries * kTopEntryBytes + n_ * static_cast<int64_t>(sizeof(TopProbabilities));
+    }
     return cached_ ? static_cast<int64_t>(ggml_nbytes(p0_tensor_))
                    : static_cast<int64_t>(hidden_.size() * sizeof(float));
 }
@@ -194,6 +218,25 @@ void SlotProblem::add_run(int first, int c, const float* logits, const float* hi
     if (!cached_) {
         std::copy(hidden, hidden + static_cast<size_t>(c) * static_cast<size_t>(d_),
                   hidden_.begin() + static_cast<ptrdiff_t>(first) * d_);
+        return;
+    }
+    if (bounded_) {
+        TopRowsJob job;
+        job.src = logits;
+        job.n_vocab = V_;
+        job.targets = targets_.data() + first;
+        job.target_logprob = target_logp0_.data() + first;
+        job.rows = top_.data() + first;
+        job.tail_mass = tail_mass_;
+        job.max_k = max_k_;
+        if (head_.backend().is_cpu()) {
+            GraphBuilder g(4);
+            g.output(top_probabilities_from_host(g.ctx, c, &job));
+            head_.backend().prepare(g);
+            head_.backend().compute(g, "prompt top probabilities");
+        } else {
+            top_probabilities_rows(job, 0, c);
+        }
         return;
     }
     const size_t offset = p0_tensor_->nb[1] * static_cast<size_t>(first);
@@ -293,6 +336,94 @@ double SlotProblem::loss_and_gradient_cached(const std::vector<float>& delta, st
     return loss;
 }
 
+double SlotProblem::loss_and_gradient_bounded(const std::vector<float>& delta, std::vector<float>* grad) {
+    // P0 with each tail spread evenly: P0hat_tv = P0_tv on the kept tokens,
+    // c_t = m_t / (V - K_t) on the others; the cached path's formulas on it.
+    std::vector<float> b(static_cast<size_t>(V_), 0.0f), q(static_cast<size_t>(V_));
+    if (std::any_of(delta.begin(), delta.end(), [](float x) { return x != 0.0f; })) {
+        ScopedTimer timer(profile_.forward);
+        head_.project(delta.data(), b.data());
+    }
+    const double lse_b = softmax(b.data(), V_, q.data());
+    const auto [lo, hi] = std::minmax_element(q.begin(), q.end());
+    const double q_lo = *lo, q_hi = *hi;
+    const double w = 1.0 / static_cast<double>(n_);
+    double loss = 0.0, bound = 0.0;
+    std::vector<double> r(static_cast<size_t>(n_)), spread(static_cast<size_t>(n_));
+    {
+        ScopedTimer timer(profile_.cache);
+        for (int t = 0; t < n_; ++t) {
+            const TopProbabilities& row = top_[static_cast<size_t>(t)];
+            double kept = 0.0, kept_q = 0.0;
+            for (size_t j = 0; j < row.ids.size(); ++j) {
+                const double qv = q[static_cast<size_t>(row.ids[j])];
+                kept += row.probs[j] * qv;
+                kept_q += qv;
+            }
+            const int64_t others = V_ - static_cast<int64_t>(row.ids.size());
+            const double c = others > 0 ? row.tail / static_cast<double>(others) : 0.0;
+            const double s = kept + c * std::max(0.0, 1.0 - kept_q);
+            // The true S_t = kept + sum_{tail} P0_tv q_v lies in [kept + m_t q_lo, kept + m_t q_hi].
+            const double s_lo = kept + row.tail * q_lo, s_hi = kept + row.tail * q_hi;
+            bound += w * std::max(std::log(s_hi / s), std::log(s / s_lo));
+            loss += w * (-target_logp0_[static_cast<size_t>(t)] + lse_b + std::log(s) - b[static_cast<size_t>(targets_[t])]);
+            r[static_cast<size_t>(t)] = w / s;
+            spread[static_cast<size_t>(t)] = c;
+        }
+    }
+    last_bound_ = bound;
+    if (!std::isfinite(loss) || grad == nullptr) return loss;
+    // u = P0hat^T r: every tail's even share, then the kept tokens' differences.
+    double base = 0.0;
+    for (int t = 0; t < n_; ++t) base += r[static_cast<size_t>(t)] * spread[static_cast<size_t>(t)];
+    std::vector<double> u(static_cast<size_t>(V_), base);
+    for (int t = 0; t < n_; ++t) {
+        const TopProbabilities& row = top_[static_cast<size_t>(t)];
+        const double rt = r[static_cast<size_t>(t)], c = spread[static_cast<size_t>(t)];
+        for (size_t j = 0; j < row.ids.size(); ++j) u[static_cast<size_t>(row.ids[j])] += rt * (row.probs[j] - c);
+    }
+    std::vector<float> gvec(static_cast<size_t>(V_));
+    for (int64_t v = 0; v < V_; ++v) gvec[static_cast<size_t>(v)] = static_cast<float>(q[static_cast<size_t>(v)] * u[static_cast<size_t>(v)]);
+    for (int t = 0; t < n_; ++t) gvec[static_cast<size_t>(targets_[t])] -= static_cast<float>(w);
+    ScopedTimer timer(profile_.backward);
+    head_.project_transposed(gvec.data(), grad->data());
+    return loss;
+}
+
+std::vector<double> SlotProblem::scaled_kl_bounded(const std::vector<float>& b, const std::vector<double>& scales) {
+    // As scaled_kl, on P0hat: S_t(a) = sum_kept P0 q_a + c_t (1 - sum_kept q_a),
+    // E_t = sum_kept P0 b + c_t (sum b - sum_kept b).
+    double b_total = 0.0;
+    for (float x : b) b_total += x;
+    std::vector<double> kl(scales.size(), 0.0);
+    std::vector<float> scaled(static_cast<size_t>(V_)), q(static_cast<size_t>(V_));
+    for (size_t j = 0; j < scales.size(); ++j) {
+        const double a = scales[j];
+        for (int64_t v = 0; v < V_; ++v) scaled[static_cast<size_t>(v)] = static_cast<float>(a) * b[static_cast<size_t>(v)];
+        const double lse = softmax(scaled.data(), V_, q.data());
+        double sum = 0.0;
+        for (int t = 0; t < n_; ++t) {
+            const TopProbabilities& row = top_[static_cast<size_t>(t)];
+            double kept = 0.0, kept_q = 0.0, kept_e = 0.0, kept_b = 0.0;
+            for (size_t i = 0; i < row.ids.size(); ++i) {
+                const size_t v = static_cast<size_t>(row.ids[i]);
+                kept += row.probs[i] * q[v];
+                kept_q += q[v];
+                kept_e += row.probs[i] * b[v];
+                kept_b += b[v];
+            }
+            const int64_t others = V_ - static_cast<int64_t>(row.ids.size());
+            const double c = others > 0 ? row.tail / static_cast<double>(others) : 0.0;
+            const double s = kept + c * std::max(0.0, 1.0 - kept_q);
+            const double e = kept_e + c * (b_total - kept_b);
+            sum += std::log(s) + lse - a * e;
+        }
+        sum /= static_cast<double>(n_);
+        kl[j] = std::isnan(sum) ? std::numeric_limits<double>::infinity() : std::max(0.0, sum);
+    }
+    return kl;
+}
+
 SlotProblem::RecomputeChunk SlotProblem::build_recompute_chunk(GraphBuilder& g, int c) const {
     RecomputeChunk chunk;
     chunk.states = g.input(GGML_TYPE_F32, d_, c);
@@ -376,6 +507,7 @@ double SlotProblem::loss_and_gradient(const std::vector<float>& delta, std::vect
 
 double SlotProblem::evaluate(const std::vector<float>& delta, std::vector<float>* grad,
                              const InterruptCheck& interrupted) {
+    if (bounded_) return loss_and_gradient_bounded(delta, grad);
     return cached_ ? loss_and_gradient_cached(delta, grad) : loss_and_gradient_recompute(delta, grad, interrupted);
 }
 
@@ -383,7 +515,12 @@ SlotOutcome SlotProblem::optimise(const SlotConfig& config, const InterruptCheck
     // The config was checked with its request (validate_request).
     SlotOutcome out;
     out.delta.assign(static_cast<size_t>(d_), 0.0f);
-    out.path = !cached_ ? "recompute" : cache_type_ == GGML_TYPE_BF16 ? "cached_bf16" : "cached";
+    out.path = !cached_ ? "recompute" : bounded_ ? "bounded" : cache_type_ == GGML_TYPE_BF16 ? "cached_bf16" : "cached";
+    if (bounded_ && n_ > 0) {
+        int64_t entries = 0;
+        for (const TopProbabilities& row : top_) entries += static_cast<int64_t>(row.ids.size());
+        out.cache_mean_k = static_cast<double>(entries) / static_cast<double>(n_);
+    }
     out.cache_bytes = bytes();
     out.lr = config.lr;
     if (config.steps == 0) {
@@ -432,6 +569,7 @@ void SlotProblem::adam(const SlotConfig& config, double lr, int steps, const Int
             break;
         }
         out.losses.push_back(loss);
+        out.loss_bound = std::max(out.loss_bound, last_bound_);
         // AdamW with decoupled weight decay, as torch.optim.AdamW.
         const double bc1 = 1.0 - std::pow(config.beta1, step);
         const double bc2 = 1.0 - std::pow(config.beta2, step);
@@ -467,6 +605,7 @@ std::vector<double> SlotProblem::scaled_kl(const std::vector<float>& delta, cons
     const int64_t k = static_cast<int64_t>(scales.size());
     std::vector<float> b(static_cast<size_t>(V_)), scaled(static_cast<size_t>(V_));
     head_.project(delta.data(), b.data());
+    if (bounded_) return scaled_kl_bounded(b, scales);
     std::vector<float> columns(static_cast<size_t>((k + 1) * V_));
     std::vector<double> lse(static_cast<size_t>(k));
     for (int64_t j = 0; j < k; ++j) {

@@ -6,8 +6,13 @@
 // step costs two matrix-vector products over P0 plus b = W*delta and W^T*g:
 //   lse(z0_t + b) = lse(z0_t) + lse(b) + log S_t,  S_t = sum_v P0_tv q_v,
 //   q = softmax(b),  g = (1/n) sum_t p_t - onehot(y_t),  p_tv = P0_tv q_v / S_t.
+// The "bounded" path keeps, per loss position, only the most probable tokens
+// of P0 and the tail's total mass m_t, and runs the cached path's formulas on
+// P0 with the tail spread evenly over the tail's tokens. Since the true tail
+// term sum_{v in tail} P0_tv q_v lies in [m_t min q, m_t max q], each step
+// reports a bound on |true loss - its loss| (SlotOutcome::loss_bound).
 // The "recompute" path (the published algorithm) evaluates W(H + delta) every
-// step; it is used on request and when P0 would exceed the memory budget.
+// step; it is used on request and when no cache fits the memory budget.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +22,7 @@
 
 #include "backend.h"
 #include "engine.h"
+#include "head_kernels.h"
 #include "output_head.h"
 
 namespace slot {
@@ -37,7 +43,10 @@ struct SlotConfig {
     // GPU keeps float32), or "auto": float32 while it fits the buffer the CPU
     // backend keeps between prompts (any size that fits the budget on a GPU),
     // else bfloat16 when that fits the budget, else recompute.
+    // "bounded": the top of each position's P0 (see above) until the tail holds
+    // at most cache_tail_mass; "auto" takes it when neither full cache fits.
     std::string cache_precision = "auto";
+    double cache_tail_mass = 1e-3;
     // Which prompt positions are in the loss: entry t for the prediction of
     // token t+1 (prompt length - 1 entries); empty: all of them.
     std::vector<uint8_t> loss_mask;
@@ -67,7 +76,11 @@ struct SlotOutcome {
     std::vector<double> losses;   // losses[i]: loss at the start of completed step i+1
     int steps_done = 0;
     std::string stop_reason;      // "completed", "no loss positions", "non-finite ..."
-    std::string path;             // "cached" (float32 P0), "cached_bf16" or "recompute"
+    std::string path;             // "cached" (float32 P0), "cached_bf16", "bounded" or "recompute"
+    // Bounded path: the largest, over the steps, of the bound on |true loss -
+    // the loss reported|; and the mean number of tokens kept per position.
+    double loss_bound = 0.0;
+    double cache_mean_k = 0.0;
     int64_t cache_bytes = 0;
     StepProfile profile;
     double lr = 0.0;                          // the step size used (chosen, with auto_lr)
@@ -100,6 +113,9 @@ public:
     // The loss at `delta` and its gradient dL/d delta (n_embd) on this problem's path.
     double loss_and_gradient(const std::vector<float>& delta, std::vector<float>& grad,
                              const InterruptCheck& interrupted);
+    // Bounded path: the bound on |true loss - loss| of the last evaluation (0 on the exact paths).
+    double last_loss_bound() const { return last_bound_; }
+    bool bounded() const { return bounded_; }
     // For each scale a: the mean over loss positions of KL(p0_t || p_t(a * delta)).
     std::vector<double> scaled_kl(const std::vector<float>& delta, const std::vector<double>& scales,
                                   const InterruptCheck& interrupted);
@@ -108,6 +124,8 @@ private:
     // The loss at delta and, when grad is not null, its gradient.
     double evaluate(const std::vector<float>& delta, std::vector<float>* grad, const InterruptCheck& interrupted);
     double loss_and_gradient_cached(const std::vector<float>& delta, std::vector<float>* grad);
+    double loss_and_gradient_bounded(const std::vector<float>& delta, std::vector<float>* grad);
+    std::vector<double> scaled_kl_bounded(const std::vector<float>& b, const std::vector<double>& scales);
     double loss_and_gradient_recompute(const std::vector<float>& delta, std::vector<float>* grad,
                                        const InterruptCheck& interrupted);
     void adam(const SlotConfig& config, double lr, int steps, const InterruptCheck& interrupted, SlotOutcome& out);
@@ -134,6 +152,11 @@ private:
     int64_t budget_ = 0;
     bool cached_ = true;
     ggml_type cache_type_ = GGML_TYPE_F32;
+    bool bounded_ = false;
+    double tail_mass_ = 0.0;
+    int max_k_ = 0;
+    std::vector<TopProbabilities> top_;   // bounded path: one per loss position
+    double last_bound_ = 0.0;
     // P0 times columns [V, k] -> [n, k], and P0^T times a vector [n] -> [V], for P0's type.
     ggml_tensor* p0_times(ggml_context* ctx, ggml_tensor* cols) const;
     int prefill_rows_ = 1;

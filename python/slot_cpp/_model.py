@@ -150,7 +150,8 @@ class GenerationResult:
     """Why optimisation ended, or why it did not run."""
     slot_path: str
     """"cached" (the prompt's distributions cached in float32), "cached_bf16"
-    (cached in bfloat16), "recompute" (the published algorithm) or ""."""
+    (cached in bfloat16), "bounded" (each position's most probable tokens),
+    "recompute" (the published algorithm) or ""."""
     slot_cache_bytes: int
     prompt_tokens: int
     timings: Timings
@@ -166,6 +167,11 @@ class GenerationResult:
     along the ladder of step sizes measured, ascending; the chosen step size
     is where this KL meets ``kl_budget``."""
     calibration_seconds: float = 0.0
+    slot_loss_bound: float = 0.0
+    """On the bounded path: the largest, over the steps, of a bound on
+    |true loss - the loss reported in ``losses``| (0 on the exact paths)."""
+    slot_cache_mean_k: float = 0.0
+    """On the bounded path: tokens kept per loss position, on average."""
     seed: int = 0
     """The sampler's seed (sample j of a prompt draws with seed + j)."""
     token_logprobs: Optional[list[float]] = None
@@ -774,15 +780,27 @@ class Model:
         return self._s().prompt_states(toks)
 
     def slot_loss_and_gradient(self, tokens: Sequence[int], delta: np.ndarray, *, recompute: bool = False,
-                               cache_precision: str = SlotOptions.cache_precision) -> tuple[float, np.ndarray]:
+                               cache_precision: str = SlotOptions.cache_precision,
+                               cache_tail_mass: float = SlotOptions.cache_tail_mass) -> tuple[float, np.ndarray]:
         """SLOT's prompt loss at ``delta`` and its analytical gradient, on the
         path a request with these options takes (the memory budget automatic)."""
+        loss, grad, _ = self.slot_loss_gradient_bound(tokens, delta, recompute=recompute,
+                                                      cache_precision=cache_precision,
+                                                      cache_tail_mass=cache_tail_mass)
+        return loss, grad
+
+    def slot_loss_gradient_bound(self, tokens: Sequence[int], delta: np.ndarray, *, recompute: bool = False,
+                                 cache_precision: str = SlotOptions.cache_precision,
+                                 cache_tail_mass: float = SlotOptions.cache_tail_mass
+                                 ) -> tuple[float, np.ndarray, float]:
+        """As :meth:`slot_loss_and_gradient`, with the bound on |true loss -
+        loss| that the bounded cache reports (0 on the exact paths)."""
         toks = self.check_tokens(tokens)
         if len(toks) < 2:
             raise ValueError("the prompt needs at least two tokens for a SLOT loss")
         d = opts.check_delta(delta, self.n_embd)
-        SlotOptions(cache_precision=cache_precision)  # checks it
-        return self._s().slot_loss_and_gradient(toks, d, bool(recompute), cache_precision)
+        SlotOptions(cache_precision=cache_precision, cache_tail_mass=cache_tail_mass)  # checks them
+        return self._s().slot_loss_and_gradient(toks, d, bool(recompute), cache_precision, float(cache_tail_mass))
 
     def logit_bias(self, delta: np.ndarray) -> np.ndarray:
         """b = W delta: the logit bias that delta adds at every position."""
@@ -898,6 +916,8 @@ def _result(raw: _core.RawResult, request: _core.Request) -> GenerationResult:
         lr=float(raw.slot_lr),
         calibration=[(float(a), float(b)) for a, b in zip(raw.calibration_lrs, raw.calibration_kls)],
         calibration_seconds=float(raw.calibration_seconds),
+        slot_loss_bound=float(raw.slot_loss_bound),
+        slot_cache_mean_k=float(raw.slot_cache_mean_k),
         seed=raw.seed,
         token_logprobs=logprobs,
         top_logprobs=top,

@@ -277,10 +277,15 @@ class SlotOptions(_Group):
                                         low=1 << 20, optional=True, http=None, native=None)
     recompute: bool = _opt(False, "evaluate the head at every step (the published algorithm) instead of caching "
                            "the prompt's distributions", "bool")
-    cache_precision: str = _opt("auto", "the cached distributions' precision: float32, bfloat16 (half the memory; "
-                                "the CPU only, a GPU keeps float32), or auto: float32 up to 256 MiB (on a GPU: "
-                                "while it fits memory_budget), else bfloat16 when it fits memory_budget",
-                                "str", choices=("auto", "float32", "bfloat16"))
+    cache_precision: str = _opt("auto", "how the prompt's distributions are cached: float32, bfloat16 (half the "
+                                "memory; the CPU only, a GPU keeps float32), bounded (each position's most "
+                                "probable tokens and the rest's total mass; the losses carry a reported error "
+                                "bound), or auto: float32 up to 256 MiB (on a GPU: while it fits memory_budget), "
+                                "else bfloat16 when it fits memory_budget, else bounded",
+                                "str", choices=("auto", "float32", "bfloat16", "bounded"))
+    cache_tail_mass: float = _opt(1e-3, "bounded cache: each position keeps its most probable tokens (at most "
+                                  "4096) until the others hold at most this probability", "float", low=0.0,
+                                  high=1.0, low_open=True, high_open=True)
 
 
 @dataclass(frozen=True)
