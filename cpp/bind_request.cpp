@@ -94,6 +94,7 @@ void bind_request(py::module_& m) {
             [](GenerationRequest& r, const std::vector<bool>& mask) {
                 r.slot.loss_mask.assign(mask.begin(), mask.end());
             })
+        .SLOT_FIELD("grammar", grammar)
         .SLOT_FIELD("ignore_eos", ignore_eos)
         .SLOT_FIELD("logprobs", logprobs)
         .SLOT_FIELD("top_logprobs", top_logprobs)

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "bind_common.h"
+#include "grammar.h"
 #include "log.h"
 
 namespace slot::bind {
@@ -34,6 +35,8 @@ void bind_system(py::module_& m) {
         install_log_callback();
     }, py::arg("sink"), py::arg("min_level"));
     m.def("set_log_level", &set_log_level, py::arg("min_level"));
+    m.def("json_schema_to_grammar", &json_schema_to_gbnf, py::arg("schema_json"),
+          "GBNF for a JSON schema (JSON text), by llama.cpp's common/json-schema-to-grammar.");
     m.def("system_info", [] { return std::string(llama_print_system_info()); });
     m.def("supports_gpu_offload", [] { return llama_supports_gpu_offload(); });
     m.def("chat_templates", [] {

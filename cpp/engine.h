@@ -76,6 +76,7 @@ public:
     int32_t eos_token() const { return llama_vocab_eos(vocab_); }  // -1 when the vocabulary has none
     const EngineParams& params() const { return params_; }
     int n_vocab() const { return n_vocab_; }
+    const llama_vocab* vocab() const { return vocab_; }
     int n_embd() const { return n_embd_; }
     int n_ctx() const;
     int n_threads() const { return n_threads_; }

@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "errors.h"
+#include "grammar.h"
 #include "head_kernels.h"
 
 namespace slot {
@@ -50,7 +51,7 @@ size_t safe_emit_end(const std::string& s, size_t limit) {
 }  // namespace
 
 Session::Session(const EngineParams& params) : engine_(std::make_unique<Engine>(params)) {
-    shape_ = {engine_->n_vocab(), engine_->n_embd(), engine_->n_ctx(), engine_->n_parallel()};
+    shape_ = {engine_->vocab(), engine_->n_vocab(), engine_->n_embd(), engine_->n_ctx(), engine_->n_parallel()};
     const char* portable = std::getenv("SLOT_CPP_PORTABLE_HEAD_OPS");
     portable_head_ops_ = portable != nullptr && std::string(portable) == "1";
 }
@@ -177,6 +178,28 @@ void validate_request(const ModelShape& e, const GenerationRequest& req, int ind
     }
 }
 
+// The request's grammar, parsed, with its response prefix checked against it.
+std::shared_ptr<const Grammar> parse_grammar(const ModelShape& e, const GenerationRequest& req, int index) {
+    const std::string where = index >= 0 ? "request " + std::to_string(index) + ": " : "";
+    std::shared_ptr<const Grammar> grammar;
+    try {
+        grammar = std::make_shared<const Grammar>(e.vocab, req.grammar);
+    } catch (const std::invalid_argument& exc) {
+        throw std::invalid_argument(where + exc.what());
+    }
+    if (!req.response_prefix.empty()) {
+        GrammarState state = grammar->fork();
+        for (size_t i = 0; i < req.response_prefix.size(); ++i) {
+            if (!grammar_allows(state.get(), req.response_prefix[i])) {
+                throw std::invalid_argument(where + "the response prefix leaves the grammar at its token " +
+                                            std::to_string(i));
+            }
+            grammar_accept(state.get(), req.response_prefix[i]);
+        }
+    }
+    return grammar;
+}
+
 // Whether a request's stages read the final hidden state (the retrieval blend).
 bool uses_hidden(const GenerationRequest& req) { return req.rtd && req.rtd_params.lam > 0.0; }
 
@@ -206,6 +229,7 @@ struct RequestState {
     StageList stages;
     bool needs_hidden = false;     // a stage reads the final hidden state
     GenerationResult slot;         // what SLOT did (delta, losses, timings), copied to each result
+    std::shared_ptr<const Grammar> grammar;  // parsed once per request
 };
 
 // One generate_batch call in the shared token loop.
@@ -216,6 +240,7 @@ struct BatchJob {
     std::thread::id owner;
     std::atomic<bool> cancel{false};
     std::vector<GenerationResult> results;
+    std::vector<std::shared_ptr<const Grammar>> grammars;  // per request; null without one
     std::exception_ptr error;
     // The batcher's bookkeeping (under the session's engine lock).
     std::vector<RequestState> states;
@@ -257,7 +282,7 @@ public:
             std::function<void(const std::shared_ptr<BatchJob>&)> admitted)
         : e_(engine), head_(std::move(head)), stats_(stats), admitted_(std::move(admitted)),
           live_(static_cast<size_t>(engine.n_parallel()), 0), pinned_(live_.size(), 0), last_use_(live_.size(), 0),
-          scratch_(static_cast<size_t>(engine.n_vocab())) {}
+          scratch_(static_cast<size_t>(engine.n_vocab())), masked_(static_cast<size_t>(engine.n_vocab())) {}
 
     bool busy() const { return !waiting_.empty() || !lanes_.empty(); }
     bool live(int seq) const { return live_[static_cast<size_t>(seq)] != 0; }
@@ -272,6 +297,7 @@ public:
             st.context = req.prompt;
             st.context.insert(st.context.end(), req.response_prefix.begin(), req.response_prefix.end());
             st.result_base = total;
+            st.grammar = job->grammars.empty() ? nullptr : job->grammars[r];
             for (const auto& stop : req.stop) st.max_stop = std::max(st.max_stop, stop.size());
             for (int first = 0; first < req.n; first += n_par) {
                 groups_.push_back(Group{job, static_cast<int>(r), first, std::min(n_par, req.n - first), 0, 0});
@@ -357,6 +383,7 @@ private:
         Group* group;
         int seq;
         std::unique_ptr<Sampler> sampler;
+        GrammarState grammar;  // this sample's place in the request's grammar
         std::vector<int32_t> history;
         int32_t pending = -1;
         size_t emitted = 0;
@@ -570,6 +597,11 @@ private:
             lane->group = &g;
             lane->seq = seqs[static_cast<size_t>(j)];
             lane->sampler = std::make_unique<Sampler>(sp, e_.n_vocab());
+            if (st.grammar) {
+                lane->grammar = st.grammar->fork();
+                // Checked against the grammar with the request.
+                for (int32_t t : req.response_prefix) grammar_accept(lane->grammar.get(), t);
+            }
             lane->history = st.context;
             lane->started = Clock::now();
             ++g.live;
@@ -630,9 +662,23 @@ private:
         GenerationResult& res = g.job->results[static_cast<size_t>(lane.result)];
         const int64_t V = e_.n_vocab();
         const float* z = staged(st, logits, hidden);
-        const int32_t tok = lane.sampler->sample(z, nullptr, lane.history, st.context.size());
-        if (!req.ignore_eos && e_.is_eog(tok)) return finish(lane, "eos", ev);
-        if (req.logprobs || req.top_logprobs > 0) {
+        const bool want_logprobs = req.logprobs || req.top_logprobs > 0;
+        int32_t tok;
+        if (lane.grammar) {
+            tok = constrained_draw(lane, z, st.context.size());
+            if (want_logprobs) {
+                // The distribution drawn from, before penalties and temperature: the grammar's tokens renormalised.
+                std::copy(z, z + V, masked_.begin());
+                grammar_mask_all(lane.grammar.get(), masked_.data(), V);
+                z = masked_.data();
+            }
+        } else {
+            tok = lane.sampler->sample(z, nullptr, lane.history, st.context.size());
+        }
+        // A grammar allows end of generation only where it is complete.
+        if (e_.is_eog(tok) && (!req.ignore_eos || lane.grammar)) return finish(lane, "eos", ev);
+        if (lane.grammar) grammar_accept(lane.grammar.get(), tok);
+        if (want_logprobs) {
             TokenLogprob lp = token_logprob(z, V, tok, req.top_logprobs);
             res.token_logprobs.push_back(lp.logprob);
             if (req.top_logprobs > 0) res.top_logprobs.push_back(std::move(lp.top));
@@ -657,6 +703,31 @@ private:
         if (lane.callback_stopped) return finish(lane, "callback", ev);
         if (static_cast<int>(res.tokens.size()) >= req.max_tokens) return finish(lane, "length", ev);
         lane.pending = tok;
+    }
+
+    // A draw from the penalised logits with the tokens the grammar refuses
+    // masked: exactly the sampler's draw from fully masked logits, checking
+    // as few tokens as it can. Greedy and top-k need only the highest allowed
+    // tokens; without truncation a token drawn from the unmasked logits and
+    // allowed has probability p(a), or the redraw from the masked ones gives
+    // it (1 - Z) p(a) / Z, p(a) / Z in all (Z: the allowed mass).
+    int32_t constrained_draw(Lane& lane, const float* z, size_t first_generated) {
+        const SamplingParams& p = lane.sampler->params();
+        const int64_t V = e_.n_vocab();
+        float* w = lane.sampler->penalised(z, nullptr, lane.history, first_generated);
+        llama_sampler* g = lane.grammar.get();
+        if (p.temperature == 0.0) {
+            grammar_mask_top(g, w, V, 1);
+        } else if (p.top_k > 0 && p.top_k < V) {
+            grammar_mask_top(g, w, V, p.top_k);
+        } else if (p.top_p >= 1.0 && p.min_p <= 0.0) {
+            const int32_t t = lane.sampler->draw(w);
+            if (grammar_allows(g, t)) return t;
+            grammar_mask_all(g, w, V);
+        } else {
+            grammar_mask_all(g, w, V);
+        }
+        return lane.sampler->draw(w);
     }
 
     // Passes new text to the call's callback. A callback that throws stops
@@ -741,6 +812,7 @@ private:
     std::vector<uint64_t> last_use_;  // per sequence, for dropping the least recently used cache
     uint64_t clock_ = 0;
     std::vector<float> scratch_;
+    std::vector<float> masked_;  // a grammar's masked logits, for logprobs
     std::list<Group> groups_;   // stable addresses: lanes and the queue point into it
     std::deque<Group*> waiting_;
     std::vector<std::unique_ptr<Lane>> lanes_;
@@ -831,6 +903,10 @@ std::vector<GenerationResult> Session::generate_batch(const std::vector<Generati
     for (size_t i = 0; i < requests.size(); ++i) {
         const GenerationRequest& req = requests[i];
         validate_request(e, req, requests.size() > 1 ? static_cast<int>(i) : -1);
+        if (!req.grammar.empty()) {
+            if (job->grammars.empty()) job->grammars.resize(requests.size());
+            job->grammars[i] = parse_grammar(e, req, requests.size() > 1 ? static_cast<int>(i) : -1);
+        }
         const int64_t context = static_cast<int64_t>(req.prompt.size() + req.response_prefix.size());
         const int64_t need = cells_needed(req, std::min(req.n, e.n_parallel));
         if (context > e.n_ctx || need > e.n_ctx) {

@@ -56,6 +56,10 @@ struct GenerationRequest {
     RtdParams rtd_params;
     // Added to these tokens' logits after every other stage (OpenAI's logit_bias).
     std::vector<std::pair<int32_t, float>> logit_bias;
+    // A GBNF grammar (start rule "root") that every sample, response prefix
+    // included, must follow: the tokens it refuses are masked before the
+    // draw, after every other stage and the penalties.
+    std::string grammar;
 };
 
 struct GenerationResult {
@@ -128,6 +132,7 @@ struct BatchStats {
 
 // A loaded model's fixed sizes.
 struct ModelShape {
+    const llama_vocab* vocab = nullptr;
     int n_vocab = 0;
     int n_embd = 0;
     int n_ctx = 0;

@@ -62,6 +62,11 @@ Sampler::Sampler(const SamplingParams& params, int64_t n_vocab)
 
 int32_t Sampler::sample(const float* logits, const float* bias, const std::vector<int32_t>& history,
                         size_t first_generated) {
+    return draw(penalised(logits, bias, history, first_generated));
+}
+
+float* Sampler::penalised(const float* logits, const float* bias, const std::vector<int32_t>& history,
+                          size_t first_generated) {
     float* z = work_.data();
     if (bias != nullptr) {
         for (int64_t v = 0; v < n_vocab_; ++v) z[v] = logits[v] + bias[v];
@@ -86,6 +91,10 @@ int32_t Sampler::sample(const float* logits, const float* bias, const std::vecto
             z[t] -= static_cast<float>(params_.frequency_penalty * count + (count > 0 ? params_.presence_penalty : 0.0));
         }
     }
+    return z;
+}
+
+int32_t Sampler::draw(const float* z) {
     if (params_.temperature == 0.0) {
         return static_cast<int32_t>(std::max_element(z, z + n_vocab_) - z);
     }

@@ -81,6 +81,14 @@ public:
     // were generated, for the presence and frequency penalties.
     int32_t sample(const float* logits, const float* bias, const std::vector<int32_t>& history,
                    size_t first_generated = 0);
+    // sample() in two parts, for a constraint between them: the logits after
+    // the penalties (the sampler's own buffer, valid until the next call),
+    // then a draw from logits with temperature and truncation (-inf entries
+    // are never drawn; z is not modified).
+    float* penalised(const float* logits, const float* bias, const std::vector<int32_t>& history,
+                     size_t first_generated);
+    int32_t draw(const float* z);
+    const SamplingParams& params() const { return params_; }
 
 private:
     SamplingParams params_;

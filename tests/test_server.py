@@ -5,6 +5,8 @@ refuses to send)."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import logging
 import socket
 import threading
 import time
@@ -17,6 +19,7 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
+from pydantic import BaseModel, Field
 
 import slot_cpp
 from slot_cpp.qalign import LinearReward
@@ -475,3 +478,54 @@ def test_embeddings_and_tokenize_as_the_anchors_serve_them(served):
     text = httpx.post(url + "/detokenize", json={"tokens": tok}, headers=headers).json()["content"]
     assert text == "Hello world"
     assert httpx.post(url + "/tokenize", json={"content": "x"}).status_code == 401
+
+
+class Verdict(BaseModel):
+    answer: str = Field(max_length=16)
+    confidence: int = Field(ge=0, le=100)
+
+
+def test_structured_output_through_the_client(served):
+    url, model = served
+    c = client(url)
+    # The official client's structured-output helper returns the parsed object.
+    parsed = c.chat.completions.parse(model="gemma-3-270m", messages=MESSAGES, response_format=Verdict,
+                                      max_tokens=64, temperature=0.7, seed=4)
+    assert isinstance(parsed.choices[0].message.parsed, Verdict)
+    # json_object, with SLOT on, streamed: the joined text is one JSON object.
+    chunks = c.chat.completions.create(model="gemma-3-270m", messages=MESSAGES, max_tokens=64, stream=True,
+                                       response_format={"type": "json_object"}, seed=5,
+                                       extra_body={"slot": {"steps": 2, "lr": 0.01}})
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert isinstance(json.loads(text), dict)
+    # llama-server's body fields on completions: grammar and json_schema.
+    r = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=8,
+                             extra_body={"grammar": 'root ::= " Paris" | " Lyon"'})
+    assert r.choices[0].text in (" Paris", " Lyon")
+    r = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=64,
+                             extra_body={"json_schema": Verdict.model_json_schema()})
+    Verdict.model_validate_json(r.choices[0].text)
+    # Bad grammar or schema: 400 naming the field, and the server lives.
+    for extra, field in (({"grammar": "root ::= nothing-here"}, "grammar"),
+                         ({"json_schema": {"$ref": "#/nowhere"}}, "json_schema")):
+        with pytest.raises(openai.BadRequestError, match=field):
+            c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=4, extra_body=extra)
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        c.chat.completions.create(model="gemma-3-270m", messages=MESSAGES, max_tokens=4,
+                                  response_format={"type": "xml"})  # type: ignore[arg-type]
+    assert c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=2).choices[0].text
+
+
+def test_chat_on_a_model_without_a_template_falls_back_to_its_builtin(gemma_path, caplog):
+    # The embedded Gemma's GGUF has no chat template: a server started without
+    # one formats chats with llama.cpp's built-in 'gemma' template.
+    model = slot_cpp.Model(gemma_path, n_ctx=512)
+    assert not model.info.has_chat_template
+    expected = len(model.prompt_tokens(MESSAGES, chat_template="gemma"))
+    config = ServerConfig(model_id="gemma-3-270m", max_tokens_cap=64)
+    with caplog.at_level(logging.WARNING, logger="slot_cpp"), running(model, config) as url:
+        r = client(url, key="none").chat.completions.create(model="gemma-3-270m", messages=MESSAGES,
+                                                            max_tokens=4)
+    assert r.choices[0].message.content is not None
+    assert r.usage.prompt_tokens == expected
+    assert any("built-in 'gemma' template" in rec.getMessage() for rec in caplog.records)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import json
 import math
 import os
@@ -19,6 +20,8 @@ from . import options as opts
 from ._default_model import default_model_path
 from .options import (  # noqa: F401  (AUTO_LR_REFERENCE: re-exported)
     AUTO_LR_REFERENCE, RequestExtras, SamplingOptions, SlotOptions, check_float, check_int)
+
+_LOG = logging.getLogger("slot_cpp")
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message]]
@@ -481,8 +484,21 @@ class Model:
         pairs = self._check_messages(messages)
         if template is not None and not isinstance(template, str):
             raise TypeError("template must be a str or None")
+        if template is None and not self.info.has_chat_template:
+            template = self._fallback_template()
         out = self._s().apply_chat_template(pairs, add_generation_prompt, template or "")
         return out.decode("utf-8", "replace")
+
+    def _fallback_template(self) -> str:
+        """A GGUF without a chat template: llama.cpp's built-in for the architecture
+        (Gemma's turn markers for gemma*, else ChatML, as llama.cpp falls back), said once in the log."""
+        arch = self.info.architecture
+        name = "gemma" if arch.startswith("gemma") else "phi3" if arch == "phi3" else "chatml"
+        if not getattr(self, "_fallback_said", False):
+            self._fallback_said = True
+            _LOG.warning("%s has no chat template; formatting chats with llama.cpp's built-in %r template "
+                         "(pass chat_template to choose another)", Path(self.path).name, name)
+        return name
 
     def _check_messages(self, messages: Any) -> list[tuple[str, str]]:
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):

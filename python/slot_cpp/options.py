@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -102,7 +105,9 @@ class OptionSpec:
     doc: str
     kind: str
     """int, float, bool, str, lr (a float or 'auto'), strings (a list of str), bias (token id -> logit
-    bias, as OpenAI's logit_bias), or object (Python only)."""
+    bias, as OpenAI's logit_bias), grammar (GBNF text; a file on the command line), schema (a JSON
+    schema: a mapping, a pydantic model class or JSON text; a file on the command line), or object
+    (Python only)."""
     low: Optional[float] = None
     high: Optional[float] = None
     low_open: bool = False
@@ -159,6 +164,14 @@ class OptionSpec:
                     raise ValueError(f"{name} keys must be token ids (ints >= 0), got {key!r}")
                 out[int(key)] = check_float(f"{name}[{key}]", bias, low=-100.0, high=100.0)
             return tuple(sorted(out.items()))
+        if self.kind == "grammar":
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be GBNF text (a str), got {type(value).__name__}")
+            if not value.strip():
+                raise ValueError(f"{name} is empty")
+            return value
+        if self.kind == "schema":
+            return _schema_text(name, value)
         if self.kind == "strings":
             if isinstance(value, str):
                 value = [value]
@@ -181,6 +194,24 @@ class OptionSpec:
         low = "-inf" if self.low is None else f"{self.low:g}"
         high = "inf" if self.high is None else f"{self.high:g}"
         return f"{left}{low}, {high}{right}"
+
+
+def _schema_text(name: str, value: Any) -> str:
+    """A JSON schema given as a mapping, a pydantic model class or JSON text, as JSON text."""
+    if isinstance(value, type) and hasattr(value, "model_json_schema"):
+        value = value.model_json_schema()
+    elif isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"{name} is not valid JSON: {exc}") from None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a JSON schema (a mapping, a pydantic model class or JSON text), "
+                        f"got {type(value).__name__}")
+    try:
+        return json.dumps(value, sort_keys=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} is not JSON-serialisable: {exc}") from None
 
 
 def _opt(default: Any, doc: str, kind: str, **spec: Any) -> Any:
@@ -250,6 +281,12 @@ class SamplingOptions(_Group):
         None, "added to these tokens' logits after every other stage, -100 to 100 (OpenAI's logit_bias: "
         "-100 bans a token, 100 all but forces it); a mapping token id -> bias", "bias", optional=True,
         native=None)
+    grammar: Optional[str] = _opt(None, "a GBNF grammar (llama.cpp's, start rule 'root') every answer follows: "
+                                  "the tokens it refuses are masked before each draw", "grammar", optional=True,
+                                  flag="--grammar-file", native=None)
+    json_schema: Optional[str] = _opt(None, "a JSON schema every answer follows (converted to a grammar by "
+                                      "llama.cpp's json-schema-to-grammar); a mapping, a pydantic model class "
+                                      "or JSON text", "schema", optional=True, native=None)
 
 
 @dataclass(frozen=True)
@@ -408,6 +445,12 @@ def check_delta(delta: Any, n_embd: int) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def schema_grammar(schema_json: str) -> str:
+    """GBNF for a JSON schema (JSON text), by llama.cpp's json-schema-to-grammar."""
+    return _core.json_schema_to_grammar(schema_json)
+
+
 def native_request(tokens: list[int], n: int, sampling: SamplingOptions, slot: SlotOptions, extras: RequestExtras,
                    facts: ModelFacts, *, loss_mask: Optional[list[bool]] = None,
                    apply_rtd: Optional[Callable[[Any, Any], None]] = None) -> Any:
@@ -436,6 +479,12 @@ def native_request(tokens: list[int], n: int, sampling: SamplingOptions, slot: S
         loss_mask = window if loss_mask is None else [a and b for a, b in zip(loss_mask, window)]
     if loss_mask is not None:
         r.loss_mask = loss_mask
+    if sampling.grammar is not None and sampling.json_schema is not None:
+        raise ValueError("give grammar or json_schema, not both")
+    if sampling.grammar is not None:
+        r.grammar = sampling.grammar
+    elif sampling.json_schema is not None:
+        r.grammar = schema_grammar(sampling.json_schema)
     if sampling.logit_bias:
         check_tokens([token for token, _ in sampling.logit_bias], facts.n_vocab)
         r.logit_bias = list(sampling.logit_bias)
@@ -499,6 +548,13 @@ _CLI_TYPES: dict[str, tuple[Callable[[str], Any], str]] = {
 }
 
 
+def _read_text_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc}") from None
+
+
 def flag_of(name: str, spec: OptionSpec) -> Optional[str]:
     if spec.flag is None:
         return None
@@ -535,6 +591,9 @@ def add_arguments(parser: argparse.ArgumentParser, group: type, *, only: Optiona
         elif spec.kind == "bias":
             parser.add_argument(*names, dest=dest, action="append", type=_parse_bias, default=None,
                                 metavar="TOKEN=BIAS", help=spec.doc + " (repeatable)")
+        elif spec.kind in ("grammar", "schema"):
+            parser.add_argument(*names, dest=dest, type=_read_text_file, default=None, metavar="FILE",
+                                help=spec.doc + " (read from FILE)")
         else:
             parse, what = _CLI_TYPES[spec.kind]
             if name in lists:
@@ -589,6 +648,12 @@ def http_fields(group: type, *, only: Optional[Sequence[str]] = None) -> dict[st
         elif spec.kind == "bias":
             # OpenAI's shape (token id strings -> bias), checked by the option's own rule.
             annotation = Annotated[dict[str, float], AfterValidator(lambda v, c=spec, n=field_name: c.check(n, v))]
+            constraints = {}
+        elif spec.kind == "grammar":
+            annotation, constraints = str, {}
+        elif spec.kind == "schema":
+            # A JSON schema object, kept as JSON text once checked.
+            annotation = Annotated[dict[str, Any], AfterValidator(lambda v, c=spec, n=field_name: c.check(n, v))]
             constraints = {}
         elif spec.kind == "lr":
             # A number or "auto": checked by the option's own rule (with the

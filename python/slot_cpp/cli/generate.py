@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from .. import _core
 from .._model import Prompt
 from ._common import (UsageError, _add_model_options, _add_rtd_options, _add_sampling_options, _check_rtd_args,
                       _open_model, _read_prompt, _report_slot, _rtd_option, _sampling_kwargs, _slot_kwargs,
@@ -66,9 +65,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     _check_rtd_args(args)
     with _open_model(args) as model:
-        if args.chat_template is None and not model.info.has_chat_template:
-            raise UsageError("this model has no chat template; pass --chat-template "
-                             f"(one of: {', '.join(_core.chat_templates())})")
         rtd = _rtd_option(args, model)
         messages: list[dict[str, str]] = []
         if args.system:

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import _core
+from .. import options as opts
 from .._model import Model
 from .errors import ApiError, internal_error, overloaded, validation_message
 from .metrics import Metrics
@@ -163,6 +164,29 @@ _GUARDED = ("/v1/", "/tokenize", "/detokenize")
 """Paths the metrics count by name; any other path counts as "other"."""
 
 
+def _response_schema(response_format: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The JSON schema an OpenAI response_format asks for (None: free text)."""
+    if not response_format:
+        return None
+    kind = response_format.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if spec is None and "schema" in response_format:  # llama-server's shorter form
+            return response_format["schema"]
+        if not isinstance(spec, dict):
+            raise ApiError(400, "response_format json_schema needs a 'json_schema' object", param="response_format")
+        schema = spec.get("schema", {"type": "object"})
+        if not isinstance(schema, dict):
+            raise ApiError(400, "response_format json_schema.schema must be an object", param="response_format")
+        return schema
+    raise ApiError(400, f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                   param="response_format")
+
+
 def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
     """The ASGI application serving ``model``; the caller owns the model."""
     if config is None:
@@ -248,8 +272,14 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Response:
         _check_model(state, body.model)
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise ApiError(400, "only response_format type 'text' is supported", param="response_format")
+        schema = _response_schema(body.response_format)
+        if schema is not None:
+            if body.grammar is not None or body.json_schema is not None:
+                raise ApiError(400, "give response_format or grammar/json_schema, not both", param="response_format")
+            try:
+                body = body.model_copy(update={"json_schema": opts.SamplingOptions(json_schema=schema).json_schema})
+            except (TypeError, ValueError) as exc:
+                raise ApiError(400, f"response_format: {exc}", param="response_format") from None
         messages = []
         for m in body.messages:
             content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)

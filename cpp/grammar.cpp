@@ -1,0 +1,143 @@
+#include "grammar.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <utility>
+
+#include "json-schema-to-grammar.h"
+#include "llama.h"
+#include "log.h"
+
+namespace slot {
+
+void SamplerFree::operator()(llama_sampler* s) const {
+    if (s != nullptr) llama_sampler_free(s);
+}
+
+Grammar::Grammar(const llama_vocab* vocab, const std::string& gbnf) {
+    if (gbnf.find_first_not_of(" \t\r\n") == std::string::npos) {
+        throw std::invalid_argument("grammar is empty");
+    }
+    clear_last_error_line();
+    parsed_.reset(llama_sampler_init_grammar(vocab, gbnf.c_str(), "root"));
+    if (!parsed_) {
+        const std::string why = last_error_line();
+        throw std::invalid_argument("grammar: llama.cpp cannot use it" + (why.empty() ? std::string(" (see the log)")
+                                                                           : ": " + why));
+    }
+}
+
+GrammarState Grammar::fork() const { return GrammarState(llama_sampler_clone(parsed_.get())); }
+
+bool grammar_allows(llama_sampler* s, int32_t token) {
+    llama_token_data one{token, 0.0f, 0.0f};
+    llama_token_data_array array{&one, 1, -1, false};
+    llama_sampler_apply(s, &array);
+    return one.logit != -std::numeric_limits<float>::infinity();
+}
+
+namespace {
+
+// Applies the grammar to `ids`, setting refused tokens' logits to -inf;
+// returns how many it allows.
+size_t check_tokens(llama_sampler* s, const std::vector<int32_t>& ids, float* logits,
+                    std::vector<llama_token_data>& data) {
+    data.clear();
+    for (int32_t id : ids) data.push_back({id, logits[id], 0.0f});
+    llama_token_data_array array{data.data(), data.size(), -1, false};
+    llama_sampler_apply(s, &array);
+    size_t allowed = 0;
+    for (const llama_token_data& d : data) {
+        if (d.logit == -std::numeric_limits<float>::infinity()) logits[d.id] = d.logit;
+        else ++allowed;
+    }
+    return allowed;
+}
+
+}  // namespace
+
+void grammar_mask_all(llama_sampler* s, float* logits, int64_t n_vocab) {
+    std::vector<int32_t> ids;
+    ids.reserve(static_cast<size_t>(n_vocab));
+    for (int64_t v = 0; v < n_vocab; ++v) {
+        if (std::isfinite(logits[v])) ids.push_back(static_cast<int32_t>(v));
+    }
+    std::vector<llama_token_data> data;
+    check_tokens(s, ids, logits, data);
+}
+
+void grammar_mask_top(llama_sampler* s, float* logits, int64_t n_vocab, int needed) {
+    constexpr float kRefused = -std::numeric_limits<float>::infinity();
+    const auto higher = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+        return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    // The m highest logits in one pass (a heap whose front is the lowest
+    // kept), checked in descending order; the grammar usually allows enough
+    // of them, else the whole vocabulary is masked.
+    const size_t m = std::max<size_t>(64, 2 * static_cast<size_t>(needed));
+    std::vector<std::pair<float, int32_t>> top;
+    top.reserve(m);
+    for (int64_t v = 0; v < n_vocab; ++v) {
+        if (!std::isfinite(logits[v])) continue;
+        const std::pair<float, int32_t> c(logits[v], static_cast<int32_t>(v));
+        if (top.size() < m) {
+            top.push_back(c);
+            std::push_heap(top.begin(), top.end(), higher);
+        } else if (higher(c, top.front())) {
+            std::pop_heap(top.begin(), top.end(), higher);
+            top.back() = c;
+            std::push_heap(top.begin(), top.end(), higher);
+        }
+    }
+    std::sort(top.begin(), top.end(), higher);
+    std::vector<int32_t> ids;
+    ids.reserve(top.size());
+    for (const auto& c : top) ids.push_back(c.second);
+    std::vector<float> kept(ids.size());
+    for (size_t i = 0; i < ids.size(); ++i) kept[i] = logits[ids[i]];
+    std::vector<llama_token_data> data;
+    check_tokens(s, ids, logits, data);
+    size_t allowed = 0, last = ids.size();
+    for (size_t i = 0; i < ids.size(); ++i) {
+        if (logits[ids[i]] != kRefused && ++allowed == static_cast<size_t>(needed)) {
+            last = i;
+            break;
+        }
+    }
+    if (last == ids.size()) {
+        // Fewer than `needed` allowed among them: they were masked (refused
+        // entries are -inf now); the rest of the vocabulary is checked too.
+        for (size_t i = 0; i < ids.size(); ++i) {
+            if (logits[ids[i]] != kRefused) logits[ids[i]] = kept[i];
+        }
+        grammar_mask_all(s, logits, n_vocab);
+        return;
+    }
+    // Keep the allowed tokens up to the last one needed; everything else is out of reach of the draw.
+    std::vector<std::pair<int32_t, float>> keep;
+    for (size_t i = 0; i <= last; ++i) {
+        if (logits[ids[i]] != kRefused) keep.emplace_back(ids[i], kept[i]);
+    }
+    std::fill(logits, logits + n_vocab, kRefused);
+    for (const auto& [id, value] : keep) logits[id] = value;
+}
+
+void grammar_accept(llama_sampler* s, int32_t token) { llama_sampler_accept(s, token); }
+
+std::string json_schema_to_gbnf(const std::string& schema_json) {
+    common_json schema;
+    try {
+        schema = common_json::parse(schema_json);
+    } catch (const std::exception& e) {
+        throw std::invalid_argument(std::string("json_schema is not valid JSON: ") + e.what());
+    }
+    try {
+        return json_schema_to_grammar(schema);
+    } catch (const std::exception& e) {
+        throw std::invalid_argument(std::string("json_schema: ") + e.what());
+    }
+}
+
+}  // namespace slot

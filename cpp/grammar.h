@@ -1,0 +1,52 @@
+// Constrained decoding: a GBNF grammar, parsed and run by llama.cpp's grammar
+// sampler, as the last stage before a sequence's token is drawn. JSON schemas
+// become GBNF through llama.cpp's common/json-schema-to-grammar.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+struct llama_sampler;
+struct llama_vocab;
+
+namespace slot {
+
+struct SamplerFree {
+    void operator()(llama_sampler* s) const;
+};
+using GrammarState = std::unique_ptr<llama_sampler, SamplerFree>;
+
+// A parsed grammar (its start rule is "root"); each sequence works on a copy
+// of its state (fork), advanced token by token (accept).
+class Grammar {
+public:
+    // Throws std::invalid_argument naming llama.cpp's complaint when the text
+    // is not a grammar it can run.
+    Grammar(const llama_vocab* vocab, const std::string& gbnf);
+
+    GrammarState fork() const;
+
+private:
+    GrammarState parsed_;
+};
+
+// Whether `token` may come next in state s.
+bool grammar_allows(llama_sampler* s, int32_t token);
+// Sets every token the grammar does not allow next to -inf.
+void grammar_mask_all(llama_sampler* s, float* logits, int64_t n_vocab);
+// Masks only as far as a draw needs: the highest logits are checked in
+// descending order until `needed` allowed tokens are found; every token
+// above the last of those that the grammar refuses, and every token below
+// it, is set to -inf. With top-k truncation (needed = k) or greedy decoding
+// (needed = 1) the draw then equals a draw from the fully masked logits.
+void grammar_mask_top(llama_sampler* s, float* logits, int64_t n_vocab, int needed);
+// Advances s past `token` (which it must allow).
+void grammar_accept(llama_sampler* s, int32_t token);
+
+// GBNF for a JSON schema (JSON text); std::invalid_argument when the text is
+// not JSON or the schema cannot be converted.
+std::string json_schema_to_gbnf(const std::string& schema_json);
+
+}  // namespace slot
