@@ -127,6 +127,10 @@ def _other_value(name: str, default, spec):
         return ("###",)
     if spec.kind == "bias":
         return ((1, 5.0),)
+    if spec.kind == "grammar":
+        return 'root ::= "a" [b-z]*'
+    if spec.kind == "schema":
+        return '{"type": "object"}'
     raise AssertionError(spec.kind)
 
 
@@ -161,6 +165,10 @@ def test_every_generate_option_reaches_the_native_request(tiny_model, group, nam
         assert [tuple(p) for p in request.logit_bias] == list(value)
     elif name == "loss_window":
         assert list(request.loss_mask) == [t >= len(ids) - 1 - value for t in range(len(ids) - 1)]
+    elif name == "grammar":
+        assert request.grammar == value
+    elif name == "json_schema":
+        assert request.grammar == opts.schema_grammar(value) and "root ::=" in request.grammar
     elif name == "loss_on":
         pass  # turned into a mask from the chat messages: tests/test_smollm2.py
     else:
@@ -181,7 +189,7 @@ CLI = {
 
 
 @pytest.mark.parametrize("group", list(CLI), ids=lambda g: g.__name__)
-def test_every_option_is_a_flag_with_its_default(group):
+def test_every_option_is_a_flag_with_its_default(group, tmp_path):
     argv, _ = CLI[group]
     parser = build_parser()
     dest_prefix = "rtd_" if group is opts.RtdOptions else ""
@@ -202,6 +210,10 @@ def test_every_option_is_a_flag_with_its_default(group):
             extra = [flag, value[0]]
         elif spec.kind == "bias":
             extra = [flag, f"{value[0][0]}={value[0][1]}"]
+        elif spec.kind in ("grammar", "schema"):  # read from a file
+            path = tmp_path / name
+            path.write_text(value)
+            extra = [flag, str(path)]
         else:
             extra = [flag, str(value)]
         args = parser.parse_args(argv[:1 + (argv[0] == "lmcor")] + extra + argv[1 + (argv[0] == "lmcor"):])

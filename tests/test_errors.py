@@ -96,11 +96,21 @@ def test_closed_model(tiny_path):
         model.generate("hi")
 
 
-def test_chat_template_missing_is_explained(tiny_model):
-    with pytest.raises(ValueError, match="chat template"):
-        tiny_model.generate_with_slot([{"role": "user", "content": "hi"}], max_tokens=1)
-    text = tiny_model.apply_chat_template([{"role": "user", "content": "hi"}], template="chatml")
-    assert "<|im_start|>user" in text
+def test_a_model_without_a_chat_template_falls_back_and_unknown_names_are_explained(tiny_path, caplog):
+    # The tiny Qwen2 GGUF has no template: llama.cpp's ChatML, as llama.cpp
+    # itself falls back for architectures without a built-in of their own, said once.
+    import slot_cpp
+
+    with slot_cpp.Model(tiny_path, n_ctx=256) as model, caplog.at_level("WARNING", logger="slot_cpp"):
+        assert not model.info.has_chat_template
+        messages = [{"role": "user", "content": "hi"}]
+        text = model.apply_chat_template(messages)
+        assert text == model.apply_chat_template(messages, template="chatml") and "<|im_start|>user" in text
+        model.generate_with_slot(messages, max_tokens=1, steps=0)
+        said = [r for r in caplog.records if "no chat template" in r.getMessage()]
+        assert len(said) == 1 and "'chatml'" in said[0].getMessage()
+        with pytest.raises(ValueError, match="chat template 'no-such-template'"):
+            model.apply_chat_template(messages, template="no-such-template")
 
 
 def test_unsupported_architecture(tmp_path, tiny_path):

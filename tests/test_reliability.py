@@ -184,8 +184,8 @@ def test_corrupted_gguf_files_raise_and_never_crash(tmp_path, tiny_path):
 
 
 def test_long_prompt_stays_within_the_memory_budget(gemma_path):
-    # A ~4k-token prompt: its logit cache would take 4 GiB, over the budget, so
-    # SLOT falls back to recomputing in chunks. Measured in a fresh process.
+    # A ~4k-token prompt: its float32 logit cache would take 4 GiB, over the
+    # budget, so SLOT falls back to recomputing in chunks. Measured in a fresh process.
     budget = 512 * 2**20
     script = textwrap.dedent(f"""
         import slot_cpp
@@ -202,7 +202,8 @@ def test_long_prompt_stays_within_the_memory_budget(gemma_path):
         base = status("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")                             # restart the peak (VmHWM) from here
-        r = model.generate_with_slot("", prompt_token_ids=tokens, steps=1, max_tokens=1, memory_budget={budget})
+        r = model.generate_with_slot("", prompt_token_ids=tokens, steps=1, max_tokens=1, memory_budget={budget},
+                                 cache_precision="float32")
         print(len(tokens), r.slot_path, r.steps_done, status("VmHWM") - base)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,

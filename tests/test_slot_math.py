@@ -83,10 +83,12 @@ def test_recompute_path_and_memory_fallback_agree_with_cached(head_model, states
     common = dict(prompt_token_ids=tokens, steps=5, lr=0.05, max_tokens=0)
     cached = head_model.generate_with_slot("", **common)
     forced = head_model.generate_with_slot("", recompute=True, **common)
-    # A budget too small for the logit cache falls back to recomputation by itself.
-    squeezed = head_model.generate_with_slot("", memory_budget=1 << 20, **common)
+    # A budget too small for a float32 cache falls back to recomputation by
+    # itself (with cache_precision="auto" it takes the bounded cache instead).
+    squeezed = head_model.generate_with_slot("", memory_budget=1 << 20, cache_precision="float32", **common)
     assert cached.slot_path == "cached"
     assert forced.slot_path == "recompute" and squeezed.slot_path == "recompute"
+    assert head_model.generate_with_slot("", memory_budget=1 << 20, **common).slot_path == "bounded"
     for other in (forced, squeezed):
         assert np.linalg.norm(other.delta - cached.delta) / np.linalg.norm(cached.delta) < 1e-4
         np.testing.assert_allclose(other.losses, cached.losses, rtol=1e-5)
