@@ -669,14 +669,14 @@ private:
             if (want_logprobs) {
                 // The distribution drawn from, before penalties and temperature: the grammar's tokens renormalised.
                 std::copy(z, z + V, masked_.begin());
-                grammar_mask_all(lane.grammar.get(), masked_.data(), V);
+                grammar_mask_all(lane.grammar.get(), e_.vocab(), masked_.data(), V);
                 z = masked_.data();
             }
         } else {
             tok = lane.sampler->sample(z, nullptr, lane.history, st.context.size());
         }
-        // A grammar allows end of generation only where it is complete.
-        if (e_.is_eog(tok) && (!req.ignore_eos || lane.grammar)) return finish(lane, "eos", ev);
+        if (!req.ignore_eos && e_.is_eog(tok)) return finish(lane, "eos", ev);
+        // The grammar allowed it; end of generation only where the grammar is complete, which it leaves so.
         if (lane.grammar) grammar_accept(lane.grammar.get(), tok);
         if (want_logprobs) {
             TokenLogprob lp = token_logprob(z, V, tok, req.top_logprobs);
@@ -717,15 +717,15 @@ private:
         float* w = lane.sampler->penalised(z, nullptr, lane.history, first_generated);
         llama_sampler* g = lane.grammar.get();
         if (p.temperature == 0.0) {
-            grammar_mask_top(g, w, V, 1);
+            grammar_mask_top(g, e_.vocab(), w, V, 1);
         } else if (p.top_k > 0 && p.top_k < V) {
-            grammar_mask_top(g, w, V, p.top_k);
+            grammar_mask_top(g, e_.vocab(), w, V, p.top_k);
         } else if (p.top_p >= 1.0 && p.min_p <= 0.0) {
             const int32_t t = lane.sampler->draw(w);
             if (grammar_allows(g, t)) return t;
-            grammar_mask_all(g, w, V);
+            grammar_mask_all(g, e_.vocab(), w, V);
         } else {
-            grammar_mask_all(g, w, V);
+            grammar_mask_all(g, e_.vocab(), w, V);
         }
         return lane.sampler->draw(w);
     }

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <utility>
 
@@ -58,17 +60,86 @@ size_t check_tokens(llama_sampler* s, const std::vector<int32_t>& ids, float* lo
 
 }  // namespace
 
-void grammar_mask_all(llama_sampler* s, float* logits, int64_t n_vocab) {
-    std::vector<int32_t> ids;
-    ids.reserve(static_cast<size_t>(n_vocab));
-    for (int64_t v = 0; v < n_vocab; ++v) {
-        if (std::isfinite(logits[v])) ids.push_back(static_cast<int32_t>(v));
+// The vocabulary as a forest of prefixes: token b is a child of token a when
+// a's piece is the longest token piece that b's piece starts with. A grammar
+// that refuses a token refuses every token that extends its piece (pieces are
+// matched character by character from the grammar's state), so masking walks
+// the forest level by level and never visits below a refused token. Built
+// once per vocabulary.
+struct PrefixForest {
+    std::vector<int32_t> roots;
+    std::vector<std::vector<int32_t>> children;  // by token id
+    std::vector<int32_t> loose;  // end-of-generation tokens and empty pieces: checked one by one
+};
+
+const PrefixForest& prefix_forest(const llama_vocab* vocab) {
+    static std::mutex mutex;
+    static std::map<const llama_vocab*, std::unique_ptr<PrefixForest>> forests;
+    std::lock_guard<std::mutex> lock(mutex);
+    std::unique_ptr<PrefixForest>& slot = forests[vocab];
+    if (slot) return *slot;
+    auto forest = std::make_unique<PrefixForest>();
+    const int32_t n = llama_vocab_n_tokens(vocab);
+    std::vector<std::string> pieces(static_cast<size_t>(n));
+    std::vector<int32_t> order;
+    std::vector<char> buf(256);
+    for (int32_t t = 0; t < n; ++t) {
+        int32_t len = llama_token_to_piece(vocab, t, buf.data(), static_cast<int32_t>(buf.size()), 0, true);
+        if (len < 0) {
+            buf.resize(static_cast<size_t>(-len));
+            len = llama_token_to_piece(vocab, t, buf.data(), static_cast<int32_t>(buf.size()), 0, true);
+        }
+        pieces[static_cast<size_t>(t)].assign(buf.data(), static_cast<size_t>(std::max(len, 0)));
+        const std::string& piece = pieces[static_cast<size_t>(t)];
+        if (llama_vocab_is_eog(vocab, t) || piece.empty() || piece[0] == '\0') forest->loose.push_back(t);
+        else order.push_back(t);
     }
-    std::vector<llama_token_data> data;
-    check_tokens(s, ids, logits, data);
+    std::sort(order.begin(), order.end(), [&pieces](int32_t a, int32_t b) {
+        return pieces[static_cast<size_t>(a)] < pieces[static_cast<size_t>(b)] || (pieces[static_cast<size_t>(a)] == pieces[static_cast<size_t>(b)] && a < b);
+    });
+    // In sorted order, the tokens whose pieces a token extends are on a stack.
+    forest->children.resize(static_cast<size_t>(n));
+    std::vector<int32_t> open;
+    for (int32_t t : order) {
+        const std::string& piece = pieces[static_cast<size_t>(t)];
+        while (!open.empty() && piece.compare(0, pieces[static_cast<size_t>(open.back())].size(),
+                                              pieces[static_cast<size_t>(open.back())]) != 0) {
+            open.pop_back();
+        }
+        if (open.empty()) forest->roots.push_back(t);
+        else forest->children[static_cast<size_t>(open.back())].push_back(t);
+        open.push_back(t);
+    }
+    slot = std::move(forest);
+    return *slot;
 }
 
-void grammar_mask_top(llama_sampler* s, float* logits, int64_t n_vocab, int needed) {
+void grammar_mask_all(llama_sampler* s, const llama_vocab* vocab, float* logits, int64_t n_vocab) {
+    const PrefixForest& forest = prefix_forest(vocab);
+    std::vector<char> allowed(static_cast<size_t>(n_vocab), 0);
+    std::vector<int32_t> level = forest.roots, next;
+    level.insert(level.end(), forest.loose.begin(), forest.loose.end());
+    std::vector<llama_token_data> data;
+    while (!level.empty()) {
+        data.clear();
+        for (int32_t id : level) data.push_back({id, 0.0f, 0.0f});
+        llama_token_data_array array{data.data(), data.size(), -1, false};
+        llama_sampler_apply(s, &array);
+        next.clear();
+        for (const llama_token_data& d : data) {
+            if (d.logit == -std::numeric_limits<float>::infinity()) continue;
+            allowed[static_cast<size_t>(d.id)] = 1;
+            const auto& kids = forest.children[static_cast<size_t>(d.id)];
+            next.insert(next.end(), kids.begin(), kids.end());
+        }
+        level.swap(next);
+    }
+    for (int64_t v = 0; v < n_vocab; ++v) {
+        if (!allowed[static_cast<size_t>(v)]) logits[v] = -std::numeric_limits<float>::infinity();
+    }
+}
+
+void grammar_mask_top(llama_sampler* s, const llama_vocab* vocab, float* logits, int64_t n_vocab, int needed) {
     constexpr float kRefused = -std::numeric_limits<float>::infinity();
     const auto higher = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
         return a.first > b.first || (a.first == b.first && a.second < b.second);
@@ -112,7 +183,7 @@ void grammar_mask_top(llama_sampler* s, float* logits, int64_t n_vocab, int need
         for (size_t i = 0; i < ids.size(); ++i) {
             if (logits[ids[i]] != kRefused) logits[ids[i]] = kept[i];
         }
-        grammar_mask_all(s, logits, n_vocab);
+        grammar_mask_all(s, vocab, logits, n_vocab);
         return;
     }
     // Keep the allowed tokens up to the last one needed; everything else is out of reach of the draw.

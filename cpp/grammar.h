@@ -34,14 +34,15 @@ private:
 
 // Whether `token` may come next in state s.
 bool grammar_allows(llama_sampler* s, int32_t token);
-// Sets every token the grammar does not allow next to -inf.
-void grammar_mask_all(llama_sampler* s, float* logits, int64_t n_vocab);
+// Sets every token the grammar does not allow next to -inf (walking the
+// vocabulary's prefix forest: tokens that extend a refused token are never checked).
+void grammar_mask_all(llama_sampler* s, const llama_vocab* vocab, float* logits, int64_t n_vocab);
 // Masks only as far as a draw needs: the highest logits are checked in
 // descending order until `needed` allowed tokens are found; every token
 // above the last of those that the grammar refuses, and every token below
 // it, is set to -inf. With top-k truncation (needed = k) or greedy decoding
 // (needed = 1) the draw then equals a draw from the fully masked logits.
-void grammar_mask_top(llama_sampler* s, float* logits, int64_t n_vocab, int needed);
+void grammar_mask_top(llama_sampler* s, const llama_vocab* vocab, float* logits, int64_t n_vocab, int needed);
 // Advances s past `token` (which it must allow).
 void grammar_accept(llama_sampler* s, int32_t token);
 

@@ -36,15 +36,16 @@ def crc_reward(prompt: str, response: str) -> float:
     return (zlib.crc32(response.encode()) % 97) / 40.0
 
 
-def enumerate_support(model, eos, delta, top_k, max_tokens, rtd=None):
+def enumerate_support(model, eos, delta, top_k, max_tokens, rtd=None, grammar=None):
     """Every response the top-k proposal can produce, with its exact log p
-    (under the proposal's stages: delta's bias, then RTD's blend)."""
+    (under the proposal's stages: delta's bias, then RTD's blend; with a
+    grammar, the masked, renormalised distribution its logprobs report)."""
     x = model.tokenize(PROMPT)
     out = []
 
     def walk(prefix: list[int], logp: float) -> None:
         step = model.generate("", prompt_token_ids=x, response_prefix=prefix, max_tokens=1, ignore_eos=True,
-                              top_logprobs=top_k, delta=delta, rtd=rtd).top_logprobs[0]
+                              top_logprobs=top_k, delta=delta, rtd=rtd, grammar=grammar).top_logprobs[0]
         norm = np.logaddexp.reduce([lp for _, lp in step])  # the top-k-truncated distribution
         for token, lp in step:
             total = logp + lp - norm
@@ -79,12 +80,13 @@ def chi_square_p(states, keys, target) -> float:
     return float(stats.chisquare(counts, target * len(states)).pvalue)
 
 
-def chain_p_value(model, eos_delta, beta_run: float, beta_target: float = 1.0, steps: int = 2500, rtd=None):
+def chain_p_value(model, eos_delta, beta_run: float, beta_target: float = 1.0, steps: int = 2500, rtd=None,
+                  grammar=None):
     eos, delta = eos_delta
-    support = enumerate_support(model, eos, delta, top_k=2, max_tokens=3, rtd=rtd)
+    support = enumerate_support(model, eos, delta, top_k=2, max_tokens=3, rtd=rtd, grammar=grammar)
     keys, target = exact_target(model, support, beta_target)
     result = qa.qalign(model, PROMPT, reward=crc_reward, beta=beta_run, steps=steps, max_tokens=3, chains=8,
-                       top_k=2, delta=delta, rtd=rtd, seed=11, answer="mbr")
+                       top_k=2, delta=delta, rtd=rtd, seed=11, answer="mbr", grammar=grammar)
     states = chain_states(result)
     assert set(states) <= set(keys)  # the chain never leaves the support
     return chi_square_p(states, keys, target), result, support
@@ -104,6 +106,29 @@ def test_chain_samples_the_exact_target_and_a_wrong_rule_is_rejected(model, eos_
     monkeypatch.setattr(qa, "log_acceptance", lambda r1, r0, n1, n0, beta: min(0.0, (r1 - r0) / beta))
     p_length, _, _ = chain_p_value(model, eos_delta, beta_run=1.0)
     assert p_length < 1e-6
+
+
+@pytest.mark.slow
+def test_under_a_grammar_the_chain_samples_the_constrained_target(model, eos_delta):
+    # A grammar that refuses the first character of the proposal's favourite
+    # first token: the support and its probabilities change, and the chain
+    # targets p_c(y) exp(r/beta) with p_c the masked, renormalised proposal.
+    eos, delta = eos_delta
+    x = model.tokenize(PROMPT)
+    free = model.generate("", prompt_token_ids=x, max_tokens=1, ignore_eos=True, top_logprobs=2,
+                          delta=delta).top_logprobs[0]
+    banned = next(t for t, _ in free if t != eos)
+    char = model.token_piece(banned).decode("utf-8", "replace")[0]
+    grammar = "root ::= [^" + ("\\" + char if char in "]\\^-" else char) + "]*"
+    support = enumerate_support(model, eos, delta, top_k=2, max_tokens=3, grammar=grammar)
+    free_support = enumerate_support(model, eos, delta, top_k=2, max_tokens=3)
+    assert all(char not in model.detokenize(list(k[0])) for k, _ in support)
+    assert {k for k, _ in support} != {k for k, _ in free_support}
+    p_right, result, _ = chain_p_value(model, eos_delta, beta_run=1.0, grammar=grammar)
+    assert p_right > 0.01
+    assert all(char not in s.text for chain in result.chains for s in chain)
+    p_beta, _, _ = chain_p_value(model, eos_delta, beta_run=2.0, grammar=grammar)
+    assert p_beta < 1e-6
 
 
 @pytest.mark.slow

@@ -444,6 +444,8 @@ def qalign(
     prompt_token_ids: Optional[Sequence[int]] = None,
     on_step: Optional[Callable[[int, float, float], None]] = None,
     budget: Optional[int] = None,
+    grammar: Optional[str] = None,
+    json_schema: Any = None,
 ) -> QAlignResult:
     """Run ``chains`` QAlign chains of ``steps`` steps on one prompt, side by
     side (one batched decode per step for all chains).
@@ -454,7 +456,9 @@ def qalign(
     accept_rate, mean_reward)`` is called after every step (progress bars).
     With ``budget``, the chains stop after the step at which the tokens
     sampled so far reach it (``steps`` stays an upper bound), for comparisons
-    with other methods at equal compute.
+    with other methods at equal compute. With ``grammar`` or ``json_schema``
+    the proposals are constrained, and the chain targets p_c(y) exp(r/beta),
+    p_c the product of the masked, renormalised next-token probabilities.
     """
     if not isinstance(model, Model):
         raise TypeError("model must be a slot_cpp.Model")
@@ -478,7 +482,8 @@ def qalign(
         return text[:cut] if cut >= 0 else text
 
     proposal: dict[str, Any] = dict(temperature=1.0, top_k=top_k, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
-                                    stop=list(stop), delta=delta, rtd=rtd)
+                                    stop=list(stop), delta=delta, rtd=rtd, grammar=grammar,
+                                    json_schema=json_schema)
 
     def draw(prefixes: list[list[int]], budgets: list[int]) -> list[GenerationResult]:
         seeds = [int(s) for s in rng.integers(0, 2**62, size=len(prefixes))]

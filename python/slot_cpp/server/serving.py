@@ -272,7 +272,8 @@ def _run_qalign(state: _State, job: Job, cancel: threading.Event) -> tuple[str, 
 
     result = qalign(state.model, "", prompt_token_ids=job.tokens, reward=state.rewards[q.reward], beta=q.beta,
                     steps=q.steps, max_tokens=kw["max_tokens"], seed=kw["seed"] % (2**32), top_k=kw["top_k"],
-                    stop=kw["stop"], delta=delta, rtd=kw.get("rtd"), answer="mbr", on_step=on_step)
+                    stop=kw["stop"], delta=delta, rtd=kw.get("rtd"), answer="mbr", on_step=on_step,
+                    grammar=kw.get("grammar"), json_schema=kw.get("json_schema"))
     final = result.chain[-1]
     report: dict[str, Any] = {"steps": q.steps, "beta": q.beta, "reward": q.reward,
                               "accept_rate": result.accept_rate, "final_reward": final.reward,
