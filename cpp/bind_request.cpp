@@ -44,6 +44,7 @@ void bind_request(py::module_& m) {
         .def_readonly("token_logprobs", &GenerationResult::token_logprobs)
         .def_readonly("top_logprobs", &GenerationResult::top_logprobs)
         .def_readonly("score_logprobs", &GenerationResult::score_logprobs)
+        .def_readonly("prompt_logprobs", &GenerationResult::prompt_logprobs)
         .def_property_readonly("hidden", [](const GenerationResult& r) -> py::object {
             if (r.hidden.empty()) return py::none();
             return to_numpy(r.hidden);
@@ -95,6 +96,7 @@ void bind_request(py::module_& m) {
                 r.slot.loss_mask.assign(mask.begin(), mask.end());
             })
         .SLOT_FIELD("grammar", grammar)
+        .SLOT_FIELD("prompt_logprobs", prompt_logprobs)
         .SLOT_FIELD("ignore_eos", ignore_eos)
         .SLOT_FIELD("logprobs", logprobs)
         .SLOT_FIELD("top_logprobs", top_logprobs)

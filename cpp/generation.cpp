@@ -172,6 +172,12 @@ void validate_request(const ModelShape& e, const GenerationRequest& req, int ind
                                     " entries but the prompt has " + std::to_string(req.prompt.size()) +
                                     " tokens (one entry per token after the first)");
     }
+    if (req.prompt_logprobs && req.delta.empty() && req.slot.steps > 0) {
+        throw std::invalid_argument(where + "prompt logprobs need steps=0 (they are taken before SLOT learns delta)");
+    }
+    if (req.prompt_logprobs && req.rtd && req.rtd_params.lam > 0.0) {
+        throw std::invalid_argument(where + "prompt logprobs are not available with RTD's blend");
+    }
     if (!req.response_prefix.empty() && req.delta.empty() && req.slot.steps > 0) {
         throw std::invalid_argument(where + "a response prefix needs steps=0: learn delta on the prompt first, "
                                     "then pass it as delta");
@@ -539,7 +545,8 @@ private:
                 if (learn || !req.delta.empty()) st.slot.optimise_seconds = seconds_since(t1);
                 t0 = Clock::now();
             }
-            const auto [source, best] = req.cache_prompt ? best_source(st.context) : std::pair<int, size_t>(-1, 0);
+            const bool reuse = req.cache_prompt && !req.prompt_logprobs;
+            const auto [source, best] = reuse ? best_source(st.context) : std::pair<int, size_t>(-1, 0);
             // At least the last context token is evaluated: its logits start generation.
             cached = static_cast<int>(std::min(best, st.context.size() - 1));
             if (cached > 0) {
@@ -554,8 +561,26 @@ private:
                 root = take_seq(-1, taken);
                 e_.seq_clear(root);
             }
-            e_.append_context(root, std::vector<int32_t>(st.context.begin() + cached, st.context.end()), room,
-                              stop, req.return_hidden || st.needs_hidden);
+            if (req.prompt_logprobs) {
+                // Every position but the last with outputs: row i predicts context[i + 1].
+                std::vector<float>& out = st.slot.prompt_logprobs;
+                out.clear();
+                const std::vector<int32_t> head(st.context.begin(), st.context.end() - 1);
+                e_.append(root, head, Engine::Outputs::All, 64,
+                          [&](int first, int count, const float* logits, const float*) {
+                              for (int i = 0; i < count; ++i) {
+                                  const float* z = staged(st, logits + static_cast<size_t>(i) * e_.n_vocab(), nullptr);
+                                  const int32_t next = st.context[static_cast<size_t>(first + i + 1)];
+                                  out.push_back(token_logprob(z, e_.n_vocab(), next, 0).logprob);
+                              }
+                          },
+                          room, stop);
+                e_.append(root, {st.context.back()}, Engine::Outputs::Last, 0, {}, room, stop,
+                          req.return_hidden || st.needs_hidden);
+            } else {
+                e_.append_context(root, std::vector<int32_t>(st.context.begin() + cached, st.context.end()), room,
+                                  stop, req.return_hidden || st.needs_hidden);
+            }
             prefill = seconds_since(t0);
         }
         last_use_[static_cast<size_t>(root)] = ++clock_;

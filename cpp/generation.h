@@ -49,6 +49,11 @@ struct GenerationRequest {
     // (under the request's stages), and its final normed hidden state.
     std::vector<int32_t> score_tokens;
     bool return_hidden = false;
+    // The log-probability of each prompt token after the first under the
+    // request's stages (OpenAI's echo with logprobs); the prompt is then
+    // evaluated whole, not taken from the prompt cache. Not with SLOT's
+    // optimisation or a stage that reads hidden states.
+    bool prompt_logprobs = false;
     // Retrieval (RTD): blended into every distribution this request samples
     // from or scores, after SLOT's bias. The query is the model's own hidden
     // state h (not h + delta): the keys were taken from the plain model.
@@ -85,6 +90,7 @@ struct GenerationResult {
     std::vector<float> token_logprobs;                             // with logprobs
     std::vector<std::vector<std::pair<int32_t, float>>> top_logprobs;  // with top_logprobs > 0
     std::vector<float> score_logprobs;  // one per score_tokens entry
+    std::vector<float> prompt_logprobs; // with prompt_logprobs: one per context token after the first
     std::vector<float> hidden;          // n_embd, with return_hidden
     double prefill_seconds = 0.0;
     double optimise_seconds = 0.0;

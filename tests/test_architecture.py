@@ -174,7 +174,9 @@ def test_every_generate_option_reaches_the_native_request(tiny_model, group, nam
     else:
         raise AssertionError(f"{name} is converted by hand but this test does not know how")
     # And the Python API takes it as a keyword (a real, one-token call).
-    if name not in ("loss_on", "stop"):
+    if name == "prompt_logprobs":  # taken before SLOT would learn: plain generation
+        tiny_model.generate("one two three four", max_tokens=1, prompt_logprobs=True)
+    elif name not in ("loss_on", "stop"):
         tiny_model.generate_with_slot("one two three four", **{"max_tokens": 1, name: value})
 
 

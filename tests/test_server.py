@@ -529,3 +529,32 @@ def test_chat_on_a_model_without_a_template_falls_back_to_its_builtin(gemma_path
     assert r.choices[0].message.content is not None
     assert r.usage.prompt_tokens == expected
     assert any("built-in 'gemma' template" in rec.getMessage() for rec in caplog.records)
+
+
+def test_echo_and_integer_logprobs_on_completions(served):
+    url, model = served
+    c = client(url)
+    tokens = model.tokenize(PROMPT)
+    want = model.token_logprobs(tokens, 1)  # the prompt's own log-probabilities, computed apart
+    r = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=4, echo=True, logprobs=2,
+                             temperature=0.0)
+    choice = r.choices[0]
+    assert choice.text.startswith(PROMPT) and len(choice.text) > len(PROMPT)
+    lp = choice.logprobs
+    n = len(tokens)
+    assert "".join(lp.tokens[:n]) == model.detokenize(tokens)
+    assert lp.token_logprobs[0] is None
+    np.testing.assert_allclose(lp.token_logprobs[1:n], want, atol=2e-3)
+    assert len(lp.tokens) == n + r.usage.completion_tokens and lp.text_offset[n] == len(model.detokenize(tokens))
+    assert all(len(t) == 2 for t in lp.top_logprobs[n:]) and lp.top_logprobs[1] is None
+    # Streamed: the prompt first, then the same answer.
+    chunks = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=4, echo=True, stream=True,
+                                  temperature=0.0)
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == choice.text
+    # Echo alone works with SLOT; echo with logprobs needs the plain prefill.
+    r = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=2, echo=True,
+                             extra_body={"slot": {"steps": 2, "lr": 0.01}})
+    assert r.choices[0].text.startswith(PROMPT)
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs is not available with slot"):
+        c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=2, echo=True, logprobs=1,
+                             extra_body={"slot": {"steps": 2, "lr": 0.01}})

@@ -183,6 +183,9 @@ class GenerationResult:
     and truncation (the model's, shifted by delta's logit bias if any)."""
     top_logprobs: Optional[list[list[tuple[int, float]]]] = None
     """With top_logprobs=N: the N most likely (token id, log p) at each step."""
+    prompt_logprobs: Optional[list[float]] = None
+    """With prompt_logprobs=True: log p(context[i] | context[:i]) for i >= 1,
+    under delta's bias if any."""
     score_logprobs: Optional[list[float]] = None
     """With score_tokens: log p of each of those tokens right after the
     context (prompt and response prefix), under delta's bias if any."""
@@ -938,6 +941,7 @@ def _result(raw: _core.RawResult, request: _core.Request) -> GenerationResult:
         token_logprobs=logprobs,
         top_logprobs=top,
         score_logprobs=[float(x) for x in raw.score_logprobs] if request.score_tokens else None,
+        prompt_logprobs=[float(x) for x in raw.prompt_logprobs] if request.prompt_logprobs else None,
         hidden=raw.hidden,
     )
 

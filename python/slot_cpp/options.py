@@ -378,6 +378,9 @@ class RequestExtras(_Group):
                                 optional=True, flag=None, http=None, native=None)
     response_prefix: Optional[Any] = _opt(None, "token ids of a response already begun (continued, not "
                                           "returned)", "object", optional=True, flag=None, http=None, native=None)
+    prompt_logprobs: bool = _opt(False, "report each context token's log-probability after the first (under the "
+                                 "request's stages; the context is evaluated whole, without the prompt cache; "
+                                 "not with SLOT's optimisation or RTD)", "bool", flag=None, http=None)
     score_tokens: Optional[Any] = _opt(None, "token ids whose log-probabilities after the context are reported",
                                        "object", optional=True, flag=None, http=None, native=None)
     rtd: Optional[Any] = _opt(None, "a slot_cpp.rtd.Datastore or RTD blended into every next-token "

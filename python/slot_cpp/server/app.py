@@ -341,8 +341,6 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Response:
         _check_model(state, body.model)
-        if body.echo:
-            raise ApiError(400, "echo is not supported", param="echo")
         if body.suffix:
             raise ApiError(400, "suffix is not supported", param="suffix")
         if body.best_of not in (None, 1):
@@ -364,7 +362,10 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
         except (TypeError, ValueError) as exc:
             raise ApiError(400, str(exc), param="prompt") from None
         top = body.logprobs or 0
-        job = resolve(state, body, tokens, body.max_tokens, body.logprobs is not None, top)
+        echo = None
+        if body.echo:
+            echo = prompt if isinstance(prompt, str) else model.detokenize(tokens)
+        job = resolve(state, body, tokens, body.max_tokens, body.logprobs is not None, top, echo=echo)
         return await respond(state, job, body, chat=False)
 
     return app

@@ -151,11 +151,24 @@ def logprobs_chat(model: Model, r: GenerationResult) -> dict[str, Any]:
     return {"content": content}
 
 
-def logprobs_text(model: Model, r: GenerationResult) -> dict[str, Any]:
-    """The legacy completions' shape: parallel lists and character offsets."""
+def logprobs_text(model: Model, r: GenerationResult, prompt: Optional[list[int]] = None) -> dict[str, Any]:
+    """The legacy completions' shape: parallel lists and character offsets;
+    with ``prompt`` (echo), the prompt's tokens first (the first one without
+    a log-probability, the others without alternatives)."""
     _piece = _pieces(model)
     tokens, offsets, tops = [], [], []
+    token_logprobs: list[Optional[float]] = []
     offset = 0
+    if prompt is not None:
+        assert r.prompt_logprobs is not None and len(r.prompt_logprobs) == len(prompt) - 1
+        for i, tok in enumerate(prompt):
+            text = _piece(tok)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+            token_logprobs.append(None if i == 0 else float(r.prompt_logprobs[i - 1]))
+            tops.append(None)
+    token_logprobs.extend(float(x) for x in r.token_logprobs)
     for i, tok in enumerate(r.tokens):
         text = _piece(tok)
         tokens.append(text)
@@ -163,7 +176,7 @@ def logprobs_text(model: Model, r: GenerationResult) -> dict[str, Any]:
         offset += len(text)
         if r.top_logprobs:
             tops.append({_piece(t): float(v) for t, v in r.top_logprobs[i]})
-    return {"tokens": tokens, "token_logprobs": [float(x) for x in r.token_logprobs],
+    return {"tokens": tokens, "token_logprobs": token_logprobs,
             "top_logprobs": tops if r.top_logprobs else None, "text_offset": offsets}
 
 

@@ -69,10 +69,13 @@ class Job:
     lmcor: Optional[LmcorOptions]
     lmcor_input: Optional[str]
     want_logprobs: bool
+    echo: Optional[str] = None
+    """Completions with echo: the prompt's text, put before each answer."""
 
 
 def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens: Optional[int],
-            want_logprobs: bool, top_logprobs: int, messages: Optional[list[dict[str, str]]] = None) -> Job:
+            want_logprobs: bool, top_logprobs: int, messages: Optional[list[dict[str, str]]] = None,
+            echo: Optional[str] = None) -> Job:
     """Checks a request against the server's limits and builds the generate call."""
     config, model = state.config, state.model
     if max_tokens is None:
@@ -144,8 +147,16 @@ def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens:
             lmcor_input = users[-1] if users else ""
         else:
             lmcor_input = model.detokenize(tokens)
+    if echo is not None and want_logprobs:
+        # The prompt's own log-probabilities, from the prefill of plain generation.
+        for method in ("slot", "rtd", "qalign", "lmcor"):
+            if method in applied or getattr(body, method) is not None and method != "slot":
+                raise ApiError(400, f"echo with logprobs is not available with {method}", param="echo")
+        if len(tokens) < 2:
+            raise ApiError(400, "echo with logprobs needs a prompt of at least two tokens", param="echo")
+        kwargs["prompt_logprobs"] = True
     return Job(tokens=tokens, messages=messages, n=body.n, kwargs=kwargs, applied=applied, qalign=body.qalign,
-               lmcor=body.lmcor, lmcor_input=lmcor_input, want_logprobs=want_logprobs)
+               lmcor=body.lmcor, lmcor_input=lmcor_input, want_logprobs=want_logprobs, echo=echo)
 
 
 def _stop_list(stop: Union[str, list[str], None]) -> list[str]:
@@ -409,9 +420,14 @@ async def _whole(state: _State, job: Job, reply: Reply) -> dict[str, Any]:
             if isinstance(event, Finished):
                 finished = event
     assert finished is not None
-    logprobs = logprobs_chat if reply.chat else logprobs_text
-    choices = [reply.choice(i, c.text, c.finish_reason,
-                            logprobs(state.model, c.result) if c.result is not None and job.want_logprobs else None)
+    def logprobs(result: Optional[GenerationResult]) -> Optional[dict[str, Any]]:
+        if result is None or not job.want_logprobs:
+            return None
+        if reply.chat:
+            return logprobs_chat(state.model, result)
+        return logprobs_text(state.model, result, job.tokens if job.echo is not None else None)
+
+    choices = [reply.choice(i, (job.echo or "") + c.text, c.finish_reason, logprobs(c.result))
                for i, c in enumerate(finished.choices)]
     return reply.whole(choices, usage(finished.prompt_tokens, finished.completion_tokens), finished.extension)
 
@@ -426,6 +442,9 @@ async def _stream(state: _State, job: Job, reply: Reply, include_usage: bool) ->
             if reply.chat:
                 for i in range(job.n):
                     yield _sse(reply.chunk(i, "", None, role=True))
+            elif job.echo:
+                for i in range(job.n):
+                    yield _sse(reply.chunk(i, job.echo, None))
             async for event in run:
                 if isinstance(event, Piece):
                     yield _sse(reply.chunk(event.index, event.text, None))
