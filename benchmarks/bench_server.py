@@ -11,8 +11,10 @@ for --seconds each phase:
 Reports requests, errors, lost requests (sent but never answered), latency
 and time-to-first-token percentiles, and aggregate generated tokens per
 second; the ratio concurrent / sequential is the gain from continuous
-batching. ``--llama-server PATH`` runs the same concurrent load against
-llama.cpp's own server binary for comparison.
+batching. A third concurrent phase sends every third request with a JSON
+schema (llama-server's ``json_schema`` body field: constrained decoding).
+``--llama-server PATH`` runs the same concurrent loads against llama.cpp's own
+server binary for comparison.
 
     python benchmarks/bench_server.py --clients 32 --seconds 60 --threads 2 --n-parallel 8
 """
@@ -69,10 +71,20 @@ def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 300
     raise RuntimeError("the server did not become ready")
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {"title": {"type": "string", "maxLength": 60}, "points": {"type": "array", "maxItems": 4,
+                                                                          "items": {"type": "string"}}},
+    "required": ["title", "points"],
+}
+
+
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
-                      seed: int) -> dict[str, Any]:
+                      seed: int, schema: bool = False) -> dict[str, Any]:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed,
             "stream": True, "stream_options": {"include_usage": True}}
+    if schema:
+        body["json_schema"] = SCHEMA
     t0 = time.perf_counter()
     first: Optional[float] = None
     tokens = 0
@@ -106,7 +118,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
             "tokens": tokens or pieces}
 
 
-async def phase(url: str, model: str, clients: int, seconds: float, max_tokens: int) -> dict[str, Any]:
+async def phase(url: str, model: str, clients: int, seconds: float, max_tokens: int,
+                schema_every: int = 0) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     sent = 0
     deadline = time.perf_counter() + seconds
@@ -120,7 +133,8 @@ async def phase(url: str, model: str, clients: int, seconds: float, max_tokens: 
                 sent += 1
                 try:
                     rec = await one_request(client, url, model, PROMPTS[(w + k) % len(PROMPTS)], max_tokens,
-                                            seed=1000 * w + k)
+                                            seed=1000 * w + k,
+                                            schema=schema_every > 0 and (w + k) % schema_every == 0)
                 except httpx.HTTPError as exc:
                     rec = {"ok": False, "status": type(exc).__name__, "latency": np.nan}
                 records.append(rec)
@@ -191,6 +205,8 @@ def main() -> int:
         results["slot_cpp_sequential"] = asyncio.run(phase(url, "bench", 1, args.seconds, args.max_tokens))
         results["slot_cpp_concurrent"] = asyncio.run(phase(url, "bench", args.clients, args.seconds,
                                                            args.max_tokens))
+        results["slot_cpp_concurrent_schema"] = asyncio.run(phase(url, "bench", args.clients, args.seconds,
+                                                                  args.max_tokens, schema_every=3))
     finally:
         stop(proc)
     if args.llama_server:
@@ -205,6 +221,8 @@ def main() -> int:
             asyncio.run(phase(url, "bench", 1, 5.0, args.max_tokens))
             results["llama_server_concurrent"] = asyncio.run(phase(url, "bench", args.clients, args.seconds,
                                                                    args.max_tokens))
+            results["llama_server_concurrent_schema"] = asyncio.run(phase(url, "bench", args.clients, args.seconds,
+                                                                          args.max_tokens, schema_every=3))
         finally:
             stop(proc)
 
@@ -213,10 +231,15 @@ def main() -> int:
     if "llama_server_concurrent" in results:
         results["slot_cpp_over_llama_server"] = conc["tokens_per_s"] / results["llama_server_concurrent"][
             "tokens_per_s"]
+        results["slot_cpp_over_llama_server_schema"] = (results["slot_cpp_concurrent_schema"]["tokens_per_s"] /
+                                                        results["llama_server_concurrent_schema"]["tokens_per_s"])
 
-    rows = [("slot_cpp, 1 client at a time", seq), (f"slot_cpp, {args.clients} clients", conc)]
+    rows = [("slot_cpp, 1 client at a time", seq), (f"slot_cpp, {args.clients} clients", conc),
+            (f"slot_cpp, {args.clients} clients, a third with a JSON schema", results["slot_cpp_concurrent_schema"])]
     if "llama_server_concurrent" in results:
         rows.append((f"llama-server, {args.clients} clients", results["llama_server_concurrent"]))
+        rows.append((f"llama-server, {args.clients} clients, a third with a JSON schema",
+                     results["llama_server_concurrent_schema"]))
     lines = ["| run | requests | errors | lost | tokens/s | latency p50 (s) | latency p99 (s) | TTFT p50 (s) "
              "| TTFT p99 (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows:
@@ -227,7 +250,8 @@ def main() -> int:
     lines.append(f"Concurrent / sequential throughput: {results['concurrent_over_sequential']:.2f}x")
     if "slot_cpp_over_llama_server" in results:
         lines.append(f"slot_cpp / llama-server throughput ({args.clients} clients): "
-                     f"{results['slot_cpp_over_llama_server']:.2f}x")
+                     f"{results['slot_cpp_over_llama_server']:.2f}x; with a third JSON-schema requests: "
+                     f"{results['slot_cpp_over_llama_server_schema']:.2f}x")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)
