@@ -694,7 +694,7 @@ private:
             if (want_logprobs) {
                 // The distribution drawn from, before penalties and temperature: the grammar's tokens renormalised.
                 std::copy(z, z + V, masked_.begin());
-                grammar_mask_all(lane.grammar.get(), e_.vocab(), masked_.data(), V);
+                grammar_mask_all(lane.grammar.get(), forest(), masked_.data(), V);
                 z = masked_.data();
             }
         } else {
@@ -730,6 +730,12 @@ private:
         lane.pending = tok;
     }
 
+    // The vocabulary's prefix forest, built the first time a grammar needs it.
+    const PrefixForest& forest() {
+        if (!forest_) forest_ = build_prefix_forest(e_.vocab());
+        return *forest_;
+    }
+
     // A draw from the penalised logits with the tokens the grammar refuses
     // masked: exactly the sampler's draw from fully masked logits, checking
     // as few tokens as it can. Greedy and top-k need only the highest allowed
@@ -742,15 +748,15 @@ private:
         float* w = lane.sampler->penalised(z, nullptr, lane.history, first_generated);
         llama_sampler* g = lane.grammar.get();
         if (p.temperature == 0.0) {
-            grammar_mask_top(g, e_.vocab(), w, V, 1);
+            grammar_mask_top(g, forest(), w, V, 1);
         } else if (p.top_k > 0 && p.top_k < V) {
-            grammar_mask_top(g, e_.vocab(), w, V, p.top_k);
+            grammar_mask_top(g, forest(), w, V, p.top_k);
         } else if (p.top_p >= 1.0 && p.min_p <= 0.0) {
             const int32_t t = lane.sampler->draw(w);
             if (grammar_allows(g, t)) return t;
-            grammar_mask_all(g, e_.vocab(), w, V);
+            grammar_mask_all(g, forest(), w, V);
         } else {
-            grammar_mask_all(g, e_.vocab(), w, V);
+            grammar_mask_all(g, forest(), w, V);
         }
         return lane.sampler->draw(w);
     }
@@ -838,6 +844,7 @@ private:
     uint64_t clock_ = 0;
     std::vector<float> scratch_;
     std::vector<float> masked_;  // a grammar's masked logits, for logprobs
+    std::unique_ptr<PrefixForest> forest_;
     std::list<Group> groups_;   // stable addresses: lanes and the queue point into it
     std::deque<Group*> waiting_;
     std::vector<std::unique_ptr<Lane>> lanes_;

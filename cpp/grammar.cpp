@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <map>
-#include <mutex>
 #include <stdexcept>
 #include <utility>
 
@@ -60,24 +58,7 @@ size_t check_tokens(llama_sampler* s, const std::vector<int32_t>& ids, float* lo
 
 }  // namespace
 
-// The vocabulary as a forest of prefixes: token b is a child of token a when
-// a's piece is the longest token piece that b's piece starts with. A grammar
-// that refuses a token refuses every token that extends its piece (pieces are
-// matched character by character from the grammar's state), so masking walks
-// the forest level by level and never visits below a refused token. Built
-// once per vocabulary.
-struct PrefixForest {
-    std::vector<int32_t> roots;
-    std::vector<std::vector<int32_t>> children;  // by token id
-    std::vector<int32_t> loose;  // end-of-generation tokens and empty pieces: checked one by one
-};
-
-const PrefixForest& prefix_forest(const llama_vocab* vocab) {
-    static std::mutex mutex;
-    static std::map<const llama_vocab*, std::unique_ptr<PrefixForest>> forests;
-    std::lock_guard<std::mutex> lock(mutex);
-    std::unique_ptr<PrefixForest>& slot = forests[vocab];
-    if (slot) return *slot;
+std::unique_ptr<PrefixForest> build_prefix_forest(const llama_vocab* vocab) {
     auto forest = std::make_unique<PrefixForest>();
     const int32_t n = llama_vocab_n_tokens(vocab);
     std::vector<std::string> pieces(static_cast<size_t>(n));
@@ -95,7 +76,8 @@ const PrefixForest& prefix_forest(const llama_vocab* vocab) {
         else order.push_back(t);
     }
     std::sort(order.begin(), order.end(), [&pieces](int32_t a, int32_t b) {
-        return pieces[static_cast<size_t>(a)] < pieces[static_cast<size_t>(b)] || (pieces[static_cast<size_t>(a)] == pieces[static_cast<size_t>(b)] && a < b);
+        return pieces[static_cast<size_t>(a)] < pieces[static_cast<size_t>(b)] ||
+               (pieces[static_cast<size_t>(a)] == pieces[static_cast<size_t>(b)] && a < b);
     });
     // In sorted order, the tokens whose pieces a token extends are on a stack.
     forest->children.resize(static_cast<size_t>(n));
@@ -110,12 +92,10 @@ const PrefixForest& prefix_forest(const llama_vocab* vocab) {
         else forest->children[static_cast<size_t>(open.back())].push_back(t);
         open.push_back(t);
     }
-    slot = std::move(forest);
-    return *slot;
+    return forest;
 }
 
-void grammar_mask_all(llama_sampler* s, const llama_vocab* vocab, float* logits, int64_t n_vocab) {
-    const PrefixForest& forest = prefix_forest(vocab);
+void grammar_mask_all(llama_sampler* s, const PrefixForest& forest, float* logits, int64_t n_vocab) {
     std::vector<char> allowed(static_cast<size_t>(n_vocab), 0);
     std::vector<int32_t> level = forest.roots, next;
     level.insert(level.end(), forest.loose.begin(), forest.loose.end());
@@ -139,7 +119,7 @@ void grammar_mask_all(llama_sampler* s, const llama_vocab* vocab, float* logits,
     }
 }
 
-void grammar_mask_top(llama_sampler* s, const llama_vocab* vocab, float* logits, int64_t n_vocab, int needed) {
+void grammar_mask_top(llama_sampler* s, const PrefixForest& forest, float* logits, int64_t n_vocab, int needed) {
     constexpr float kRefused = -std::numeric_limits<float>::infinity();
     const auto higher = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
         return a.first > b.first || (a.first == b.first && a.second < b.second);
@@ -183,7 +163,7 @@ void grammar_mask_top(llama_sampler* s, const llama_vocab* vocab, float* logits,
         for (size_t i = 0; i < ids.size(); ++i) {
             if (logits[ids[i]] != kRefused) logits[ids[i]] = kept[i];
         }
-        grammar_mask_all(s, vocab, logits, n_vocab);
+        grammar_mask_all(s, forest, logits, n_vocab);
         return;
     }
     // Keep the allowed tokens up to the last one needed; everything else is out of reach of the draw.

@@ -32,17 +32,29 @@ private:
     GrammarState parsed_;
 };
 
+// The vocabulary as a forest of prefixes: token b is a child of token a when
+// a's piece is the longest token piece that b's piece starts with. A grammar
+// that refuses a token refuses every token that extends its piece (pieces are
+// matched character by character from the grammar's state), so a mask walks
+// the forest level by level and never visits below a refused token.
+struct PrefixForest {
+    std::vector<int32_t> roots;
+    std::vector<std::vector<int32_t>> children;  // by token id
+    std::vector<int32_t> loose;  // end-of-generation tokens and empty pieces: checked one by one
+};
+std::unique_ptr<PrefixForest> build_prefix_forest(const llama_vocab* vocab);
+
 // Whether `token` may come next in state s.
 bool grammar_allows(llama_sampler* s, int32_t token);
 // Sets every token the grammar does not allow next to -inf (walking the
-// vocabulary's prefix forest: tokens that extend a refused token are never checked).
-void grammar_mask_all(llama_sampler* s, const llama_vocab* vocab, float* logits, int64_t n_vocab);
+// vocabulary's prefix forest).
+void grammar_mask_all(llama_sampler* s, const PrefixForest& forest, float* logits, int64_t n_vocab);
 // Masks only as far as a draw needs: the highest logits are checked in
 // descending order until `needed` allowed tokens are found; every token
 // above the last of those that the grammar refuses, and every token below
 // it, is set to -inf. With top-k truncation (needed = k) or greedy decoding
 // (needed = 1) the draw then equals a draw from the fully masked logits.
-void grammar_mask_top(llama_sampler* s, const llama_vocab* vocab, float* logits, int64_t n_vocab, int needed);
+void grammar_mask_top(llama_sampler* s, const PrefixForest& forest, float* logits, int64_t n_vocab, int needed);
 // Advances s past `token` (which it must allow).
 void grammar_accept(llama_sampler* s, int32_t token);
 
