@@ -14,7 +14,9 @@ second; the ratio concurrent / sequential is the gain from continuous
 batching. A third concurrent phase sends every third request with a JSON
 schema (llama-server's ``json_schema`` body field: constrained decoding).
 ``--llama-server PATH`` runs the same concurrent loads against llama.cpp's own
-server binary for comparison.
+server binary for comparison, and ``--llama-cpp-python PYTHON`` against
+llama-cpp-python's server run by that interpreter (its completions take the
+schema as GBNF in ``grammar``, converted by slot_cpp).
 
     python benchmarks/bench_server.py --clients 32 --seconds 60 --threads 2 --n-parallel 8
 """
@@ -35,6 +37,9 @@ from typing import Any, Optional
 
 import httpx
 import numpy as np
+
+import slot_cpp
+from slot_cpp import _core
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -80,11 +85,11 @@ SCHEMA = {
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
-                      seed: int, schema: bool = False) -> dict[str, Any]:
+                      seed: int, constraint: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed,
             "stream": True, "stream_options": {"include_usage": True}}
-    if schema:
-        body["json_schema"] = SCHEMA
+    if constraint:
+        body.update(constraint)
     t0 = time.perf_counter()
     first: Optional[float] = None
     tokens = 0
@@ -119,7 +124,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
 
 
 async def phase(url: str, model: str, clients: int, seconds: float, max_tokens: int,
-                schema_every: int = 0) -> dict[str, Any]:
+                schema_every: int = 0, constraint: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    constraint = constraint or {"json_schema": SCHEMA}
     records: list[dict[str, Any]] = []
     sent = 0
     deadline = time.perf_counter() + seconds
@@ -134,7 +140,8 @@ async def phase(url: str, model: str, clients: int, seconds: float, max_tokens: 
                 try:
                     rec = await one_request(client, url, model, PROMPTS[(w + k) % len(PROMPTS)], max_tokens,
                                             seed=1000 * w + k,
-                                            schema=schema_every > 0 and (w + k) % schema_every == 0)
+                                            constraint=constraint if schema_every > 0 and (w + k) % schema_every == 0
+                                            else None)
                 except httpx.HTTPError as exc:
                     rec = {"ok": False, "status": type(exc).__name__, "latency": np.nan}
                 records.append(rec)
@@ -172,6 +179,12 @@ def start_llama_server(args: argparse.Namespace, port: int, model_path: str) -> 
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def start_llama_cpp_python(args: argparse.Namespace, port: int, model_path: str) -> subprocess.Popen:
+    cmd = [args.llama_cpp_python, "-m", "llama_cpp.server", "--model", model_path, "--host", "127.0.0.1", "--port",
+           str(port), "--n_threads", str(args.threads), "--n_ctx", str(args.n_ctx), "--model_alias", "bench"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGINT)
@@ -192,6 +205,8 @@ def main() -> int:
     ap.add_argument("--n-parallel", type=int, default=8)
     ap.add_argument("--n-ctx", type=int, default=8192)
     ap.add_argument("--llama-server", default=None, help="path of llama.cpp's llama-server, for comparison")
+    ap.add_argument("--llama-cpp-python", default=None,
+                    help="a Python with llama-cpp-python[server] installed, for comparison")
     ap.add_argument("--out", default=str(RESULTS / "bench_server"))
     args = ap.parse_args()
 
@@ -209,20 +224,27 @@ def main() -> int:
                                                                   args.max_tokens, schema_every=3))
     finally:
         stop(proc)
-    if args.llama_server:
-        import slot_cpp
 
-        model_path = args.model or str(slot_cpp.default_model_path())
+    model_path = args.model or str(slot_cpp.default_model_path())
+    others = []
+    if args.llama_server:
+        others.append(("llama_server", start_llama_server, "/health", {"json_schema": SCHEMA}))
+    if args.llama_cpp_python:
+        # Its completions take a grammar, not a schema: the same schema as GBNF.
+        gbnf = _core.json_schema_to_grammar(json.dumps(SCHEMA))
+        others.append(("llama_cpp_python", start_llama_cpp_python, "/v1/models", {"grammar": gbnf}))
+    for name, start, ready, constraint in others:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = start_llama_server(args, port, model_path)
+        proc = start(args, port, model_path)
         try:
-            wait_ready(url, proc, "/health")
-            asyncio.run(phase(url, "bench", 1, 5.0, args.max_tokens))
-            results["llama_server_concurrent"] = asyncio.run(phase(url, "bench", args.clients, args.seconds,
-                                                                   args.max_tokens))
-            results["llama_server_concurrent_schema"] = asyncio.run(phase(url, "bench", args.clients, args.seconds,
-                                                                          args.max_tokens, schema_every=3))
+            wait_ready(url, proc, ready)
+            asyncio.run(phase(url, "bench", 1, 5.0, args.max_tokens))  # warm-up
+            results[f"{name}_concurrent"] = asyncio.run(phase(url, "bench", args.clients, args.seconds,
+                                                              args.max_tokens))
+            results[f"{name}_concurrent_schema"] = asyncio.run(
+                phase(url, "bench", args.clients, args.seconds, args.max_tokens, schema_every=3,
+                      constraint=constraint))
         finally:
             stop(proc)
 
@@ -240,6 +262,12 @@ def main() -> int:
         rows.append((f"llama-server, {args.clients} clients", results["llama_server_concurrent"]))
         rows.append((f"llama-server, {args.clients} clients, a third with a JSON schema",
                      results["llama_server_concurrent_schema"]))
+    if "llama_cpp_python_concurrent" in results:
+        rows.append((f"llama-cpp-python, {args.clients} clients", results["llama_cpp_python_concurrent"]))
+        rows.append((f"llama-cpp-python, {args.clients} clients, a third with the schema's grammar",
+                     results["llama_cpp_python_concurrent_schema"]))
+        results["slot_cpp_over_llama_cpp_python"] = conc["tokens_per_s"] / results[
+            "llama_cpp_python_concurrent"]["tokens_per_s"]
     lines = ["| run | requests | errors | lost | tokens/s | latency p50 (s) | latency p99 (s) | TTFT p50 (s) "
              "| TTFT p99 (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows:
@@ -252,6 +280,9 @@ def main() -> int:
         lines.append(f"slot_cpp / llama-server throughput ({args.clients} clients): "
                      f"{results['slot_cpp_over_llama_server']:.2f}x; with a third JSON-schema requests: "
                      f"{results['slot_cpp_over_llama_server_schema']:.2f}x")
+    if "slot_cpp_over_llama_cpp_python" in results:
+        lines.append(f"slot_cpp / llama-cpp-python throughput ({args.clients} clients): "
+                     f"{results['slot_cpp_over_llama_cpp_python']:.2f}x")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)

@@ -9,6 +9,7 @@
 #include "json-schema-to-grammar.h"
 #include "llama.h"
 #include "log.h"
+#include "sampling.h"
 
 namespace slot {
 
@@ -121,28 +122,11 @@ void grammar_mask_all(llama_sampler* s, const PrefixForest& forest, float* logit
 
 void grammar_mask_top(llama_sampler* s, const PrefixForest& forest, float* logits, int64_t n_vocab, int needed) {
     constexpr float kRefused = -std::numeric_limits<float>::infinity();
-    const auto higher = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
-        return a.first > b.first || (a.first == b.first && a.second < b.second);
-    };
-    // The m highest logits in one pass (a heap whose front is the lowest
-    // kept), checked in descending order; the grammar usually allows enough
-    // of them, else the whole vocabulary is masked.
-    const size_t m = std::max<size_t>(64, 2 * static_cast<size_t>(needed));
+    // The m highest logits, checked in descending order; the grammar usually
+    // allows enough of them, else the whole vocabulary is masked.
     std::vector<std::pair<float, int32_t>> top;
-    top.reserve(m);
-    for (int64_t v = 0; v < n_vocab; ++v) {
-        if (!std::isfinite(logits[v])) continue;
-        const std::pair<float, int32_t> c(logits[v], static_cast<int32_t>(v));
-        if (top.size() < m) {
-            top.push_back(c);
-            std::push_heap(top.begin(), top.end(), higher);
-        } else if (higher(c, top.front())) {
-            std::pop_heap(top.begin(), top.end(), higher);
-            top.back() = c;
-            std::push_heap(top.begin(), top.end(), higher);
-        }
-    }
-    std::sort(top.begin(), top.end(), higher);
+    highest_logits(logits, n_vocab, std::max<size_t>(64, 2 * static_cast<size_t>(needed)), top);
+    std::sort(top.begin(), top.end(), higher_logit);
     std::vector<int32_t> ids;
     ids.reserve(top.size());
     for (const auto& c : top) ids.push_back(c.second);

@@ -37,6 +37,24 @@ void SparseBiasStage::apply(const StageInput& in, float* logits) const {
     }
 }
 
+void highest_logits(const float* z, int64_t n_vocab, size_t k, std::vector<std::pair<float, int32_t>>& out) {
+    // A heap of the k best so far, its front the worst kept.
+    out.clear();
+    out.reserve(k);
+    for (int64_t v = 0; v < n_vocab; ++v) {
+        if (!std::isfinite(z[v])) continue;
+        const std::pair<float, int32_t> c(z[v], static_cast<int32_t>(v));
+        if (out.size() < k) {
+            out.push_back(c);
+            std::push_heap(out.begin(), out.end(), higher_logit);
+        } else if (higher_logit(c, out.front())) {
+            std::pop_heap(out.begin(), out.end(), higher_logit);
+            out.back() = c;
+            std::push_heap(out.begin(), out.end(), higher_logit);
+        }
+    }
+}
+
 TokenLogprob token_logprob(const float* logits, int64_t n_vocab, int32_t token, int top_n) {
     const double lse = log_sum_exp(logits, n_vocab);
     TokenLogprob out;
@@ -46,8 +64,7 @@ TokenLogprob token_logprob(const float* logits, int64_t n_vocab, int32_t token, 
         cand.reserve(static_cast<size_t>(n_vocab));
         for (int64_t v = 0; v < n_vocab; ++v) cand.emplace_back(logits[v], static_cast<int32_t>(v));
         const size_t k = std::min<size_t>(static_cast<size_t>(top_n), cand.size());
-        std::partial_sort(cand.begin(), cand.begin() + static_cast<ptrdiff_t>(k), cand.end(),
-                          [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+        std::partial_sort(cand.begin(), cand.begin() + static_cast<ptrdiff_t>(k), cand.end(), higher_logit);
         for (size_t i = 0; i < k; ++i) {
             out.top.emplace_back(cand[i].second, static_cast<float>(static_cast<double>(cand[i].first) - lse));
         }
@@ -101,27 +118,9 @@ int32_t Sampler::draw(const float* z) {
 
     auto& cand = candidates_;
     cand.clear();
-    auto by_logit = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
-        return a.first > b.first || (a.first == b.first && a.second < b.second);
-    };
     const bool truncate_k = params_.top_k > 0 && params_.top_k < n_vocab_;
     if (truncate_k) {
-        // One pass with a heap of the k best (its front is the worst kept):
-        // most tokens cost one comparison.
-        const size_t k = static_cast<size_t>(params_.top_k);
-        cand.reserve(k);
-        for (int64_t v = 0; v < n_vocab_; ++v) {
-            if (!std::isfinite(z[v])) continue;
-            const std::pair<float, int32_t> c(z[v], static_cast<int32_t>(v));
-            if (cand.size() < k) {
-                cand.push_back(c);
-                std::push_heap(cand.begin(), cand.end(), by_logit);
-            } else if (by_logit(c, cand.front())) {
-                std::pop_heap(cand.begin(), cand.end(), by_logit);
-                cand.back() = c;
-                std::push_heap(cand.begin(), cand.end(), by_logit);
-            }
-        }
+        highest_logits(z, n_vocab_, static_cast<size_t>(params_.top_k), cand);
     } else {
         cand.reserve(static_cast<size_t>(n_vocab_));
         for (int64_t v = 0; v < n_vocab_; ++v) {
@@ -154,7 +153,7 @@ int32_t Sampler::draw(const float* z) {
         }
         return last;
     }
-    std::sort(cand.begin(), cand.end(), by_logit);
+    std::sort(cand.begin(), cand.end(), higher_logit);
 
     // Probabilities at the sampling temperature.
     const double inv_t = 1.0 / params_.temperature;

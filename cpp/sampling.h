@@ -73,6 +73,15 @@ struct TokenLogprob {
 };
 TokenLogprob token_logprob(const float* logits, int64_t n_vocab, int32_t token, int top_n);
 
+// (logit, token) of the k highest finite logits, in heap order (not sorted),
+// in one pass over the vocabulary: most tokens cost one comparison. Ties
+// go to the lower token id.
+void highest_logits(const float* z, int64_t n_vocab, size_t k, std::vector<std::pair<float, int32_t>>& out);
+// The order of highest_logits: higher logit first, then lower token id.
+inline bool higher_logit(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+}
+
 class Sampler {
 public:
     Sampler(const SamplingParams& params, int64_t n_vocab);
