@@ -86,8 +86,10 @@ SCHEMA = {
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
                       seed: int, constraint: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed,
-            "stream": True, "stream_options": {"include_usage": True}}
+    # The sampler settled explicitly (llama-server's defaults), so that every
+    # server does the same work per token whatever its own defaults.
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "top_k": 40,
+            "top_p": 0.95, "min_p": 0.05, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
     if constraint:
         body.update(constraint)
     t0 = time.perf_counter()
@@ -181,7 +183,9 @@ def start_llama_server(args: argparse.Namespace, port: int, model_path: str) -> 
 
 def start_llama_cpp_python(args: argparse.Namespace, port: int, model_path: str) -> subprocess.Popen:
     cmd = [args.llama_cpp_python, "-m", "llama_cpp.server", "--model", model_path, "--host", "127.0.0.1", "--port",
-           str(port), "--n_threads", str(args.threads), "--n_ctx", str(args.n_ctx), "--model_alias", "bench"]
+           str(port), "--n_threads", str(args.threads), "--n_ctx", str(args.n_ctx), "--model_alias", "bench",
+           # By default a new request interrupts the stream being served; queue them instead, as the others do.
+           "--interrupt_requests", "False"]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
