@@ -18,9 +18,6 @@ void SamplerFree::operator()(llama_sampler* s) const {
 }
 
 Grammar::Grammar(const llama_vocab* vocab, const std::string& gbnf) {
-    if (gbnf.find_first_not_of(" \t\r\n") == std::string::npos) {
-        throw std::invalid_argument("grammar is empty");
-    }
     clear_last_error_line();
     parsed_.reset(llama_sampler_init_grammar(vocab, gbnf.c_str(), "root"));
     if (!parsed_) {
@@ -32,32 +29,27 @@ Grammar::Grammar(const llama_vocab* vocab, const std::string& gbnf) {
 
 GrammarState Grammar::fork() const { return GrammarState(llama_sampler_clone(parsed_.get())); }
 
-bool grammar_allows(llama_sampler* s, int32_t token) {
-    llama_token_data one{token, 0.0f, 0.0f};
-    llama_token_data_array array{&one, 1, -1, false};
-    llama_sampler_apply(s, &array);
-    return one.logit != -std::numeric_limits<float>::infinity();
-}
-
 namespace {
 
-// Applies the grammar to `ids`, setting refused tokens' logits to -inf;
-// returns how many it allows.
-size_t check_tokens(llama_sampler* s, const std::vector<int32_t>& ids, float* logits,
-                    std::vector<llama_token_data>& data) {
+constexpr float kRefused = -std::numeric_limits<float>::infinity();
+
+// The grammar's verdict on each token of `ids`: data[i].logit is -inf where
+// it refuses ids[i].
+void judge(llama_sampler* s, const std::vector<int32_t>& ids, std::vector<llama_token_data>& data) {
     data.clear();
-    for (int32_t id : ids) data.push_back({id, logits[id], 0.0f});
+    for (int32_t id : ids) data.push_back({id, 0.0f, 0.0f});
     llama_token_data_array array{data.data(), data.size(), -1, false};
     llama_sampler_apply(s, &array);
-    size_t allowed = 0;
-    for (const llama_token_data& d : data) {
-        if (d.logit == -std::numeric_limits<float>::infinity()) logits[d.id] = d.logit;
-        else ++allowed;
-    }
-    return allowed;
 }
 
 }  // namespace
+
+bool grammar_allows(llama_sampler* s, int32_t token) {
+    llama_token_data one{token, 0.0f, 0.0f};  // once per drawn token: no allocation
+    llama_token_data_array array{&one, 1, -1, false};
+    llama_sampler_apply(s, &array);
+    return one.logit != kRefused;
+}
 
 std::unique_ptr<PrefixForest> build_prefix_forest(const llama_vocab* vocab) {
     auto forest = std::make_unique<PrefixForest>();
@@ -102,13 +94,10 @@ void grammar_mask_all(llama_sampler* s, const PrefixForest& forest, float* logit
     level.insert(level.end(), forest.loose.begin(), forest.loose.end());
     std::vector<llama_token_data> data;
     while (!level.empty()) {
-        data.clear();
-        for (int32_t id : level) data.push_back({id, 0.0f, 0.0f});
-        llama_token_data_array array{data.data(), data.size(), -1, false};
-        llama_sampler_apply(s, &array);
+        judge(s, level, data);
         next.clear();
         for (const llama_token_data& d : data) {
-            if (d.logit == -std::numeric_limits<float>::infinity()) continue;
+            if (d.logit == kRefused) continue;
             allowed[static_cast<size_t>(d.id)] = 1;
             const auto& kids = forest.children[static_cast<size_t>(d.id)];
             next.insert(next.end(), kids.begin(), kids.end());
@@ -116,47 +105,33 @@ void grammar_mask_all(llama_sampler* s, const PrefixForest& forest, float* logit
         level.swap(next);
     }
     for (int64_t v = 0; v < n_vocab; ++v) {
-        if (!allowed[static_cast<size_t>(v)]) logits[v] = -std::numeric_limits<float>::infinity();
+        if (!allowed[static_cast<size_t>(v)]) logits[v] = kRefused;
     }
 }
 
 void grammar_mask_top(llama_sampler* s, const PrefixForest& forest, float* logits, int64_t n_vocab, int needed) {
-    constexpr float kRefused = -std::numeric_limits<float>::infinity();
-    // The m highest logits, checked in descending order; the grammar usually
-    // allows enough of them, else the whole vocabulary is masked.
+    // The m highest logits, judged together and read in descending order;
+    // the grammar usually allows enough of them, else the whole vocabulary
+    // is masked.
     std::vector<std::pair<float, int32_t>> top;
     highest_logits(logits, n_vocab, std::max<size_t>(64, 2 * static_cast<size_t>(needed)), top);
     std::sort(top.begin(), top.end(), higher_logit);
     std::vector<int32_t> ids;
     ids.reserve(top.size());
     for (const auto& c : top) ids.push_back(c.second);
-    std::vector<float> kept(ids.size());
-    for (size_t i = 0; i < ids.size(); ++i) kept[i] = logits[ids[i]];
     std::vector<llama_token_data> data;
-    check_tokens(s, ids, logits, data);
-    size_t allowed = 0, last = ids.size();
-    for (size_t i = 0; i < ids.size(); ++i) {
-        if (logits[ids[i]] != kRefused && ++allowed == static_cast<size_t>(needed)) {
-            last = i;
-            break;
-        }
+    judge(s, ids, data);
+    std::vector<std::pair<float, int32_t>> keep;  // the allowed ones, down to the last one needed
+    for (size_t i = 0; i < top.size() && keep.size() < static_cast<size_t>(needed); ++i) {
+        if (data[i].logit != kRefused) keep.push_back(top[i]);
     }
-    if (last == ids.size()) {
-        // Fewer than `needed` allowed among them: they were masked (refused
-        // entries are -inf now); the rest of the vocabulary is checked too.
-        for (size_t i = 0; i < ids.size(); ++i) {
-            if (logits[ids[i]] != kRefused) logits[ids[i]] = kept[i];
-        }
+    if (keep.size() < static_cast<size_t>(needed)) {
         grammar_mask_all(s, forest, logits, n_vocab);
         return;
     }
-    // Keep the allowed tokens up to the last one needed; everything else is out of reach of the draw.
-    std::vector<std::pair<int32_t, float>> keep;
-    for (size_t i = 0; i <= last; ++i) {
-        if (logits[ids[i]] != kRefused) keep.emplace_back(ids[i], kept[i]);
-    }
+    // Everything else is out of reach of the draw.
     std::fill(logits, logits + n_vocab, kRefused);
-    for (const auto& [id, value] : keep) logits[id] = value;
+    for (const auto& [value, id] : keep) logits[id] = value;
 }
 
 void grammar_accept(llama_sampler* s, int32_t token) { llama_sampler_accept(s, token); }

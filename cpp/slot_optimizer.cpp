@@ -187,9 +187,7 @@ std::vector<uint8_t> SlotProblem::output_mask() const {
 int64_t SlotProblem::bytes() const {
     if (n_ == 0) return 0;
     if (bounded_) {
-        int64_t entries = 0;
-        for (const TopProbabilities& row : top_) entries += static_cast<int64_t>(row.ids.size());
-        return entries * kTopEntryBytes + n_ * static_cast<int64_t>(sizeof(TopProbabilities));
+        return kept_entries() * kTopEntryBytes + n_ * static_cast<int64_t>(sizeof(TopProbabilities));
     }
     return cached_ ? static_cast<int64_t>(ggml_nbytes(p0_tensor_))
                    : static_cast<int64_t>(hidden_.size() * sizeof(float));
@@ -336,6 +334,28 @@ double SlotProblem::loss_and_gradient_cached(const std::vector<float>& delta, st
     return loss;
 }
 
+int64_t SlotProblem::kept_entries() const {
+    int64_t entries = 0;
+    for (const TopProbabilities& row : top_) entries += static_cast<int64_t>(row.ids.size());
+    return entries;
+}
+
+double SlotProblem::tail_share(const TopProbabilities& row) const {
+    const int64_t others = V_ - static_cast<int64_t>(row.ids.size());
+    return others > 0 ? row.tail / static_cast<double>(others) : 0.0;
+}
+
+double SlotProblem::bounded_normaliser(const TopProbabilities& row, const float* q, double& kept) const {
+    double kept_q = 0.0;
+    kept = 0.0;
+    for (size_t j = 0; j < row.ids.size(); ++j) {
+        const double qv = q[static_cast<size_t>(row.ids[j])];
+        kept += row.probs[j] * qv;
+        kept_q += qv;
+    }
+    return kept + tail_share(row) * std::max(0.0, 1.0 - kept_q);
+}
+
 double SlotProblem::loss_and_gradient_bounded(const std::vector<float>& delta, std::vector<float>* grad) {
     // P0 with each tail spread evenly: P0hat_tv = P0_tv on the kept tokens,
     // c_t = m_t / (V - K_t) on the others; the cached path's formulas on it.
@@ -354,21 +374,14 @@ double SlotProblem::loss_and_gradient_bounded(const std::vector<float>& delta, s
         ScopedTimer timer(profile_.cache);
         for (int t = 0; t < n_; ++t) {
             const TopProbabilities& row = top_[static_cast<size_t>(t)];
-            double kept = 0.0, kept_q = 0.0;
-            for (size_t j = 0; j < row.ids.size(); ++j) {
-                const double qv = q[static_cast<size_t>(row.ids[j])];
-                kept += row.probs[j] * qv;
-                kept_q += qv;
-            }
-            const int64_t others = V_ - static_cast<int64_t>(row.ids.size());
-            const double c = others > 0 ? row.tail / static_cast<double>(others) : 0.0;
-            const double s = kept + c * std::max(0.0, 1.0 - kept_q);
+            double kept = 0.0;
+            const double s = bounded_normaliser(row, q.data(), kept);
             // The true S_t = kept + sum_{tail} P0_tv q_v lies in [kept + m_t q_lo, kept + m_t q_hi].
             const double s_lo = kept + row.tail * q_lo, s_hi = kept + row.tail * q_hi;
             bound += w * std::max(std::log(s_hi / s), std::log(s / s_lo));
             loss += w * (-target_logp0_[static_cast<size_t>(t)] + lse_b + std::log(s) - b[static_cast<size_t>(targets_[t])]);
             r[static_cast<size_t>(t)] = w / s;
-            spread[static_cast<size_t>(t)] = c;
+            spread[static_cast<size_t>(t)] = tail_share(row);
         }
     }
     last_bound_ = bound;
@@ -395,6 +408,17 @@ std::vector<double> SlotProblem::scaled_kl_bounded(const std::vector<float>& b, 
     // E_t = sum_kept P0 b + c_t (sum b - sum_kept b).
     double b_total = 0.0;
     for (float x : b) b_total += x;
+    std::vector<double> e(static_cast<size_t>(n_));  // E_t does not depend on the scale
+    for (int t = 0; t < n_; ++t) {
+        const TopProbabilities& row = top_[static_cast<size_t>(t)];
+        double kept_e = 0.0, kept_b = 0.0;
+        for (size_t i = 0; i < row.ids.size(); ++i) {
+            const float bv = b[static_cast<size_t>(row.ids[i])];
+            kept_e += row.probs[i] * bv;
+            kept_b += bv;
+        }
+        e[static_cast<size_t>(t)] = kept_e + tail_share(row) * (b_total - kept_b);
+    }
     std::vector<double> kl(scales.size(), 0.0);
     std::vector<float> scaled(static_cast<size_t>(V_)), q(static_cast<size_t>(V_));
     for (size_t j = 0; j < scales.size(); ++j) {
@@ -403,20 +427,9 @@ std::vector<double> SlotProblem::scaled_kl_bounded(const std::vector<float>& b, 
         const double lse = softmax(scaled.data(), V_, q.data());
         double sum = 0.0;
         for (int t = 0; t < n_; ++t) {
-            const TopProbabilities& row = top_[static_cast<size_t>(t)];
-            double kept = 0.0, kept_q = 0.0, kept_e = 0.0, kept_b = 0.0;
-            for (size_t i = 0; i < row.ids.size(); ++i) {
-                const size_t v = static_cast<size_t>(row.ids[i]);
-                kept += row.probs[i] * q[v];
-                kept_q += q[v];
-                kept_e += row.probs[i] * b[v];
-                kept_b += b[v];
-            }
-            const int64_t others = V_ - static_cast<int64_t>(row.ids.size());
-            const double c = others > 0 ? row.tail / static_cast<double>(others) : 0.0;
-            const double s = kept + c * std::max(0.0, 1.0 - kept_q);
-            const double e = kept_e + c * (b_total - kept_b);
-            sum += std::log(s) + lse - a * e;
+            double kept = 0.0;
+            const double s = bounded_normaliser(top_[static_cast<size_t>(t)], q.data(), kept);
+            sum += std::log(s) + lse - a * e[static_cast<size_t>(t)];
         }
         sum /= static_cast<double>(n_);
         kl[j] = std::isnan(sum) ? std::numeric_limits<double>::infinity() : std::max(0.0, sum);
@@ -517,9 +530,7 @@ SlotOutcome SlotProblem::optimise(const SlotConfig& config, const InterruptCheck
     out.delta.assign(static_cast<size_t>(d_), 0.0f);
     out.path = !cached_ ? "recompute" : bounded_ ? "bounded" : cache_type_ == GGML_TYPE_BF16 ? "cached_bf16" : "cached";
     if (bounded_ && n_ > 0) {
-        int64_t entries = 0;
-        for (const TopProbabilities& row : top_) entries += static_cast<int64_t>(row.ids.size());
-        out.cache_mean_k = static_cast<double>(entries) / static_cast<double>(n_);
+        out.cache_mean_k = static_cast<double>(kept_entries()) / static_cast<double>(n_);
     }
     out.cache_bytes = bytes();
     out.lr = config.lr;

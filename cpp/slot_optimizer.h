@@ -126,6 +126,12 @@ private:
     double loss_and_gradient_cached(const std::vector<float>& delta, std::vector<float>* grad);
     double loss_and_gradient_bounded(const std::vector<float>& delta, std::vector<float>* grad);
     std::vector<double> scaled_kl_bounded(const std::vector<float>& b, const std::vector<double>& scales);
+    // The bounded cache: tokens kept over all positions; the probability P0hat
+    // gives each token outside a row's kept ones; and S_t = sum_v P0hat_tv q_v,
+    // with `kept` its part over the kept tokens.
+    int64_t kept_entries() const;
+    double tail_share(const TopProbabilities& row) const;
+    double bounded_normaliser(const TopProbabilities& row, const float* q, double& kept) const;
     double loss_and_gradient_recompute(const std::vector<float>& delta, std::vector<float>* grad,
                                        const InterruptCheck& interrupted);
     void adam(const SlotConfig& config, double lr, int steps, const InterruptCheck& interrupted, SlotOutcome& out);

@@ -278,6 +278,7 @@ class Model:
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         self._path = str(Path(path))
         self._session: Optional[_core.Session] = None
+        self._fallback_said = False  # the log names a fallback chat template once
         loras = _check_loras(lora)
         rpc_servers = _check_rpc(rpc)
         self._session = _core.Session(self._path, n_ctx, n_batch, threads, n_gpu_layers, n_parallel,
@@ -497,7 +498,7 @@ class Model:
         (Gemma's turn markers for gemma*, else ChatML, as llama.cpp falls back), said once in the log."""
         arch = self.info.architecture
         name = "gemma" if arch.startswith("gemma") else "phi3" if arch == "phi3" else "chatml"
-        if not getattr(self, "_fallback_said", False):
+        if not self._fallback_said:
             self._fallback_said = True
             _LOG.warning("%s has no chat template; formatting chats with llama.cpp's built-in %r template "
                          "(pass chat_template to choose another)", Path(self.path).name, name)

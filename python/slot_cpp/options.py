@@ -164,7 +164,7 @@ class OptionSpec:
                     raise ValueError(f"{name} keys must be token ids (ints >= 0), got {key!r}")
                 out[int(key)] = check_float(f"{name}[{key}]", bias, low=-100.0, high=100.0)
             return tuple(sorted(out.items()))
-        if self.kind == "grammar":
+        if self.kind == "grammar":  # parsed by llama.cpp's grammar sampler; "" would read as no grammar there
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be GBNF text (a str), got {type(value).__name__}")
             if not value.strip():

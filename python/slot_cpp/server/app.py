@@ -159,9 +159,9 @@ def _make_corrector(model: Model, name: str, spec: str) -> Any:
 
 _ENDPOINTS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize",
                         "/detokenize", "/health", "/metrics"})
-# Endpoints that read the model: they need the API key when one is set.
-_GUARDED = ("/v1/", "/tokenize", "/detokenize")
 """Paths the metrics count by name; any other path counts as "other"."""
+_GUARDED = ("/v1/", "/tokenize", "/detokenize")
+"""Path prefixes that read the model: they need the API key when one is set."""
 
 
 def _response_schema(response_format: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:

@@ -156,28 +156,21 @@ def logprobs_text(model: Model, r: GenerationResult, prompt: Optional[list[int]]
     with ``prompt`` (echo), the prompt's tokens first (the first one without
     a log-probability, the others without alternatives)."""
     _piece = _pieces(model)
-    tokens, offsets, tops = [], [], []
     token_logprobs: list[Optional[float]] = []
-    offset = 0
+    tops: list[Optional[dict[str, float]]] = []
     if prompt is not None:
         assert r.prompt_logprobs is not None and len(r.prompt_logprobs) == len(prompt) - 1
-        for i, tok in enumerate(prompt):
-            text = _piece(tok)
-            tokens.append(text)
-            offsets.append(offset)
-            offset += len(text)
-            token_logprobs.append(None if i == 0 else float(r.prompt_logprobs[i - 1]))
-            tops.append(None)
+        token_logprobs = [None] + [float(x) for x in r.prompt_logprobs]
+        tops = [None] * len(prompt)
     token_logprobs.extend(float(x) for x in r.token_logprobs)
-    for i, tok in enumerate(r.tokens):
-        text = _piece(tok)
-        tokens.append(text)
-        offsets.append(offset)
-        offset += len(text)
-        if r.top_logprobs:
-            tops.append({_piece(t): float(v) for t, v in r.top_logprobs[i]})
-    return {"tokens": tokens, "token_logprobs": token_logprobs,
-            "top_logprobs": tops if r.top_logprobs else None, "text_offset": offsets}
+    if r.top_logprobs:
+        tops.extend({_piece(t): float(v) for t, v in step} for step in r.top_logprobs)
+    tokens = [_piece(tok) for tok in (prompt or []) + r.tokens]
+    offsets = [0] * len(tokens)
+    for i in range(1, len(tokens)):
+        offsets[i] = offsets[i - 1] + len(tokens[i - 1])
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops if r.top_logprobs else None,
+            "text_offset": offsets}
 
 
 @dataclass(frozen=True)

@@ -149,9 +149,10 @@ def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens:
             lmcor_input = model.detokenize(tokens)
     if echo is not None and want_logprobs:
         # The prompt's own log-probabilities, from the prefill of plain generation.
-        for method in ("slot", "rtd", "qalign", "lmcor"):
-            if method in applied or getattr(body, method) is not None and method != "slot":
-                raise ApiError(400, f"echo with logprobs is not available with {method}", param="echo")
+        methods = (["slot"] if "slot" in applied else []) + [
+            m for m in ("rtd", "qalign", "lmcor") if getattr(body, m) is not None]
+        if methods:
+            raise ApiError(400, f"echo with logprobs is not available with {methods[0]}", param="echo")
         if len(tokens) < 2:
             raise ApiError(400, "echo with logprobs needs a prompt of at least two tokens", param="echo")
         kwargs["prompt_logprobs"] = True
