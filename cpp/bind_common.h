@@ -30,6 +30,7 @@ void bind_errors(py::module_& m);   // bind_errors.cpp: exception types and thei
 void bind_system(py::module_& m);   // bind_system.cpp: logging, build and device information
 void bind_request(py::module_& m);  // bind_request.cpp: Request and RawResult
 void bind_rtd(py::module_& m);      // bind_rtd.cpp: RtdIndex and rtd_blend
+void bind_chat(py::module_& m);     // bind_chat.cpp: chat templates with tools, ChatPrompt, ChatParser
 void bind_session(py::module_& m);  // bind_session.cpp: Session
 
 // A float32 array argument, converted (copied if need be) to C order.

@@ -96,6 +96,10 @@ void bind_request(py::module_& m) {
                 r.slot.loss_mask.assign(mask.begin(), mask.end());
             })
         .SLOT_FIELD("grammar", grammar)
+        .SLOT_FIELD("grammar_triggers", grammar_triggers)
+        .SLOT_FIELD("grammar_trigger_tokens", grammar_trigger_tokens)
+        .SLOT_FIELD("grammar_prefill", grammar_prefill)
+        .SLOT_FIELD("render_tokens", render_tokens)
         .SLOT_FIELD("prompt_logprobs", prompt_logprobs)
         .SLOT_FIELD("ignore_eos", ignore_eos)
         .SLOT_FIELD("logprobs", logprobs)

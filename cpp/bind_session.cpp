@@ -122,6 +122,22 @@ void bind_session(py::module_& m) {
                      without_gil([&] { return s.apply_chat_template(msgs, add_assistant, template_name); }));
              },
              py::arg("messages"), py::arg("add_assistant"), py::arg("template_name"))
+        .def(
+            "chat_templates",
+            [](Session& s, const std::string& override_source) {
+                return std::const_pointer_cast<ChatTemplates>(
+                    without_gil([&] { return s.chat_templates(override_source); }));
+            },
+            py::arg("override_source"))
+        .def(
+            "apply_chat",
+            [](Session& s, const ChatTemplates& t, const std::string& messages_json, const std::string& tools_json,
+               const std::string& tool_choice, bool parallel_tool_calls, bool add_generation_prompt) {
+                ChatRequest r{messages_json, tools_json, tool_choice, parallel_tool_calls, add_generation_prompt};
+                return without_gil([&] { return s.apply_chat(t, r); });
+            },
+            py::arg("templates"), py::arg("messages_json"), py::arg("tools_json"), py::arg("tool_choice"),
+            py::arg("parallel_tool_calls"), py::arg("add_generation_prompt"))
         // A copy of the file information, taken under the mutex, converted after.
         .def("file_info",
              [](Session& s) { return file_info_dict(without_gil([&] { return ModelFileInfo(s.file_info()); })); })

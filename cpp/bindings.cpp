@@ -22,5 +22,6 @@ PYBIND11_MODULE(_core, m) {
     bind::bind_system(m);
     bind::bind_request(m);
     bind::bind_rtd(m);
+    bind::bind_chat(m);
     bind::bind_session(m);
 }

@@ -189,7 +189,8 @@ std::shared_ptr<const Grammar> parse_grammar(const ModelShape& e, const Generati
     const std::string where = index >= 0 ? "request " + std::to_string(index) + ": " : "";
     std::shared_ptr<const Grammar> grammar;
     try {
-        grammar = std::make_shared<const Grammar>(e.vocab, req.grammar);
+        grammar = std::make_shared<const Grammar>(e.vocab, req.grammar, req.grammar_triggers, req.grammar_trigger_tokens,
+                                                  req.grammar_prefill);
     } catch (const std::invalid_argument& exc) {
         throw std::invalid_argument(where + exc.what());
     }
@@ -713,7 +714,9 @@ private:
         lane.history.push_back(tok);
         std::string& text = res.text;
         const size_t before = text.size();
-        text += e_.token_piece(tok);
+        text += e_.token_piece(tok, !req.render_tokens.empty() && std::find(req.render_tokens.begin(),
+                                                                            req.render_tokens.end(),
+                                                                            tok) != req.render_tokens.end());
         const size_t max_stop = st.max_stop;
         size_t found = std::string::npos;
         if (max_stop > 0) {
@@ -1121,6 +1124,16 @@ bool Session::has_chat_template() {
     std::shared_lock<std::shared_mutex> life(life_);
     return engine().has_chat_template();
 }
+std::shared_ptr<const ChatTemplates> Session::chat_templates(const std::string& override_source) {
+    std::shared_lock<std::shared_mutex> life(life_);
+    return std::make_shared<const ChatTemplates>(engine().model(), override_source);
+}
+
+ChatPrompt Session::apply_chat(const ChatTemplates& templates, const ChatRequest& request) {
+    std::shared_lock<std::shared_mutex> life(life_);
+    return templates.apply(engine().vocab(), request);
+}
+
 bool Session::is_eog(int32_t token) { std::shared_lock<std::shared_mutex> life(life_); return engine().is_eog(token); }
 
 std::vector<float> Session::output_matrix() {

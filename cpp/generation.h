@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "backend.h"
+#include "chat_format.h"
 #include "engine.h"
 #include "output_head.h"
 #include "rtd.h"
@@ -65,6 +66,14 @@ struct GenerationRequest {
     // included, must follow: the tokens it refuses are masked before the
     // draw, after every other stage and the penalties.
     std::string grammar;
+    // Make the grammar lazy: it applies from the first match of one of these
+    // regular expressions over the answer, or the first of these tokens.
+    std::vector<std::string> grammar_triggers;
+    std::vector<int32_t> grammar_trigger_tokens;
+    // Tokens the grammar reads before the answer (text the prompt ends with).
+    std::vector<int32_t> grammar_prefill;
+    // Tokens whose text the answer shows although they are control tokens.
+    std::vector<int32_t> render_tokens;
 };
 
 struct GenerationResult {
@@ -214,6 +223,10 @@ public:
     int64_t decoded_tokens();  // tokens evaluated by llama.cpp so far
     int64_t logit_rows();      // rows of logits computed so far (output-head evaluations)
     bool has_chat_template();
+    // The model's chat templates for llama.cpp's common/chat (tools, tool-call
+    // parsing), or `override_source`'s; and a chat rendered with them.
+    std::shared_ptr<const ChatTemplates> chat_templates(const std::string& override_source);
+    ChatPrompt apply_chat(const ChatTemplates& templates, const ChatRequest& request);
     bool is_eog(int32_t token);
     // Where SLOT's head products run, e.g. "CPU (CPU head kernels)"; loads the head.
     std::string slot_backend();

@@ -17,13 +17,32 @@ void SamplerFree::operator()(llama_sampler* s) const {
     if (s != nullptr) llama_sampler_free(s);
 }
 
-Grammar::Grammar(const llama_vocab* vocab, const std::string& gbnf) {
+Grammar::Grammar(const llama_vocab* vocab, const std::string& gbnf, const std::vector<std::string>& trigger_patterns,
+                 const std::vector<int32_t>& trigger_tokens, const std::vector<int32_t>& prefill) {
     clear_last_error_line();
-    parsed_.reset(llama_sampler_init_grammar(vocab, gbnf.c_str(), "root"));
+    if (trigger_patterns.empty() && trigger_tokens.empty()) {
+        parsed_.reset(llama_sampler_init_grammar(vocab, gbnf.c_str(), "root"));
+    } else {
+        std::vector<const char*> patterns;
+        for (const auto& p : trigger_patterns) patterns.push_back(p.c_str());
+        try {
+            parsed_.reset(llama_sampler_init_grammar_lazy_patterns(vocab, gbnf.c_str(), "root", patterns.data(),
+                                                                   patterns.size(), trigger_tokens.data(),
+                                                                   trigger_tokens.size()));
+        } catch (const std::exception& e) {  // a trigger that is not a regular expression
+            throw std::invalid_argument(std::string("grammar trigger: ") + e.what());
+        }
+    }
     if (!parsed_) {
         const std::string why = last_error_line();
         throw std::invalid_argument("grammar: llama.cpp cannot use it" + (why.empty() ? std::string(" (see the log)")
                                                                            : ": " + why));
+    }
+    for (size_t i = 0; i < prefill.size(); ++i) {
+        if (!grammar_allows(parsed_.get(), prefill[i])) {
+            throw std::invalid_argument("grammar: its prefill is refused at token " + std::to_string(i));
+        }
+        grammar_accept(parsed_.get(), prefill[i]);
     }
 }
 

@@ -23,8 +23,12 @@ using GrammarState = std::unique_ptr<llama_sampler, SamplerFree>;
 class Grammar {
 public:
     // Throws std::invalid_argument naming llama.cpp's complaint when the text
-    // is not a grammar it can run.
-    Grammar(const llama_vocab* vocab, const std::string& gbnf);
+    // is not a grammar it can run. With trigger patterns (regular expressions
+    // over the answer) or trigger tokens the grammar is lazy: it applies from
+    // the first trigger on. `prefill`: tokens the grammar reads before the
+    // answer (text the prompt already ends with that the grammar spells out).
+    Grammar(const llama_vocab* vocab, const std::string& gbnf, const std::vector<std::string>& trigger_patterns = {},
+            const std::vector<int32_t>& trigger_tokens = {}, const std::vector<int32_t>& prefill = {});
 
     GrammarState fork() const;
 

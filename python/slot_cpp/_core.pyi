@@ -108,6 +108,10 @@ class Request:
     cache_precision: str
     cache_tail_mass: float
     grammar: str
+    grammar_triggers: list[str]
+    grammar_trigger_tokens: list[int]
+    grammar_prefill: list[int]
+    render_tokens: list[int]
     prompt_logprobs: bool
     loss_mask: list[bool]
     ignore_eos: bool
@@ -143,6 +147,28 @@ class RtdIndex:
 
 def rtd_blend(logits: npt.ArrayLike, reference: list[tuple[int, float]], lam: float) -> npt.NDArray[np.float32]: ...
 
+class ChatTemplates:
+    @property
+    def source(self) -> str: ...
+    @property
+    def supports_tools(self) -> bool: ...
+
+class ChatPrompt:
+    prompt: str
+    answer_prefix: str
+    format: str
+    grammar: str
+    grammar_lazy: bool
+    trigger_patterns: list[str]
+    trigger_tokens: list[int]
+    preserved_tokens: list[int]
+    stops: list[str]
+    grammar_prefill: list[int]
+
+class ChatParser:
+    def __init__(self, prompt: ChatPrompt, parse_tool_calls: bool) -> None: ...
+    def update(self, text: str, partial: bool) -> str: ...
+
 class Session:
     def __init__(self, path: str, n_ctx: int, n_batch: int, n_threads: int, n_gpu_layers: int,
                  n_parallel: int, use_mmap: bool, rpc_servers: Sequence[str] = ...,
@@ -173,6 +199,9 @@ class Session:
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]: ...
     def detokenize(self, tokens: Sequence[int]) -> bytes: ...
     def token_piece(self, token: int) -> bytes: ...
+    def chat_templates(self, override_source: str) -> ChatTemplates: ...
+    def apply_chat(self, templates: ChatTemplates, messages_json: str, tools_json: str, tool_choice: str,
+                   parallel_tool_calls: bool, add_generation_prompt: bool) -> ChatPrompt: ...
     def apply_chat_template(self, messages: Sequence[tuple[str, str]], add_assistant: bool,
                             template_name: str) -> bytes: ...
     def file_info(self) -> dict[str, object]: ...

@@ -279,6 +279,7 @@ class Model:
         self._path = str(Path(path))
         self._session: Optional[_core.Session] = None
         self._fallback_said = False  # the log names a fallback chat template once
+        self._templates: dict[str, Any] = {}  # llama.cpp's common/chat templates, by override text
         loras = _check_loras(lora)
         rpc_servers = _check_rpc(rpc)
         self._session = _core.Session(self._path, n_ctx, n_batch, threads, n_gpu_layers, n_parallel,
@@ -492,6 +493,17 @@ class Model:
             template = self._fallback_template()
         out = self._s().apply_chat_template(pairs, add_generation_prompt, template or "")
         return out.decode("utf-8", "replace")
+
+    def _chat_templates(self, source: Optional[str]) -> Any:
+        """llama.cpp's chat templates (common/chat, Jinja) of this model, or
+        ``source``'s; each parsed once (ValueError when it cannot be)."""
+        if source is not None and not isinstance(source, str):
+            raise TypeError("chat_template must be Jinja text (a str) or None")
+        key = source or ""
+        templates = self._templates.get(key)
+        if templates is None:
+            templates = self._templates[key] = self._s().chat_templates(key)
+        return templates
 
     def _fallback_template(self) -> str:
         """A GGUF without a chat template: llama.cpp's built-in for the architecture

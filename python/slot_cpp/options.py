@@ -385,6 +385,9 @@ class RequestExtras(_Group):
                                        "object", optional=True, flag=None, http=None, native=None)
     rtd: Optional[Any] = _opt(None, "a slot_cpp.rtd.Datastore or RTD blended into every next-token "
                               "distribution", "object", optional=True, flag=None, http=None, native=None)
+    chat_format: Optional[Any] = _opt(None, "a slot_cpp.chat.ChatFormat (format_chat): the answer follows its "
+                                      "tool-call grammar and stops, and shows its control tokens", "object",
+                                      optional=True, flag=None, http=None, native=None)
 
 
 GROUPS: tuple[type, ...] = (SamplingOptions, SlotOptions, RequestExtras)
@@ -506,6 +509,13 @@ def native_request(tokens: list[int], n: int, sampling: SamplingOptions, slot: S
         if isinstance(extras.score_tokens, (str, bytes)):
             raise TypeError("score_tokens must be token ids")
         r.score_tokens = check_tokens(extras.score_tokens, facts.n_vocab)
+    if extras.chat_format is not None:
+        apply = getattr(extras.chat_format, "_apply", None)
+        if apply is None:
+            raise TypeError(f"chat_format must be a slot_cpp.chat.ChatFormat, got {type(extras.chat_format).__name__}")
+        if r.grammar and extras.chat_format.grammar:
+            raise ValueError("give chat_format with tools or grammar/json_schema, not both")
+        apply(r)
     if extras.rtd is not None:
         if apply_rtd is None:
             raise TypeError("rtd needs a model")

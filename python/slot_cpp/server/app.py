@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import _core
 from .. import options as opts
 from .._model import Model
+from ..chat import ChatFormat, format_chat
 from .errors import ApiError, internal_error, overloaded, validation_message
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
@@ -164,6 +165,33 @@ _GUARDED = ("/v1/", "/tokenize", "/detokenize")
 """Path prefixes that read the model: they need the API key when one is set."""
 
 
+def _tool_format(state: _State, body: Any, messages: list[dict[str, Any]], has_response_format: bool) -> ChatFormat:
+    """A chat with tools (or tool calls and results in its history), rendered
+    by the model's Jinja template through llama.cpp's common/chat."""
+    for method in ("qalign", "lmcor"):
+        if getattr(body, method) is not None:
+            raise ApiError(400, f"tools are not available with {method}", param="tools")
+    if body.slot is not None and body.slot.loss_on == "user":
+        raise ApiError(400, "slot.loss_on 'user' is not available with tools", param="slot.loss_on")
+    constrained = has_response_format or body.grammar is not None or body.json_schema is not None
+    if constrained and body.tools:
+        raise ApiError(400, "give tools or a response format/grammar, not both", param="tools")
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+    choice: Any = "auto" if body.tool_choice is None else (
+        body.tool_choice if isinstance(body.tool_choice, str) else body.tool_choice.model_dump())
+    if not tools and choice == "auto":
+        choice = "none"
+    # A Jinja template given at start-up (a built-in name is for the plain chat path).
+    template = state.config.chat_template if state.config.chat_template and "{" in state.config.chat_template \
+        else None
+    try:
+        return format_chat(state.model, messages, tools=tools, tool_choice=choice,
+                           parallel_tool_calls=body.parallel_tool_calls, chat_template=template)
+    except (TypeError, ValueError) as exc:
+        param = "tool_choice" if "tool_choice" in str(exc) else "tools" if "tools" in str(exc) else "messages"
+        raise ApiError(400, str(exc), param=param) from None
+
+
 def _response_schema(response_format: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
     """The JSON schema an OpenAI response_format asks for (None: free text)."""
     if not response_format:
@@ -281,10 +309,29 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
             except (TypeError, ValueError) as exc:
                 raise ApiError(400, f"response_format: {exc}", param="response_format") from None
         messages = []
-        for m in body.messages:
-            content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+        for i, m in enumerate(body.messages):
+            if m.content is None and not (m.role == "assistant" and m.tool_calls):
+                raise ApiError(400, f"messages[{i}] has no content", param=f"messages[{i}].content")
+            content = m.content if isinstance(m.content, str) or m.content is None else \
+                "".join(p.text for p in m.content)
             role = "system" if m.role == "developer" else m.role
-            messages.append({"role": role, "content": content})
+            message: dict[str, Any] = {"role": role, "content": content}
+            if m.tool_calls:
+                message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            if m.name is not None and role == "tool":
+                message["name"] = m.name
+            messages.append(message)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        top = body.top_logprobs or 0
+        if top and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if body.tools or body.tool_choice is not None or any(m["role"] == "tool" or "tool_calls" in m
+                                                              for m in messages):
+            fmt = _tool_format(state, body, messages, schema is not None)
+            job = resolve(state, body, fmt.tokens, max_tokens, body.logprobs, top, chat_format=fmt)
+            return await respond(state, job, body, chat=True)
         try:
             tokens = model.prompt_tokens(messages, chat_template=config.chat_template)
         except (TypeError, ValueError) as exc:
@@ -292,10 +339,6 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
         except _core.SlotError as exc:
             raise ApiError(400, f"the chat template could not format these messages: {exc}",
                            param="messages") from None
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        top = body.top_logprobs or 0
-        if top and not body.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         job = resolve(state, body, tokens, max_tokens, body.logprobs, top, messages=messages)
         return await respond(state, job, body, chat=True)
 

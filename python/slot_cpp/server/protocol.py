@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import options as opts
 from .._model import GenerationResult, Model
+from ..chat import ToolCallDelta
 
 # ---- request bodies --------------------------------------------------------------
 
@@ -76,10 +77,49 @@ class ContentPart(_Body):
     text: str
 
 
-class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[ContentPart]]
+class FunctionCall(_Body):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    # A message a client sends back as it received it may carry fields of
+    # the response (refusal, annotations): they are read and ignored.
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Union[str, list[ContentPart], None] = Field(
+        None, description="may be null only in an assistant message with tool_calls")
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = Field(None, description="in a tool message: the call it answers")
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = Field(None, description="a JSON schema of the arguments object")
+    strict: Optional[bool] = None
+
+
+class ToolDefinition(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingRequest):  # type: ignore[misc, valid-type]
@@ -88,6 +128,12 @@ class ChatCompletionRequest(SamplingRequest):  # type: ignore[misc, valid-type]
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     response_format: Optional[dict[str, Any]] = None
+    tools: Optional[list[ToolDefinition]] = Field(None, description="functions the model may call; the model's chat "
+                                                   "template renders them and the answer is parsed into tool_calls")
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = Field(
+        None, description="'auto' (the default with tools), 'none', 'required' (a call is forced by a grammar) or a "
+        "named function")
+    parallel_tool_calls: bool = Field(True, description="whether an answer may hold several calls")
 
 
 class EmbeddingRequest(_Body):
@@ -191,11 +237,13 @@ class Reply:
     def _object(self, kind: str, **fields: Any) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, **fields}
 
-    def choice(self, index: int, text: str, finish: str, logprobs: Optional[dict[str, Any]]) -> dict[str, Any]:
-        """One choice of the whole response."""
+    def choice(self, index: int, text: str, finish: str, logprobs: Optional[dict[str, Any]],
+               message: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """One choice of the whole response (chat: ``message`` when the answer
+        was read into content and tool calls)."""
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                    "logprobs": logprobs}
+            return {"index": index, "message": message or {"role": "assistant", "content": text},
+                    "finish_reason": finish, "logprobs": logprobs}
         return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
 
     def whole(self, choices: list[dict[str, Any]], usage: dict[str, int],
@@ -207,15 +255,25 @@ class Reply:
         return out
 
     def chunk(self, index: int, text: Optional[str], finish: Optional[str], *, role: bool = False,
-              extension: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-        """One streamed chunk: a choice's text piece, its role (chat's
-        first chunk) or its finish reason (``text`` None)."""
+              extension: Optional[dict[str, Any]] = None, tool_call: Optional[ToolCallDelta] = None
+              ) -> dict[str, Any]:
+        """One streamed chunk: a choice's text piece, a piece of a tool call,
+        its role (chat's first chunk) or its finish reason (``text`` None)."""
         if self.chat:
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if tool_call is not None:
+                call: dict[str, Any] = {"index": tool_call.index}
+                if tool_call.id:  # the call's first piece: its id and name
+                    call.update(id=tool_call.id, type="function")
+                function: dict[str, Any] = {"arguments": tool_call.arguments}
+                if tool_call.name:
+                    function["name"] = tool_call.name
+                call["function"] = function
+                delta["tool_calls"] = [call]
             choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}

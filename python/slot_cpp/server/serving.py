@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import options as opts
 from .._model import GenerationResult
+from ..chat import ChatFormat, ToolCallDelta
 from .errors import ApiError, RequestCancelled, error_from
 from .protocol import (
     ChatCompletionRequest,
@@ -71,11 +72,13 @@ class Job:
     want_logprobs: bool
     echo: Optional[str] = None
     """Completions with echo: the prompt's text, put before each answer."""
+    chat_format: Optional[ChatFormat] = None
+    """A chat with tools: each answer is read into content and tool calls."""
 
 
 def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens: Optional[int],
             want_logprobs: bool, top_logprobs: int, messages: Optional[list[dict[str, str]]] = None,
-            echo: Optional[str] = None) -> Job:
+            echo: Optional[str] = None, chat_format: Optional[ChatFormat] = None) -> Job:
     """Checks a request against the server's limits and builds the generate call."""
     config, model = state.config, state.model
     if max_tokens is None:
@@ -97,6 +100,8 @@ def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens:
                   top_logprobs=top_logprobs)
     if body.seed is None:
         kwargs["seed"] = secrets.randbits(62)
+    if chat_format is not None:
+        kwargs["chat_format"] = chat_format
     applied: dict[str, Any] = {}
     if body.slot is not None and body.slot.steps > 0:
         slot = opts.from_http(body.slot, opts.SlotOptions)
@@ -157,7 +162,8 @@ def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens:
             raise ApiError(400, "echo with logprobs needs a prompt of at least two tokens", param="echo")
         kwargs["prompt_logprobs"] = True
     return Job(tokens=tokens, messages=messages, n=body.n, kwargs=kwargs, applied=applied, qalign=body.qalign,
-               lmcor=body.lmcor, lmcor_input=lmcor_input, want_logprobs=want_logprobs, echo=echo)
+               lmcor=body.lmcor, lmcor_input=lmcor_input, want_logprobs=want_logprobs, echo=echo,
+               chat_format=chat_format)
 
 
 def _stop_list(stop: Union[str, list[str], None]) -> list[str]:
@@ -428,8 +434,15 @@ async def _whole(state: _State, job: Job, reply: Reply) -> dict[str, Any]:
             return logprobs_chat(state.model, result)
         return logprobs_text(state.model, result, job.tokens if job.echo is not None else None)
 
-    choices = [reply.choice(i, (job.echo or "") + c.text, c.finish_reason, logprobs(c.result))
-               for i, c in enumerate(finished.choices)]
+    choices = []
+    for i, c in enumerate(finished.choices):
+        message, finish = None, c.finish_reason
+        if job.chat_format is not None:
+            read = job.chat_format.parse(c.text)
+            message = read.openai()
+            if read.tool_calls:
+                finish = "tool_calls"
+        choices.append(reply.choice(i, (job.echo or "") + c.text, finish, logprobs(c.result), message))
     return reply.whole(choices, usage(finished.prompt_tokens, finished.completion_tokens), finished.extension)
 
 
@@ -446,14 +459,28 @@ async def _stream(state: _State, job: Job, reply: Reply, include_usage: bool) ->
             elif job.echo:
                 for i in range(job.n):
                     yield _sse(reply.chunk(i, job.echo, None))
+            # With tools each choice's text so far is read again at each piece.
+            readers = [(job.chat_format.stream(), [""]) for _ in range(job.n)] if job.chat_format else None
             async for event in run:
                 if isinstance(event, Piece):
-                    yield _sse(reply.chunk(event.index, event.text, None))
+                    if readers is None:
+                        yield _sse(reply.chunk(event.index, event.text, None))
+                    else:
+                        stream, text = readers[event.index]
+                        text[0] += event.text
+                        for delta in stream.update(text[0]):
+                            yield _sse(_delta_chunk(reply, event.index, delta))
                     continue
                 last = len(event.choices) - 1
                 for i, choice in enumerate(event.choices):
-                    yield _sse(reply.chunk(i, None, choice.finish_reason,
-                                           extension=event.extension if i == last else None))
+                    finish = choice.finish_reason
+                    if readers is not None:
+                        stream, text = readers[i]
+                        for delta in stream.update(choice.text, final=True):
+                            yield _sse(_delta_chunk(reply, i, delta))
+                        if stream.message.tool_calls:
+                            finish = "tool_calls"
+                    yield _sse(reply.chunk(i, None, finish, extension=event.extension if i == last else None))
                 if include_usage:
                     yield _sse(reply.usage_chunk(usage(event.prompt_tokens, event.completion_tokens)))
     except Exception as exc:
@@ -462,6 +489,12 @@ async def _stream(state: _State, job: Job, reply: Reply, include_usage: bool) ->
             return
         yield _sse(error.event())
     yield b"data: [DONE]\n\n"
+
+
+def _delta_chunk(reply: Reply, index: int, delta: Union[str, ToolCallDelta]) -> dict[str, Any]:
+    if isinstance(delta, str):
+        return reply.chunk(index, delta, None)
+    return reply.chunk(index, None, None, tool_call=delta)
 
 
 def _sse(data: Any) -> bytes:

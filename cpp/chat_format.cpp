@@ -1,0 +1,246 @@
+#include "chat_format.h"
+
+#include <algorithm>
+#include <cctype>
+#include <random>
+#include <stdexcept>
+
+#include "chat.h"  // llama.cpp's common/chat.h
+#include "common.h"
+#include "llama.h"
+
+namespace slot {
+
+struct ChatSyntax {
+    common_chat_parser_params params;
+    std::string answer_prefix;  // the end of the prompt that belongs to the answer
+    bool one_call = false;      // parallel_tool_calls off: the first call is the answer's
+};
+
+void ChatTemplatesFree::operator()(common_chat_templates* t) const { common_chat_templates_free(t); }
+
+ChatTemplates::ChatTemplates(const llama_model* model, const std::string& override_source) {
+    try {
+        templates_.reset(common_chat_templates_init(model, override_source).release());
+    } catch (const std::exception& e) {
+        throw std::invalid_argument(std::string("the chat template cannot be parsed: ") + e.what());
+    }
+    if (!templates_) throw std::invalid_argument("the chat template cannot be parsed");
+}
+
+std::string ChatTemplates::source() const { return common_chat_templates_source(templates_.get()); }
+
+bool ChatTemplates::supports_tools() const {
+    const auto caps = common_chat_templates_get_caps(templates_.get());
+    const auto it = caps.find("supports_tool_calls");
+    return it != caps.end() && it->second;
+}
+
+namespace {
+
+common_json parse_json(const std::string& text, const char* what) {
+    try {
+        return common_json::parse(text);
+    } catch (const std::exception& e) {
+        throw std::invalid_argument(std::string(what) + " is not valid JSON: " + e.what());
+    }
+}
+
+// One token for `text` when the vocabulary has it as a single (special) token.
+bool single_token(const llama_vocab* vocab, const std::string& text, int32_t& token) {
+    const auto ids = common_tokenize(vocab, text, /*add_special=*/false, /*parse_special=*/true);
+    if (ids.size() != 1) return false;
+    token = ids[0];
+    return true;
+}
+
+bool is_json(const std::string& text) {
+    try {
+        common_json::parse(text);
+        return true;
+    } catch (const std::exception&) {
+        return false;
+    }
+}
+
+std::string random_call_id() {
+    static const char alphabet[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    thread_local std::mt19937_64 rng{std::random_device{}()};
+    std::uniform_int_distribution<int> pick(0, sizeof(alphabet) - 2);
+    std::string id = "call_";
+    for (int i = 0; i < 24; ++i) id += alphabet[pick(rng)];
+    return id;
+}
+
+}  // namespace
+
+ChatPrompt ChatTemplates::apply(const llama_vocab* vocab, const ChatRequest& request) const {
+    common_chat_templates_inputs in;
+    try {
+        in.messages = common_chat_msgs_parse_oaicompat(parse_json(request.messages_json, "messages"));
+        if (!request.tools_json.empty()) {
+            in.tools = common_chat_tools_parse_oaicompat(parse_json(request.tools_json, "tools"));
+        }
+        in.tool_choice = common_chat_tool_choice_parse_oaicompat(request.tool_choice);
+    } catch (const std::invalid_argument&) {
+        throw;
+    } catch (const std::exception& e) {
+        throw std::invalid_argument(e.what());
+    }
+    in.parallel_tool_calls = request.parallel_tool_calls;
+    in.add_generation_prompt = request.add_generation_prompt;
+    in.use_jinja = true;
+    in.reasoning_format = COMMON_REASONING_FORMAT_NONE;
+
+    common_chat_params params;
+    try {
+        params = common_chat_templates_apply(templates_.get(), in);
+    } catch (const std::exception& e) {
+        throw std::invalid_argument(std::string("the chat template could not format these messages: ") + e.what());
+    }
+
+    // "required": llama.cpp's grammar lets text come before the first call
+    // and only forbids ending without one; a small model may then talk until
+    // max_tokens. The answer is begun with the call marker instead (the word
+    // that triggers auto's lazy grammar), as OpenAI's required answers hold
+    // calls only.
+    std::string answer_prefix;
+    if (in.tool_choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED && !params.grammar.empty() && !params.grammar_lazy) {
+        common_chat_templates_inputs probe = in;
+        probe.tool_choice = COMMON_CHAT_TOOL_CHOICE_AUTO;
+        try {
+            for (const auto& t : common_chat_templates_apply(templates_.get(), probe).grammar_triggers) {
+                if (t.type == COMMON_GRAMMAR_TRIGGER_TYPE_WORD) {
+                    answer_prefix = t.value;
+                    break;
+                }
+            }
+        } catch (const std::exception&) {
+            answer_prefix.clear();  // keep llama.cpp's grammar as it is
+        }
+    }
+
+    ChatPrompt out;
+    out.prompt = params.prompt + answer_prefix;
+    out.answer_prefix = answer_prefix;
+    out.format = common_chat_format_name(params.format);
+    out.grammar = params.grammar;
+    out.grammar_lazy = params.grammar_lazy;
+    out.stops = params.additional_stops;
+    for (const auto& text : params.preserved_tokens) {
+        int32_t token;
+        if (single_token(vocab, text, token)) out.preserved_tokens.push_back(token);
+    }
+    // As llama.cpp's server and sampler turn triggers into what the lazy
+    // grammar sampler takes: a word that is one token triggers on the token.
+    for (const auto& trigger : params.grammar_triggers) {
+        int32_t token;
+        switch (trigger.type) {
+            case COMMON_GRAMMAR_TRIGGER_TYPE_WORD:
+                if (single_token(vocab, trigger.value, token)) {
+                    out.trigger_tokens.push_back(token);
+                    out.preserved_tokens.push_back(token);
+                } else {
+                    out.trigger_patterns.push_back(regex_escape(trigger.value));
+                }
+                break;
+            case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN:
+                out.trigger_patterns.push_back(trigger.value);
+                break;
+            case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN_FULL: {
+                const std::string& p = trigger.value;
+                out.trigger_patterns.push_back(p.empty() ? "^$"
+                                                         : (p.front() != '^' ? "^" : "") + p +
+                                                               (p.back() != '$' ? "$" : ""));
+                break;
+            }
+            case COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN:
+                out.trigger_tokens.push_back(trigger.token);
+                break;
+        }
+    }
+    const std::string read_first = params.generation_prompt + answer_prefix;
+    if (!params.grammar.empty() && !params.grammar_lazy && !read_first.empty()) {
+        const auto ids = common_tokenize(vocab, read_first, false, true);
+        for (size_t i = 0; i < ids.size(); ++i) {
+            const std::string piece = common_token_to_piece(vocab, ids[i], true);
+            // Some tokenizers put a space before a leading special token.
+            if (i == 0 && !piece.empty() && std::isspace(static_cast<unsigned char>(piece[0])) &&
+                !std::isspace(static_cast<unsigned char>(read_first[0]))) {
+                continue;
+            }
+            out.grammar_prefill.push_back(ids[i]);
+        }
+    }
+    auto syntax = std::make_shared<ChatSyntax>();
+    syntax->params = common_chat_parser_params(params);
+    syntax->answer_prefix = answer_prefix;
+    syntax->one_call = !request.parallel_tool_calls;
+    if (!params.parser.empty()) {
+        try {
+            syntax->params.parser.load(params.parser);
+        } catch (const std::exception& e) {
+            throw std::runtime_error(std::string("llama.cpp's chat parser could not be loaded: ") + e.what());
+        }
+    }
+    out.syntax = std::move(syntax);
+    return out;
+}
+
+ChatParser::ChatParser(std::shared_ptr<const ChatSyntax> syntax, bool parse_tool_calls)
+    : syntax_(std::move(syntax)), parse_tool_calls_(parse_tool_calls), previous_(std::make_unique<common_chat_msg>()) {
+    previous_->role = "assistant";
+}
+
+ChatParser::~ChatParser() = default;
+
+std::string ChatParser::update(const std::string& text, bool partial) {
+    common_chat_parser_params params = syntax_->params;
+    params.parse_tool_calls = parse_tool_calls_;
+    common_chat_msg msg;
+    try {
+        msg = common_chat_parse(syntax_->answer_prefix + text, partial, params);
+    } catch (const std::exception&) {
+        // Not in the format (a call cut short, say): the answer is its text.
+        if (partial) return common_json{{"message", previous_->to_json_oaicompat()}, {"deltas", common_json::array()}}.dump();
+        msg = common_chat_msg();
+        msg.role = "assistant";
+        msg.content = syntax_->answer_prefix + text;
+    }
+    // llama.cpp's grammar lets any number of calls follow each other.
+    if (syntax_->one_call && msg.tool_calls.size() > 1) msg.tool_calls.resize(1);
+    if (!partial) {
+        // A call cut short (max_tokens) is not a call: its arguments are not JSON.
+        auto& calls = msg.tool_calls;
+        calls.erase(std::remove_if(calls.begin(), calls.end(),
+                                   [](const common_chat_tool_call& c) { return !is_json(c.arguments); }),
+                    calls.end());
+    }
+    msg.set_tool_call_ids(ids_, random_call_id);
+    common_json deltas = common_json::array();
+    // A partial parse may show less than the last one (a marker still being
+    // written); deltas only grow the message, so wait for it to catch up.
+    try {
+        // A finished answer may drop a call the partial reads showed (cut short).
+        if (previous_->tool_calls.size() > msg.tool_calls.size()) previous_->tool_calls.resize(msg.tool_calls.size());
+        for (const auto& d : common_chat_msg_diff::compute_diffs(*previous_, msg)) {
+            common_json delta = common_json::object();
+            if (!d.content_delta.empty()) delta["content"] = d.content_delta;
+            if (!d.reasoning_content_delta.empty()) delta["reasoning_content"] = d.reasoning_content_delta;
+            if (d.tool_call_index != std::string::npos) {
+                delta["tool_call_index"] = d.tool_call_index;
+                delta["tool_call"] = {{"id", d.tool_call_delta.id},
+                                      {"name", d.tool_call_delta.name},
+                                      {"arguments", d.tool_call_delta.arguments}};
+            }
+            deltas.push_back(std::move(delta));
+        }
+    } catch (const std::exception&) {
+        if (partial) return common_json{{"message", previous_->to_json_oaicompat()}, {"deltas", common_json::array()}}.dump();
+        throw;
+    }
+    *previous_ = msg;
+    return common_json{{"message", msg.to_json_oaicompat()}, {"deltas", std::move(deltas)}}.dump();
+}
+
+}  // namespace slot
