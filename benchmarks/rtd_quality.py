@@ -53,7 +53,9 @@ def argmax_setting(tuned: rtd.TuneResult) -> dict:
     """The setting an argmax tuner takes: the best validation accuracy over
     the same grid of single lambdas (ties: the first)."""
     fixed = [e for e in tuned.table if not e["gate"]]
-    return max(fixed, key=lambda e: e["score"])
+    if tuned.metric == "nll":
+        return min(fixed, key=lambda e: e["nll"])
+    return max(fixed, key=lambda e: e["accuracy"])
 
 
 def mcnemar(plain_ok: list, ok: list) -> dict:
@@ -187,7 +189,7 @@ def mmlu_markdown(m: dict) -> list:
     lines = [
         f"MMLU dev subjects cut into two halves ({len(m['subjects_a'])} subjects in half A); the store ({m['reference']} questions) and the tuning rows "
         f"({m['validation']}) from half A. Argmax tuner: k {int(a['k'])}, lambda {a['lam']:.2f} (validation "
-        f"{a['score']:.3f} against plain {t['validation_plain']:.3f}). Cross-validated tuner: {chosen}, "
+        f"{a.get('accuracy', a.get('score')):.3f} against plain {t['validation_plain']:.3f}). Cross-validated tuner: {chosen}, "
         f"held-out gain {t['gain']:+.3f} [{t['gain_interval'][0]:+.3f}, {t['gain_interval'][1]:+.3f}].",
         "",
         "| evaluation | questions | method | accuracy | vs plain | fixed | broken | McNemar p |",

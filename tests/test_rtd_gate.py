@@ -143,7 +143,7 @@ def test_tuner_keeps_the_plain_model_on_noise_and_finds_real_signal(tiny_model):
     rng = np.random.default_rng(11)
     shuffled = [dict(q, answer=int(a)) for q, a in zip(questions, rng.permutation([q["answer"] for q in questions]))]
     noise = rtd.tune(tiny_model, store, shuffled, save=True, progress=False)
-    best_in_sample = max(e["score"] for e in noise.table if not e["gate"])
+    best_in_sample = max(e["accuracy"] for e in noise.table if not e["gate"])
     assert best_in_sample > noise.plain_score
     assert noise.kept_plain and noise.lam == 0.0 and noise.gate is None
     assert noise.gain_interval[0] <= 0.0
