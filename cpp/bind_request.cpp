@@ -112,6 +112,11 @@ void bind_request(py::module_& m) {
         .SLOT_FIELD("rtd_temperature", rtd_params.temperature)
         .SLOT_FIELD("rtd_lambda", rtd_params.lam)
         .SLOT_FIELD("rtd_nprobe", rtd_params.nprobe)
+        .SLOT_FIELD("rtd_gate", rtd_params.gate.on)
+        .SLOT_FIELD("rtd_gate_bias", rtd_params.gate.bias)
+        .SLOT_FIELD("rtd_gate_distance", rtd_params.gate.distance)
+        .SLOT_FIELD("rtd_gate_top_mass", rtd_params.gate.top_mass)
+        .SLOT_FIELD("rtd_gate_scale", rtd_params.gate.scale)
         .def_property("delta",
                       [](const GenerationRequest& r) -> py::object {
                           if (r.delta.empty()) return py::none();

@@ -276,6 +276,21 @@ std::vector<std::pair<int32_t, double>> rtd_reference(const RtdNeighbours& nb, c
     return out;
 }
 
+double rtd_gate_lambda(const RtdGate& gate, double lam, const RtdNeighbours& nb, int heads,
+                       const std::vector<std::pair<int32_t, double>>& reference) {
+    if (!gate.on) return lam;
+    const size_t k = nb.ids.size() / static_cast<size_t>(heads);
+    double nearest = 0.0;
+    for (int h = 0; h < heads; ++h) {
+        // Ascending within a head: the first entry is the nearest key (k <= n, so it exists).
+        nearest += static_cast<double>(nb.distances[static_cast<size_t>(h) * k]);
+    }
+    double top = 0.0;
+    for (const auto& [v, p] : reference) top = std::max(top, p);
+    const double z = gate.bias + gate.distance * nearest / gate.scale + gate.top_mass * top;
+    return lam / (1.0 + std::exp(-std::clamp(z, -700.0, 700.0)));
+}
+
 void rtd_blend(float* logits, int64_t n_vocab, const std::vector<std::pair<int32_t, double>>& reference,
                double lam) {
     if (lam <= 0.0) return;
@@ -305,7 +320,7 @@ void RtdStage::apply(const StageInput& in, float* logits) const {
     if (in.hidden == nullptr) throw Error("internal error: the retrieval stage got no hidden state");
     const auto nb = index_->search(in.hidden, 1, params_.k, params_.nprobe);
     const auto ref = rtd_reference(nb.front(), index_->values(), index_->heads(), params_.temperature);
-    rtd_blend(logits, in.n_vocab, ref, params_.lam);
+    rtd_blend(logits, in.n_vocab, ref, rtd_gate_lambda(params_.gate, params_.lam, nb.front(), index_->heads(), ref));
 }
 
 void validate(const RtdParams& params, const RtdIndex& index, int64_t n_embd, int64_t n_vocab) {
@@ -321,6 +336,13 @@ void validate(const RtdParams& params, const RtdIndex& index, int64_t n_embd, in
     }
     if (!(params.lam >= 0.0 && params.lam <= 1.0)) throw std::invalid_argument("rtd lambda must be in [0, 1]");
     if (params.nprobe < 0) throw std::invalid_argument("rtd nprobe must be >= 0");
+    if (params.gate.on) {
+        const RtdGate& g = params.gate;
+        if (!std::isfinite(g.bias) || !std::isfinite(g.distance) || !std::isfinite(g.top_mass)) {
+            throw std::invalid_argument("rtd gate weights must be finite");
+        }
+        if (!(g.scale > 0.0) || !std::isfinite(g.scale)) throw std::invalid_argument("rtd gate scale must be > 0");
+    }
     if (index.max_value() >= n_vocab) {
         throw std::invalid_argument("the datastore holds token id " + std::to_string(index.max_value()) +
                                     ", outside the model's vocabulary of " + std::to_string(n_vocab));

@@ -25,11 +25,24 @@
 
 namespace slot {
 
+// A query-dependent weight: lambda(q) = lam * sigmoid(bias + distance *
+// nearest(q) / scale + top_mass * max_v r(v)), nearest(q) the distance to the
+// nearest key (heads times the heads' mean) and scale the datastore's typical
+// distance from a key to its nearest other key. Off: lambda(q) = lam.
+struct RtdGate {
+    bool on = false;
+    double bias = 0.0;
+    double distance = 0.0;
+    double top_mass = 0.0;
+    double scale = 1.0;
+};
+
 struct RtdParams {
     int k = 32;
     double temperature = 1.0;
     double lam = 0.5;
     int nprobe = 0;  // inverted-file lists to search; 0: exact search over every key
+    RtdGate gate;
 };
 
 struct RtdNeighbours {
@@ -92,6 +105,11 @@ private:
 // exponential, so large distances cannot underflow every weight to zero.
 std::vector<std::pair<int32_t, double>> rtd_reference(const RtdNeighbours& nb, const int32_t* values, int heads,
                                                       double temperature);
+
+// The gate's weight for one query: lam * sigmoid(z) (see RtdGate); lam
+// itself when the gate is off.
+double rtd_gate_lambda(const RtdGate& gate, double lam, const RtdNeighbours& nb, int heads,
+                       const std::vector<std::pair<int32_t, double>>& reference);
 
 // logits <- log(lam * r + (1 - lam) * softmax(logits)) over n_vocab entries.
 // lam = 1 leaves -inf where r is zero.

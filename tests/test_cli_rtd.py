@@ -150,10 +150,10 @@ def test_generate_with_rtd_follows_a_stored_completion(gemma_path, tmp_path):
     built = _run("rtd", "build", "--data", str(data), "--out", str(store), "--model", str(gemma_path))
     assert built.returncode == 0, built.stderr
     assert "generation keys" in built.stdout
-    # lambda 1 and k 1: every next token is the value of the nearest stored state,
-    # and the states along the stored completion are the keys themselves.
+    # lambda 1 and k 1 without the gate: every next token is the value of the
+    # nearest stored state, and the states along the stored completion are the keys themselves.
     proc = _run("generate", "The secret password is", "--model", str(gemma_path), "--steps", "0", "--max-tokens",
-                "4", "--rtd", str(store), "--rtd-k", "1", "--rtd-lambda", "1", "--json")
+                "4", "--rtd", str(store), "--rtd-k", "1", "--rtd-lambda", "1", "--no-rtd-gate", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["text"] == " purple elephant banana seventeen"
     bad = _run("generate", "hi", "--model", str(gemma_path), "--rtd", str(store), "--rtd-k", "99")

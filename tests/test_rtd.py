@@ -296,7 +296,7 @@ def test_blend_applies_after_slot_bias_and_queries_the_plain_state(peaked):
     vocab = list(range(peaked.n_vocab))
     base = peaked.generate("Count: 1, 2,", max_tokens=0, delta=delta, score_tokens=vocab, return_hidden=True,
                            cache_prompt=False)
-    option = RTD(store, k=4, temperature=50.0, lam=0.6)
+    option = RTD(store, k=4, temperature=50.0, lam=0.6, gate=False)
     blended = peaked.generate("Count: 1, 2,", max_tokens=0, delta=delta, score_tokens=vocab, rtd=option,
                               cache_prompt=False)
     r = store.reference(peaked, base.hidden, k=4, temperature=50.0)
@@ -304,7 +304,8 @@ def test_blend_applies_after_slot_bias_and_queries_the_plain_state(peaked):
     got = np.exp(np.asarray(blended.score_logprobs))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
     # SLOT learning and RTD at once: runs, learns, and the blend changes the text.
-    both = peaked.generate_with_slot("Count: 1, 2,", steps=3, lr=0.05, max_tokens=8, rtd=RTD(store, k=1, lam=1.0))
+    both = peaked.generate_with_slot("Count: 1, 2,", steps=3, lr=0.05, max_tokens=8,
+                                     rtd=RTD(store, k=1, lam=1.0, gate=False))
     assert both.steps_done == 3 and both.delta is not None
     assert set(both.tokens) <= set(store.values.tolist())
 
@@ -332,16 +333,18 @@ def peaked(peaked_path):
 
 
 def test_tune_chooses_settings_that_beat_the_plain_model(tiny_model):
-    rows = [{"prompt": f"Item {i}:", "completion": " red green blue yellow red green blue"} for i in range(6)]
+    rows = [{"prompt": f"Item {i}:", "completion": " red green blue yellow red green blue"} for i in range(14)]
     store = Datastore.build(tiny_model, rows[:4], progress=False)
     result = rtd.tune(tiny_model, store, rows[4:], ks=(1, 4, 16), temperature_scales=(0.3, 1.0),
-                      lams=(0.2, 0.6), progress=False)
+                      lams=(0.2, 0.6), gate_caps=(), progress=False)
     assert result.metric == "nll" and len(result.table) == 3 * 2 * 2
-    assert result.score < result.plain_score
+    assert result.score < result.plain_score and result.gate is None
     assert store.defaults["k"] == result.k and store.defaults["lam"] == result.lam
-    plain, blended = rtd.generation_nll(tiny_model, store, rows[4:])
+    plain, blended = rtd.generation_nll(tiny_model, store, rows[4:])  # the tuned defaults
     assert blended.mean() == pytest.approx(result.score, rel=1e-6)
     assert plain.mean() == pytest.approx(result.plain_score, rel=1e-6)
+    rows = rows[:6]
+    plain, blended = plain[:2], blended[:2]
 
     # RTD on top of SLOT: the model's part is the NLL under each row's delta,
     # the reference part is unchanged (the query is the plain state).

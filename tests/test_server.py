@@ -195,9 +195,10 @@ def test_slot_rtd_and_qalign_through_extra_body(served):
     # lambda = 1: pure retrieval; every token comes from the datastore's values.
     rtd = c.completions.create(model="gemma-3-270m", prompt="The colour of the sky is", max_tokens=6,
                                temperature=0, logprobs=1,
-                               extra_body={"rtd": {"datastore": "facts", "k": 4, "lambda": 1.0}})
+                               extra_body={"rtd": {"datastore": "facts", "k": 4, "lambda": 1.0, "gate": False}})
     applied = rtd.model_extra["slot_cpp"]["rtd"]
     assert applied["datastore"] == "facts" and applied["k"] == 4 and applied["lambda"] == 1.0
+    assert applied["gate"] is False
     store_text = " blue, and the grass is green. one hundred degrees Celsius."
     assert all(tok in store_text for tok in rtd.choices[0].logprobs.tokens)
 
@@ -212,7 +213,7 @@ def test_slot_rtd_and_qalign_through_extra_body(served):
                     for t in model.tokenize(row["prompt"] + row["completion"])[len(model.tokenize(row["prompt"])):]}
     shaped = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=1, temperature=1.0, seed=5,
                                   extra_body={"qalign": {"steps": 4, "reward": "head"},
-                                              "rtd": {"datastore": "facts", "k": 4, "lambda": 1.0}})
+                                              "rtd": {"datastore": "facts", "k": 4, "lambda": 1.0, "gate": False}})
     assert shaped.model_extra["slot_cpp"]["rtd"]["lambda"] == 1.0
     assert shaped.choices[0].text in store_pieces
 

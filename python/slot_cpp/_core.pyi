@@ -125,6 +125,11 @@ class Request:
     rtd_temperature: float
     rtd_lambda: float
     rtd_nprobe: int
+    rtd_gate: bool
+    rtd_gate_bias: float
+    rtd_gate_distance: float
+    rtd_gate_top_mass: float
+    rtd_gate_scale: float
     delta: Optional[npt.NDArray[np.float32]]
     def __init__(self) -> None: ...
 

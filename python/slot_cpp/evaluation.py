@@ -24,7 +24,7 @@ import numpy as np
 from . import gsm8k
 from ._model import DEFAULT_KL_BUDGET, Model, Prompt
 from ._progress import Progress
-from .rtd import RTD, ChoiceScores, answer_index, score_choices
+from .rtd import DEFAULT_GATE, RTD, ChoiceScores, answer_index, score_choices
 
 __all__ = [
     "METHODS", "GSM8KOptions", "gsm8k_prompt", "setting_name", "method_name", "done_records", "pending",
@@ -363,7 +363,8 @@ def rtd_description(option: RTD) -> dict[str, Any]:
     """The datastore and the settings an RTD option resolves to."""
     r = option.resolved()
     return {"datastore": str(r.datastore.path) if r.datastore.path else None, "mode": r.datastore.mode,
-            "keys": len(r.datastore), "k": r.k, "temperature": r.temperature, "lam": r.lam, "nprobe": r.nprobe}
+            "keys": len(r.datastore), "k": r.k, "temperature": r.temperature, "lam": r.lam, "nprobe": r.nprobe,
+            "gate": r.datastore.defaults.get("gate") or DEFAULT_GATE if r.gate else None}
 
 
 def choice_summary(result: ChoiceEval, *, data: str, shots: int, rtd: Optional[RTD] = None) -> dict[str, Any]:

@@ -342,6 +342,11 @@ class RtdOptions(_Group):
                                 http="lambda", native="rtd_lambda")
     nprobe: Optional[int] = _opt(None, "inverted-file lists searched per query (default: the datastore's; 0: "
                                  "exact search)", "int", low=0, optional=True, flag="--rtd-nprobe", native="rtd_nprobe")
+    gate: Optional[bool] = _opt(None, "scale lambda per query by the datastore's gate, a logistic function of "
+                                "the nearest key's distance (relative to the datastore's typical distance) and "
+                                "the retrieved distribution's top mass: lambda(q) = lambda * gate(q), near 0 where "
+                                "the datastore does not reach (default: the datastore's; off: one lambda for "
+                                "every query)", "bool", optional=True, flag="--rtd-gate", native=None)
     _prefix = "rtd "
 
 

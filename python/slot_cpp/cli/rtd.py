@@ -43,7 +43,7 @@ def register(sub: Any) -> None:
     ri.add_argument("--json", action="store_true")
     ri.set_defaults(func=cmd_rtd_info)
 
-    rt = rtd_sub.add_parser("tune", help="choose k, temperature and lambda on validation rows; saved as defaults")
+    rt = rtd_sub.add_parser("tune", help="choose k, temperature and lambda or a gate on validation rows by cross-validation; saved as defaults")
     rt.add_argument("store", help="datastore file")
     rt.add_argument("--data", required=True, help="validation JSONL (rows not in the datastore), same format")
     rt.add_argument("--limit", type=int, default=None, help="first N validation rows only")
@@ -51,6 +51,10 @@ def register(sub: Any) -> None:
     rt.add_argument("--temperature-scales", type=_float_list, default=None,
                     help="comma-separated multiples of the typical neighbour distance to try as temperatures")
     rt.add_argument("--lams", type=_float_list, default=None, help="comma-separated lambda values to try")
+    rt.add_argument("--gate-caps", type=_float_list, default=None,
+                    help="comma-separated ceilings of the fitted gate to try (default 0.25,0.5,1)")
+    rt.add_argument("--no-gate", action="store_true", help="try one lambda for every query only (no gate)")
+    rt.add_argument("--folds", type=int, default=5, help="cross-validation folds over the validation rows")
     rt.add_argument("--out", "-o", default=None, help="write the tuned datastore here (default: STORE itself)")
     rt.add_argument("--json", action="store_true", help="print the whole tuning result as JSON")
     _add_model_options(rt)
@@ -191,6 +195,13 @@ def cmd_rtd_tune(args: argparse.Namespace) -> int:
         grid["temperature_scales"] = args.temperature_scales
     if args.lams is not None:
         grid["lams"] = args.lams
+    if args.gate_caps is not None:
+        grid["gate_caps"] = args.gate_caps
+    if args.no_gate:
+        grid["gate_caps"] = ()
+    if args.folds < 2:
+        raise UsageError("--folds must be >= 2")
+    grid["folds"] = args.folds
     with _open_model(args) as model:
         store.check_model(model)
         try:
@@ -201,11 +212,18 @@ def cmd_rtd_tune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=2))
         return 0
+    lo, hi = result.gain_interval
     if result.metric == "accuracy":
-        scores = f"accuracy plain {100 * result.plain_score:.1f}% -> tuned {100 * result.score:.1f}%"
+        gain = (f"cross-validated gain {100 * result.gain:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+                f"(plain {100 * result.plain_score:.1f}%)")
     else:
-        scores = f"NLL/token plain {result.plain_score:.4f} -> tuned {result.score:.4f}"
-    print(f"rtd tune on {len(rows)} rows: k={result.k} temperature={result.temperature:.4g} "
-          f"lambda={result.lam:g}; {scores}")
+        gain = (f"cross-validated NLL/token reduction {result.gain:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+                f"(plain {result.plain_score:.4f})")
+    if result.kept_plain:
+        print(f"rtd tune on {len(rows)} rows, {result.folds} folds: kept the plain model (lambda 0); {gain}")
+    else:
+        how = "a gate, ceiling" if result.gate is not None else "lambda"
+        print(f"rtd tune on {len(rows)} rows, {result.folds} folds: k={result.k} "
+              f"temperature={result.temperature:.4g} {how} {result.lam:g}; {gain}")
     print(f"saved as the defaults of {path}")
     return 0

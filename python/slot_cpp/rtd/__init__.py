@@ -13,6 +13,12 @@ decode step the current hidden state h queries it:
 * the reference distribution r(v) = sum of w_i over neighbours with value v;
 * p = lam * r + (1 - lam) * p_LM. lam = 0 is the plain model, exactly.
 
+With the gate (a datastore's default once built or tuned), lam is scaled
+per query: lam(q) = lam * sigmoid(bias + distance * nearest(q) / scale +
+top_mass * max_v r(v)), nearest(q) the distance to the nearest key and scale
+the datastore's typical distance from a key to its nearest other key; where
+the datastore does not reach, the gate closes and p is the model's.
+
 With ``heads=H`` the keys and h are split into H equal slices, each searched
 on its own with softmax(-H * d / T), and the H distributions averaged.
 
@@ -41,12 +47,14 @@ from .choices import ChoiceScores, score_choices
 from .errors import DatastoreError, DatastoreMismatchError
 from .fileformat import FORMAT_VERSION, MAGIC
 from .prompts import CHOICE_LABELS, DEFAULT_CHOICE_TEMPLATE, _label_tokens, answer_index, format_choice_prompt
-from .request import RTD
+from .request import DEFAULT_GATE, GATE_FEATURES, RTD
 from .store import Datastore, RtdOption, as_rtd
-from .tuning import TuneResult, _reference_mass, generation_nll, tune
+from .tuning import TuneResult, _reference_mass, gate_lambda, generation_nll, tune
 
 __all__ = [
     "CHOICE_LABELS",
+    "DEFAULT_GATE",
+    "GATE_FEATURES",
     "ChoiceScores",
     "Datastore",
     "DatastoreError",
@@ -55,6 +63,7 @@ __all__ = [
     "TuneResult",
     "answer_index",
     "format_choice_prompt",
+    "gate_lambda",
     "generation_nll",
     "score_choices",
     "tune",

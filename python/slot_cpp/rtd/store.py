@@ -21,7 +21,7 @@ from .build import hidden_keys, tokenize_rows
 from .errors import DatastoreError, DatastoreMismatchError
 from .ivf import inverted_file
 from .prompts import DEFAULT_CHOICE_TEMPLATE, format_choice_prompt
-from .request import RTD
+from .request import DEFAULT_GATE, RTD, check_gate
 
 
 @dataclass
@@ -122,7 +122,9 @@ class Datastore:
         self.defaults.setdefault("k", 32 if self.mode == "choice" else 256)
         self.defaults["k"] = min(int(self.defaults["k"]), len(self))
         self.defaults.setdefault("lam", 0.5 if self.mode == "choice" else 0.25)
+        self.defaults.setdefault("gate", dict(DEFAULT_GATE))
         self.defaults["temperature"] = self.typical_distance(model, k=int(self.defaults["k"]))
+        self.defaults["distance_scale"] = self.nearest_distance_scale(model)
         return self
 
     def choice_prompt(self, question: str, choices: Sequence[str]) -> str:
@@ -144,6 +146,33 @@ class Datastore:
         d = np.where(own, np.nan, dist.astype(np.float64))
         typical = float(np.nanmedian(d)) * self.heads
         return typical if math.isfinite(typical) and typical > 0 else 1.0
+
+    def nearest_distance_scale(self, model: Model, *, sample: int = 256, seed: int = 0) -> float:
+        """The median distance from a key to its nearest other key (heads
+        times the heads' mean): the gate's unit of distance."""
+        n = len(self)
+        if n < 2:
+            return 1.0
+        rng = np.random.default_rng(seed)
+        pick = rng.choice(n, size=min(sample, n), replace=False)
+        dist, ids = self.search(model, self.keys[pick].astype(np.float32), 2)
+        d = dist.astype(np.float64)
+        # Each head's nearest key other than the query itself.
+        nearest = np.where(ids[:, :, 0] == pick[:, None], d[:, :, 1], d[:, :, 0])
+        scale = float(np.median(nearest.mean(axis=1))) * self.heads
+        return scale if math.isfinite(scale) and scale > 0 else 1.0
+
+    def gate_settings(self, model: Model) -> tuple[dict[str, float], float]:
+        """The gate's weights (the defaults' gate, else DEFAULT_GATE) and its
+        distance scale (measured once if the datastore has none recorded)."""
+        weights = check_gate(self.defaults.get("gate") or DEFAULT_GATE)
+        scale = self.defaults.get("distance_scale")
+        if scale is None:
+            scale = self.defaults["distance_scale"] = self.nearest_distance_scale(model)
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise DatastoreError(f"the datastore's distance_scale must be > 0, got {scale}")
+        return weights, scale
 
     # ---- searching ------------------------------------------------------------
     def check_model(self, model: Model) -> None:

@@ -125,7 +125,7 @@ def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens:
         option = RTD(**{**opts.from_http(body.rtd, opts.RtdOptions), "datastore": store}).resolved()
         kwargs["rtd"] = option
         applied["rtd"] = {"datastore": body.rtd.datastore, "k": option.k, "temperature": option.temperature,
-                          "lambda": option.lam}
+                          "lambda": option.lam, "gate": option.gate}
     if body.qalign is not None:
         q = body.qalign
         if q.reward not in state.rewards:
