@@ -3,6 +3,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <string_view>
+#include <unordered_map>
 
 #include "errors.h"
 #include "gguf.h"
@@ -19,6 +21,28 @@ std::string get_str(const gguf_context* ctx, const std::string& key) {
     const int64_t id = gguf_find_key(ctx, key.c_str());
     if (id < 0 || gguf_get_kv_type(ctx, id) != GGUF_TYPE_STRING) return {};
     return gguf_get_val_str(ctx, id);
+}
+
+// llama.cpp aborts (GGML_ASSERT) on a vocabulary with a token twice: a
+// damaged file gets a ModelLoadError naming the token instead.
+void check_unique_tokens(const gguf_context* ctx, const std::string& path) {
+    const int64_t id = gguf_find_key(ctx, "tokenizer.ggml.tokens");
+    if (id < 0 || gguf_get_kv_type(ctx, id) != GGUF_TYPE_ARRAY ||
+        gguf_get_arr_type(ctx, id) != GGUF_TYPE_STRING) {
+        return;  // llama.cpp reports a missing or mistyped vocabulary itself
+    }
+    const size_t n = gguf_get_arr_n(ctx, id);
+    std::unordered_map<std::string_view, size_t> seen;
+    seen.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+        const std::string_view token = gguf_get_arr_str(ctx, id, i);
+        const auto [it, inserted] = seen.emplace(token, i);
+        if (!inserted) {
+            throw ModelLoadError("GGUF file is corrupted: its vocabulary holds the token '" +
+                                 std::string(token.substr(0, 40)) + "' twice (ids " +
+                                 std::to_string(it->second) + " and " + std::to_string(i) + "): " + path);
+        }
+    }
 }
 
 // Numeric keys are stored with whatever width the converter chose.
@@ -207,6 +231,7 @@ ModelFileInfo read_model_file_info(const std::string& path) {
     if (info.architecture.empty()) {
         throw ModelLoadError("GGUF file has no general.architecture key: " + path);
     }
+    check_unique_tokens(ctx.get(), path);
     info.name = get_str(ctx.get(), "general.name");
     info.chat_template = get_str(ctx.get(), "tokenizer.chat_template");
     info.n_tensors = gguf_get_n_tensors(ctx.get());

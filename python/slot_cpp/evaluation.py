@@ -22,6 +22,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, TextIO, TypeVar, 
 import numpy as np
 
 from . import gsm8k
+from ._files import open_append, record_line, sync
 from ._model import DEFAULT_KL_BUDGET, Model, Prompt
 from ._progress import Progress
 from .rtd import DEFAULT_GATE, RTD, ChoiceScores, answer_index, score_choices
@@ -84,7 +85,14 @@ def method_name(method: str, budget: int, *, rtd: bool = False) -> str:
 
 def done_records(path: Path, metric: str) -> set[tuple[int, str]]:
     """(problem index, setting) of the records already written: they are not redone."""
-    return {(r["index"], r["setting"]) for r in gsm8k.read_records(path) if r.get("metric") == metric}
+    done = set()
+    for r in gsm8k.read_records(path):
+        if r.get("metric") != metric:
+            continue
+        if not isinstance(r.get("index"), int) or not isinstance(r.get("setting"), str):
+            raise ValueError(f"{path}: a {metric} record without an integer index and a setting name: {r}")
+        done.add((r["index"], r["setting"]))
+    return done
 
 
 def pending(problems: Sequence[gsm8k.Problem], variants: Sequence[tuple[T, str]],
@@ -99,7 +107,7 @@ def resume_note(done: set[tuple[int, str]], todo: Sequence[Any], path: Path) -> 
 
 
 def _append(out: TextIO, record: dict) -> None:
-    out.write(json.dumps(record) + "\n")
+    out.write(record_line(record))  # checked by gsm8k.read_records
 
 
 # ---- GSM8K: SLOT settings ------------------------------------------------------
@@ -113,7 +121,7 @@ def evaluate_settings(model: Model, todo: Sequence[tuple[gsm8k.Problem, Setting,
         raise ValueError("parallel must be >= 1")
     chunk = parallel if options.metric == "accuracy" else 1  # the NLL metric generates nothing
     bar = Progress(len(todo), f"gsm8k {options.metric}", progress, plain=True)
-    with Path(out_path).open("a", encoding="utf-8") as out:
+    with open_append(out_path) as out:  # a record cut off by an interruption is dropped and redone
         for start in range(0, len(todo), chunk):
             items = todo[start:start + chunk]
             if options.metric == "accuracy":
@@ -125,7 +133,7 @@ def evaluate_settings(model: Model, todo: Sequence[tuple[gsm8k.Problem, Setting,
                 bar.update(1, f"{record['setting']}: " + (
                     ("right" if record["correct"] else "wrong") if options.metric == "accuracy"
                     else f"nll {record['nll']:.3f}"))
-            out.flush()
+            sync(out)
     bar.close()
 
 
@@ -195,13 +203,13 @@ def evaluate_methods(model: Model, todo: Sequence[tuple[gsm8k.Problem, str, str]
     generating ``budget`` tokens per problem (greedy: one answer);
     bon, wmv and qalign need ``reward``."""
     bar = Progress(len(todo), "gsm8k methods", progress, plain=True)
-    with Path(out_path).open("a", encoding="utf-8") as out:
+    with open_append(out_path) as out:  # a record cut off by an interruption is dropped and redone
         for problem, method, name in todo:
             record = method_record(model, problem, method, name, budget=budget, max_tokens=max_tokens, seed=seed,
                                    format=format, stop=stop, chat_template=chat_template, reward=reward, beta=beta,
                                    rtd=rtd, rtd_path=rtd_path)
             _append(out, record)
-            out.flush()
+            sync(out)
             bar.update(1, f"{name}: {'right' if record['correct'] else 'wrong'}")
     bar.close()
 

@@ -152,9 +152,41 @@ def paired_t(differences: Sequence[float]) -> tuple[float, float]:
 
 
 def read_records(path: Path) -> list[dict]:
+    """The records of a JSONL record file. A last line without its newline
+    (cut off by an interruption) is left out, to be redone; any other line
+    that is not a JSON object or does not match its checksum raises
+    ValueError naming it (a damaged file). Lines without a checksum (files
+    of older versions) are read unchecked, unless others in the file have one."""
+    from ._files import parse_record_line
+
     records = []
+    any_checked = any_unchecked = False
+    path = Path(path)
     if not path.exists():
         return records
+    with path.open("rb") as handle:
+        data = handle.read()
+    lines = data.split(b"\n")
+    for line_no, raw in enumerate(lines, start=1):
+        cut = line_no == len(lines)  # after the last newline: complete only if empty
+        try:
+            line = raw.decode("utf-8").strip()
+            if not line:
+                continue
+            record, checked = parse_record_line(line)
+        except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+            if cut:
+                break
+            why = "not valid JSON" if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError)) else str(exc)
+            raise ValueError(f"{path}:{line_no}: a damaged record ({why}); remove that line to redo it") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{line_no}: a record must be a JSON object")
+        any_checked |= checked
+        any_unchecked |= not checked
+        if any_checked and any_unchecked:
+            raise ValueError(f"{path}:{line_no}: a damaged record (its checksum is missing)")
+        records.append(record)
+    return records
     with path.open(encoding="utf-8") as handle:
         for line in handle:
             line = line.strip()

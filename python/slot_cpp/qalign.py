@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from . import gsm8k
+from ._files import atomic_write
 from ._model import GenerationResult, Model, Prompt
 from ._model import model_fingerprint as _model_fingerprint
 from .options import QAlignOptions
@@ -195,17 +196,34 @@ class LinearReward(Reward):
     def score(self, candidates: Sequence[Candidate]) -> list[float]:
         return [float(v) for v in self.features(candidates) @ self.weight + self.bias]
 
-    def save(self, path: str) -> None:
-        np.savez(path, weight=self.weight, bias=np.float64(self.bias), fingerprint=model_fingerprint(self.head_model))
+    def save(self, path: str) -> str:
+        """Writes the head as ``.npz`` (the suffix added if missing), atomically;
+        the archive's CRC-32 per array is checked when it is loaded. Returns the path."""
+        path = str(path) if str(path).endswith(".npz") else f"{path}.npz"
+        with atomic_write(path) as f:
+            np.savez(f, weight=self.weight, bias=np.float64(self.bias),
+                     fingerprint=model_fingerprint(self.head_model))
+        return path
 
     @classmethod
     def load(cls, path: str, model: Model) -> "LinearReward":
+        """Reads a head written by :meth:`save`; a file that is not one, is
+        damaged (checksum, NaN or infinite weights) or belongs to another
+        model raises ValueError."""
         try:
             with np.load(path, allow_pickle=False) as data:
-                weight, bias, fp = data["weight"], float(data["bias"]), str(data["fingerprint"])
-        except (OSError, KeyError, ValueError) as exc:
-            raise ValueError(f"{path} is not a slot_cpp reward head ({exc})") from exc
-        return cls(model, weight, bias, fingerprint=fp)
+                weight, bias, fp = data["weight"], data["bias"], data["fingerprint"]
+        except FileNotFoundError as exc:
+            raise ValueError(f"cannot read the reward head {path}: {exc.strerror}") from None
+        except Exception as exc:  # zipfile, zlib and numpy's header parser each raise their own kinds
+            raise ValueError(f"{path} is not a slot_cpp reward head or is damaged ({type(exc).__name__}: {exc})") \
+                from None
+        if weight.dtype.kind != "f" or weight.ndim != 1 or bias.shape != () or bias.dtype.kind != "f" \
+                or fp.shape != () or fp.dtype.kind != "U":
+            raise ValueError(f"{path} is not a slot_cpp reward head (unexpected array types or shapes)")
+        if not (np.all(np.isfinite(weight)) and np.isfinite(bias)):
+            raise ValueError(f"{path}: the reward head has NaN or infinite weights (damaged file)")
+        return cls(model, weight, float(bias), fingerprint=str(fp))
 
 
 def fit_logistic(features: np.ndarray, labels: np.ndarray, l2: float = 1.0, iterations: int = 50) -> tuple[np.ndarray, float]:

@@ -4,12 +4,14 @@ slot_cpp.evaluation printed."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 from typing import Any, Union
 
 from .. import evaluation as ev
+from .._files import atomic_write
 from .. import gsm8k
 from ..options import SlotOptions, add_arguments
 from ._common import (UsageError, _add_model_options, _add_rtd_options,
@@ -198,7 +200,7 @@ def cmd_eval_mc(args: argparse.Namespace) -> int:
                                      batch_size=args.batch_size, kl_budget=args.kl_budget)
     summary = ev.choice_summary(result, data=args.data, shots=prompt_shots, rtd=rtd)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as out:
+        with atomic_write(args.out, "w", encoding="utf-8") as out:
             for record in ev.choice_records(result, questions, first=args.shots, lines=lines):
                 out.write(json.dumps(record) + "\n")
     if args.json:
@@ -215,8 +217,9 @@ def cmd_eval_lmcor(args: argparse.Namespace) -> int:
     _check_rtd_args(args)
     lmcor._import_sacrebleu()  # before loading two models
     rows = lmcor.read_rows(args.data, limit=args.limit)
-    out = open(args.out, "w", encoding="utf-8") if args.out else None
-    try:
+    # The records go to a temporary file renamed over --out when the run is complete.
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(atomic_write(args.out, "w", encoding="utf-8")) if args.out else None
         with _open_model(args) as generator, _open_corrector(args) as corrector_model:
             corrector = lmcor.Corrector(corrector_model, max_tokens=args.corrector_max_tokens,
                                         overflow=args.overflow)
@@ -224,9 +227,6 @@ def cmd_eval_lmcor(args: argparse.Namespace) -> int:
                 generator, corrector, rows, batch_size=args.batch_size, progress=sys.stderr.isatty(),
                 on_record=None if out is None else (lambda r: out.write(json.dumps(r, ensure_ascii=False) + "\n")),
                 **_candidate_options(args, generator))
-    finally:
-        if out is not None:
-            out.close()
     if args.json:
         print(json.dumps(ev.lmcor_summary(report), indent=2))
         return 0

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .._files import atomic_write
 from .._model import Prompt
 from ._common import (UsageError, _add_model_options, _add_rtd_options, _add_sampling_options, _check_rtd_args,
                       _open_model, _read_prompt, _report_slot, _rtd_option, _sampling_kwargs, _slot_kwargs,
@@ -36,6 +37,14 @@ def register(sub: Any) -> None:
     chat.set_defaults(func=cmd_chat)
 
 
+def save_delta(path: str, delta: np.ndarray) -> str:
+    """Writes delta as a .npy file (the suffix added if missing), atomically."""
+    path = path if path.endswith(".npy") else path + ".npy"
+    with atomic_write(path) as f:
+        np.save(f, np.asarray(delta, dtype=np.float32))
+    return path
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     _check_rtd_args(args)
     text = _read_prompt(args)
@@ -58,7 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(flush=True)
             _report_slot(result, sys.stderr)
         if args.save_delta and result.delta is not None:
-            np.save(args.save_delta, result.delta)
+            save_delta(args.save_delta, result.delta)
     return 0
 
 

@@ -3,12 +3,12 @@ names, llama.cpp's Q/K row order, and the metadata the corrector reads back."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._files import atomic_path
 from .._model import ADAPTER_BASE_DIGEST_KEY
 from .corrector import ADAPTER_FORMAT_KEY, CorrectorFormat
 
@@ -56,25 +56,27 @@ def _lora_tensors(peft_model: Any, architecture: str, config: Any) -> list[tuple
 
 def _write_adapter(peft_model: Any, out: Path, *, architecture: str, alpha: float, config: Any,
                    base_digest: str, fmt: CorrectorFormat) -> None:
+    write_adapter_file(out, _lora_tensors(peft_model, architecture, config), architecture=architecture,
+                       alpha=alpha, base_digest=base_digest, fmt=fmt)
+
+
+def write_adapter_file(out: Path, tensors: list[tuple[str, np.ndarray]], *, architecture: str, alpha: float,
+                       base_digest: str, fmt: CorrectorFormat) -> None:
+    """Writes LoRA tensors (llama.cpp's names) as a GGUF adapter, atomically."""
     import gguf
 
-    tensors = _lora_tensors(peft_model, architecture, config)
-    tmp = out.with_name(out.name + ".part")
-    writer = gguf.GGUFWriter(str(tmp), architecture)
-    try:
-        writer.add_string("general.type", "adapter")
-        writer.add_string("adapter.type", "lora")
-        writer.add_float32("adapter.lora.alpha", float(alpha))
-        writer.add_string(ADAPTER_BASE_DIGEST_KEY, base_digest)
-        writer.add_string(ADAPTER_FORMAT_KEY, fmt.to_json())
-        for name, arr in tensors:
-            writer.add_tensor(name, arr)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    try:
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out) as tmp:  # fsynced and renamed over `out` once complete
+        writer = gguf.GGUFWriter(str(tmp), architecture)
+        try:
+            writer.add_string("general.type", "adapter")
+            writer.add_string("adapter.type", "lora")
+            writer.add_float32("adapter.lora.alpha", float(alpha))
+            writer.add_string(ADAPTER_BASE_DIGEST_KEY, base_digest)
+            writer.add_string(ADAPTER_FORMAT_KEY, fmt.to_json())
+            for name, arr in tensors:
+                writer.add_tensor(name, arr)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
+from .._files import drop_cut_line, sync
 from .._model import Model
 from .._progress import Progress
 from ..options import check_int as _check_int
@@ -68,6 +69,7 @@ def make_corrector_data(
     k = _check_int("k", k, 1)
     path = Path(out)
     done = 0
+    drop_cut_line(path)  # a row cut off by an interruption is redone
     if path.exists():
         for line_no, rec in _jsonl(path, "; remove that line to resume"):
             if done >= len(rows) or not isinstance(rec, dict) or rec.get("input") != rows[done]["input"] \
@@ -88,7 +90,7 @@ def make_corrector_data(
                 for r, p in zip(chunk, pools):
                     f.write(json.dumps({"input": r["input"], "target": r["target"], "candidates": p.texts},
                                        ensure_ascii=False) + "\n")
-                f.flush()
+                sync(f)
                 written += len(chunk)
                 bar.update(len(chunk))
     finally:

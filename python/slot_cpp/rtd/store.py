@@ -266,11 +266,14 @@ class Datastore:
         return path
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike[str]], model: Optional[Model] = None) -> "Datastore":
+    def load(cls, path: Union[str, os.PathLike[str]], model: Optional[Model] = None, *,
+             verify: Optional[bool] = None) -> "Datastore":
         """Opens a datastore file, memory-mapping its keys; with `model`,
-        checks that it was built with that model."""
+        checks that it was built with that model. The payload's checksums
+        are checked (one read of the file) unless `verify` is False, or None
+        with SLOT_CPP_VERIFY_DATASTORE=0 in the environment."""
         path = Path(path)
-        header, arrays = read_file(path)
+        header, arrays = read_file(path, verify)
         with header_fields(path):
             store = cls(keys=arrays["keys"], values=arrays["values"], mode=header["mode"],
                         heads=int(header["heads"]), fingerprint=dict(header["fingerprint"]),

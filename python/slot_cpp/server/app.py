@@ -24,8 +24,8 @@ from .._model import Model
 from ..chat import ChatFormat, format_chat
 from .errors import ApiError, internal_error, overloaded, validation_message
 from .metrics import Metrics
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
-                       TokenizeRequest)
+from .protocol import (ERROR_RESPONSES, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                       EmbeddingRequest, TokenizeRequest)
 from .serving import resolve, respond
 
 # ---- configuration -------------------------------------------------------------
@@ -220,8 +220,33 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
     if config is None:
         config = ServerConfig(model_id=Path(model.path).stem)
     state = _State(model, config)
-    app = FastAPI(title="slot_cpp", version=getattr(_core, "__version__", "0"), docs_url=None, redoc_url=None)
+    app = FastAPI(title="slot_cpp", version=getattr(_core, "__version__", "0"), docs_url=None, redoc_url=None,
+                  responses=ERROR_RESPONSES)
     app.state.slot_cpp = state
+    generated = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema without its 422 answers (invalid bodies get a 400 in
+        OpenAI's shape), and with the names of this server's datastores,
+        rewards and correctors as the enums of the fields that name them."""
+        schema = generated()
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        for model_name, field_name, names in (("RtdOptions", "datastore", config.datastores),
+                                              ("QAlignOptions", "reward", config.rewards),
+                                              ("LmcorOptions", "corrector", config.correctors)):
+            prop = components.get(model_name, {}).get("properties", {}).get(field_name)
+            if prop is not None and names:
+                prop["enum"] = sorted(names)
+        for component in components.values():
+            _runtime_limits(component.get("properties", {}), config, model)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -412,6 +437,48 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
         return await respond(state, job, body, chat=False)
 
     return app
+
+
+def _nodes(node: Any) -> list[dict[str, Any]]:
+    """A property's schema and the schemas inside it (anyOf, items)."""
+    if not isinstance(node, dict):
+        return []
+    found = [node]
+    for sub in node.get("anyOf", []):
+        found += _nodes(sub)
+    return found + _nodes(node.get("items"))
+
+
+def _integers(node: Any) -> list[dict[str, Any]]:
+    return [n for n in _nodes(node) if n.get("type") == "integer"]
+
+
+def _runtime_limits(props: dict[str, Any], config: ServerConfig, model: Model) -> None:
+    """What only the running server knows, written into a request body's
+    schema: its model id, the caps on n and max_tokens, the vocabulary's
+    token ids and the embedding width."""
+    if "anyOf" in props.get("model", {}):
+        props["model"]["anyOf"] = [{"type": "string", "enum": [config.model_id]}, {"type": "null"}]
+    caps = {"n": config.max_n, "max_tokens": config.max_tokens_cap, "max_completion_tokens": config.max_tokens_cap}
+    for name, cap in caps.items():
+        for node in _integers(props.get(name)):
+            node["maximum"] = cap
+    for name in ("prompt", "input", "tokens"):
+        for node in _integers(props.get(name)):
+            node["minimum"], node["maximum"] = 0, model.n_vocab - 1
+    for name in ("prompt", "input"):   # no empty prompt or input, one prompt per request
+        for node in _nodes(props.get(name)):
+            if node.get("type") == "string":
+                node["minLength"] = 1
+            elif node.get("type") == "array":
+                node["minItems"] = 1
+                if name == "prompt" and node.get("items", {}).get("type") == "string":
+                    node["maxItems"] = 1
+    for node in _integers(props.get("dimensions")):
+        node["minimum"] = node["maximum"] = model.n_embd
+    for node in props.get("logit_bias", {}).get("anyOf", []):
+        if node.get("type") == "object":
+            node["propertyNames"] = {"pattern": "^[0-9]+$"}
 
 
 def _model_card(state: _State) -> dict[str, Any]:

@@ -165,6 +165,30 @@ class CompletionRequest(SamplingRequest):  # type: ignore[misc, valid-type]
 # ---- response shapes ---------------------------------------------------------------
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape: every error the server answers."""
+
+    error: ErrorDetail
+
+
+# The errors any route may answer, documented once for the OpenAPI schema
+# (a body that does not match its model is a 400, never FastAPI's 422).
+ERROR_RESPONSES: dict[Union[int, str], dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "an invalid request (the message names the field)"},
+    401: {"model": ErrorResponse, "description": "a missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "an unknown model, datastore, reward, corrector or route"},
+    413: {"model": ErrorResponse, "description": "a body over the size limit"},
+    503: {"model": ErrorResponse, "description": "overloaded: retry after the Retry-After header's seconds"},
+}
+
+
 def usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
