@@ -145,7 +145,7 @@ def test_an_rtd_shaped_proposal_samples_the_shaped_target(model, eos_delta):
     unlikely = min((item for item in plain_support if len(item[0][0]) == 3), key=lambda item: item[1])
     continuation = model.detokenize(list(unlikely[0][0]))
     store = rtd_module.Datastore.build(model, [{"prompt": PROMPT, "completion": continuation}], progress=False)
-    shaping = rtd_module.RTD(store, k=1, temperature=1.0, lam=0.01)
+    shaping = rtd_module.RTD(store, k=1, temperature=1.0, lam=0.01, gate=False)
     p_shaped, result, support = chain_p_value(model, eos_delta, beta_run=1.0, rtd=shaping)
     assert p_shaped > 0.01
     # The same chain against the target of the proposal without RTD, on the
