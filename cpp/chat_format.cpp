@@ -188,21 +188,26 @@ ChatPrompt ChatTemplates::apply(const llama_vocab* vocab, const ChatRequest& req
 }
 
 ChatParser::ChatParser(std::shared_ptr<const ChatSyntax> syntax, bool parse_tool_calls)
-    : syntax_(std::move(syntax)), parse_tool_calls_(parse_tool_calls), previous_(std::make_unique<common_chat_msg>()) {
+    : syntax_(std::move(syntax)),
+      params_(std::make_unique<common_chat_parser_params>(syntax_->params)),
+      previous_(std::make_unique<common_chat_msg>()) {
+    params_->parse_tool_calls = parse_tool_calls;
     previous_->role = "assistant";
 }
 
 ChatParser::~ChatParser() = default;
 
 std::string ChatParser::update(const std::string& text, bool partial) {
-    common_chat_parser_params params = syntax_->params;
-    params.parse_tool_calls = parse_tool_calls_;
+    // A partial answer that cannot be read yet: the message so far, nothing new.
+    const auto unchanged = [&] {
+        return common_json{{"message", previous_->to_json_oaicompat()}, {"deltas", common_json::array()}}.dump();
+    };
     common_chat_msg msg;
     try {
-        msg = common_chat_parse(syntax_->answer_prefix + text, partial, params);
+        msg = common_chat_parse(syntax_->answer_prefix + text, partial, *params_);
     } catch (const std::exception&) {
         // Not in the format (a call cut short, say): the answer is its text.
-        if (partial) return common_json{{"message", previous_->to_json_oaicompat()}, {"deltas", common_json::array()}}.dump();
+        if (partial) return unchanged();
         msg = common_chat_msg();
         msg.role = "assistant";
         msg.content = syntax_->answer_prefix + text;
@@ -236,7 +241,7 @@ std::string ChatParser::update(const std::string& text, bool partial) {
             deltas.push_back(std::move(delta));
         }
     } catch (const std::exception&) {
-        if (partial) return common_json{{"message", previous_->to_json_oaicompat()}, {"deltas", common_json::array()}}.dump();
+        if (partial) return unchanged();
         throw;
     }
     *previous_ = msg;

@@ -89,7 +89,9 @@ public:
 
 private:
     std::shared_ptr<const ChatSyntax> syntax_;
-    bool parse_tool_calls_;
+    // The syntax's parser settings with this answer's parse_tool_calls,
+    // copied once (the loaded parser is too large to copy per piece).
+    std::unique_ptr<common_chat_parser_params> params_;
     std::unique_ptr<common_chat_msg> previous_;
     std::vector<std::string> ids_;
 };
