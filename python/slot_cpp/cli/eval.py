@@ -1,5 +1,5 @@
-"""slot-cpp eval gsm8k, eval mc and eval lmcor: the flags, and the results of
-slot_cpp.evaluation printed."""
+"""slot-cpp eval gsm8k, eval mc, eval lmcor and eval make-arithmetic: the
+flags, and the results of slot_cpp.evaluation printed."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def register(sub: Any) -> None:
     _register_gsm8k(ev_sub)
     _register_mc(ev_sub)
     _register_lmcor(ev_sub)
+    _register_make_arithmetic(ev_sub)
 
 
 def _register_gsm8k(ev_sub: Any) -> None:
@@ -54,6 +55,45 @@ def _register_gsm8k(ev_sub: Any) -> None:
     _add_sampling_options(g, slot_lists=True)
     _add_rtd_options(g)
     g.set_defaults(func=cmd_eval)
+
+
+def _register_make_arithmetic(ev_sub: Any) -> None:
+    from .. import arithmetic
+
+    ma = ev_sub.add_parser("make-arithmetic", help="write generated arithmetic word problems (GSM8K format) as "
+                           "disjoint splits, for eval gsm8k and qalign-head",
+                           description="levels: " + "; ".join(f"{k}: {v[0]}" for k, v in arithmetic.LEVELS.items()))
+    ma.add_argument("--level", required=True, help="comma-separated levels, drawn in turn")
+    ma.add_argument("--split", default="train=200,val=100,test=200",
+                    help="NAME=ROWS,...: one NAME.jsonl per part, disjoint, in this order")
+    ma.add_argument("--seed", type=int, default=0)
+    ma.add_argument("--output", "-o", required=True, help="directory for the parts and task.json")
+    ma.set_defaults(func=cmd_make_arithmetic)
+
+
+def cmd_make_arithmetic(args: argparse.Namespace) -> int:
+    from .. import arithmetic
+
+    levels = [x.strip() for x in args.level.split(",") if x.strip()]
+    sizes: dict[str, int] = {}
+    for part in args.split.split(","):
+        name, _, rows = part.partition("=")
+        if not name.strip() or not rows.strip().isdigit():
+            raise UsageError(f"--split expects NAME=ROWS,..., got {part!r}")
+        sizes[name.strip()] = int(rows)
+    try:
+        rows = arithmetic.generate(levels, sum(sizes.values()), seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in arithmetic.split(rows, sizes).items():
+        arithmetic.write_jsonl(part, out / f"{name}.jsonl")
+    with atomic_write(out / "task.json", "w", encoding="utf-8") as meta:
+        json.dump({"generator": "slot_cpp.arithmetic", "levels": levels, "seed": args.seed, "split": sizes}, meta,
+                  indent=2)
+    print(f"wrote {', '.join(f'{n}.jsonl ({k} rows)' for n, k in sizes.items())} to {out}", file=sys.stderr)
+    return 0
 
 
 def _register_mc(ev_sub: Any) -> None:
