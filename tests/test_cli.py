@@ -211,10 +211,8 @@ def test_eval_gsm8k_methods_at_one_budget(gemma_path, tmp_path):
     assert sorted((r["index"], r["setting"]) for r in records) == sorted(
         (i, s) for i in range(2) for s in ("greedy", "mv@64", "bon@64", "wmv@64", "qalign@64"))
     for r in records:
-        if r["method"] in ("mv", "bon", "wmv"):
-            assert r["generated_tokens"] <= 64  # two samples of at most 32 tokens
-        if r["method"] == "qalign":
-            assert 64 <= r["generated_tokens"] < 64 + 32 + 1  # stops at the step that reaches the budget
+        if r["method"] != "greedy":  # each sampling method stops at the answer that reaches the budget
+            assert 64 <= r["generated_tokens"] < 64 + 32 + 1
     assert "| qalign@64 | 2 |" in proc.stdout and "McNemar" in proc.stdout
     again = _run(*args)
     assert "resuming: 10 records" in again.stderr and len(out.read_text().splitlines()) == 10

@@ -384,3 +384,64 @@ def test_reward_tokens_are_counted_apart_from_the_chain(model):
     assert r.decoded_tokens == len(x) - 1 + r.generated_tokens
     plain = qa.qalign(model, PROMPT, reward=crc_reward, steps=5, max_tokens=10, seed=8)
     assert plain.reward_tokens == 0
+
+
+def test_baselines_at_a_budget_sample_until_they_reach_it(model, eos_delta):
+    """Equal compute: a baseline's samples reach the budget and overshoot it
+    by less than one answer; a smaller budget's pool is a prefix of a larger
+    one's (sample i draws with seed + i)."""
+    max_tokens = 8
+    # end-of-sequence lifted into the top two: answers of different lengths
+    shape = dict(max_tokens=max_tokens, seed=5, top_k=2, delta=eos_delta[1])
+    model.clear_cache()
+    largest = qa.sample_pool(model, PROMPT, budget=150, **shape)
+    costs = [qa.sample_cost(s) for s in largest]
+    assert sum(costs) >= 150 and len(set(costs)) > 2
+    for budget in (1, 9, 40, 150):
+        model.clear_cache()  # the same cells as the largest run: the same rounding
+        pool = qa.sample_pool(model, PROMPT, budget=budget, **shape)
+        used = sum(qa.sample_cost(s) for s in pool)
+        assert budget <= used < budget + max_tokens
+        assert used - qa.sample_cost(pool[-1]) < budget  # the shortest prefix that reaches it
+        assert len(pool) == qa.pool_prefix(costs, budget)
+        assert [s.tokens for s in pool] == [s.tokens for s in largest[:len(pool)]]
+    # the old rule, budget // max_tokens samples, falls short by more than an answer
+    short = qa._samples(model, PROMPT, 150 // max_tokens, max_tokens, 5, 2, (), eos_delta[1])
+    assert sum(qa.sample_cost(s) for s in short) < 150 - max_tokens
+    for fn, extra in ((qa.majority_vote, {}), (qa.best_of_n, {"reward": crc_reward}),
+                      (qa.weighted_majority_vote, {"reward": crc_reward})):
+        b = fn(model, PROMPT, budget=60, extract=lambda t: t[:3], **shape, **extra)
+        assert 60 <= b.generated_tokens < 60 + max_tokens
+        assert b.generated_tokens == sum(qa.sample_cost(s) for s in b.samples)
+        with pytest.raises(ValueError, match="not both"):
+            fn(model, PROMPT, n=4, budget=60, max_tokens=max_tokens, **extra)
+    with pytest.raises(ValueError, match="budget"):
+        qa.sample_pool(model, PROMPT, budget=0)
+
+
+def test_a_chain_at_a_smaller_budget_is_a_prefix_of_a_larger_one(model, eos_delta):
+    shape = dict(reward=crc_reward, steps=10**6, max_tokens=8, seed=6, top_k=2, delta=eos_delta[1],
+                 extract=lambda t: t[:2])
+    model.clear_cache()  # each run from the same cache: the same cells, the same rounding
+    largest = qa.qalign(model, PROMPT, budget=120, **shape)
+    generated = [s.generated for s in largest.chain]
+    assert generated == sorted(generated) and generated[-1] == largest.generated_tokens >= 120
+    for budget in (1, 20, 70):
+        model.clear_cache()
+        run = qa.qalign(model, PROMPT, budget=budget, **shape)
+        prefix = qa.chain_prefix(largest.chains, budget)[0]
+        assert len(prefix) < len(largest.chain)
+        assert [(s.tokens, s.accepted, s.generated) for s in run.chain] == \
+            [(s.tokens, s.accepted, s.generated) for s in prefix]
+        assert run.answer == qa.chain_answer(prefix, "vote", lambda t: t[:2])[0]
+
+
+def test_answer_choosers():
+    assert qa.vote(["3", None, "4", "4", "3"]) == ("3", {"3": 2.0, "4": 2.0})  # ties: the earliest
+    assert qa.vote([None]) == (None, {})
+    assert qa.best_answer(["1", "2", "3"], [0.5, 2.0, 2.0]) == ("2", 1)
+    chosen, mass = qa.weighted_vote(["a", "b", "b"], [3.0, 1.0, 1.0])
+    w = np.exp([3.0, 1.0, 1.0]) / np.exp([3.0, 1.0, 1.0]).sum()
+    assert chosen == "a" and mass == pytest.approx({"a": w[0], "b": w[1] + w[2]})
+    assert qa.pool_prefix([5, 5, 5], 10) == 2 and qa.pool_prefix([5, 5, 5], 11) == 3
+    assert qa.pool_prefix([5], 100) == 1

@@ -246,7 +246,7 @@ def _solve(model: Model, prompt: Prompt, method: str, *, budget: int, reward: An
         q = qa.qalign(model, prompt, reward=reward, beta=beta, steps=10**6, budget=budget, **common)
         return q.answer, q.generated_tokens, q.answer_state.text if q.answer_state is not None else ""
     fn = {"mv": qa.majority_vote, "bon": qa.best_of_n, "wmv": qa.weighted_majority_vote}[method]
-    kwargs: dict[str, Any] = dict(n=max(1, budget // common["max_tokens"]), **common)
+    kwargs: dict[str, Any] = dict(budget=budget, **common)  # samples until they reach the budget
     if method != "mv":
         kwargs["reward"] = reward
     b = fn(model, prompt, **kwargs)

@@ -27,13 +27,23 @@ GSM8K's final number by default) or, for free text, the state with the
 highest mean ROUGE-1 F1 to the others (minimum Bayes risk). Baselines on the
 same reward interface: :func:`best_of_n`, :func:`majority_vote`,
 :func:`weighted_majority_vote`.
+
+Equal compute: with ``budget`` (tokens sampled per problem, an end-of-sequence
+token counted as one), the chain stops after the step that reaches it and a
+baseline keeps sampling until its samples reach it, so both use the budget to
+within one answer. Sample i of a pool draws with ``seed + i`` and a chain's
+steps draw from one seeded stream, so a pool or chain at a smaller budget is a
+prefix of the one at a larger budget: :func:`pool_prefix` and
+:func:`chain_prefix` give every smaller budget's run from one run at the
+largest, and :func:`vote`, :func:`best_answer`, :func:`weighted_vote` and
+:func:`chain_answer` its answer.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -54,12 +64,20 @@ __all__ = [
     "QAlignResult",
     "Reward",
     "RewardError",
+    "best_answer",
     "best_of_n",
+    "chain_answer",
+    "chain_prefix",
     "majority_vote",
+    "pool_prefix",
     "qalign",
     "rouge1_f1",
+    "sample_cost",
+    "sample_pool",
     "train_linear_reward",
+    "vote",
     "weighted_majority_vote",
+    "weighted_vote",
 ]
 
 Extractor = Callable[[str], Optional[str]]
@@ -289,6 +307,8 @@ class ChainState:
     """Whether this step's proposal was accepted (step 0: True)."""
     ended: bool
     """The response ended with end-of-sequence (|y| counts that token)."""
+    generated: int = 0
+    """Tokens sampled by all the run's chains up to and including this step."""
 
     @property
     def length(self) -> int:
@@ -420,24 +440,34 @@ def _drop_lost_branches(model: Model, x: list[int], branches: list[tuple[list[in
             model.drop_cached(x + lost[:k + 1])
 
 
-def _chain_answer(kept: list[ChainState], answer: str, extract: Extractor
-                  ) -> tuple[Optional[str], Optional[ChainState], dict[str, float]]:
-    """The chosen answer, a state giving it, and the votes (for "vote")."""
+def chain_answer(kept: Sequence[ChainState], answer: str = "vote", extract: Optional[Extractor] = None
+                 ) -> tuple[Optional[str], Optional[ChainState], dict[str, float]]:
+    """The answer QAlign gives from these states (``answer``: "vote" or
+    "mbr"), a state giving it, and the votes (for "vote")."""
+    extract = extract or gsm8k.extract_answer
     votes: dict[str, float] = {}
     chosen: Optional[str] = None
     chosen_state: Optional[ChainState] = None
     if answer == "vote":
         answers = [extract(state.text) for state in kept]
-        # Counter keeps first-seen order, so max breaks ties by the earliest answer.
-        counts = Counter(a for a in answers if a is not None)
-        votes = {k: float(v) for k, v in counts.items()}
-        if counts:
-            chosen = max(counts, key=counts.__getitem__)
+        chosen, votes = vote(answers)
+        if chosen is not None:
             chosen_state = kept[answers.index(chosen)]
     else:
-        chosen_state = mbr_choice([state.text for state in kept], kept)
+        chosen_state = mbr_choice([state.text for state in kept], list(kept))
         chosen = chosen_state.text if chosen_state is not None else None
     return chosen, chosen_state, votes
+
+
+def chain_prefix(chains: Sequence[Sequence[ChainState]], budget: int) -> list[list[ChainState]]:
+    """The states a run with ``budget`` would have had: every chain's steps up
+    to the first whose sampled tokens reach the budget (all of them if none
+    does), as :func:`qalign` stops with that budget and the same seed."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
+    steps = len(chains[0]) if chains else 0
+    last = next((i for i, state in enumerate(chains[0]) if state.generated >= budget), steps - 1) if steps else -1
+    return [list(chain[:last + 1]) for chain in chains]
 
 
 def qalign(
@@ -520,7 +550,7 @@ def qalign(
     reward_calls = chains
     generated = sum(r.generated_tokens + (1 if _terminal(r) else 0) for r in first)
     for c, r in enumerate(first):
-        history[c].append(ChainState(0, list(r.tokens), texts[c], rewards[c], True, _terminal(r)))
+        history[c].append(ChainState(0, list(r.tokens), texts[c], rewards[c], True, _terminal(r), generated))
     accepted = 0
     steps_run = 0
     for step in range(1, steps + 1):
@@ -538,12 +568,14 @@ def qalign(
                                                   rng.random(chains), float(beta))
         accepted += took
         generated += sampled
+        for h in history:
+            h[-1] = replace(h[-1], generated=generated)
         _drop_lost_branches(model, x, branches)
         if on_step is not None:
             on_step(step, accepted / (step * chains), float(np.mean([h[-1].reward for h in history])))
     burn_in = min(burn_in, steps_run)
     kept: list[ChainState] = [state for h in history for state in h[burn_in:]]
-    chosen, chosen_state, votes = _chain_answer(kept, answer, extract)
+    chosen, chosen_state, votes = chain_answer(kept, answer, extract)
     return QAlignResult(
         chains=history, answer=chosen, answer_state=chosen_state,
         accept_rate=accepted / max(1, steps_run * chains), generated_tokens=generated,
@@ -586,6 +618,86 @@ class BaselineResult:
     rewards: Optional[list[float]]
     votes: dict[str, float]
     generated_tokens: int
+    """Tokens the samples drew, an end-of-sequence token counted as one."""
+
+
+def sample_cost(sample: GenerationResult) -> int:
+    """Tokens a sample drew: its tokens, plus one for an end-of-sequence token
+    (the count QAlign's budget uses)."""
+    return sample.generated_tokens + (1 if _terminal(sample) else 0)
+
+
+def pool_prefix(costs: Sequence[int], budget: int) -> int:
+    """How many samples of a pool (each costing ``costs[i]`` tokens) a run
+    with ``budget`` keeps: the shortest prefix whose tokens reach the budget
+    (the whole pool if none does)."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
+    used = 0
+    for i, cost in enumerate(costs):
+        used += cost
+        if used >= budget:
+            return i + 1
+    return len(costs)
+
+
+def sample_pool(model: Model, prompt: Prompt, *, budget: int, max_tokens: int = 256, seed: int = 0,
+                top_k: int = 0, stop: Sequence[str] = (), delta: Optional[np.ndarray] = None,
+                **kwargs: Any) -> list[GenerationResult]:
+    """Samples at temperature 1 until their tokens reach ``budget``: sample i
+    draws with ``seed + i``, and the pool is the shortest prefix of that
+    sequence that reaches the budget, so it overshoots by less than one
+    answer and a pool at a smaller budget is a prefix of this one. Drawn in
+    batches sized by the mean answer so far."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+    pool: list[GenerationResult] = []
+    used = 0
+    while used < budget:
+        mean = used / len(pool) if pool else max_tokens
+        n = max(1, min(model.n_parallel, math.ceil((budget - used) / max(1.0, mean))))
+        for sample in _samples(model, prompt, n, max_tokens, seed + len(pool), top_k, stop, delta, **kwargs):
+            if used >= budget:
+                break
+            pool.append(sample)
+            used += sample_cost(sample)
+    return pool
+
+
+def vote(answers: Sequence[Optional[str]]) -> tuple[Optional[str], dict[str, float]]:
+    """Majority vote: the most frequent answer (ties: the earliest seen;
+    None answers do not vote) and the counts."""
+    counts = Counter(a for a in answers if a is not None)  # keeps first-seen order for max's ties
+    chosen = max(counts, key=counts.__getitem__) if counts else None
+    return chosen, {k: float(v) for k, v in counts.items()}
+
+
+def best_answer(answers: Sequence[Optional[str]], rewards: Sequence[float]) -> tuple[Optional[str], int]:
+    """Best-of-n: the answer of the highest reward (ties: the earliest) and its index."""
+    if not answers or len(answers) != len(rewards):
+        raise ValueError("best_answer needs one reward per answer, and at least one")
+    best = int(np.argmax(rewards))
+    return answers[best], best
+
+
+def weighted_vote(answers: Sequence[Optional[str]], rewards: Sequence[float]
+                  ) -> tuple[Optional[str], dict[str, float]]:
+    """Weighted majority vote: each answer's mass is the sum of
+    softmax(rewards) over the samples giving it; the heaviest, and the masses."""
+    if len(answers) != len(rewards):
+        raise ValueError("weighted_vote needs one reward per answer")
+    if not answers:
+        return None, {}
+    r = np.asarray(rewards, dtype=float)
+    weights = np.exp(r - r.max())
+    weights /= weights.sum()
+    mass: dict[str, float] = {}
+    for a, w in zip(answers, weights):
+        if a is not None:
+            mass[a] = mass.get(a, 0.0) + float(w)
+    return (max(mass, key=lambda k: mass[k]) if mass else None), mass
 
 
 def _samples(model: Model, prompt: Prompt, n: int, max_tokens: int, seed: int, top_k: int,
@@ -596,46 +708,50 @@ def _samples(model: Model, prompt: Prompt, n: int, max_tokens: int, seed: int, t
                                 top_p=1.0, min_p=0.0, stop=list(stop), delta=delta, **kwargs)
 
 
-def best_of_n(model: Model, prompt: Prompt, *, reward: RewardLike, n: int = 16, max_tokens: int = 256,
-              seed: int = 0, top_k: int = 0, stop: Sequence[str] = (), delta: Optional[np.ndarray] = None,
-              extract: Optional[Extractor] = None, **kwargs: Any) -> BaselineResult:
-    """n samples at temperature 1; the answer of the one with the highest reward."""
+def _draw(model: Model, prompt: Prompt, n: Optional[int], budget: Optional[int], max_tokens: int, seed: int,
+          top_k: int, stop: Sequence[str], delta: Optional[np.ndarray], **kwargs: Any) -> list[GenerationResult]:
+    """n samples, or samples up to a token budget (not both)."""
+    if n is not None and budget is not None:
+        raise ValueError("give n (samples) or budget (tokens), not both")
+    if budget is not None:
+        return sample_pool(model, prompt, budget=budget, max_tokens=max_tokens, seed=seed, top_k=top_k, stop=stop,
+                           delta=delta, **kwargs)
+    return _samples(model, prompt, 16 if n is None else n, max_tokens, seed, top_k, stop, delta, **kwargs)
+
+
+def best_of_n(model: Model, prompt: Prompt, *, reward: RewardLike, n: Optional[int] = None,
+              budget: Optional[int] = None, max_tokens: int = 256, seed: int = 0, top_k: int = 0,
+              stop: Sequence[str] = (), delta: Optional[np.ndarray] = None, extract: Optional[Extractor] = None,
+              **kwargs: Any) -> BaselineResult:
+    """Samples at temperature 1 (``n``, default 16, or up to ``budget``
+    tokens: :func:`sample_pool`); the answer of the one with the highest reward."""
     rew, extract = as_reward(reward), extract or gsm8k.extract_answer
-    samples = _samples(model, prompt, n, max_tokens, seed, top_k, stop, delta, **kwargs)
+    samples = _draw(model, prompt, n, budget, max_tokens, seed, top_k, stop, delta, **kwargs)
     rewards = _score(rew, _candidates(model, prompt, samples), [])
-    best = int(np.argmax(rewards))
-    return BaselineResult(extract(samples[best].text), samples, rewards, {},
-                          sum(s.generated_tokens for s in samples))
+    chosen, _ = best_answer([extract(s.text) for s in samples], rewards)
+    return BaselineResult(chosen, samples, rewards, {}, sum(sample_cost(s) for s in samples))
 
 
-def majority_vote(model: Model, prompt: Prompt, *, n: int = 16, max_tokens: int = 256, seed: int = 0,
-                  top_k: int = 0, stop: Sequence[str] = (), delta: Optional[np.ndarray] = None,
-                  extract: Optional[Extractor] = None, **kwargs: Any) -> BaselineResult:
-    """n samples at temperature 1; the most frequent extracted answer."""
+def majority_vote(model: Model, prompt: Prompt, *, n: Optional[int] = None, budget: Optional[int] = None,
+                  max_tokens: int = 256, seed: int = 0, top_k: int = 0, stop: Sequence[str] = (),
+                  delta: Optional[np.ndarray] = None, extract: Optional[Extractor] = None,
+                  **kwargs: Any) -> BaselineResult:
+    """Samples at temperature 1 (``n``, default 16, or up to ``budget``
+    tokens); the most frequent extracted answer."""
     extract = extract or gsm8k.extract_answer
-    samples = _samples(model, prompt, n, max_tokens, seed, top_k, stop, delta, **kwargs)
-    answers = [extract(s.text) for s in samples]
-    counts = Counter(a for a in answers if a is not None)
-    chosen = max(counts, key=counts.__getitem__) if counts else None  # ties: the earliest answer
-    return BaselineResult(chosen, samples, None, {k: float(v) for k, v in counts.items()},
-                          sum(s.generated_tokens for s in samples))
+    samples = _draw(model, prompt, n, budget, max_tokens, seed, top_k, stop, delta, **kwargs)
+    chosen, votes = vote([extract(s.text) for s in samples])
+    return BaselineResult(chosen, samples, None, votes, sum(sample_cost(s) for s in samples))
 
 
-def weighted_majority_vote(model: Model, prompt: Prompt, *, reward: RewardLike, n: int = 16,
-                           max_tokens: int = 256, seed: int = 0, top_k: int = 0, stop: Sequence[str] = (),
-                           delta: Optional[np.ndarray] = None, extract: Optional[Extractor] = None,
-                           **kwargs: Any) -> BaselineResult:
-    """n samples; each answer's mass is the sum of softmax(rewards) over the samples giving it."""
+def weighted_majority_vote(model: Model, prompt: Prompt, *, reward: RewardLike, n: Optional[int] = None,
+                           budget: Optional[int] = None, max_tokens: int = 256, seed: int = 0, top_k: int = 0,
+                           stop: Sequence[str] = (), delta: Optional[np.ndarray] = None,
+                           extract: Optional[Extractor] = None, **kwargs: Any) -> BaselineResult:
+    """Samples (``n``, default 16, or up to ``budget`` tokens); each answer's
+    mass is the sum of softmax(rewards) over the samples giving it."""
     rew, extract = as_reward(reward), extract or gsm8k.extract_answer
-    samples = _samples(model, prompt, n, max_tokens, seed, top_k, stop, delta, **kwargs)
+    samples = _draw(model, prompt, n, budget, max_tokens, seed, top_k, stop, delta, **kwargs)
     rewards = _score(rew, _candidates(model, prompt, samples), [])
-    r = np.asarray(rewards)
-    weights = np.exp(r - r.max())
-    weights /= weights.sum()
-    mass: dict[str, float] = {}
-    for s, w in zip(samples, weights):
-        a = extract(s.text)
-        if a is not None:
-            mass[a] = mass.get(a, 0.0) + float(w)
-    chosen = max(mass, key=lambda k: mass[k]) if mass else None
-    return BaselineResult(chosen, samples, rewards, mass, sum(s.generated_tokens for s in samples))
+    chosen, mass = weighted_vote([extract(s.text) for s in samples], rewards)
+    return BaselineResult(chosen, samples, rewards, mass, sum(sample_cost(s) for s in samples))
