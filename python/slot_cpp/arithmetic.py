@@ -79,7 +79,7 @@ def _groups(rng: random.Random) -> Row:
 
 def _units(rng: random.Random) -> Row:
     big, small, factor = rng.choice(_UNITS)
-    n = rng.randint(2, 9)
+    n = rng.randint(2, 30)
     return _row(f"How many {small} are in {n} {big}?", f"{n} * {factor} = {n * factor}.", n * factor)
 
 
