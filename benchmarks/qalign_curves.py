@@ -179,7 +179,7 @@ def choose(record: dict, method: str, budget: int) -> tuple[Optional[str], float
         return record["answer"], float("nan"), record["cost"]
     answers, rewards = record["answers"], record["rewards"]
     if method.startswith("qalign"):
-        keep = next((i + 1 for i, g in enumerate(record["generated"]) if g >= budget), len(answers))
+        keep = qa.pool_prefix(qa.step_costs(record["generated"]), budget)  # qa.chain_prefix's rule
         chosen, _ = qa.vote(answers[:keep])
         used = record["generated"][keep - 1]
     else:

@@ -74,6 +74,7 @@ __all__ = [
     "rouge1_f1",
     "sample_cost",
     "sample_pool",
+    "step_costs",
     "train_linear_reward",
     "vote",
     "weighted_majority_vote",
@@ -463,11 +464,14 @@ def chain_prefix(chains: Sequence[Sequence[ChainState]], budget: int) -> list[li
     """The states a run with ``budget`` would have had: every chain's steps up
     to the first whose sampled tokens reach the budget (all of them if none
     does), as :func:`qalign` stops with that budget and the same seed."""
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
-    steps = len(chains[0]) if chains else 0
-    last = next((i for i, state in enumerate(chains[0]) if state.generated >= budget), steps - 1) if steps else -1
-    return [list(chain[:last + 1]) for chain in chains]
+    generated = [state.generated for state in chains[0]] if chains else []
+    keep = pool_prefix(step_costs(generated), budget)
+    return [list(chain[:keep]) for chain in chains]
+
+
+def step_costs(generated: Sequence[int]) -> list[int]:
+    """The tokens each step sampled, from the running totals of ``ChainState.generated``."""
+    return [b - a for a, b in zip([0, *generated], generated)]
 
 
 def qalign(
