@@ -4,7 +4,7 @@ greedy accuracy, the accuracy of one sample at temperature 1, and pass@k
 
     python benchmarks/arithmetic_levels.py --model gemma --model PATH/SmolLM2-135M-Instruct.Q4_1.gguf
 
-Writes benchmarks/results/arithmetic_levels.{json,md}. The problems are drawn
+Writes benchmarks/results/NAME.{json,md} (--name, default arithmetic_levels). The problems are drawn
 with a seed of their own (not those of the QAlign curves' splits).
 """
 
@@ -65,6 +65,7 @@ def main() -> int:
     ap.add_argument("--top-k", default="0", help="comma-separated top-k values of the samples (0: none)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--name", default="arithmetic_levels", help="report file name in --out (.json, .md)")
     args = ap.parse_args()
     results = []
     for spec in args.model or ["gemma"]:
@@ -78,7 +79,7 @@ def main() -> int:
                     results.append(row)
     report = {"command": "python benchmarks/arithmetic_levels.py " + " ".join(sys.argv[1:]), "rows": args.rows,
               "k": args.k, "results": results}
-    save_report(args.out, "arithmetic_levels", report, markdown)
+    save_report(args.out, args.name, report, markdown)
     return 0
 
 

@@ -22,7 +22,13 @@ beside them.
 
 Budgets are multiples of one answer's tokens (the mean greedy answer on the
 val split, an end-of-sequence token counted): 1, 2, 4, ..., 32 by default.
-Writes benchmarks/results/qalign_curves.{json,md,png}; everything else in --work.
+Writes benchmarks/results/NAME.{json,md,png} (--name, default qalign_curves);
+everything else in --work. On two cores, two shards of one thread each:
+
+    python benchmarks/qalign_curves.py ARGS --prepare-only
+    python benchmarks/qalign_curves.py ARGS --threads 1 --shard 0/2 &
+    python benchmarks/qalign_curves.py ARGS --threads 1 --shard 1/2
+    python benchmarks/qalign_curves.py ARGS --report-only
 """
 
 from __future__ import annotations
@@ -123,7 +129,7 @@ def run_problem(model: slot_cpp.Model, head: qa.LinearReward, p: gsm8k.Problem, 
     prompt, stop = _prompt(p.question)
     seed = args.seed + 1_000_003 * p.index
     start = time.process_time()
-    record: dict[str, Any] = {"index": p.index, "method": method, "reference": p.reference}
+    record: dict[str, Any] = {"index": p.index, "method": method, "reference": p.reference, "budget": budget}
     if method in ("greedy", "slot", "slot-auto"):
         slot = {"greedy": {}, "slot": {"steps": args.slot_steps, "lr": args.slot_lr},
                 "slot-auto": {"steps": args.slot_steps, "lr": "auto"}}[method]
@@ -153,16 +159,26 @@ def run_problem(model: slot_cpp.Model, head: qa.LinearReward, p: gsm8k.Problem, 
     return record
 
 
-def _read(path: Path) -> list[dict]:
-    return gsm8k.read_records(path) if path.exists() else []
+def _read(work: Path) -> list[dict]:
+    """Every record in --work: records.jsonl and the shards' records-I-of-N.jsonl."""
+    return [r for path in sorted(work.glob("records*.jsonl")) for r in gsm8k.read_records(path)]
+
+
+def _shard(text: str) -> tuple[int, int]:
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise SystemExit(f"--shard takes I/N with 0 <= I < N, not {text!r}")
+    return int(i), int(n)
 
 
 def run_all(model, head, parts, methods, budget, args, work: Path) -> list[dict]:
-    path = work / "records.jsonl"
-    done = {(r["index"], r["method"]) for r in _read(path)}
-    todo = [(p, m) for p in parts["test"] for m in methods if (p.index, m) not in done]
+    shard, shards = _shard(args.shard)
+    path = work / ("records.jsonl" if shards == 1 else f"records-{shard}-of-{shards}.jsonl")
+    done = {(r["index"], r["method"]) for r in _read(work)}
+    mine = [p for k, p in enumerate(parts["test"]) if k % shards == shard]
+    todo = [(p, m) for p in mine for m in methods if (p.index, m) not in done]
     if done:
-        print(f"resuming: {len(done)} records in {path}", file=sys.stderr)
+        print(f"resuming: {len(done)} records in {work}", file=sys.stderr)
     deltas: dict = {}
     with open_append(path) as out:
         for i, (p, m) in enumerate(todo, 1):
@@ -210,6 +226,8 @@ def summarise(records: list[dict], parts: dict, methods: list[str], unit: int, m
         right: dict[str, list[bool]] = {}
         for m in ([x for x in methods if x in ("greedy", "slot", "slot-auto")] + curve_methods):
             source = "pool" if m in BASELINES else m
+            if m in curve_methods and any(by[(p.index, source)].get("budget", budget) < budget for p in test):
+                continue  # this method was run to a smaller largest budget (--multiples)
             got = [choose(by[(p.index, source)], m, budget) for p in test]
             right[m] = [gsm8k.is_correct(a, p.reference) for (a, _, _), p in zip(got, test)]
             n, k = len(test), sum(right[m])
@@ -306,6 +324,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="benchmarks/work/qalign_curves")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--name", default="qalign_curves", help="report file name in --out (.json, .md, .png)")
+    ap.add_argument("--shard", default="0/1",
+                    help="I/N: run the test problems at positions I, I+N, ... (N processes of --threads 1 each "
+                         "use two cores better than one of two threads; run --prepare-only once first)")
+    ap.add_argument("--prepare-only", action="store_true", help="make the data, the reward head and the unit, then stop")
     ap.add_argument("--report-only", action="store_true",
                     help="summarise the records in --work so far (the test problems every method has finished)")
     args = ap.parse_args()
@@ -313,21 +336,25 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",")
     multiples = [int(x) for x in args.multiples.split(",")]
+    if _shard(args.shard)[1] > 1 and not (work / "unit.json").exists():
+        raise SystemExit(f"shards share one reward head: run with --prepare-only first (--work {work})")
     parts = make_data(args, work)
     path = args.model or slot_cpp.default_model_path()
     with slot_cpp.Model(path, n_ctx=8192, n_parallel=16, n_threads=args.threads) as model:
         head, info = reward_head(model, parts, args, work)
         print(f"reward head: {info}", file=sys.stderr, flush=True)
         unit = answer_unit(model, parts, args, work)
-        records = _read(work / "records.jsonl") if args.report_only else \
+        if args.prepare_only:
+            return 0
+        records = _read(work) if args.report_only else \
             run_all(model, head, parts, methods, max(multiples) * unit, args, work)
     rows = summarise(records, parts, methods, unit, multiples)
     report = {"command": "python benchmarks/qalign_curves.py " + " ".join(sys.argv[1:]), "model": Path(path).stem,
               "level": args.level, "split": {"train": args.train, "val": args.val, "test": args.test},
               "n": rows[0]["n"] if rows else 0, "unit": unit, "multiples": multiples, "beta": args.beta,
               "head": info, "rows": rows}
-    save_report(args.out, "qalign_curves", report, markdown)
-    plot(report, Path(args.out) / "qalign_curves.png")
+    save_report(args.out, args.name, report, markdown)
+    plot(report, Path(args.out) / f"{args.name}.png")
     return 0
 
 
