@@ -186,7 +186,7 @@ def run_all(model, head, parts, methods, budget, args, work: Path) -> list[dict]
             sync(out)
             if i % 20 == 0 or i == len(todo):
                 print(f"  {i}/{len(todo)} records", file=sys.stderr, flush=True)
-    return _read(path)
+    return _read(work)
 
 
 def choose(record: dict, method: str, budget: int) -> tuple[Optional[str], float, int]:
