@@ -27,7 +27,7 @@ everything else in --work. On two cores, two shards of one thread each:
 
     python benchmarks/qalign_curves.py ARGS --prepare-only
     python benchmarks/qalign_curves.py ARGS --threads 1 --shard 0/2 &
-    python benchmarks/qalign_curves.py ARGS --threads 1 --shard 1/2
+    python benchmarks/qalign_curves.py ARGS --threads 1 --shard 1/2; wait
     python benchmarks/qalign_curves.py ARGS --report-only
 """
 
@@ -167,12 +167,12 @@ def _read(work: Path) -> list[dict]:
 def _shard(text: str) -> tuple[int, int]:
     i, _, n = text.partition("/")
     if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
-        raise SystemExit(f"--shard takes I/N with 0 <= I < N, not {text!r}")
+        raise argparse.ArgumentTypeError(f"takes I/N with 0 <= I < N, not {text!r}")
     return int(i), int(n)
 
 
 def run_all(model, head, parts, methods, budget, args, work: Path) -> list[dict]:
-    shard, shards = _shard(args.shard)
+    shard, shards = args.shard
     path = work / ("records.jsonl" if shards == 1 else f"records-{shard}-of-{shards}.jsonl")
     done = {(r["index"], r["method"]) for r in _read(work)}
     mine = [p for k, p in enumerate(parts["test"]) if k % shards == shard]
@@ -325,9 +325,10 @@ def main() -> int:
     ap.add_argument("--work", default="benchmarks/work/qalign_curves")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--name", default="qalign_curves", help="report file name in --out (.json, .md, .png)")
-    ap.add_argument("--shard", default="0/1",
+    ap.add_argument("--shard", type=_shard, default=(0, 1),
                     help="I/N: run the test problems at positions I, I+N, ... (N processes of --threads 1 each "
-                         "use two cores better than one of two threads; run --prepare-only once first)")
+                         "use two cores better than one of two threads; run --prepare-only once first, "
+                         "--report-only after)")
     ap.add_argument("--prepare-only", action="store_true", help="make the data, the reward head and the unit, then stop")
     ap.add_argument("--report-only", action="store_true",
                     help="summarise the records in --work so far (the test problems every method has finished)")
@@ -336,7 +337,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",")
     multiples = [int(x) for x in args.multiples.split(",")]
-    if _shard(args.shard)[1] > 1 and not (work / "unit.json").exists():
+    if args.shard[1] > 1 and not (work / "unit.json").exists():
         raise SystemExit(f"shards share one reward head: run with --prepare-only first (--work {work})")
     parts = make_data(args, work)
     path = args.model or slot_cpp.default_model_path()
@@ -348,6 +349,8 @@ def main() -> int:
             return 0
         records = _read(work) if args.report_only else \
             run_all(model, head, parts, methods, max(multiples) * unit, args, work)
+    if args.shard[1] > 1:
+        return 0  # one report from all shards' records, by --report-only, not one per shard racing on --out
     rows = summarise(records, parts, methods, unit, multiples)
     report = {"command": "python benchmarks/qalign_curves.py " + " ".join(sys.argv[1:]), "model": Path(path).stem,
               "level": args.level, "split": {"train": args.train, "val": args.val, "test": args.test},
