@@ -497,6 +497,30 @@ def _check_model(state: _State, name: Optional[str]) -> None:
 
 # ---- running it --------------------------------------------------------------------
 
+MMAP_THRESHOLD = 256 << 10
+"""Heap blocks at least this large are mapped on their own and unmapped when freed."""
+
+
+def bound_heap_growth() -> bool:
+    """Keeps a long-running server's resident memory flat (glibc only; True
+    when set). glibc raises its mmap threshold each time a mapped block is
+    freed, so the per-token buffers (a vocabulary of logits is 1 MiB on a
+    262k-token model) soon come from the heap arenas, one per thread, which
+    fragment and keep growing for minutes. A fixed threshold keeps those
+    buffers mapped. MALLOC_MMAP_THRESHOLD_ set by the user wins."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    M_MMAP_THRESHOLD = -3
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
 
 def serve(model_path: Union[str, os.PathLike[str], None] = None, *, host: str = "127.0.0.1", port: int = 8080,
           n_parallel: int = 4, n_ctx: int = 0, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
@@ -508,6 +532,7 @@ def serve(model_path: Union[str, os.PathLike[str], None] = None, *, host: str = 
     """Load a model and serve it until interrupted (binds to 127.0.0.1 unless told otherwise)."""
     if n_ctx == 0:
         n_ctx = 2048 * n_parallel
+    bound_heap_growth()
     model = Model(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_parallel=n_parallel,
                   max_waiting=0, rpc=rpc, lora=lora)
     try:
