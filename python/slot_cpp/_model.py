@@ -573,13 +573,6 @@ class Model:
         if messages is None:
             raise ValueError("loss_on='user' needs chat messages (or a chat_template or system prompt)")
         data = text.encode("utf-8")
-        pieces = [self._s().token_piece(t) for t in tokens]
-        joined = b"".join(pieces)
-        if joined == data or joined.endswith(data):
-            shift = len(joined) - len(data)
-        else:
-            raise ValueError("the prompt's tokens do not spell out its formatted text; loss_on='user' cannot "
-                             "locate the user's messages")
         spans = []
         cursor = 0
         for i, m in enumerate(messages):
@@ -590,8 +583,37 @@ class Model:
             if at < 0:
                 raise ValueError(f"message {i}'s content does not appear verbatim in the formatted prompt; "
                                  "loss_on='user' cannot locate it")
-            spans.append((at + shift, at + shift + len(content)))
+            spans.append((at, at + len(content)))
             cursor = at + len(content)
+        return tokens, self._span_mask(tokens, data, spans, "user")
+
+    def last_block_loss_mask(self, tokens: Sequence[int]) -> list[bool]:
+        """SLOT's loss mask for ``loss_on="last"``: entry t is True when
+        tokens t and t+1 both lie in the prompt's last block, the text after
+        its last blank line (all of it when it has none). In a few-shot
+        prompt that block is the question: learning the exemplars too pulls
+        the answer towards their style (extra steps, their length) rather
+        than towards the question."""
+        tokens = self.check_tokens(tokens)
+        data = b"".join(self._s().token_piece(t) for t in tokens)
+        start = data.rfind(b"\n\n")
+        mask = self._span_mask(tokens, data, [(0 if start < 0 else start + 2, len(data))], "last")
+        if sum(mask) < 2:
+            raise ValueError("the prompt's last block (the text after its last blank line) holds fewer than three "
+                             "tokens; loss_on='last' has nothing to learn from")
+        return mask
+
+    def _span_mask(self, tokens: list[int], data: bytes, spans: list[tuple[int, int]], what: str) -> list[bool]:
+        # Byte spans of the formatted text -> entry t True when tokens t and
+        # t+1 both lie inside one span.
+        pieces = [self._s().token_piece(t) for t in tokens]
+        joined = b"".join(pieces)
+        if joined == data or joined.endswith(data):
+            shift = len(joined) - len(data)
+        else:
+            raise ValueError(f"the prompt's tokens do not spell out its formatted text; loss_on={what!r} cannot "
+                             "locate its tokens")
+        spans = [(a + shift, b + shift) for a, b in spans]
         inside = []
         offset = 0
         for piece in pieces:
@@ -599,8 +621,7 @@ class Model:
             offset = end
             span = next((k for k, (a, b) in enumerate(spans) if a <= start and end <= b and end > start), -1)
             inside.append(span)
-        mask = [inside[t] >= 0 and inside[t] == inside[t + 1] for t in range(len(tokens) - 1)]
-        return tokens, mask
+        return [inside[t] >= 0 and inside[t] == inside[t + 1] for t in range(len(tokens) - 1)]
 
     # ---- generation --------------------------------------------------------
     def generate_with_slot(
@@ -638,7 +659,9 @@ class Model:
         :class:`slot_cpp.rtd.RTD`) blends retrieval into every next-token
         distribution, after SLOT's bias; logprobs and score_tokens then
         report the blended distribution. ``loss_on="user"`` restricts SLOT's
-        loss to the user's message content (see :meth:`user_loss_mask`).
+        loss to the user's message content (see :meth:`user_loss_mask`), and
+        ``loss_on="last"`` to the prompt's last block, the question of a
+        few-shot prompt (see :meth:`last_block_loss_mask`).
         ``lr="auto"`` chooses the step size per prompt by a trust region of
         ``kl_budget`` (``result.lr`` and ``result.calibration`` report it).
 
@@ -658,7 +681,7 @@ class Model:
             tokens = self.check_tokens(prompt_token_ids)
             if not tokens:
                 raise ValueError("the prompt is empty")
-            loss_mask = None
+            loss_mask = self.last_block_loss_mask(tokens) if groups[1].loss_on == "last" else None
         else:
             tokens, loss_mask = self._tokens_and_mask(prompt, groups[1], chat_template, system)
         request = self._build_request(tokens, 1, groups, loss_mask)
@@ -726,7 +749,8 @@ class Model:
                 if groups[1].loss_on == "user":
                     tokens, loss_mask = self._tokens_and_mask(prompt, groups[1], chat_template, system)
                 else:
-                    tokens, loss_mask = self._batch_prompt_tokens(prompt, i, chat_template, system), None
+                    tokens = self._batch_prompt_tokens(prompt, i, chat_template, system)
+                    loss_mask = self.last_block_loss_mask(tokens) if groups[1].loss_on == "last" else None
                 requests.append(self._build_request(tokens, n, groups, loss_mask))
             except (TypeError, ValueError) as exc:
                 message = str(exc)
@@ -758,7 +782,8 @@ class Model:
                          system: Optional[str]) -> tuple[list[int], Optional[list[bool]]]:
         if slot.loss_on == "user":
             return self.user_loss_mask(prompt, chat_template=chat_template, system=system)
-        return self.prompt_tokens(prompt, chat_template=chat_template, system=system), None
+        tokens = self.prompt_tokens(prompt, chat_template=chat_template, system=system)
+        return tokens, (self.last_block_loss_mask(tokens) if slot.loss_on == "last" else None)
 
     def _build_request(self, tokens: list[int], n: int, groups: tuple[SamplingOptions, SlotOptions, RequestExtras],
                        loss_mask: Optional[list[bool]]) -> _core.Request:

@@ -50,7 +50,7 @@ class GSM8KOptions:
     format: str = "fewshot"           # one of gsm8k.FORMATS
     chat_template: Optional[str] = None
     stop: Sequence[str] = ()          # besides the format's own stop strings
-    loss_on: str = "all"              # SLOT's loss: "all" prompt tokens or the "user" message content
+    loss_on: str = "all"              # SLOT's loss: "all" prompt tokens, the "user" message content, the "last" block
     kl_budget: float = DEFAULT_KL_BUDGET
     rtd_path: Optional[str] = None    # the RTD datastore blended in: marked in names ('+rtd') and records
     sampling: Mapping[str, Any] = field(default_factory=dict)  # max_tokens, temperature, top_k, ..., seed
@@ -71,10 +71,10 @@ def gsm8k_prompt(question: str, format: str) -> tuple[Prompt, list[str]]:
 
 def setting_name(steps: int, lr: Lr, *, loss_on: str = "all", kl_budget: float = DEFAULT_KL_BUDGET,
                  rtd: bool = False) -> str:
-    """The setting's name in records; '+user', a KL budget other than the
-    default and '+rtd' are marked, so that resuming a file never mixes
-    records of different settings."""
-    return (gsm8k.setting_name(steps, lr) + ("+user" if loss_on == "user" and steps else "")
+    """The setting's name in records; '+user' or '+last', a KL budget other
+    than the default and '+rtd' are marked, so that resuming a file never
+    mixes records of different settings."""
+    return (gsm8k.setting_name(steps, lr) + (f"+{loss_on}" if loss_on != "all" and steps else "")
             + (f",kl={kl_budget:g}" if lr == "auto" and steps and kl_budget != DEFAULT_KL_BUDGET else "")
             + ("+rtd" if rtd else ""))
 
@@ -160,7 +160,7 @@ def nll_record(model: Model, problem: gsm8k.Problem, setting: Setting, options: 
                                         **options.slot)
     else:
         slot = model.generate_with_slot("", prompt_token_ids=prompt_ids, steps=steps, lr=lr, max_tokens=0,
-                                        kl_budget=options.kl_budget, **options.slot)
+                                        loss_on=options.loss_on, kl_budget=options.kl_budget, **options.slot)
     logp = model.token_logprobs(prompt_ids + solution_ids, len(prompt_ids), slot.delta if steps else None)
     return {**_record_base(problem, setting, options), "nll": float(-logp.mean()),
             "solution_tokens": len(solution_ids), "losses": slot.losses, "seconds": time.monotonic() - start,

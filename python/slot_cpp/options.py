@@ -298,8 +298,10 @@ class SlotOptions(_Group):
                                  "(kl_budget)", "lr", low=0.0, low_open=True, http_high=10.0, native=None)
     kl_budget: float = _opt(0.002, "lr auto: the mean KL (nats per loss position) by which delta may move the "
                             "prompt's next-token distributions", "float", low=0.0, low_open=True, http_high=10.0)
-    loss_on: str = _opt("all", "SLOT's loss over every prompt token (the paper) or only the user's message "
-                        "content (chat prompts)", "str", choices=("all", "user"), native=None)
+    loss_on: str = _opt("all", "SLOT's loss over every prompt token (the paper), only the user's message "
+                        "content (chat prompts), or only the prompt's last block, the text after its last blank "
+                        "line (the question of a few-shot prompt, whose exemplars' style is then not learned)",
+                        "str", choices=("all", "user", "last"), native=None)
     loss_window: Optional[int] = _opt(None, "the loss covers only the predictions of the prompt's last N tokens "
                                       "(with loss_on: of those, the user's); the output head runs at those "
                                       "positions alone (None: the whole prompt)", "int", low=1, optional=True,
