@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -79,11 +80,12 @@ def decode(model, prompts, max_tokens, **kw):
     return {"seconds": seconds, "tokens": tokens, "decode_tok_s": tokens / gen}
 
 
-def paired(model, prompts, max_tokens, repeats, **kw) -> dict:
-    """RTD decoding and plain decoding in turn, `repeats` times: the ratio is
-    the median of the pairs' ratios, so that drift in the machine's speed
-    over the run falls on both sides alike."""
-    pairs = [(decode(model, prompts, max_tokens), decode(model, prompts, max_tokens, **kw)) for _ in range(repeats)]
+def paired(model, prompts, max_tokens, repeats, base: Optional[dict] = None, **kw) -> dict:
+    """RTD decoding and plain decoding (or decoding with `base`) in turn,
+    `repeats` times: the ratio is the median of the pairs' ratios, so that
+    drift in the machine's speed over the run falls on both sides alike."""
+    pairs = [(decode(model, prompts, max_tokens, **(base or {})), decode(model, prompts, max_tokens, **kw))
+             for _ in range(repeats)]
     ratios = [r["decode_tok_s"] / p["decode_tok_s"] for p, r in pairs]
     out = dict(pairs[0][1])
     out.update({"decode_tok_s": statistics.median(r["decode_tok_s"] for _, r in pairs),
@@ -128,6 +130,10 @@ def run(args: argparse.Namespace) -> dict:
         big.index(model)  # key norms outside the timing
         r = paired(model, prompts, args.max_tokens, args.repeats, rtd=RTD(big, k=args.k, lam=0.25))
         r["keys"] = n
+        # The gate's own cost: the same search with the gate against fixed lambda.
+        g = paired(model, prompts, args.max_tokens, args.repeats, base={"rtd": RTD(big, k=args.k, lam=0.25, gate=False)},
+                   rtd=RTD(big, k=args.k, lam=0.25, gate=True))
+        r["gate"] = {key: g[key] for key in ("decode_tok_s", "plain_tok_s", "ratio", "ratios")}
         exact_runs.append(r)
         print(json.dumps(r), file=sys.stderr)
     report["exact"] = exact_runs
@@ -170,6 +176,10 @@ def markdown(r: dict) -> str:
     for e in r["exact"]:
         lines.append(f"| decoding, RTD exact search, {e['keys']:,} keys | {e['decode_tok_s']:.1f} | {e['plain_tok_s']:.1f} "
                      f"| {e['ratio']:.2f}x |")
+        if "gate" in e:
+            g = e["gate"]
+            lines.append(f"| the same with the gate, against fixed lambda | {g['decode_tok_s']:.1f} | "
+                         f"{g['plain_tok_s']:.1f} (fixed lambda) | {g['ratio']:.3f}x |")
     for a in r["approximate"]:
         lines.append(f"| decoding, RTD inverted file ({a['nlist']} lists, nprobe {a['nprobe']}), {a['keys']:,} keys, "
                      f"recall@K {a['recall']:.3f} | {a['decode_tok_s']:.1f} | {a['plain_tok_s']:.1f} | {a['ratio']:.2f}x |")
