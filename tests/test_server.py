@@ -191,6 +191,14 @@ def test_slot_rtd_and_qalign_through_extra_body(served):
     with pytest.raises(openai.BadRequestError, match="chat messages"):
         c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=2,
                              extra_body={"slot": {"steps": 2, "loss_on": "user"}})
+    # SLOT's loss on a few-shot prompt's last block (its question) only.
+    few_shot = "Question: What is 2 + 3?\nAnswer: 5\n\nQuestion: What is 4 + 4?\nAnswer:"
+    both = [c.completions.create(model="gemma-3-270m", prompt=few_shot, max_tokens=2, temperature=0,
+                                 extra_body={"slot": {"steps": 2, "lr": 0.01, "loss_on": on}})
+            for on in ("all", "last")]
+    reports = [b.model_extra["slot_cpp"]["slot"] for b in both]
+    assert [r["loss_on"] for r in reports] == ["all", "last"]
+    assert reports[0]["losses"][0] != pytest.approx(reports[1]["losses"][0])
 
     # lambda = 1: pure retrieval; every token comes from the datastore's values.
     rtd = c.completions.create(model="gemma-3-270m", prompt="The colour of the sky is", max_tokens=6,
