@@ -573,6 +573,13 @@ class Model:
         if messages is None:
             raise ValueError("loss_on='user' needs chat messages (or a chat_template or system prompt)")
         data = text.encode("utf-8")
+        pieces = self._token_pieces(tokens)
+        joined = b"".join(pieces)
+        if joined == data or joined.endswith(data):
+            shift = len(joined) - len(data)
+        else:
+            raise ValueError("the prompt's tokens do not spell out its formatted text; loss_on='user' cannot "
+                             "locate the user's messages")
         spans = []
         cursor = 0
         for i, m in enumerate(messages):
@@ -583,9 +590,9 @@ class Model:
             if at < 0:
                 raise ValueError(f"message {i}'s content does not appear verbatim in the formatted prompt; "
                                  "loss_on='user' cannot locate it")
-            spans.append((at, at + len(content)))
+            spans.append((at + shift, at + shift + len(content)))
             cursor = at + len(content)
-        return tokens, self._span_mask(tokens, data, spans, "user")
+        return tokens, self._span_mask(pieces, spans)
 
     def last_block_loss_mask(self, tokens: Sequence[int]) -> list[bool]:
         """SLOT's loss mask for ``loss_on="last"``: entry t is True when
@@ -594,26 +601,22 @@ class Model:
         prompt that block is the question: learning the exemplars too pulls
         the answer towards their style (extra steps, their length) rather
         than towards the question."""
-        tokens = self.check_tokens(tokens)
-        data = b"".join(self._s().token_piece(t) for t in tokens)
+        pieces = self._token_pieces(self.check_tokens(tokens))
+        data = b"".join(pieces)
         start = data.rfind(b"\n\n")
-        mask = self._span_mask(tokens, data, [(0 if start < 0 else start + 2, len(data))], "last")
+        mask = self._span_mask(pieces, [(0 if start < 0 else start + 2, len(data))])
         if sum(mask) < 2:
             raise ValueError("the prompt's last block (the text after its last blank line) holds fewer than three "
                              "tokens; loss_on='last' has nothing to learn from")
         return mask
 
-    def _span_mask(self, tokens: list[int], data: bytes, spans: list[tuple[int, int]], what: str) -> list[bool]:
-        # Byte spans of the formatted text -> entry t True when tokens t and
+    def _token_pieces(self, tokens: list[int]) -> list[bytes]:
+        return [self._s().token_piece(t) for t in tokens]
+
+    @staticmethod
+    def _span_mask(pieces: list[bytes], spans: list[tuple[int, int]]) -> list[bool]:
+        # Byte spans of the joined pieces -> entry t True when tokens t and
         # t+1 both lie inside one span.
-        pieces = [self._s().token_piece(t) for t in tokens]
-        joined = b"".join(pieces)
-        if joined == data or joined.endswith(data):
-            shift = len(joined) - len(data)
-        else:
-            raise ValueError(f"the prompt's tokens do not spell out its formatted text; loss_on={what!r} cannot "
-                             "locate its tokens")
-        spans = [(a + shift, b + shift) for a, b in spans]
         inside = []
         offset = 0
         for piece in pieces:
@@ -621,7 +624,7 @@ class Model:
             offset = end
             span = next((k for k, (a, b) in enumerate(spans) if a <= start and end <= b and end > start), -1)
             inside.append(span)
-        return [inside[t] >= 0 and inside[t] == inside[t + 1] for t in range(len(tokens) - 1)]
+        return [inside[t] >= 0 and inside[t] == inside[t + 1] for t in range(len(pieces) - 1)]
 
     # ---- generation --------------------------------------------------------
     def generate_with_slot(
@@ -681,7 +684,7 @@ class Model:
             tokens = self.check_tokens(prompt_token_ids)
             if not tokens:
                 raise ValueError("the prompt is empty")
-            loss_mask = self.last_block_loss_mask(tokens) if groups[1].loss_on == "last" else None
+            loss_mask = self._tokens_loss_mask(tokens, groups[1])
         else:
             tokens, loss_mask = self._tokens_and_mask(prompt, groups[1], chat_template, system)
         request = self._build_request(tokens, 1, groups, loss_mask)
@@ -750,7 +753,7 @@ class Model:
                     tokens, loss_mask = self._tokens_and_mask(prompt, groups[1], chat_template, system)
                 else:
                     tokens = self._batch_prompt_tokens(prompt, i, chat_template, system)
-                    loss_mask = self.last_block_loss_mask(tokens) if groups[1].loss_on == "last" else None
+                    loss_mask = self._tokens_loss_mask(tokens, groups[1])
                 requests.append(self._build_request(tokens, n, groups, loss_mask))
             except (TypeError, ValueError) as exc:
                 message = str(exc)
@@ -783,7 +786,11 @@ class Model:
         if slot.loss_on == "user":
             return self.user_loss_mask(prompt, chat_template=chat_template, system=system)
         tokens = self.prompt_tokens(prompt, chat_template=chat_template, system=system)
-        return tokens, (self.last_block_loss_mask(tokens) if slot.loss_on == "last" else None)
+        return tokens, self._tokens_loss_mask(tokens, slot)
+
+    def _tokens_loss_mask(self, tokens: list[int], slot: SlotOptions) -> Optional[list[bool]]:
+        # The masks that the tokens alone decide ("user" needs the messages).
+        return self.last_block_loss_mask(tokens) if slot.loss_on == "last" else None
 
     def _build_request(self, tokens: list[int], n: int, groups: tuple[SamplingOptions, SlotOptions, RequestExtras],
                        loss_mask: Optional[list[bool]]) -> _core.Request:
