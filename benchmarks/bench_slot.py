@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import slot_cpp
+from slot_cpp._files import atomic_write
 
 FALLBACK_QUESTIONS = [
     "A baker makes 24 muffins in the morning and twice as many in the afternoon. He sells 50 of them. "
@@ -50,9 +51,10 @@ def save_report(out_dir: str, name: str, report: dict, markdown: Callable[[dict]
     """Writes NAME.json and NAME.md under out_dir and prints the Markdown."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    (out / f"{name}.md").write_text(text)
+    text = markdown(report)  # before any write: a failing formatter leaves the last report whole
+    for suffix, body in ((".json", json.dumps(report, indent=2) + "\n"), (".md", text)):
+        with atomic_write(out / f"{name}{suffix}", "w", encoding="utf-8") as f:  # a killed run keeps the old file
+            f.write(body)
     print(text)
 
 
