@@ -4,8 +4,8 @@
 #include <fstream>
 #include <string>
 
+#include "cpu_variant.h"
 #include "errors.h"
-#include "ggml-cpu.h"
 
 namespace slot {
 
@@ -47,10 +47,18 @@ StaticTensors::~StaticTensors() {
 
 ComputeBackend::ComputeBackend(int n_threads, ggml_backend_dev_t device)
     : n_threads_(std::max(1, n_threads)), is_cpu_(device == nullptr), device_(device) {
+    // One code path for the static build and the portable one (whose CPU
+    // backend is a module loaded at run time): the CPU device and its thread
+    // count through the backend registry.
+    ensure_cpu_backend();
     if (is_cpu_) {
-        backend_ = ggml_backend_cpu_init();
+        device_ = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        if (device_ == nullptr) throw CpuBackendError("no ggml CPU backend is loaded");
+        backend_ = ggml_backend_dev_init(device_, nullptr);
         if (backend_ == nullptr) throw Error("could not initialise the ggml CPU backend");
-        ggml_backend_cpu_set_n_threads(backend_, n_threads_);
+        auto set_n_threads = reinterpret_cast<ggml_backend_set_n_threads_t>(
+            ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(device_), "ggml_backend_set_n_threads"));
+        if (set_n_threads != nullptr) set_n_threads(backend_, n_threads_);
     } else {
         backend_ = ggml_backend_dev_init(device, nullptr);
         if (backend_ == nullptr) {

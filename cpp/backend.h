@@ -49,6 +49,7 @@ public:
 
     int n_threads() const { return n_threads_; }
     bool is_cpu() const { return is_cpu_; }
+    ggml_backend_dev_t device() const { return device_; }
     // Bytes of memory free on this backend's device now: the GPU's free
     // memory, or the host's available memory (MemAvailable on Linux; ggml's
     // figure for the CPU device elsewhere).

@@ -12,6 +12,7 @@ void bind_errors(py::module_& m) {
     py::register_exception<UnsupportedModelError>(m, "UnsupportedModelError", base.ptr());
     py::register_exception<ContextLengthError>(m, "ContextLengthError", base.ptr());
     py::register_exception<QueueFullError>(m, "QueueFullError", base.ptr());
+    py::register_exception<CpuBackendError>(m, "CpuBackendError", base.ptr());
     py::register_exception<Cancelled>(m, "GenerationCancelled", base.ptr());
     // Interrupted maps to the built-in KeyboardInterrupt, not to a new type,
     // so it takes a translator rather than register_exception.

@@ -4,6 +4,8 @@
 #include <vector>
 
 #include "bind_common.h"
+#include "cpu_variant.h"
+#include "head_kernels.h"
 #include "grammar.h"
 #include "log.h"
 
@@ -37,8 +39,38 @@ void bind_system(py::module_& m) {
     m.def("set_log_level", &set_log_level, py::arg("min_level"));
     m.def("json_schema_to_grammar", &json_schema_to_gbnf, py::arg("schema_json"),
           "GBNF for a JSON schema (JSON text), by llama.cpp's common/json-schema-to-grammar.");
-    m.def("system_info", [] { return std::string(llama_print_system_info()); });
-    m.def("supports_gpu_offload", [] { return llama_supports_gpu_offload(); });
+    m.def("system_info", [] {
+        slot::ensure_cpu_backend();
+        return std::string(llama_print_system_info());
+    });
+    m.def("supports_gpu_offload", [] {
+        slot::ensure_cpu_backend();
+        return llama_supports_gpu_offload();
+    });
+    m.def("cpu_backend", [] {
+        const slot::CpuBackendInfo& info = slot::cpu_backend_info();  // CpuBackendError if none loads
+        py::dict d;
+        d["backend"] = "CPU";
+        d["variant"] = info.variant;
+        d["dynamic"] = info.dynamic;
+        d["library"] = info.library;
+        d["directory"] = info.directory;
+        d["forced"] = info.forced;
+        py::dict variants;
+        for (const auto& [name, score] : info.variants) variants[py::str(name)] = score;
+        d["variants"] = variants;
+        py::dict compiled;
+        for (const auto& [name, value] : slot::cpu_backend_features()) compiled[py::str(name)] = value;
+        d["variant_features"] = compiled;
+        d["cpu_features"] = slot::cpu_features();
+        d["kernels"] = std::string(slot::kernel_isa());
+        std::vector<std::string> backends;
+        for (size_t i = 0; i < ggml_backend_reg_count(); ++i) backends.emplace_back(ggml_backend_reg_name(ggml_backend_reg_get(i)));
+        d["backends"] = backends;
+        return d;
+    }, "The ggml CPU backend in use: its variant (portable build: loaded at run time, the best this CPU runs or "
+       "SLOT_CPP_CPU_VARIANT's), the variants present with their scores, the CPU's features and the head kernels' "
+       "instruction set. Raises CpuBackendError when no CPU backend can be loaded.");
     m.def("chat_templates", [] {
         std::vector<const char*> names(64);
         int32_t n = llama_chat_builtin_templates(names.data(), names.size());
@@ -49,6 +81,7 @@ void bind_system(py::module_& m) {
         return std::vector<std::string>(names.begin(), names.begin() + std::max(0, n));
     });
     m.def("backend_devices", [] {
+        slot::ensure_cpu_backend();
         std::vector<std::string> out;
         for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
             ggml_backend_dev_t dev = ggml_backend_dev_get(i);

@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <thread>
 
+#include "cpu_variant.h"
 #include "engine_internal.h"
 #include "errors.h"
 #include "log.h"
@@ -21,6 +22,7 @@ using detail::with_log_detail;
 
 void ensure_backend() {
     static std::once_flag once;
+    ensure_cpu_backend();  // a portable build loads its CPU backend (and the others) here
     std::call_once(once, [] {
         install_log_callback();
         llama_backend_init();

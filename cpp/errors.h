@@ -31,6 +31,12 @@ struct QueueFullError : Error {
     using Error::Error;
 };
 
+// No ggml CPU backend could be loaded (portable build): the variant asked
+// for is missing or this CPU lacks its instructions, or no variant runs here.
+struct CpuBackendError : Error {
+    using Error::Error;
+};
+
 // The caller's cancel check turned true; the bindings raise GenerationCancelled.
 struct Cancelled : Error {
     Cancelled() : Error("the generate call was cancelled") {}

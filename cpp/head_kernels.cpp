@@ -7,13 +7,18 @@
 #include <limits>
 #include <vector>
 
-#include "ggml-cpu.h"
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#if defined(__AVX512F__) || defined(__F16C__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
+// In a portable x86-64 build this file is compiled once per instruction
+// level, each time in its own namespace (SLOT_KERNEL_NS, e.g. k_avx2), and
+// cpp/kernel_dispatch.cpp defines slot::head_product etc. to call one of them.
 namespace slot {
+#if defined(SLOT_KERNEL_NS)
+namespace SLOT_KERNEL_NS {
+#endif
 namespace {
 
 // ggml's Q8_0 block: one fp16 scale and 32 signed bytes.
@@ -42,6 +47,20 @@ float half_to_float(const uint8_t* p) {
     std::memcpy(&f, &bits, sizeof(f));
     return f;
 #endif
+}
+
+// n fp16 values as float32 (exact, like ggml's own conversions): F16C eight
+// at a time where the compile has it. The head kernels do this for every row
+// of a float16 head at each SLOT step, so not through ggml-base's scalar loop.
+void half_row_to_float(const uint8_t* src, float* dst, int64_t n) {
+    int64_t i = 0;
+#if defined(__F16C__) && (defined(__AVX2__) || defined(__AVX512F__))
+    for (; i + 8 <= n; i += 8) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i));
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+    }
+#endif
+    for (; i < n; ++i) dst[i] = half_to_float(src + 2 * i);
 }
 
 // ---- SIMD pieces: 32 int8 of one Q8_0 block as floats, times a scale ----
@@ -188,7 +207,7 @@ void transposed_rows_generic(const ggml_tensor* wt, const float* g, int64_t v0, 
         if (s == 0.0f) continue;
         const void* src = w + static_cast<size_t>(v) * row_bytes;
         if (wt->type == GGML_TYPE_F16) {
-            ggml_cpu_fp16_to_fp32(static_cast<const ggml_fp16_t*>(src), row.data(), d);
+            half_row_to_float(static_cast<const uint8_t*>(src), row.data(), d);
         } else {
             traits->to_float(src, row.data(), d);
         }
@@ -509,4 +528,34 @@ ggml_tensor* transposed_head_product(ggml_context* ctx, ggml_tensor* w, ggml_ten
                           n_parts, nullptr);
 }
 
+void centroid_distances(const float* q, const float* centroids, int64_t nlist, int64_t dim, float* out) {
+    for (int64_t l = 0; l < nlist; ++l) {
+        const float* c = centroids + l * dim;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t j = 0;
+        for (; j + 8 <= dim; j += 8) {
+            for (int u = 0; u < 8; ++u) {
+                const float t = q[j + u] - c[j + u];
+                acc[u] += t * t;
+            }
+        }
+        float s = acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7];
+        for (; j < dim; ++j) s += (q[j] - c[j]) * (q[j] - c[j]);
+        out[l] = s;
+    }
+}
+
+const char* kernel_isa() {
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    return "avx2";
+#else
+    return "generic";
+#endif
+}
+
+#if defined(SLOT_KERNEL_NS)
+}  // namespace SLOT_KERNEL_NS
+#endif
 }  // namespace slot

@@ -75,4 +75,13 @@ double log_sum_exp(const float* x, int64_t n);
 // y = softmax(x) over n floats with the same exponential; returns log(sum_i exp(x_i)).
 double softmax(const float* x, int64_t n, float* y);
 
+// out[l] = squared L2 distance from q to centroid l, for nlist centroids of
+// dim floats each (rows of `centroids`): the inverted file's probe of RtdIndex.
+void centroid_distances(const float* q, const float* centroids, int64_t nlist, int64_t dim, float* out);
+
+// Which compile of these kernels runs: "avx512", "avx2" or "generic" (a
+// portable x86-64 build holds all three and picks one at run time; see
+// cpp/kernel_dispatch.cpp).
+const char* kernel_isa();
+
 }  // namespace slot

@@ -9,7 +9,6 @@
 #include <unordered_map>
 
 #include "errors.h"
-#include "ggml-cpu.h"
 #include "head_kernels.h"
 
 namespace slot {
@@ -65,7 +64,7 @@ RtdIndex::RtdIndex(const uint16_t* keys, const int32_t* values, int64_t n, int64
     key_norms_.assign(static_cast<size_t>(n * heads), 0.0f);
     std::vector<float> row(static_cast<size_t>(dim));
     for (int64_t i = 0; i < n; ++i) {
-        ggml_cpu_fp16_to_fp32(reinterpret_cast<const ggml_fp16_t*>(keys + i * dim), row.data(), dim);
+        ggml_fp16_to_fp32_row(reinterpret_cast<const ggml_fp16_t*>(keys + i * dim), row.data(), dim);
         for (int h = 0; h < heads; ++h) {
             double s = 0.0;
             for (int64_t j = h * dh; j < (h + 1) * dh; ++j) s += static_cast<double>(row[j]) * row[j];
@@ -83,7 +82,7 @@ RtdIndex::RtdIndex(const uint16_t* keys, const int32_t* values, int64_t n, int64
         keys_ctx_ = ggml_init(p);
         if (keys_ctx_ == nullptr) throw Error("ggml_init failed");
         keys_tensor_ = ggml_new_tensor_2d(keys_ctx_, GGML_TYPE_F16, dim, n);
-        host_buffer_ = ggml_backend_cpu_buffer_from_ptr(const_cast<uint16_t*>(keys), bytes);
+        host_buffer_ = ggml_backend_dev_buffer_from_host_ptr(backend_->device(), const_cast<uint16_t*>(keys), bytes, bytes);
         if (host_buffer_ == nullptr) throw Error("could not wrap the datastore's keys in a ggml buffer");
         if (ggml_backend_tensor_alloc(host_buffer_, keys_tensor_, const_cast<uint16_t*>(keys)) != GGML_STATUS_SUCCESS) {
             throw Error("could not place the datastore's keys in a ggml tensor");
@@ -204,21 +203,10 @@ std::vector<RtdNeighbours> RtdIndex::search(const float* queries, int64_t n_quer
     const int64_t probes = std::min<int64_t>(nprobe, nlist);
     for (int64_t b = 0; b < n_queries; ++b) {
         const float* q = queries + b * dim_;
+        std::vector<float> distances(static_cast<size_t>(nlist));
+        centroid_distances(q, centroids_.data(), nlist, dim_, distances.data());
         std::vector<std::pair<float, int64_t>> cd(static_cast<size_t>(nlist));
-        for (int64_t l = 0; l < nlist; ++l) {
-            const float* c = centroids_.data() + l * dim_;
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            int64_t j = 0;
-            for (; j + 8 <= dim_; j += 8) {
-                for (int u = 0; u < 8; ++u) {
-                    const float t = q[j + u] - c[j + u];
-                    acc[u] += t * t;
-                }
-            }
-            float s = acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7];
-            for (; j < dim_; ++j) s += (q[j] - c[j]) * (q[j] - c[j]);
-            cd[static_cast<size_t>(l)] = {s, l};
-        }
+        for (int64_t l = 0; l < nlist; ++l) cd[static_cast<size_t>(l)] = {distances[static_cast<size_t>(l)], l};
         std::partial_sort(cd.begin(), cd.begin() + probes, cd.end());
         // Probed lists in key order, so that neighbouring lists form one range.
         std::vector<std::pair<int64_t, int64_t>> ranges;
