@@ -226,6 +226,11 @@ class ModelInfo:
     file_size: int
     slot_supported: bool
     slot_unsupported_reason: str
+    #: ggml's CPU backend variant running the model ("native" in a static
+    #: build; in a portable wheel the one loaded for this CPU, e.g. "zen4").
+    cpu_variant: str = ""
+    #: the ggml backends loaded, e.g. "CPU" or "RPC, CPU".
+    backend: str = ""
 
 
 class Model:
@@ -465,6 +470,7 @@ class Model:
         s = self._s()
         raw = s.file_info()
         reason = raw["slot_unsupported_reason"]
+        cpu = _core.cpu_backend()
         return ModelInfo(
             path=raw["path"], architecture=raw["architecture"], name=raw["name"],
             n_embd=self._n_embd, n_vocab=self._n_vocab, n_ctx=self._n_ctx, head_tensor=raw["head_tensor"],
@@ -472,6 +478,7 @@ class Model:
             final_logit_softcapping=raw["final_logit_softcapping"], logit_scale=raw["logit_scale"],
             has_chat_template=s.has_chat_template, file_size=raw["file_size"],
             slot_supported=not reason, slot_unsupported_reason=reason,
+            cpu_variant=cpu["variant"], backend=", ".join(cpu["backends"]),
         )
 
     # ---- text ------------------------------------------------------------

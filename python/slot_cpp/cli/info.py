@@ -20,7 +20,14 @@ def register(sub: Any) -> None:
 def cmd_info(args: argparse.Namespace) -> int:
     from .. import __version__
 
-    build = {"slot_cpp": __version__, "llama_cpp": _core.llama_cpp_source, "devices": _core.backend_devices(),
+    cpu = _core.cpu_backend()
+    build = {"slot_cpp": __version__, "llama_cpp": _core.llama_cpp_source,
+             "cpu_variant": cpu["variant"],
+             "cpu_backend": (f"loaded at run time from {cpu['library']}" if cpu["dynamic"] else "static build")
+             + (f" (forced by SLOT_CPP_CPU_VARIANT={cpu['forced']})" if cpu["forced"] else ""),
+             "cpu_variants": " ".join(f"{k}:{v}" for k, v in cpu["variants"].items()),
+             "cpu_features": " ".join(cpu["cpu_features"]), "head_kernels": cpu["kernels"],
+             "backends": ", ".join(cpu["backends"]), "devices": _core.backend_devices(),
              "gpu_offload": _core.supports_gpu_offload(), "system_info": _core.system_info().strip()}
     with _open_model(args) as model:
         info = model.info

@@ -48,8 +48,10 @@ def register(sub: Any) -> None:
 def rpc_server_path() -> Path:
     """The ggml rpc-server binary shipped in the package."""
     exe = "rpc-server.exe" if os.name == "nt" else "rpc-server"
-    # Beside the native module (an editable install keeps the Python files elsewhere).
-    return Path(_core.__file__).resolve().parent / "bin" / exe
+    # Beside the native module (an editable install keeps the Python files elsewhere);
+    # a portable build keeps it in lib/, beside the backends it loads.
+    here = Path(_core.__file__).resolve().parent
+    return next((p for p in (here / "bin" / exe, here / "lib" / exe, here / exe) if p.is_file()), here / "bin" / exe)
 
 
 def cmd_rpc_server(args: argparse.Namespace) -> int:
