@@ -63,6 +63,10 @@ struct GenerationRequest {
     // included, must follow: the tokens it refuses are masked before the
     // draw, after every other stage and the penalties.
     std::string grammar;
+    // A JSON schema (JSON text) every sample follows instead: converted to
+    // the grammar above by llama.cpp's json-schema-to-grammar when the
+    // request is checked (not with a grammar).
+    std::string json_schema;
     // Make the grammar lazy: it applies from the first match of one of these
     // regular expressions over the answer, or the first of these tokens.
     std::vector<std::string> grammar_triggers;
@@ -143,7 +147,10 @@ struct LoopCounters {
 // request fails the call instead of another request's output; `index` >= 0
 // names the request in the message (request.cpp).
 void validate_request(const ModelShape& e, const GenerationRequest& req, int index);
-// The request's grammar, parsed, with its response prefix checked against it.
+// Whether the request is constrained: a grammar or a JSON schema.
+bool has_grammar(const GenerationRequest& req);
+// The request's grammar (its JSON schema converted), parsed, with its
+// response prefix checked against it.
 std::shared_ptr<const Grammar> parse_grammar(const ModelShape& e, const GenerationRequest& req, int index);
 // Whether a request's stages read the final hidden state (the retrieval blend).
 bool uses_hidden(const GenerationRequest& req);

@@ -36,6 +36,9 @@ void validate_request(const ModelShape& e, const GenerationRequest& req, int ind
             throw std::invalid_argument(where + "logit_bias needs token ids inside the vocabulary and finite values");
         }
     }
+    if (!req.grammar.empty() && !req.json_schema.empty()) {
+        throw std::invalid_argument(where + "give grammar or json_schema, not both");
+    }
     if (req.prompt.empty()) throw std::invalid_argument(where + "the prompt is empty");
     for (const auto& s : req.stop) {
         if (s.empty()) throw std::invalid_argument(where + "stop strings must not be empty");
@@ -71,7 +74,7 @@ void validate_request(const ModelShape& e, const GenerationRequest& req, int ind
         throw std::invalid_argument(where + "prompt logprobs are not available with RTD's blend");
     }
     if (!req.response_prefix.empty() && req.delta.empty() && req.slot.steps > 0) {
-        throw std::invalid_argument(where + "a response prefix needs steps=0: learn delta on the prompt first, "
+        throw std::invalid_argument(where + "response_prefix needs steps=0: learn delta on the prompt first, "
                                     "then pass it as delta");
     }
 }
@@ -80,7 +83,8 @@ std::shared_ptr<const Grammar> parse_grammar(const ModelShape& e, const Generati
     const std::string where = index >= 0 ? "request " + std::to_string(index) + ": " : "";
     std::shared_ptr<const Grammar> grammar;
     try {
-        grammar = std::make_shared<const Grammar>(e.vocab, req.grammar, req.grammar_triggers, req.grammar_trigger_tokens,
+        const std::string gbnf = req.json_schema.empty() ? req.grammar : json_schema_to_gbnf(req.json_schema);
+        grammar = std::make_shared<const Grammar>(e.vocab, gbnf, req.grammar_triggers, req.grammar_trigger_tokens,
                                                   req.grammar_prefill);
     } catch (const std::invalid_argument& exc) {
         throw std::invalid_argument(where + exc.what());
@@ -97,6 +101,8 @@ std::shared_ptr<const Grammar> parse_grammar(const ModelShape& e, const Generati
     }
     return grammar;
 }
+
+bool has_grammar(const GenerationRequest& req) { return !req.grammar.empty() || !req.json_schema.empty(); }
 
 // Whether a request's stages read the final hidden state (the retrieval blend).
 bool uses_hidden(const GenerationRequest& req) { return req.rtd && req.rtd_params.lam > 0.0; }

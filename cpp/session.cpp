@@ -156,7 +156,7 @@ std::shared_ptr<BatchJob> Session::make_job(const std::vector<GenerationRequest>
     for (size_t i = 0; i < requests.size(); ++i) {
         const GenerationRequest& req = requests[i];
         validate_request(e, req, requests.size() > 1 ? static_cast<int>(i) : -1);
-        if (!req.grammar.empty()) {
+        if (has_grammar(req)) {
             if (job->grammars.empty()) job->grammars.resize(requests.size());
             job->grammars[i] = parse_grammar(e, req, requests.size() > 1 ? static_cast<int>(i) : -1);
         }

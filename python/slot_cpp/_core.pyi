@@ -114,6 +114,7 @@ class Request(metaclass=_Pybind11Type):
     cache_precision: str
     cache_tail_mass: float
     grammar: str
+    json_schema: str
     grammar_triggers: list[str]
     grammar_trigger_tokens: list[int]
     grammar_prefill: list[int]
