@@ -25,6 +25,7 @@ import slot_cpp
 from slot_cpp.qalign import LinearReward
 from slot_cpp.rtd import Datastore
 from slot_cpp.server import ServerConfig, create_app
+from slot_cpp import probes
 
 KEY = "test-key"
 TIE = 0.1  # as in test_concurrency: a near-tie of the peaked model's top two tokens
@@ -544,7 +545,7 @@ def test_echo_and_integer_logprobs_on_completions(served):
     url, model = served
     c = client(url)
     tokens = model.tokenize(PROMPT)
-    want = model.token_logprobs(tokens, 1)  # the prompt's own log-probabilities, computed apart
+    want = probes.token_logprobs(model, tokens, 1)  # the prompt's own log-probabilities, computed apart
     r = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=4, echo=True, logprobs=2,
                              temperature=0.0)
     choice = r.choices[0]
