@@ -568,3 +568,24 @@ def test_echo_and_integer_logprobs_on_completions(served):
     with pytest.raises(openai.BadRequestError, match="echo with logprobs is not available with slot"):
         c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=2, echo=True, logprobs=1,
                              extra_body={"slot": {"steps": 2, "lr": 0.01}})
+
+
+def test_a_full_queue_inside_a_method_is_an_overload_not_an_internal_error():
+    # QAlign's reward scores its candidates through the model's queue; when
+    # that queue is full the request is answered 503 (retried by clients), as
+    # a full queue at admission is, not 500.
+    from slot_cpp import _core
+    from slot_cpp.qalign import RewardError
+    from slot_cpp.server.errors import error_from
+
+    try:
+        try:
+            raise _core.QueueFullError("the model already has 1 generate calls waiting")
+        except _core.QueueFullError as full:
+            raise RewardError("reward 'head' raised QueueFullError", []) from full
+    except RewardError as exc:
+        wrapped = exc
+    error = error_from(wrapped, retry_after=2)
+    assert error is not None and error.status == 503 and error.headers == {"Retry-After": "2"}
+    plain = error_from(RewardError("reward 'head' raised KeyError", []), retry_after=2)
+    assert plain is not None and plain.status == 500
