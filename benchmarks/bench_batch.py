@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import slot_cpp
+from slot_cpp import probes
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_slot import load_questions, save_report  # noqa: E402
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> dict:
     greedy_kw = dict(max_tokens=args.max_tokens, ignore_eos=True, cache_prompt=False)
     batched, t_batched = timed(lambda: model.generate_batch(prompts, **greedy_kw))
     sequential, t_seq = timed(lambda: [model.generate("", prompt_token_ids=p, **greedy_kw) for p in prompts])
-    (ref_tokens, ref_decode_s), t_ref = timed(lambda: model.reference_greedy_batch(prompts, args.max_tokens))
+    (ref_tokens, ref_decode_s), t_ref = timed(lambda: probes.reference_greedy_batch(model, prompts, args.max_tokens))
     n_b = sum(r.generated_tokens for r in batched)
     n_ref = sum(len(t) for t in ref_tokens)
     rows["b_prompts_batched"] = dict(seconds=t_batched, tokens=n_b, tps=n_b / t_batched)

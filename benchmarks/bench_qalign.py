@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> dict:
     model.clear_cache()
     start = time.perf_counter()
     result = qa.qalign(model, "", prompt_token_ids=x, reward=head, steps=args.steps, max_tokens=args.max_tokens,
-                       seed=1, on_step=lambda *_: stamps.append(time.perf_counter()))
+                       seed=1, extract=gsm8k.extract_answer, on_step=lambda *_: stamps.append(time.perf_counter()))
     first_sample = stamps[0] - start  # y0 plus step 1
     step_times = list(np.diff(stamps))
     suffixes = [len(c.tokens) for c in result.chain]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import slot_cpp
+from slot_cpp import probes
 from slot_cpp._files import atomic_write
 
 FALLBACK_QUESTIONS = [
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> dict:
             tokens = model.tokenize(prompt)
             prompt_ids.append(tokens)
             start = time.perf_counter()
-            out, decode_s = model.reference_greedy(tokens, args.max_tokens)
+            out, decode_s = probes.reference_greedy(model, tokens, args.max_tokens)
             rows["llama_cpp_greedy"].append(dict(prompt_tokens=len(tokens), total=time.perf_counter() - start,
                                                  generate=decode_s, tokens=len(out),
                                                  tps=len(out) / decode_s if decode_s else 0.0))

@@ -88,6 +88,7 @@ def reward_head(model: slot_cpp.Model, parts: dict, args: argparse.Namespace, wo
     stop = gsm8k.FEWSHOT_STOP
     start = time.perf_counter()
     head, info = qa.train_linear_reward(model, [(_prompt(p.question)[0], p.reference) for p in parts["train"]],
+                                        extract=gsm8k.extract_answer, is_correct=gsm8k.is_correct,
                                         samples=args.head_samples, max_tokens=args.max_tokens, seed=args.seed,
                                         stop=stop)
     info["train_seconds"] = time.perf_counter() - start
@@ -98,7 +99,7 @@ def reward_head(model: slot_cpp.Model, parts: dict, args: argparse.Namespace, wo
         samples = model.generate_batch([prompt], n=args.head_samples, max_tokens=args.max_tokens,
                                        seed=args.seed + 7919 + p.index, temperature=1.0, top_k=0, top_p=1.0,
                                        min_p=0.0, stop=stop)
-        scores += head.score(qa._candidates(model, prompt, samples))
+        scores += head.score(qa.candidates_of(model, prompt, samples))
         labels += [gsm8k.is_correct(gsm8k.extract_answer(s.text), p.reference) for s in samples]
     info.update({"val_answers": len(labels), "val_right": int(sum(labels)), "val_auc": roc_auc(scores, labels)})
     head.save(str(path))
@@ -140,7 +141,7 @@ def run_problem(model: slot_cpp.Model, head: qa.LinearReward, p: gsm8k.Problem, 
         record.update(answer=_answer(r.text), cost=qa.sample_cost(r), text=r.text)
     elif method == "pool":
         pool = qa.sample_pool(model, prompt, budget=budget, max_tokens=args.max_tokens, seed=seed, stop=stop)
-        rewards = head.score(qa._candidates(model, prompt, pool))
+        rewards = head.score(qa.candidates_of(model, prompt, pool))
         record.update(answers=[_answer(s.text) for s in pool], costs=[qa.sample_cost(s) for s in pool],
                       rewards=rewards)
     else:  # qalign, qalign-slot
@@ -150,7 +151,7 @@ def run_problem(model: slot_cpp.Model, head: qa.LinearReward, p: gsm8k.Problem, 
             if delta is None:
                 delta = model.generate_with_slot(prompt, max_tokens=1, steps=args.slot_steps, lr="auto").delta
         q = qa.qalign(model, prompt, reward=head, beta=args.beta, steps=10**6, budget=budget,
-                      max_tokens=args.max_tokens, seed=seed, stop=stop, delta=delta)
+                      max_tokens=args.max_tokens, seed=seed, stop=stop, delta=delta, extract=_answer)
         chain = q.chain
         record.update(answers=[_answer(s.text) for s in chain], rewards=[s.reward for s in chain],
                       generated=[s.generated for s in chain], accept_rate=q.accept_rate)

@@ -37,7 +37,7 @@ from typing import Any, Optional
 import numpy as np
 
 import slot_cpp
-from slot_cpp import gsm8k
+from slot_cpp import gsm8k, probes
 from slot_cpp._model import AUTO_LR_REFERENCE
 
 FIXED = (0.1, 0.01, 0.003, 0.001)
@@ -118,7 +118,7 @@ def score_problem(torch: Any, model: slot_cpp.Model, w: Any, problem: gsm8k.Prob
     else:
         mask_list = [True] * (len(tokens) - 1)
     solution = model.tokenize(" " + problem.answer, add_special=False, parse_special=False)
-    _, logits = model.prompt_states(tokens + solution)
+    _, logits = probes.prompt_states(model, tokens + solution)
     n = len(tokens)
     z = torch.from_numpy(logits)
     keep = torch.tensor(mask_list)
@@ -212,7 +212,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     first, last = args.rows
     problems = gsm8k.load_problems(args.data, limit=last)[first - 1:]
     with slot_cpp.Model(args.model, n_ctx=4096, n_threads=args.threads) as model:
-        w = torch.from_numpy(model.output_matrix())
+        w = torch.from_numpy(probes.output_matrix(model))
         label = Path(model.path).name
         records = []
         start = time.monotonic()

@@ -152,4 +152,17 @@ void ComputeBackend::compute(GraphBuilder& g, const char* what) {
     }
 }
 
+void ComputeBackend::run(GraphBuilder& g, const char* what, const std::vector<GraphInput>& inputs,
+                         const std::vector<GraphOutput>& outputs) {
+    prepare(g);
+    for (const GraphInput& in : inputs) {
+        if (in.tensor == nullptr) continue;
+        ggml_backend_tensor_set(in.tensor, in.data, in.offset, in.bytes != 0 ? in.bytes : ggml_nbytes(in.tensor));
+    }
+    compute(g, what);
+    for (const GraphOutput& out : outputs) {
+        ggml_backend_tensor_get(out.tensor, out.data, out.offset, out.bytes != 0 ? out.bytes : ggml_nbytes(out.tensor));
+    }
+}
+
 }  // namespace slot

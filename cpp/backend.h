@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <vector>
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -24,6 +25,22 @@ struct GraphBuilder {
 
     ggml_tensor* input(ggml_type type, int64_t ne0, int64_t ne1 = 1);
     void output(ggml_tensor* t);
+};
+
+// Host memory a graph's tensor is set from (GraphInput) or read into
+// (GraphOutput): `bytes` at `offset` in the tensor, the whole tensor when
+// bytes is 0. An input with a null tensor (an optional one) is skipped.
+struct GraphInput {
+    ggml_tensor* tensor;
+    const void* data;
+    size_t offset = 0;
+    size_t bytes = 0;
+};
+struct GraphOutput {
+    ggml_tensor* tensor;
+    void* data;
+    size_t offset = 0;
+    size_t bytes = 0;
 };
 
 // Tensors that outlive a graph (weights, caches) live in a StaticTensors.
@@ -68,6 +85,10 @@ public:
     // inputs after this.
     void prepare(GraphBuilder& g);
     void compute(GraphBuilder& g, const char* what);
+    // The steps of every one-off graph: prepare, set the inputs, compute
+    // (`what` names it in errors), read the outputs back.
+    void run(GraphBuilder& g, const char* what, const std::vector<GraphInput>& inputs = {},
+             const std::vector<GraphOutput>& outputs = {});
 
 private:
     int n_threads_ = 1;

@@ -96,6 +96,7 @@ void bind_request(py::module_& m) {
                 r.slot.loss_mask.assign(mask.begin(), mask.end());
             })
         .SLOT_FIELD("grammar", grammar)
+        .SLOT_FIELD("json_schema", json_schema)
         .SLOT_FIELD("grammar_triggers", grammar_triggers)
         .SLOT_FIELD("grammar_trigger_tokens", grammar_trigger_tokens)
         .SLOT_FIELD("grammar_prefill", grammar_prefill)

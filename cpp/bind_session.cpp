@@ -9,7 +9,8 @@
 #include <vector>
 
 #include "bind_common.h"
-#include "generation.h"
+#include "probes.h"
+#include "session.h"
 
 namespace slot::bind {
 namespace {
@@ -53,33 +54,9 @@ py::dict file_info_dict(const ModelFileInfo& i) {
     return d;
 }
 
-}  // namespace
-
-void bind_session(py::module_& m) {
-    py::class_<Session>(m, "Session")
-        .def(py::init([](const std::string& path, int n_ctx, int n_batch, int n_threads, int n_gpu_layers,
-                         int n_parallel, bool use_mmap, const std::vector<std::string>& rpc_servers,
-                         const std::vector<std::pair<std::string, float>>& loras) {
-                 EngineParams p;
-                 p.rpc_servers = rpc_servers;
-                 p.loras = loras;
-                 p.model_path = path;
-                 p.n_ctx = n_ctx;
-                 p.n_batch = n_batch;
-                 p.n_threads = n_threads;
-                 p.n_gpu_layers = n_gpu_layers;
-                 p.n_parallel = n_parallel;
-                 p.use_mmap = use_mmap;
-                 return std::make_unique<Session>(p);
-             }),
-             py::arg("path"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("n_gpu_layers"),
-             py::arg("n_parallel"), py::arg("use_mmap"), py::arg("rpc_servers") = std::vector<std::string>{},
-             py::arg("loras") = std::vector<std::pair<std::string, float>>{}, kNoGil)
-        .def("adapter_meta", &Session::adapter_meta, py::arg("index"), py::arg("key"), kNoGil)
-        .def_property_readonly("n_adapters", py::cpp_function(&Session::n_adapters, kNoGil))
-        .def_property_readonly("eos_token", py::cpp_function(&Session::eos_token, kNoGil))
-        .def("close", &Session::close, kNoGil)
-        .def_property_readonly("closed", py::cpp_function(&Session::closed, kNoGil))
+// Generation: the batch loop's calls and counters.
+void def_generation(py::class_<Session>& cls) {
+    cls
         .def("generate_batch",
              [](Session& s, const std::vector<GenerationRequest>& requests, py::object on_text, py::object cancel) {
                  BatchTextCallback callback;
@@ -101,7 +78,15 @@ void bind_session(py::module_& m) {
         .def("drop_cached", &Session::drop_cached, py::arg("prefix"), kNoGil)
         .def_property_readonly("n_parallel", py::cpp_function(&Session::n_parallel, kNoGil))
         .def_property_readonly("decoded_tokens", py::cpp_function(&Session::decoded_tokens, kNoGil))
-        .def_property_readonly("logit_rows", py::cpp_function(&Session::logit_rows, kNoGil))
+        .def_property_readonly("logit_rows", py::cpp_function(&Session::logit_rows, kNoGil));
+}
+
+// Tokens, chat templates, adapters and file information.
+void def_model_info(py::class_<Session>& cls) {
+    cls
+        .def("adapter_meta", &Session::adapter_meta, py::arg("index"), py::arg("key"), kNoGil)
+        .def_property_readonly("n_adapters", py::cpp_function(&Session::n_adapters, kNoGil))
+        .def_property_readonly("eos_token", py::cpp_function(&Session::eos_token, kNoGil))
         .def("tokenize", &Session::tokenize, py::arg("text"), py::arg("add_special"), py::arg("parse_special"),
              kNoGil)
         // Text comes back as bytes: a token's piece may be part of a UTF-8 sequence.
@@ -146,8 +131,94 @@ void bind_session(py::module_& m) {
         .def_property_readonly("n_ctx", py::cpp_function(&Session::n_ctx, kNoGil))
         .def_property_readonly("n_threads", py::cpp_function(&Session::n_threads, kNoGil))
         .def_property_readonly("has_chat_template", py::cpp_function(&Session::has_chat_template, kNoGil))
-        .def("is_eog", &Session::is_eog, py::arg("token"), kNoGil)
-        .def("slot_backend", &Session::slot_backend, kNoGil)
+        .def("is_eog", &Session::is_eog, py::arg("token"), kNoGil);
+}
+
+// The probes (probes.h) and the reference loops (Engine's, through with_model).
+void def_probes(py::class_<Session>& cls) {
+    cls
+        .def("slot_backend", [](Session& s) { return probes::slot_backend(s); }, kNoGil)
+        .def("output_matrix",
+             [](Session& s) {
+                 std::vector<float> w;
+                 int n_embd = 0;
+                 without_gil([&] {
+                     w = probes::output_matrix(s);
+                     n_embd = s.n_embd();
+                 });
+                 const auto d = static_cast<py::ssize_t>(n_embd);
+                 return to_numpy(w, {static_cast<py::ssize_t>(w.size()) / d, d});
+             })
+        .def("prompt_states",
+             [](Session& s, const std::vector<int32_t>& tokens) {
+                 std::vector<float> hidden, logits;
+                 int n_embd = 0, n_vocab = 0;
+                 without_gil([&](const InterruptCheck& check) {
+                     probes::prompt_states(s, tokens, hidden, logits, check);
+                     n_embd = s.n_embd();
+                     n_vocab = s.n_vocab();
+                 });
+                 const auto n = static_cast<py::ssize_t>(tokens.size());
+                 return py::make_tuple(to_numpy(hidden, {n, static_cast<py::ssize_t>(n_embd)}),
+                                       to_numpy(logits, {n, static_cast<py::ssize_t>(n_vocab)}));
+             },
+             py::arg("tokens"))
+        .def("slot_loss_and_gradient",
+             [](Session& s, const std::vector<int32_t>& tokens, const FloatArray& delta, bool recompute,
+                const std::string& cache_precision, double cache_tail_mass) {
+                 std::vector<float> d = from_numpy(delta), grad;
+                 double bound = 0.0;
+                 const double loss = without_gil([&](const InterruptCheck& check) {
+                     return probes::slot_loss_and_gradient(s, tokens, d, recompute, cache_precision, cache_tail_mass, grad,
+                                                            bound, check);
+                 });
+                 return py::make_tuple(loss, to_numpy(grad), bound);
+             },
+             py::arg("tokens"), py::arg("delta"), py::arg("recompute"), py::arg("cache_precision"),
+             py::arg("cache_tail_mass"))
+        .def("logit_bias",
+             [](Session& s, const FloatArray& delta) {
+                 const std::vector<float> d = from_numpy(delta);
+                 return to_numpy(without_gil([&] { return probes::logit_bias(s, d); }));
+             },
+             py::arg("delta"))
+        .def("token_logprobs",
+             [](Session& s, const std::vector<int32_t>& tokens, int first, py::object delta) {
+                 std::vector<float> d;
+                 if (!delta.is_none()) d = from_numpy(delta.cast<FloatArray>());
+                 return without_gil(
+                     [&](const InterruptCheck& check) { return probes::token_logprobs(s, tokens, first, d, check); });
+             },
+             py::arg("tokens"), py::arg("first"), py::arg("delta"))
+        // The test-only reference loops (Engine's, reference_loop.cpp), only while no
+        // generate call runs: tokens and decode seconds.
+        .def("reference_greedy",
+             [](Session& s, const std::vector<int32_t>& prompt, int n_new) {
+                 double seconds = 0.0;
+                 auto out = without_gil([&](const InterruptCheck& check) {
+                     return s.with_model("reference_greedy", [&](Session::ModelAccess& m) {
+                         return m.engine().reference_greedy(prompt, n_new, check, &seconds);
+                     });
+                 });
+                 return py::make_tuple(out, seconds);
+             },
+             py::arg("prompt"), py::arg("n_new"))
+        .def("reference_greedy_batch",
+             [](Session& s, const std::vector<std::vector<int32_t>>& prompts, int n_new) {
+                 double seconds = 0.0;
+                 auto out = without_gil([&](const InterruptCheck& check) {
+                     return s.with_model("reference_greedy_batch", [&](Session::ModelAccess& m) {
+                         return m.engine().reference_greedy_batch(prompts, n_new, check, &seconds);
+                     });
+                 });
+                 return py::make_tuple(out, seconds);
+             },
+             py::arg("prompts"), py::arg("n_new"));
+}
+
+// Datastores: hidden states for keys, and RTD indexes on the model's device.
+void def_datastores(py::class_<Session>& cls) {
+    cls
         .def("hidden_states",
              [](Session& s, const std::vector<std::vector<int32_t>>& rows,
                 const std::vector<std::pair<int, int>>& spans) {
@@ -169,7 +240,7 @@ void bind_session(py::module_& m) {
                  // Only each row's span is kept, written straight into the result.
                  std::vector<float> out(total * d);
                  without_gil([&](const InterruptCheck& check) {
-                     s.hidden_states(rows, [&](size_t row, const float* h, int) {
+                     probes::hidden_states(s, rows, [&](size_t row, const float* h, int) {
                          const auto [a, b] = spans[row];
                          std::copy(h + static_cast<size_t>(a) * d, h + static_cast<size_t>(b) * d,
                                    out.begin() + static_cast<ptrdiff_t>(at[row] * d));
@@ -199,80 +270,40 @@ void bind_session(py::module_& m) {
                  const auto* k = static_cast<const uint16_t*>(keys.data());
                  const auto* v = static_cast<const int32_t*>(values.data());
                  const int64_t n = keys.shape(0), dim = keys.shape(1);
-                 return without_gil([&] { return s.make_rtd_index(k, v, n, dim, heads, std::move(keepalive)); });
+                 return without_gil([&] { return probes::make_rtd_index(s, k, v, n, dim, heads, std::move(keepalive)); });
              },
-             py::arg("keys"), py::arg("values"), py::arg("heads"))
-        .def("output_matrix",
-             [](Session& s) {
-                 std::vector<float> w;
-                 int n_embd = 0;
-                 without_gil([&] {
-                     w = s.output_matrix();
-                     n_embd = s.n_embd();
-                 });
-                 const auto d = static_cast<py::ssize_t>(n_embd);
-                 return to_numpy(w, {static_cast<py::ssize_t>(w.size()) / d, d});
-             })
-        .def("prompt_states",
-             [](Session& s, const std::vector<int32_t>& tokens) {
-                 std::vector<float> hidden, logits;
-                 int n_embd = 0, n_vocab = 0;
-                 without_gil([&](const InterruptCheck& check) {
-                     s.prompt_states(tokens, hidden, logits, check);
-                     n_embd = s.n_embd();
-                     n_vocab = s.n_vocab();
-                 });
-                 const auto n = static_cast<py::ssize_t>(tokens.size());
-                 return py::make_tuple(to_numpy(hidden, {n, static_cast<py::ssize_t>(n_embd)}),
-                                       to_numpy(logits, {n, static_cast<py::ssize_t>(n_vocab)}));
-             },
-             py::arg("tokens"))
-        .def("slot_loss_and_gradient",
-             [](Session& s, const std::vector<int32_t>& tokens, const FloatArray& delta, bool recompute,
-                const std::string& cache_precision, double cache_tail_mass) {
-                 std::vector<float> d = from_numpy(delta), grad;
-                 double bound = 0.0;
-                 const double loss = without_gil([&](const InterruptCheck& check) {
-                     return s.slot_loss_and_gradient(tokens, d, recompute, cache_precision, cache_tail_mass, grad,
-                                                     bound, check);
-                 });
-                 return py::make_tuple(loss, to_numpy(grad), bound);
-             },
-             py::arg("tokens"), py::arg("delta"), py::arg("recompute"), py::arg("cache_precision"),
-             py::arg("cache_tail_mass"))
-        .def("logit_bias",
-             [](Session& s, const FloatArray& delta) {
-                 const std::vector<float> d = from_numpy(delta);
-                 return to_numpy(without_gil([&] { return s.logit_bias(d); }));
-             },
-             py::arg("delta"))
-        .def("token_logprobs",
-             [](Session& s, const std::vector<int32_t>& tokens, int first, py::object delta) {
-                 std::vector<float> d;
-                 if (!delta.is_none()) d = from_numpy(delta.cast<FloatArray>());
-                 return without_gil(
-                     [&](const InterruptCheck& check) { return s.token_logprobs(tokens, first, d, check); });
-             },
-             py::arg("tokens"), py::arg("first"), py::arg("delta"))
-        // The test-only reference loop (reference_loop.cpp): tokens and decode seconds.
-        .def("reference_greedy",
-             [](Session& s, const std::vector<int32_t>& prompt, int n_new) {
-                 double seconds = 0.0;
-                 auto out = without_gil([&](const InterruptCheck& check) {
-                     return s.reference_greedy(prompt, n_new, check, &seconds);
-                 });
-                 return py::make_tuple(out, seconds);
-             },
-             py::arg("prompt"), py::arg("n_new"))
-        .def("reference_greedy_batch",
-             [](Session& s, const std::vector<std::vector<int32_t>>& prompts, int n_new) {
-                 double seconds = 0.0;
-                 auto out = without_gil([&](const InterruptCheck& check) {
-                     return s.reference_greedy_batch(prompts, n_new, check, &seconds);
-                 });
-                 return py::make_tuple(out, seconds);
-             },
-             py::arg("prompts"), py::arg("n_new"));
+             py::arg("keys"), py::arg("values"), py::arg("heads"));
+}
+
+}  // namespace
+
+void bind_session(py::module_& m) {
+    py::class_<Session> cls(m, "Session");
+    cls
+        .def(py::init([](const std::string& path, int n_ctx, int n_batch, int n_threads, int n_gpu_layers,
+                         int n_parallel, bool use_mmap, const std::vector<std::string>& rpc_servers,
+                         const std::vector<std::pair<std::string, float>>& loras) {
+                 EngineParams p;
+                 p.rpc_servers = rpc_servers;
+                 p.loras = loras;
+                 p.model_path = path;
+                 p.n_ctx = n_ctx;
+                 p.n_batch = n_batch;
+                 p.n_threads = n_threads;
+                 p.n_gpu_layers = n_gpu_layers;
+                 p.n_parallel = n_parallel;
+                 p.use_mmap = use_mmap;
+                 return std::make_unique<Session>(p);
+             }),
+             py::arg("path"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("n_gpu_layers"),
+             py::arg("n_parallel"), py::arg("use_mmap"), py::arg("rpc_servers") = std::vector<std::string>{},
+             py::arg("loras") = std::vector<std::pair<std::string, float>>{}, kNoGil)
+        .def("close", &Session::close, kNoGil)
+        .def_property_readonly("closed", py::cpp_function(&Session::closed, kNoGil));
+    def_generation(cls);
+    def_model_info(cls);
+    def_probes(cls);
+    def_datastores(cls);
 }
 
 }  // namespace slot::bind

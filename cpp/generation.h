@@ -1,25 +1,22 @@
-// Generation: the batched token loop. Each request's context is evaluated
-// once (or taken from the prompt cache), SLOT optionally learns the request's
-// delta, its n samples fork the context's KV cells, and every live sequence
-// advances by one llama_decode per step, its logits passed through its
-// request's stages (SLOT's bias b = W*delta) before its own sampler.
+// Generation's data: a request and its result, the batch loop's counters,
+// and the checks every request passes before any work starts. The loop itself
+// is the Batcher (batcher.h), the model's facade the Session (session.h).
+// Each request's context is evaluated once (or taken from the prompt cache),
+// SLOT optionally learns the request's delta, its n samples fork the
+// context's KV cells, and every live sequence advances by one llama_decode
+// per step, its logits passed through its request's stages (SLOT's bias
+// b = W*delta) before its own sampler.
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <functional>
 #include <memory>
-#include <mutex>
-#include <shared_mutex>
 #include <string>
 #include <vector>
 
-#include "backend.h"
-#include "chat_format.h"
 #include "engine.h"
-#include "output_head.h"
+#include "grammar.h"
 #include "rtd.h"
 #include "sampling.h"
 #include "slot_optimizer.h"
@@ -66,6 +63,10 @@ struct GenerationRequest {
     // included, must follow: the tokens it refuses are masked before the
     // draw, after every other stage and the penalties.
     std::string grammar;
+    // A JSON schema (JSON text) every sample follows instead: converted to
+    // the grammar above by llama.cpp's json-schema-to-grammar when the
+    // request is checked (not with a grammar).
+    std::string json_schema;
     // Make the grammar lazy: it applies from the first match of one of these
     // regular expressions over the answer, or the first of these tokens.
     std::vector<std::string> grammar_triggers;
@@ -106,31 +107,6 @@ struct GenerationResult {
     double generate_seconds = 0.0;
 };
 
-// A mutex that hands itself over in arrival order: a thread that generates
-// re-locks it for every token step, and a plain mutex would let it starve
-// other threads' calls.
-class FairMutex {
-public:
-    void lock() {
-        std::unique_lock<std::mutex> guard(m_);
-        const uint64_t ticket = next_++;
-        cv_.wait(guard, [&] { return serving_ == ticket; });
-    }
-    void unlock() {
-        {
-            std::lock_guard<std::mutex> guard(m_);
-            ++serving_;
-        }
-        cv_.notify_all();
-    }
-
-private:
-    std::mutex m_;
-    std::condition_variable cv_;
-    uint64_t next_ = 0;
-    uint64_t serving_ = 0;
-};
-
 // Counters of the shared token loop, for monitoring.
 struct BatchStats {
     int64_t waiting_requests = 0;   // generate calls not yet fully admitted to sequences
@@ -167,128 +143,20 @@ struct LoopCounters {
     std::atomic<int64_t> rtd_requests{0};
 };
 
-class Batcher;
-struct BatchJob;
-struct BatchEvents;
-
-// A model ready to generate: the engine plus the output head, loaded on first
-// SLOT use. One Session may be shared by threads. Generate calls made at the
-// same time from several threads decode together (continuous batching): each
-// call queues its requests, and one waiting caller at a time drives the
-// shared token loop for all of them, taking the engine's lock once per step,
-// so other calls (tokenising, other models' work) interleave between steps.
-// Between calls, the context's sequences keep their KV cells as a prompt
-// cache, dropped least recently used first when cells are needed.
-class Session {
-public:
-    explicit Session(const EngineParams& params);
-    ~Session();
-    void close();
-    bool closed() const;
-
-    GenerationResult generate(const GenerationRequest& request, const TextCallback& on_text,
-                              const InterruptCheck& interrupted);
-    // Every request's n samples, request by request, decoded together up to
-    // n_parallel sequences at a time (with other threads' calls); further
-    // samples wait for a free one. `interrupted` is polled on the calling
-    // thread only; when it turns true the call's samples stop and it throws
-    // Interrupted. Callbacks may run on another caller's thread.
-    std::vector<GenerationResult> generate_batch(const std::vector<GenerationRequest>& requests,
-                                                 const BatchTextCallback& on_text,
-                                                 const InterruptCheck& interrupted);
-    // At most this many calls may wait for admission; a further call throws
-    // QueueFullError at once. 0: no limit.
-    void set_max_waiting(int n);
-    BatchStats stats();
-    // Drops the prompt cache (sequences in use by running calls are kept).
-    void clear_cache();
-    // Drops the cached sequences whose tokens start with `prefix`; returns how many.
-    int drop_cached(const std::vector<int32_t>& prefix);
-
-    std::vector<int32_t> tokenize(const std::string& text, bool add_special, bool parse_special);
-    std::string detokenize(const std::vector<int32_t>& tokens);
-    std::string token_piece(int32_t token);
-    std::string apply_chat_template(const std::vector<ChatMessage>& messages, bool add_assistant,
-                                    const std::string& template_name);
-    const ModelFileInfo& file_info();
-    // A string value of LoRA adapter `index`'s GGUF metadata ("" when absent).
-    std::string adapter_meta(int index, const std::string& key);
-    int n_adapters();
-    int32_t eos_token();
-    int n_vocab();
-    int n_embd();
-    int n_ctx();
-    int n_threads();
-    int n_parallel();
-    int64_t decoded_tokens();  // tokens evaluated by llama.cpp so far
-    int64_t logit_rows();      // rows of logits computed so far (output-head evaluations)
-    bool has_chat_template();
-    // The model's chat templates for llama.cpp's common/chat (tools, tool-call
-    // parsing), or `override_source`'s; and a chat rendered with them.
-    std::shared_ptr<const ChatTemplates> chat_templates(const std::string& override_source);
-    ChatPrompt apply_chat(const ChatTemplates& templates, const ChatRequest& request);
-    bool is_eog(int32_t token);
-    // Where SLOT's head products run, e.g. "CPU (CPU head kernels)"; loads the head.
-    std::string slot_backend();
-
-    // Final normed hidden states of rows of tokens, without logits (for
-    // datastores); the prompt cache is untouched.
-    void hidden_states(const std::vector<std::vector<int32_t>>& rows, const Engine::StatesSink& sink,
-                       const InterruptCheck& interrupted);
-    // A datastore index searched on this model's compute device.
-    std::shared_ptr<RtdIndex> make_rtd_index(const uint16_t* keys, const int32_t* values, int64_t n, int64_t dim,
-                                             int heads, std::shared_ptr<void> keepalive);
-
-    // For tests and inspection.
-    std::vector<float> output_matrix();  // n_vocab x n_embd
-    void prompt_states(const std::vector<int32_t>& tokens, std::vector<float>& hidden, std::vector<float>& logits,
-                       const InterruptCheck& interrupted);
-    double slot_loss_and_gradient(const std::vector<int32_t>& tokens, const std::vector<float>& delta,
-                                  bool recompute, const std::string& cache_precision, double cache_tail_mass,
-                                  std::vector<float>& grad, double& loss_bound,
-                                  const InterruptCheck& interrupted);
-    std::vector<float> logit_bias(const std::vector<float>& delta);
-    // log p(tokens[i] | tokens[<i]) for i >= first (teacher forcing), with
-    // delta's logit bias when delta is non-empty.
-    std::vector<double> token_logprobs(const std::vector<int32_t>& tokens, int first,
-                                       const std::vector<float>& delta, const InterruptCheck& interrupted);
-    std::vector<int32_t> reference_greedy(const std::vector<int32_t>& prompt, int n_new,
-                                          const InterruptCheck& interrupted, double* decode_seconds);
-    std::vector<std::vector<int32_t>> reference_greedy_batch(const std::vector<std::vector<int32_t>>& prompts,
-                                                             int n_new, const InterruptCheck& interrupted,
-                                                             double* decode_seconds);
-
-private:
-    Engine& engine();
-    OutputHead& head();
-    Batcher& batcher();
-    // Marks calls admitted or done and wakes their callers.
-    void publish(BatchEvents& ev);
-    // Calls that use the context directly need it free of running generation.
-    void require_idle(const char* what);
-
-    mutable FairMutex mutex_;  // the engine, the head and the batcher's sequences
-    // The engine's lifetime, for calls that only read the vocabulary and
-    // template (thread-safe in llama.cpp) and so need not wait for a step.
-    mutable std::shared_mutex life_;
-    std::unique_ptr<Engine> engine_;
-    std::unique_ptr<ComputeBackend> backend_;
-    std::unique_ptr<OutputHead> head_;
-    std::unique_ptr<Batcher> batcher_;
-    ModelShape shape_;
-    std::atomic<bool> closed_{false};
-    LoopCounters counters_;
-    bool portable_head_ops_ = false;  // SLOT_CPP_PORTABLE_HEAD_OPS=1: the GPU code path on any backend
-
-    // The queue of calls and the driver role; guarded by jobs_mutex_, never
-    // held while waiting for mutex_.
-    std::mutex jobs_mutex_;
-    std::condition_variable jobs_cv_;
-    std::deque<std::shared_ptr<BatchJob>> incoming_;
-    bool driving_ = false;
-    int max_waiting_ = 0;
-    int64_t waiting_ = 0;
-    int64_t cancelled_waiting_ = 0;  // calls cancelled before the batcher saw them (not in counters_)
-};
+// Checks a request completely before any work starts, so that one bad
+// request fails the call instead of another request's output; `index` >= 0
+// names the request in the message (request.cpp).
+void validate_request(const ModelShape& e, const GenerationRequest& req, int index);
+// Whether the request is constrained: a grammar or a JSON schema.
+bool has_grammar(const GenerationRequest& req);
+// The request's grammar (its JSON schema converted), parsed, with its
+// response prefix checked against it.
+std::shared_ptr<const Grammar> parse_grammar(const ModelShape& e, const GenerationRequest& req, int index);
+// Whether a request's stages read the final hidden state (the retrieval blend).
+bool uses_hidden(const GenerationRequest& req);
+// KV cells that one group of `samples` samples of `req` may occupy: the
+// context once (the samples share it) and each sample's generated tokens but
+// the last, which is never evaluated.
+int64_t cells_needed(const GenerationRequest& req, int samples);
 
 }  // namespace slot

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <list>
+#include <mutex>
 #include <stdexcept>
 #include <utility>
 
@@ -155,7 +157,22 @@ void grammar_mask_top(llama_sampler* s, const PrefixForest& forest, float* logit
 
 void grammar_accept(llama_sampler* s, int32_t token) { llama_sampler_accept(s, token); }
 
-std::string json_schema_to_gbnf(const std::string& schema_json) {
+namespace {
+
+// The last conversions, most recent first: a server's requests usually
+// repeat a few schemas. Failures are not kept.
+struct SchemaCache {
+    static constexpr size_t kEntries = 64;
+    std::mutex mutex;
+    std::list<std::pair<std::string, std::string>> entries;  // schema text, GBNF
+};
+
+SchemaCache& schema_cache() {
+    static SchemaCache cache;
+    return cache;
+}
+
+std::string convert_schema(const std::string& schema_json) {
     common_json schema;
     try {
         schema = common_json::parse(schema_json);
@@ -167,6 +184,26 @@ std::string json_schema_to_gbnf(const std::string& schema_json) {
     } catch (const std::exception& e) {
         throw std::invalid_argument(std::string("json_schema: ") + e.what());
     }
+}
+
+}  // namespace
+
+std::string json_schema_to_gbnf(const std::string& schema_json) {
+    SchemaCache& cache = schema_cache();
+    {
+        std::lock_guard<std::mutex> lock(cache.mutex);
+        for (auto it = cache.entries.begin(); it != cache.entries.end(); ++it) {
+            if (it->first == schema_json) {
+                cache.entries.splice(cache.entries.begin(), cache.entries, it);
+                return it->second;
+            }
+        }
+    }
+    std::string gbnf = convert_schema(schema_json);  // unlocked: another thread may convert it too
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    cache.entries.emplace_front(schema_json, gbnf);
+    if (cache.entries.size() > SchemaCache::kEntries) cache.entries.pop_back();
+    return gbnf;
 }
 
 }  // namespace slot

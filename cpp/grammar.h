@@ -63,7 +63,8 @@ void grammar_mask_top(llama_sampler* s, const PrefixForest& forest, float* logit
 void grammar_accept(llama_sampler* s, int32_t token);
 
 // GBNF for a JSON schema (JSON text); std::invalid_argument when the text is
-// not JSON or the schema cannot be converted.
+// not JSON or the schema cannot be converted. The last 64 conversions are
+// kept (thread-safe).
 std::string json_schema_to_gbnf(const std::string& schema_json);
 
 }  // namespace slot

@@ -71,17 +71,17 @@ ColumnSplitProduct build_column_split_product(GraphBuilder& g, ggml_tensor* a, i
     return p;
 }
 
-void set_column_split_input(const ColumnSplitProduct& p, const float* x) {
+std::vector<GraphInput> column_split_inputs(const ColumnSplitProduct& p, const float* x) {
     const size_t bytes = static_cast<size_t>(p.rows) * sizeof(float);
-    for (int64_t s = 0; s <= p.k; ++s) ggml_backend_tensor_set(p.x, x, static_cast<size_t>(s) * bytes, bytes);
+    std::vector<GraphInput> in;
+    for (int64_t s = 0; s <= p.k; ++s) in.push_back({p.x, x, static_cast<size_t>(s) * bytes, bytes});
+    return in;
 }
 
-void read_column_split_product(const ColumnSplitProduct& p, float* out) {
-    const size_t main_bytes = ggml_nbytes(p.main);
-    ggml_backend_tensor_get(p.main, out, 0, main_bytes);
-    if (p.tail != nullptr) {
-        ggml_backend_tensor_get(p.tail, out + main_bytes / sizeof(float), 0, ggml_nbytes(p.tail));
-    }
+std::vector<GraphOutput> column_split_outputs(const ColumnSplitProduct& p, float* out) {
+    std::vector<GraphOutput> outs{{p.main, out}};
+    if (p.tail != nullptr) outs.push_back({p.tail, out + ggml_nbytes(p.main) / sizeof(float)});
+    return outs;
 }
 
 OutputHead::OutputHead(const ModelFileInfo& info, ComputeBackend& backend, bool portable_ops) : backend_(backend) {
@@ -181,10 +181,7 @@ void OutputHead::project(const float* delta, float* out) {
     ggml_tensor* d = g.input(GGML_TYPE_F32, n_embd_);
     ggml_tensor* b = product(g.ctx, d);
     g.output(b);
-    backend_.prepare(g);
-    ggml_backend_tensor_set(d, delta, 0, ggml_nbytes(d));
-    backend_.compute(g, "W*delta");
-    ggml_backend_tensor_get(b, out, 0, ggml_nbytes(b));
+    backend_.run(g, "W*delta", {{d, delta}}, {{b, out}});
 }
 
 void OutputHead::project_transposed(const float* gvec, float* out) {
@@ -192,9 +189,7 @@ void OutputHead::project_transposed(const float* gvec, float* out) {
     ggml_tensor* x = g.input(GGML_TYPE_F32, n_vocab_);
     ggml_tensor* partial = transposed_product(g.ctx, x);
     g.output(partial);
-    backend_.prepare(g);
-    ggml_backend_tensor_set(x, gvec, 0, ggml_nbytes(x));
-    backend_.compute(g, "W^T*g");
+    backend_.run(g, "W^T*g", {{x, gvec}});
     read_transposed_product(partial, out);
 }
 
@@ -209,11 +204,7 @@ void OutputHead::logits(const float* hidden, int64_t n_rows, float* out) {
         z = ggml_add(g.ctx, z, bias);
     }
     g.output(z);
-    backend_.prepare(g);
-    ggml_backend_tensor_set(h, hidden, 0, ggml_nbytes(h));
-    if (bias) ggml_backend_tensor_set(bias, bias_.data(), 0, ggml_nbytes(bias));
-    backend_.compute(g, "W*H");
-    ggml_backend_tensor_get(z, out, 0, ggml_nbytes(z));
+    backend_.run(g, "W*H", {{h, hidden}, {bias, bias_.data()}}, {{z, out}});
 }
 
 void OutputHead::dequantize(float* out) const {

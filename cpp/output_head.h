@@ -83,7 +83,8 @@ struct ColumnSplitProduct {
     int64_t k = 0;
 };
 ColumnSplitProduct build_column_split_product(GraphBuilder& g, ggml_tensor* a, int slabs);
-void set_column_split_input(const ColumnSplitProduct& p, const float* x);
-void read_column_split_product(const ColumnSplitProduct& p, float* out);
+// For ComputeBackend::run: the input's copies of x, and y read into `out`.
+std::vector<GraphInput> column_split_inputs(const ColumnSplitProduct& p, const float* x);
+std::vector<GraphOutput> column_split_outputs(const ColumnSplitProduct& p, float* out);
 
 }  // namespace slot

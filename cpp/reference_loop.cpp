@@ -1,17 +1,16 @@
 // llama.cpp's stock greedy loop (a fresh context, its greedy sampler, the
 // batched example's one llama_decode per step), kept apart from the engine as
-// an independent reference for tests and benchmarks: Session.reference_greedy
-// and reference_greedy_batch. Nothing on the serving path uses it.
+// an independent reference for tests and benchmarks (bound as
+// Session.reference_greedy and reference_greedy_batch, through
+// Session::with_model). Nothing on the serving path uses it.
 #include <algorithm>
 #include <chrono>
 #include <memory>
-#include <mutex>
 #include <stdexcept>
 
 #include "engine.h"
 #include "engine_internal.h"
 #include "errors.h"
-#include "generation.h"
 
 namespace slot {
 namespace {
@@ -122,23 +121,6 @@ std::vector<std::vector<int32_t>> Engine::reference_greedy_batch(const std::vect
     }
     if (decode_seconds) *decode_seconds = seconds;
     return out;
-}
-
-// The Session's entry points: under the session mutex and only while no
-// generate call runs, as the other direct engine calls.
-std::vector<int32_t> Session::reference_greedy(const std::vector<int32_t>& prompt, int n_new,
-                                               const InterruptCheck& interrupted, double* decode_seconds) {
-    std::lock_guard<FairMutex> lock(mutex_);
-    require_idle("reference_greedy");
-    return engine().reference_greedy(prompt, n_new, interrupted, decode_seconds);
-}
-
-std::vector<std::vector<int32_t>> Session::reference_greedy_batch(const std::vector<std::vector<int32_t>>& prompts,
-                                                                  int n_new, const InterruptCheck& interrupted,
-                                                                  double* decode_seconds) {
-    std::lock_guard<FairMutex> lock(mutex_);
-    require_idle("reference_greedy_batch");
-    return engine().reference_greedy_batch(prompts, n_new, interrupted, decode_seconds);
 }
 
 }  // namespace slot

@@ -131,7 +131,7 @@ void RtdIndex::key_dots(const float* queries, int64_t n_queries, const std::vect
     const int64_t dh = dim_ / heads_;
     GraphBuilder g(static_cast<size_t>(heads_) * (2 * ranges.size() + 1) + 4);
     ggml_tensor* q = g.input(GGML_TYPE_F32, dim_, n_queries);
-    std::vector<ggml_tensor*> outs;
+    std::vector<ggml_tensor*> prods;
     size_t total = 0;
     for (int h = 0; h < heads_; ++h) {
         ggml_tensor* qv = heads_ == 1 ? q : ggml_view_2d(g.ctx, q, dh, n_queries, q->nb[1], static_cast<size_t>(h * dh) * sizeof(float));
@@ -140,19 +140,19 @@ void RtdIndex::key_dots(const float* queries, int64_t n_queries, const std::vect
             ggml_tensor* kv = ggml_view_2d(g.ctx, keys_tensor_, dh, end - first, keys_tensor_->nb[1], offset);
             ggml_tensor* prod = ggml_mul_mat(g.ctx, kv, qv);  // [end - first, n_queries]
             g.output(prod);
-            outs.push_back(prod);
+            prods.push_back(prod);
             total += static_cast<size_t>(ggml_nelements(prod));
         }
     }
-    backend_->prepare(g);
-    ggml_backend_tensor_set(q, queries, 0, static_cast<size_t>(n_queries * dim_) * sizeof(float));
-    backend_->compute(g, "the datastore search");
     out.resize(total);
+    std::vector<GraphOutput> outs;
     size_t at = 0;
-    for (ggml_tensor* prod : outs) {
-        ggml_backend_tensor_get(prod, out.data() + at, 0, ggml_nbytes(prod));
+    for (ggml_tensor* prod : prods) {
+        outs.push_back({prod, out.data() + at});
         at += static_cast<size_t>(ggml_nelements(prod));
     }
+    backend_->run(g, "the datastore search", {{q, queries, 0, static_cast<size_t>(n_queries * dim_) * sizeof(float)}},
+                  outs);
 }
 
 std::vector<RtdNeighbours> RtdIndex::search(const float* queries, int64_t n_queries, int k, int nprobe) const {

@@ -230,8 +230,7 @@ void SlotProblem::add_run(int first, int c, const float* logits, const float* hi
         if (head_.backend().is_cpu()) {
             GraphBuilder g(4);
             g.output(top_probabilities_from_host(g.ctx, c, &job));
-            head_.backend().prepare(g);
-            head_.backend().compute(g, "prompt top probabilities");
+            head_.backend().run(g, "prompt top probabilities");
         } else {
             top_probabilities_rows(job, 0, c);
         }
@@ -244,8 +243,7 @@ void SlotProblem::add_run(int first, int c, const float* logits, const float* hi
         GraphBuilder g(4);
         ggml_tensor* rows = ggml_view_2d(g.ctx, p0_tensor_, V_, c, p0_tensor_->nb[1], offset);
         g.output(softmax_rows_from_host(g.ctx, rows, &job));
-        head_.backend().prepare(g);
-        head_.backend().compute(g, "prompt softmax");
+        head_.backend().run(g, "prompt softmax");
         return;
     }
     // The logits go straight into the cache rows and are normalised in place:
@@ -254,8 +252,7 @@ void SlotProblem::add_run(int first, int c, const float* logits, const float* hi
     GraphBuilder g(4);
     ggml_tensor* rows = ggml_view_2d(g.ctx, p0_tensor_, V_, c, p0_tensor_->nb[1], offset);
     g.output(ggml_soft_max_inplace(g.ctx, rows));
-    head_.backend().prepare(g);
-    head_.backend().compute(g, "prompt softmax");
+    head_.backend().run(g, "prompt softmax");
     for (int i = 0; i < c; ++i) {
         const int t = first + i;
         float prob = 0.0f;
@@ -284,13 +281,9 @@ double SlotProblem::loss_and_gradient_cached(const std::vector<float>& delta, st
         g.output(bt);
         g.output(qt);
         g.output(st);
-        head_.backend().prepare(g);
-        ggml_backend_tensor_set(din, delta.data(), 0, ggml_nbytes(din));
         ScopedTimer timer(profile_.forward);
-        head_.backend().compute(g, "SLOT step (W*delta, P0*q)");
-        ggml_backend_tensor_get(bt, b.data(), 0, ggml_nbytes(bt));
-        ggml_backend_tensor_get(qt, q.data(), 0, ggml_nbytes(qt));
-        ggml_backend_tensor_get(st, S.data(), 0, ggml_nbytes(st));
+        head_.backend().run(g, "SLOT step (W*delta, P0*q)", {{din, delta.data()}},
+                            {{bt, b.data()}, {qt, q.data()}, {st, S.data()}});
     }
     // lse(b) from the softmax already computed: q at argmax(b) is 1/sum exp(b - max b),
     // at least 1/n_vocab, so its logarithm is well conditioned.
@@ -312,19 +305,14 @@ double SlotProblem::loss_and_gradient_cached(const std::vector<float>& delta, st
         ggml_tensor* rt = g.input(GGML_TYPE_F32, n_);
         ggml_tensor* ut = bf16_rows_transposed_times(g.ctx, p0_tensor_, rt);
         g.output(ut);
-        head_.backend().prepare(g);
-        ggml_backend_tensor_set(rt, r.data(), 0, ggml_nbytes(rt));
         ScopedTimer timer(profile_.cache);
-        head_.backend().compute(g, "SLOT step (P0^T*r, bfloat16)");
-        ggml_backend_tensor_get(ut, u.data(), 0, ggml_nbytes(ut));
+        head_.backend().run(g, "SLOT step (P0^T*r, bfloat16)", {{rt, r.data()}}, {{ut, u.data()}});
     } else {
         GraphBuilder g(10);
         ColumnSplitProduct prod = build_column_split_product(g, p0_tensor_, head_.column_slabs());
-        head_.backend().prepare(g);
-        set_column_split_input(prod, r.data());
         ScopedTimer timer(profile_.cache);
-        head_.backend().compute(g, "SLOT step (P0^T*r)");
-        read_column_split_product(prod, u.data());
+        head_.backend().run(g, "SLOT step (P0^T*r)", column_split_inputs(prod, r.data()),
+                            column_split_outputs(prod, u.data()));
     }
     std::vector<float> gvec(static_cast<size_t>(V_));
     for (int64_t v = 0; v < V_; ++v) gvec[static_cast<size_t>(v)] = q[static_cast<size_t>(v)] * u[static_cast<size_t>(v)];
@@ -449,9 +437,8 @@ SlotProblem::RecomputeChunk SlotProblem::build_recompute_chunk(GraphBuilder& g, 
     return chunk;
 }
 
-void SlotProblem::set_recompute_inputs(const RecomputeChunk& chunk, const float* states) const {
-    ggml_backend_tensor_set(chunk.states, states, 0, ggml_nbytes(chunk.states));
-    if (chunk.bias) ggml_backend_tensor_set(chunk.bias, head_.bias().data(), 0, ggml_nbytes(chunk.bias));
+std::vector<GraphInput> SlotProblem::recompute_inputs(const RecomputeChunk& chunk, const float* states) const {
+    return {{chunk.states, states}, {chunk.bias, head_.bias().data()}};
 }
 
 double SlotProblem::loss_and_gradient_recompute(const std::vector<float>& delta, std::vector<float>* grad,
@@ -474,15 +461,14 @@ double SlotProblem::loss_and_gradient_recompute(const std::vector<float>& delta,
         ggml_tensor* p = chunk.probabilities;
         g.output(p);
         ColumnSplitProduct prod = build_column_split_product(g, p, head_.column_slabs());
-        head_.backend().prepare(g);
-        set_recompute_inputs(chunk, rows.data());
         weights.assign(static_cast<size_t>(c), static_cast<float>(w));
-        set_column_split_input(prod, weights.data());
+        std::vector<GraphInput> inputs = recompute_inputs(chunk, rows.data());
+        const std::vector<GraphInput> x = column_split_inputs(prod, weights.data());
+        inputs.insert(inputs.end(), x.begin(), x.end());
         {
             ScopedTimer timer(profile_.forward);
-            head_.backend().compute(g, "SLOT recompute step");
+            head_.backend().run(g, "SLOT recompute step", inputs, column_split_outputs(prod, part.data()));
         }
-        read_column_split_product(prod, part.data());
         for (int64_t v = 0; v < V_; ++v) u[static_cast<size_t>(v)] += part[static_cast<size_t>(v)];
         for (int i = 0; i < c; ++i) {
             const int t = r0 + i;
@@ -630,17 +616,14 @@ std::vector<double> SlotProblem::scaled_kl(const std::vector<float>& delta, cons
     auto product = [&](GraphBuilder& g, ggml_tensor* rows, ggml_tensor* cols) {
         ggml_tensor* out = rows == p0_tensor_ ? p0_times(g.ctx, cols) : ggml_mul_mat(g.ctx, rows, cols);  // [count, k+1]
         g.output(out);
-        head_.backend().prepare(g);
-        ggml_backend_tensor_set(cols, columns.data(), 0, ggml_nbytes(cols));
         return out;
     };
     if (cached_) {
         GraphBuilder g(8);
         ggml_tensor* cols = g.input(GGML_TYPE_F32, V_, k + 1);
         ggml_tensor* out = product(g, p0_tensor_, cols);
-        head_.backend().compute(g, "SLOT trust region (P0 * q)");
         std::vector<float> part(static_cast<size_t>(n_ * (k + 1)));
-        ggml_backend_tensor_get(out, part.data(), 0, ggml_nbytes(out));
+        head_.backend().run(g, "SLOT trust region (P0 * q)", {{cols, columns.data()}}, {{out, part.data()}});
         se.swap(part);
     } else {
         for (int r0 = 0; r0 < n_; r0 += recompute_rows_) {
@@ -649,11 +632,12 @@ std::vector<double> SlotProblem::scaled_kl(const std::vector<float>& delta, cons
             const RecomputeChunk chunk = build_recompute_chunk(g, c);
             ggml_tensor* cols = g.input(GGML_TYPE_F32, V_, k + 1);
             ggml_tensor* out = product(g, chunk.probabilities, cols);
-            set_recompute_inputs(chunk, hidden_.data() + static_cast<size_t>(r0) * static_cast<size_t>(d_));
-            head_.backend().compute(g, "SLOT trust region (recompute)");
+            std::vector<GraphInput> inputs =
+                recompute_inputs(chunk, hidden_.data() + static_cast<size_t>(r0) * static_cast<size_t>(d_));
+            inputs.push_back({cols, columns.data()});
             // out is [c, k+1]: column j holds S_t(a_j) for the chunk's rows.
             std::vector<float> part(static_cast<size_t>(c * (k + 1)));
-            ggml_backend_tensor_get(out, part.data(), 0, ggml_nbytes(out));
+            head_.backend().run(g, "SLOT trust region (recompute)", inputs, {{out, part.data()}});
             for (int64_t j = 0; j <= k; ++j) {
                 std::copy(part.begin() + j * c, part.begin() + (j + 1) * c, se.begin() + j * n_ + r0);
             }

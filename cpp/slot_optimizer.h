@@ -138,14 +138,14 @@ private:
     double calibrate(const SlotConfig& config, SlotOutcome& out, const InterruptCheck& interrupted);
     double target_logprob_from_logits(const float* row, int32_t target) const;
     // softmax(W h + bias) for c states of the recompute path, as a node of g;
-    // set_recompute_inputs fills h (and the bias) once g is prepared.
+    // recompute_inputs: h (and the bias) for ComputeBackend::run.
     struct RecomputeChunk {
         ggml_tensor* states = nullptr;  // [d, c]
         ggml_tensor* bias = nullptr;    // [V], heads with a bias only
         ggml_tensor* probabilities = nullptr;
     };
     RecomputeChunk build_recompute_chunk(GraphBuilder& g, int c) const;
-    void set_recompute_inputs(const RecomputeChunk& chunk, const float* states) const;
+    std::vector<GraphInput> recompute_inputs(const RecomputeChunk& chunk, const float* states) const;
     // Cache rows [first, first + c) from consecutive prompt positions.
     void add_run(int first, int c, const float* logits, const float* hidden);
 

@@ -33,10 +33,10 @@ KNOWN = {"model": "tiny", "prompt": "Item 1", "max_tokens": 4, "temperature": 0}
 # The planted defect: the shared request handler raises, so completions and chat answer 500.
 _PLANTED = """
 import sys
-import slot_cpp.server.app as app
+import slot_cpp.server.routes as routes
 def broken(*args, **kwargs):
     raise RuntimeError("planted fault")
-app.resolve = broken
+routes.resolve = broken
 from slot_cpp.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -1,8 +1,12 @@
-"""The package's shape: no import cycles, and every option reaching every face."""
+"""The package's shape: no import cycles (type-only imports included), modules
+of a readable size, every option reaching every face, and each option group
+flowing whole from the HTTP layer and the command line to the native request."""
 
 from __future__ import annotations
 
 import ast
+import inspect
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,18 +30,12 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """Package modules ``name`` imports anywhere in its file (functions included,
-    TYPE_CHECKING blocks excluded: they never run)."""
+    """Package modules ``name`` imports anywhere in its file (functions and
+    TYPE_CHECKING blocks included: a type-only circle is a circle too)."""
     tree = ast.parse(path.read_text(), str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    skip: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skip.update(id(n) for n in ast.walk(node))
     found: set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
@@ -81,16 +79,46 @@ def test_the_module_graph_has_no_cycle():
             visit(node)
 
 
-def test_the_cycle_check_finds_a_planted_cycle(tmp_path, monkeypatch):
+@pytest.mark.parametrize("b_source", [
+    "def f():\n    from .a import x\n",  # an import inside a function
+    "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import x\n",  # a type-only import
+], ids=["runtime", "type-only"])
+def test_the_cycle_check_finds_a_planted_cycle(tmp_path, monkeypatch, b_source):
     # The same search on a package with a -> b -> a fails.
     pkg = tmp_path / "slot_cpp"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from . import b\n")
-    (pkg / "b.py").write_text("def f():\n    from .a import x\n")
+    (pkg / "b.py").write_text(b_source)
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
     with pytest.raises(pytest.fail.Exception, match="import cycle"):
         test_the_module_graph_has_no_cycle()
+
+
+# ---- sizes -------------------------------------------------------------------------------
+
+PYTHON_MAX_LINES = 800
+CPP_MAX_LINES = 900
+CPP = Path(__file__).resolve().parents[1] / "cpp"  # the checkout's sources, whichever way the package is installed
+
+
+def _too_long(paths, limit: int) -> list[str]:
+    out = []
+    for path in paths:
+        n = len(path.read_text(errors="replace").splitlines())
+        if n > limit:
+            out.append(f"{path.name}: {n} lines")
+    return out
+
+
+def test_no_python_module_is_over_800_lines():
+    assert not _too_long(sorted(PACKAGE.rglob("*.py")), PYTHON_MAX_LINES)
+
+
+def test_no_cpp_file_is_over_900_lines():
+    files = sorted(p for p in CPP.rglob("*") if p.suffix in (".cpp", ".h", ".hpp", ".cc", ".cu", ".cuh"))
+    assert files, f"no C++ sources under {CPP}"
+    assert not _too_long(files, CPP_MAX_LINES)
 
 
 def test_every_module_imports_alone():
@@ -104,6 +132,7 @@ def test_every_module_imports_alone():
 
 # ---- every option reaches every face -------------------------------------------------
 
+from slot_cpp import _generation  # noqa: E402
 from slot_cpp import options as opts  # noqa: E402
 from slot_cpp.cli import build_parser  # noqa: E402
 
@@ -131,6 +160,8 @@ def _other_value(name: str, default, spec):
         return 'root ::= "a" [b-z]*'
     if spec.kind == "schema":
         return '{"type": "object"}'
+    if spec.kind == "text":
+        return "abc"
     raise AssertionError(spec.kind)
 
 
@@ -148,11 +179,11 @@ GENERATE_GROUPS = (opts.SamplingOptions, opts.SlotOptions, opts.RequestExtras)
                          ids=lambda v: getattr(v, "__name__", v) if not isinstance(v, opts.OptionSpec) else "")
 def test_every_generate_option_reaches_the_native_request(tiny_model, group, name, default, spec):
     value = _other_value(name, default, spec)
-    groups = tiny_model._groups({name: value}, None, None, where="test")
+    groups = _generation.groups_of({name: value}, None, None, where="test")
     got = next(g for g in groups if isinstance(g, group))
     assert getattr(got, name) == value
     ids = tiny_model.tokenize("one two three four")
-    request = tiny_model._build_request(ids, 1, groups, None)
+    request = _generation.build_request(tiny_model, ids, 1, groups, None)
     if spec.native is not None:
         assert getattr(request, spec.native or name) == pytest.approx(value)
     elif name == "lr":
@@ -168,7 +199,7 @@ def test_every_generate_option_reaches_the_native_request(tiny_model, group, nam
     elif name == "grammar":
         assert request.grammar == value
     elif name == "json_schema":
-        assert request.grammar == opts.schema_grammar(value) and "root ::=" in request.grammar
+        assert request.json_schema == value and not request.grammar  # converted by the C++ core
     elif name == "loss_on":
         pass  # turned into a mask from the chat messages: tests/test_smollm2.py
     else:
@@ -187,6 +218,8 @@ CLI = {
     opts.RtdOptions: (["generate", "x"], {}),
     opts.QAlignOptions: (["qalign", "x", "--reward", "judge"], {}),
     opts.LmcorOptions: (["lmcor", "correct", "x", "--corrector", "c.gguf"], {}),
+    opts.ModelSettings: (["generate", "x"], {}),
+    opts.ServerSettings: (["serve"], {}),
 }
 
 
@@ -204,6 +237,8 @@ def test_every_option_is_a_flag_with_its_default(group, tmp_path):
         args = parser.parse_args(argv)
         got = opts.from_arguments(args, group, dest_prefix=dest_prefix)
         expected = list(default) if spec.kind == "strings" else default
+        if group is opts.ServerSettings and name == "api_key":
+            expected = os.environ.get("SLOT_CPP_API_KEY")  # the command line's default
         assert got[name] == expected, (group.__name__, name)
         value = _other_value(name, default, spec)
         if spec.kind == "bool":
@@ -253,3 +288,95 @@ def test_every_option_is_in_the_server_schema_with_its_default(group):
             bound = prop.get("anyOf", [prop])[0]
             assert bound.get("exclusiveMinimum" if spec.low_open else "minimum") == spec.low, (group.__name__, name)
     assert seen > 0
+
+
+# ---- option groups flow whole ---------------------------------------------------------
+
+
+class _Flow:
+    """Records the groups that reach ``options.native_request`` and counts the
+    group objects made (a regrouping would make another)."""
+
+    def __init__(self, monkeypatch):
+        from slot_cpp.options import spec
+
+        self.received: list[tuple] = []
+        self.made: dict[type, int] = {}
+        real_native = opts.native_request
+        real_post_init = spec._Group.__post_init__
+
+        def native_request(tokens, n, sampling, slot, extras, *args, **kwargs):
+            self.received.append((sampling, slot, extras))
+            return real_native(tokens, n, sampling, slot, extras, *args, **kwargs)
+
+        def post_init(group):
+            self.made[type(group)] = self.made.get(type(group), 0) + 1
+            real_post_init(group)
+
+        monkeypatch.setattr(opts, "native_request", native_request)
+        monkeypatch.setattr(spec._Group, "__post_init__", post_init)
+
+    def one_request(self) -> tuple:
+        assert len(self.received) == 1, self.received
+        return self.received[0]
+
+
+def _returns(monkeypatch, module, name: str) -> list:
+    """What ``module.name`` returns from now on, call by call."""
+    out: list = []
+    real = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        out.append(real(*args, **kwargs))
+        return out[-1]
+
+    monkeypatch.setattr(module, name, wrapper)
+    return out
+
+
+def test_an_http_option_reaches_the_native_request_in_its_group_object(tiny_model, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from slot_cpp.server import ServerConfig, create_app, routes
+
+    app = create_app(tiny_model, ServerConfig(model_id="tiny"))
+    jobs = _returns(monkeypatch, routes, "resolve")
+    flow = _Flow(monkeypatch)
+    body = {"model": "tiny", "prompt": "one two three four", "max_tokens": 1, "temperature": 0.5,
+            "slot": {"steps": 1, "lr": 0.01, "loss_on": "last"}}
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    sampling, slot, extras = flow.one_request()
+    (job,) = jobs
+    # The very objects the HTTP layer built, one per group, unchanged on the way.
+    assert sampling is job.sampling and slot is job.slot and extras is job.extras
+    assert slot.loss_on == "last" and slot.steps == 1 and sampling.temperature == 0.5
+    assert flow.made == {opts.SamplingOptions: 1, opts.SlotOptions: 1, opts.RequestExtras: 1}
+
+
+def test_a_cli_flag_reaches_the_native_request_in_its_group_object(tiny_path, monkeypatch, capsys):
+    from slot_cpp.cli import _common, main
+
+    built = _returns(monkeypatch, _common, "group_from_arguments")
+    flow = _Flow(monkeypatch)
+    code = main(["generate", "one two three four", "--model", str(tiny_path), "--n-ctx", "256", "--threads", "1",
+                 "--max-tokens", "1", "--temperature", "0.5", "--steps", "1", "--loss-on", "last", "--json", "-q"])
+    assert code == 0, capsys.readouterr().err
+    sampling, slot, extras = flow.one_request()
+    by_type = {type(g): g for g in built}
+    assert sampling is by_type[opts.SamplingOptions] and slot is by_type[opts.SlotOptions]
+    assert slot.loss_on == "last" and slot.steps == 1 and sampling.temperature == 0.5
+    assert flow.made[opts.SamplingOptions] == flow.made[opts.SlotOptions] == flow.made[opts.RequestExtras] == 1
+
+
+def test_model_and_server_settings_have_one_definition():
+    # Model(...)'s keyword defaults are ModelSettings' (serve's flags and the
+    # CLI's model flags are made from it), and the server's configuration is ServerSettings.
+    from slot_cpp import Model
+    from slot_cpp.server import ServerConfig
+
+    params = inspect.signature(Model).parameters
+    for name, default, _ in opts.specs(opts.ModelSettings):
+        assert name in params and params[name].default == default, name
+    assert ServerConfig is opts.ServerSettings

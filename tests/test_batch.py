@@ -10,6 +10,7 @@ import pytest
 
 import slot_cpp
 from conftest import PROMPT
+from slot_cpp import probes
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog and",
@@ -69,7 +70,7 @@ def test_batch_equals_llama_cpp_batched_loop(peaked_path):
     with fresh(peaked_path, n_parallel=4) as model:
         prompts = [model.tokenize(p) for p in PROMPTS[:3]]
         ours = model.generate_batch(prompts, max_tokens=16, cache_prompt=False)
-        reference, seconds = model.reference_greedy_batch(prompts, 16)
+        reference, seconds = probes.reference_greedy_batch(model, prompts, 16)
     assert [r.tokens for r in ours] == reference and seconds > 0
 
 
@@ -154,7 +155,7 @@ def test_untruncated_sampling_follows_the_full_distribution(peaked_path, min_p):
     with fresh(peaked_path, n_parallel=8) as model:
         prompt = "One two three four"
         ids = model.tokenize(prompt)
-        logits = model.prompt_states(ids)[1][-1].astype(np.float64)
+        logits = probes.prompt_states(model, ids)[1][-1].astype(np.float64)
         draws = model.generate_batch([prompt], n=n, max_tokens=1, temperature=temperature, top_k=0, top_p=1.0,
                                      min_p=min_p, seed=5, ignore_eos=True)
 
@@ -276,7 +277,7 @@ def test_logprobs_are_the_model_distribution_under_the_delta(peaked_path):
         prompt = model.tokenize(PROMPTS[2])
         for d in (None, delta):
             r = model.generate("", prompt_token_ids=prompt, delta=d, max_tokens=10, ignore_eos=True, top_logprobs=3)
-            forced = model.token_logprobs(prompt + r.tokens, len(prompt), delta=d)
+            forced = probes.token_logprobs(model, prompt + r.tokens, len(prompt), delta=d)
             np.testing.assert_allclose(r.token_logprobs, forced, atol=TINY_LOGPROB_TOL)
             for tok, lp, top in zip(r.tokens, r.token_logprobs, r.top_logprobs):
                 assert top[0] == (tok, pytest.approx(lp))  # greedy: the chosen token is the most likely
@@ -290,14 +291,14 @@ def test_logprobs_are_the_model_distribution_under_the_delta(peaked_path):
 def test_score_tokens_and_hidden_state_at_the_context_end(peaked_path):
     with fresh(peaked_path, n_parallel=2) as model:
         x = model.tokenize(PROMPTS[2])
-        hidden, logits = model.prompt_states(x)
+        hidden, logits = probes.prompt_states(model, x)
         z = logits[-1].astype(np.float64)
         lse = np.logaddexp.reduce(z)
         delta = np.random.default_rng(3).normal(0, 1.0, model.n_embd).astype(np.float32)
         for d in (None, delta):
             r = model.generate("", prompt_token_ids=x, max_tokens=0, score_tokens=[5, 77, 5], return_hidden=True,
                                delta=d, cache_prompt=False)
-            zz = z if d is None else z + model.logit_bias(d)
+            zz = z if d is None else z + probes.logit_bias(model, d)
             expected = zz[[5, 77, 5]] - np.logaddexp.reduce(zz)
             # prompt_states evaluates every position in one batch: other
             # kernels, so within rounding (logits here are around -80).

@@ -166,7 +166,7 @@ def test_bad_rows_and_options_exit_with_a_message(tmp_path):
     bad_json.write_text(json.dumps({"question": "q", "choices": ["x", "y"], "answer": 0}) + "\n\n"
                         + '{"question": "r", "choices": ["x", "y"]\n')
     proc = _run("rtd", "build", "--data", str(bad_json), "--out", str(tmp_path / "s.rtd"))
-    assert proc.returncode == 2 and "bad.jsonl line 3: not valid JSON" in proc.stderr
+    assert proc.returncode == 2 and "bad.jsonl:3: not valid JSON" in proc.stderr
     bad_answer = _write(tmp_path / "answer.jsonl", [("q", ["x", "y"], 0), ("r", ["x", "y"], "C")])
     proc = _run("eval", "mc", "--data", str(bad_answer))
     assert proc.returncode == 2 and "answer.jsonl line 2: answer 'C'" in proc.stderr

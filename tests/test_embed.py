@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from slot_cpp import probes
+
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "A second, rather different sentence.", "Short."]
 
 
@@ -12,7 +14,7 @@ def test_embed_equals_pooling_the_states_by_hand(tiny_model):
     out = tiny_model.embed(TEXTS)
     assert out.shape == (3, tiny_model.n_embd) and out.dtype == np.float32
     for text, row in zip(TEXTS, out):
-        states, _ = tiny_model.prompt_states(tiny_model.tokenize(text))
+        states, _ = probes.prompt_states(tiny_model, tiny_model.tokenize(text))
         mean = states.astype(np.float64).mean(axis=0)
         np.testing.assert_allclose(row, mean / np.linalg.norm(mean), rtol=1e-4, atol=1e-5)
         last = tiny_model.embed(text, pooling="last", normalize=False)[0]

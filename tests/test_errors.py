@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import slot_cpp
+from slot_cpp import probes
 
 
 def test_missing_path(tmp_path):
@@ -144,6 +145,6 @@ def test_non_finite_optimisation_keeps_last_finite_delta(tiny_model):
 def test_prompt_logprobs_equal_token_logprobs_and_refuse_slot(tiny_model):
     ids = tiny_model.tokenize("one two three four five")
     r = tiny_model.generate("", prompt_token_ids=ids, max_tokens=1, prompt_logprobs=True)
-    np.testing.assert_allclose(r.prompt_logprobs, tiny_model.token_logprobs(ids, 1), atol=1e-4)
+    np.testing.assert_allclose(r.prompt_logprobs, probes.token_logprobs(tiny_model, ids, 1), atol=1e-4)
     with pytest.raises(ValueError, match="prompt logprobs need steps=0"):
         tiny_model.generate_with_slot("", prompt_token_ids=ids, max_tokens=1, prompt_logprobs=True, steps=2)

@@ -6,6 +6,7 @@ import numpy as np
 
 import slot_cpp
 from conftest import PROMPT
+from slot_cpp import probes
 
 
 def test_default_build_runs_gemma_with_default_parameters(gemma_path):
@@ -34,7 +35,7 @@ def test_plain_generation_produces_text(gemma):
 
 def test_steps_zero_equals_plain_llama_cpp_greedy(gemma):
     tokens = gemma.tokenize(PROMPT)
-    reference, _ = gemma.reference_greedy(tokens, 32)
+    reference, _ = probes.reference_greedy(gemma, tokens, 32)
     result = gemma.generate(PROMPT, max_tokens=32)
     assert result.tokens == reference[: len(result.tokens)]
     assert len(result.tokens) == len(reference)

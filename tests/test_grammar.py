@@ -16,6 +16,7 @@ from scipy import stats
 
 import slot_cpp
 from slot_cpp.rtd import RTD, Datastore
+from slot_cpp import probes
 
 DIGITS = 'root ::= [0-9]+'
 PROMPT = "The weather today is"
@@ -70,7 +71,7 @@ def _pvalue(draws: list[int], p: np.ndarray) -> float:
 ])
 def test_first_token_follows_the_masked_renormalised_softmax(tiny_model, setting):
     ids = tiny_model.tokenize(PROMPT)
-    _, logits = tiny_model.prompt_states(ids)
+    _, logits = probes.prompt_states(tiny_model, ids)
     z = logits[-1]
     allowed = _allowed_first(tiny_model)
     assert allowed.sum() > 10 and not allowed[np.argsort(-z)[:5]].all()
@@ -94,7 +95,7 @@ def test_first_token_follows_the_masked_renormalised_softmax(tiny_model, setting
 
 def test_logprobs_report_the_masked_distribution(tiny_model):
     ids = tiny_model.tokenize(PROMPT)
-    _, logits = tiny_model.prompt_states(ids)
+    _, logits = probes.prompt_states(tiny_model, ids)
     allowed = _allowed_first(tiny_model)
     z = np.where(allowed, logits[-1].astype(np.float64), -np.inf)
     logp = z - z[allowed].max() - np.log(np.exp(z[allowed] - z[allowed].max()).sum())

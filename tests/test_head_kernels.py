@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import open_with_portable_head_ops
+from slot_cpp import probes
 
 TEXT = "Question: A shop sells 7 pens for 3 dollars each and 2 books for 11 dollars each. Total cost?"
 
@@ -40,7 +41,7 @@ def q8(request, tiny_q8_head):
 
 def test_output_matrix_is_the_dequantised_head(q8):
     model, weight, _ = q8
-    np.testing.assert_array_equal(model.output_matrix(), weight.astype(np.float32))
+    np.testing.assert_array_equal(probes.output_matrix(model), weight.astype(np.float32))
 
 
 def test_w_times_delta(q8):
@@ -49,7 +50,7 @@ def test_w_times_delta(q8):
     for scale in (1e-3, 1.0):  # a small delta is where rounding it to 8 bits would show
         delta = (scale * rng.standard_normal(weight.shape[1])).astype(np.float32)
         want = weight @ delta.astype(np.float64)
-        got = model.logit_bias(delta).astype(np.float64)
+        got = probes.logit_bias(model, delta).astype(np.float64)
         assert np.abs(got - want).max() <= tol * np.abs(want).max()
 
 
@@ -57,7 +58,7 @@ def test_slot_loss_and_gradient_on_a_q8_head(q8):
     """The cached path's loss and W^T g against float64, from the same prompt logits."""
     model, weight, (_, loss_tol, grad_tol) = q8
     tokens = model.tokenize(TEXT)
-    _, logits = model.prompt_states(tokens)
+    _, logits = probes.prompt_states(model, tokens)
     rng = np.random.default_rng(5)
     delta = (0.2 * rng.standard_normal(weight.shape[1])).astype(np.float32)
 
@@ -73,6 +74,6 @@ def test_slot_loss_and_gradient_on_a_q8_head(q8):
     np.subtract.at(r, y, 1.0)
     want_grad = weight.T @ (r / n)
 
-    loss, grad = model.slot_loss_and_gradient(tokens, delta, recompute=False)
+    loss, grad = probes.slot_loss_and_gradient(model, tokens, delta, recompute=False)
     assert loss == pytest.approx(want_loss, rel=loss_tol)
     assert np.linalg.norm(grad - want_grad) / np.linalg.norm(want_grad) < grad_tol

@@ -20,6 +20,8 @@ from conftest import VOCAB_GGUF, _hf_qwen2, write_qwen2_gguf
 
 import slot_cpp
 from slot_cpp import lmcor
+from slot_cpp.options import QAlignOptions
+from slot_cpp import probes
 
 GGUF_TO_HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -156,23 +158,25 @@ def test_every_slot_option_reaches_the_generators_slot_step(tiny_model, monkeypa
 
 
 def test_qalign_samples_are_the_chains_last_states(peaked_path):
-    from slot_cpp.qalign import qalign
+    from slot_cpp.qalign import QAlignSamples, qalign
 
     def reward(prompt: str, response: str) -> float:
         return float(len(response))
 
     with slot_cpp.Model(peaked_path, n_ctx=1024, n_threads=2, n_parallel=4) as model:
-        options = lmcor.QAlignSamples(reward=reward, steps=4, beta=0.5)
+        options = QAlignSamples(reward=reward, steps=4, beta=0.5)
         pool = lmcor.generate_candidates(model, ["some words"], prompt="{input}:", k=3, seed=7, max_tokens=6,
-                                         qalign=options)[0]
+                                         sampler=options)[0]
         ids = model.tokenize("some words:")
         greedy = model.generate_batch([ids], temperature=0.0, max_tokens=6, stop=["\n"])[0]
         direct = qalign(model, "", prompt_token_ids=ids, reward=reward, beta=0.5, steps=4, chains=2, seed=8,
                         max_tokens=6, stop=["\n"], answer="mbr")
         assert pool.texts == [greedy.text.strip()] + [c[-1].text.strip() for c in direct.chains]
         assert pool.generated_tokens == len(greedy.tokens) + direct.generated_tokens
-        with pytest.raises(ValueError, match="with qalign, the generator takes no steps"):
-            lmcor.generate_candidates(model, ["x"], k=3, qalign=options, steps=3)
+        with pytest.raises(ValueError, match="with a sampler, the generator takes no steps"):
+            lmcor.generate_candidates(model, ["x"], k=3, sampler=options, steps=3)
+    # The chains' steps default to QAlignOptions' (one definition).
+    assert QAlignSamples(reward=reward).steps == QAlignOptions().steps
 
 
 def test_too_long_inputs_fail_or_drop_whole_candidates(tiny_path):
@@ -220,7 +224,7 @@ def test_trained_adapter_loads_and_matches_torch(trained):
         assert corrector.format == trained["format"]  # read back from the adapter
         tokens, _, _ = corrector.input_tokens(ROWS[0]["input"], ["x", "y"])
         tokens = tokens + tuned.tokenize(" " + ROWS[0]["target"], add_special=False)
-        plain, adapted = base.token_logprobs(tokens, 1), tuned.token_logprobs(tokens, 1)
+        plain, adapted = probes.token_logprobs(base, tokens, 1), probes.token_logprobs(tuned, tokens, 1)
         assert np.abs(adapted - plain).max() > 1.0  # the adapter changes the model
         merged = _torch_logprobs(_merged(hf, adapter), tokens)
         np.testing.assert_allclose(adapted, merged, atol=0.02)
@@ -231,7 +235,7 @@ def test_trained_adapter_loads_and_matches_torch(trained):
         assert out.text != lmcor.Corrector(base, max_tokens=16, format=trained["format"]).rewrite(
             ROWS[1]["input"], ["a", "b", "c"]).text
         with slot_cpp.Model(path, n_ctx=512, n_threads=2, lora=(adapter, 0.0)) as off:
-            np.testing.assert_allclose(off.token_logprobs(tokens, 1), plain, atol=1e-4)
+            np.testing.assert_allclose(probes.token_logprobs(off, tokens, 1), plain, atol=1e-4)
 
 
 def test_adapter_for_another_base_is_refused(trained, tmp_path, gemma_path):
@@ -338,7 +342,7 @@ def test_smollm2_corrector_trained_by_the_cli(smollm2_path, tmp_path):
         corrector = lmcor.Corrector(tuned, max_tokens=16)
         tokens = corrector.input_tokens(rows[0]["input"], rows[0]["candidates"])[0]
         tokens += tuned.tokenize(" " + rows[0]["target"], add_special=False)
-        plain, adapted = base.token_logprobs(tokens, 1), tuned.token_logprobs(tokens, 1)
+        plain, adapted = probes.token_logprobs(base, tokens, 1), probes.token_logprobs(tuned, tokens, 1)
     cfg = hf.config
     torch_plain = _torch_logprobs(hf, tokens)
     right = _torch_logprobs(_merged(hf, adapter, (cfg.num_attention_heads, cfg.num_key_value_heads)), tokens)

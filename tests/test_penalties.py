@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from slot_cpp import probes
+
 PROMPT = "The quick brown fox jumps over the lazy dog and then"
 
 
@@ -21,7 +23,7 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 def test_penalty_moves_the_greedy_choice_exactly_at_its_threshold(tiny_model, which):
     ids = tiny_model.tokenize(PROMPT)
     first = tiny_model.generate("", prompt_token_ids=ids, max_tokens=1, ignore_eos=True, cache_prompt=False).tokens[0]
-    _, logits = tiny_model.prompt_states(ids + [first])
+    _, logits = probes.prompt_states(tiny_model, ids + [first])
     z = logits[-1].astype(np.float64)
     others = np.delete(np.arange(len(z)), first)
     best_other = int(others[np.argmax(z[others])])
@@ -50,7 +52,7 @@ def test_frequency_counts_repeats_and_the_prompt_is_not_counted(tiny_model):
     base = tiny_model.tokenize(PROMPT)
     for x in range(5, 60):
         ids = base + [x] * 3
-        z = [tiny_model.prompt_states(ids + [x] * k)[1][-1].astype(np.float64) for k in range(3)]
+        z = [probes.prompt_states(tiny_model, ids + [x] * k)[1][-1].astype(np.float64) for k in range(3)]
         for y in range(5, 60):
             if y == x:
                 continue
@@ -89,7 +91,7 @@ def test_logit_bias_bans_forces_and_is_reported(tiny_model):
     bias = {3: 2.5, 11: -4.0}
     scored = tiny_model.generate("", prompt_token_ids=ids, max_tokens=0, score_tokens=[3, 11, 20], logit_bias=bias,
                                  cache_prompt=False)
-    _, logits = tiny_model.prompt_states(ids)
+    _, logits = probes.prompt_states(tiny_model, ids)
     z = logits[-1].astype(np.float64)
     for t, b in bias.items():
         z[t] += b

@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 
 import slot_cpp
+from slot_cpp import gsm8k, probes
 from slot_cpp import qalign as qa
+from slot_cpp.options import QAlignOptions, SamplingOptions
+from slot_cpp.qalign import baselines
+from slot_cpp.qalign import chain as qa_chain
 
 PROMPT = "One two three four"
 
@@ -28,8 +32,13 @@ def eos_delta(model, tiny_path):
     import gguf
 
     eos = int(gguf.GGUFReader(str(tiny_path)).fields["tokenizer.ggml.eos_token_id"].contents())
-    w = model.output_matrix()[eos]
+    w = probes.output_matrix(model)[eos]
     return eos, (7.0 * w / (w @ w)).astype(np.float32)
+
+
+def whole(text: str) -> str:
+    """An answer extractor: the whole text (the task's, in these tests)."""
+    return text
 
 
 def crc_reward(prompt: str, response: str) -> float:
@@ -66,21 +75,28 @@ def exact_target(model, support, beta):
     return keys, np.exp(log_target - np.logaddexp.reduce(log_target))
 
 
-def chain_states(result, thin: int = 4):
-    # 8 x 2500 = 20k steps; every 4th state after 50 (the chain's correlation
-    # is short on six states) for the chi-square's independent draws.
-    return [(tuple(s.tokens), s.ended) for chain in result.chains for s in chain[50::thin]]
+def chain_states(result, burn_in: int = 20, thin: int = 4):
+    # 8 x 800 = 6400 steps; every 4th state after 20 (the chain's correlation
+    # is short on six states) for the chi-square's independent draws: 1560.
+    return [(tuple(s.tokens), s.ended) for chain in result.chains for s in chain[burn_in::thin]]
 
 
 def chi_square_p(states, keys, target) -> float:
     from scipy import stats
 
     counts = np.array([states.count(k) for k in keys], dtype=float)
-    assert target.min() * len(states) > 30
+    assert target.min() * len(states) > 15  # every expected count well above the chi-square's 5
     return float(stats.chisquare(counts, target * len(states)).pvalue)
 
 
-def chain_p_value(model, eos_delta, beta_run: float, beta_target: float = 1.0, steps: int = 2500, rtd=None,
+# The wrong variants' p-values: at 1560 states the chi-square's expected
+# excess over a right chain is 60 (no length factor) to 180 (beta doubled
+# under the grammar), against 26 for p = 1e-4 (computed from the exact
+# targets); a right chain passes p > 0.01.
+WRONG_P = 1e-4
+
+
+def chain_p_value(model, eos_delta, beta_run: float, beta_target: float = 1.0, steps: int = 800, rtd=None,
                   grammar=None):
     eos, delta = eos_delta
     support = enumerate_support(model, eos, delta, top_k=2, max_tokens=3, rtd=rtd, grammar=grammar)
@@ -99,13 +115,15 @@ def test_chain_samples_the_exact_target_and_a_wrong_rule_is_rejected(model, eos_
     p_right, result, support = chain_p_value(model, eos_delta, beta_run=1.0)
     assert p_right > 0.01
     assert 0.05 < result.accept_rate < 0.95
-    # beta doubled in the chain: its samples no longer match the beta = 1 target
-    p_beta, _, _ = chain_p_value(model, eos_delta, beta_run=2.0)
-    assert p_beta < 1e-6
+    # The same states against the target of another beta: the test tells them
+    # apart. (A chain run with beta doubled, rejected against the beta = 1
+    # target: test_under_a_grammar_the_chain_samples_the_constrained_target.)
+    keys, wrong_target = exact_target(model, support, beta=2.0)
+    assert chi_square_p(chain_states(result), keys, wrong_target) < WRONG_P
     # the acceptance rule without the length factor
-    monkeypatch.setattr(qa, "log_acceptance", lambda r1, r0, n1, n0, beta: min(0.0, (r1 - r0) / beta))
+    monkeypatch.setattr(qa_chain, "log_acceptance", lambda r1, r0, n1, n0, beta: min(0.0, (r1 - r0) / beta))
     p_length, _, _ = chain_p_value(model, eos_delta, beta_run=1.0)
-    assert p_length < 1e-6
+    assert p_length < WRONG_P
 
 
 @pytest.mark.slow
@@ -127,8 +145,9 @@ def test_under_a_grammar_the_chain_samples_the_constrained_target(model, eos_del
     p_right, result, _ = chain_p_value(model, eos_delta, beta_run=1.0, grammar=grammar)
     assert p_right > 0.01
     assert all(char not in s.text for chain in result.chains for s in chain)
+    # beta doubled in the chain: its samples no longer match the beta = 1 target
     p_beta, _, _ = chain_p_value(model, eos_delta, beta_run=2.0, grammar=grammar)
-    assert p_beta < 1e-6
+    assert p_beta < WRONG_P
 
 
 @pytest.mark.slow
@@ -156,41 +175,44 @@ def test_an_rtd_shaped_proposal_samples_the_shaped_target(model, eos_delta):
     mask = np.array([k in shared for k in plain_keys])
     states = [s for s in chain_states(result) if s in shared]
     p_plain = chi_square_p(states, shared, plain_target[mask] / plain_target[mask].sum())
-    assert p_plain < 1e-6
+    assert p_plain < WRONG_P
 
 
 def test_steps_evaluate_only_the_new_suffix(model):
     x = model.tokenize(PROMPT)
     model.clear_cache()  # so that the prompt is evaluated once, here
-    result = qa.qalign(model, PROMPT, reward=crc_reward, steps=60, max_tokens=12, seed=3, top_k=20, chains=2)
+    result = qa.qalign(model, PROMPT, reward=crc_reward, steps=25, max_tokens=12, seed=3, top_k=20, chains=2,
+                       extract=whole)
     # The prompt once (its last token evaluated on its own); then each step's
     # fork evaluates the last kept token again and the suffix's tokens but the
     # last one drawn: exactly as many tokens as the suffix has, EOS counted.
     assert result.decoded_tokens == len(x) - 1 + result.generated_tokens
-    assert len(result.chain) == 61 and result.chain[0].step == 0
+    assert len(result.chain) == 26 and result.chain[0].step == 0
     for prev, cur in zip(result.chain, result.chain[1:]):
         if not cur.accepted:
             assert cur.tokens == prev.tokens and cur.reward == prev.reward
 
 
 def test_kv_cells_do_not_grow_over_many_steps(tiny_path):
-    # 500 steps of up to 8 tokens in a 128-cell context: the chain holds only
-    # its state and one proposal, and still never evaluates its prefix again.
+    # 150 steps of up to 8 tokens in a 128-cell context (their tokens fill it
+    # several times over): the chain holds only its state and one proposal,
+    # and still never evaluates its prefix again.
     with slot_cpp.Model(tiny_path, n_ctx=128, n_threads=2, n_parallel=2) as small:
         x = small.tokenize(PROMPT)
-        result = qa.qalign(small, PROMPT, reward=crc_reward, steps=500, max_tokens=8, seed=2, top_k=20)
-    assert len(result.chain) == 501
+        result = qa.qalign(small, PROMPT, reward=crc_reward, steps=150, max_tokens=8, seed=2, top_k=20,
+                           extract=whole)
+    assert len(result.chain) == 151 and result.generated_tokens > 2 * 128
     assert result.decoded_tokens == len(x) - 1 + result.generated_tokens
 
 
 def test_same_seed_same_chain(model):
     # From the same cache state (README: Rounding), the same seed gives the same chain.
     model.clear_cache()
-    a = qa.qalign(model, PROMPT, reward=crc_reward, steps=20, max_tokens=6, seed=9, chains=2)
+    a = qa.qalign(model, PROMPT, reward=crc_reward, steps=20, max_tokens=6, seed=9, chains=2, extract=whole)
     model.clear_cache()
-    b = qa.qalign(model, PROMPT, reward=crc_reward, steps=20, max_tokens=6, seed=9, chains=2)
+    b = qa.qalign(model, PROMPT, reward=crc_reward, steps=20, max_tokens=6, seed=9, chains=2, extract=whole)
     assert [[s.tokens for s in c] for c in a.chains] == [[s.tokens for s in c] for c in b.chains]
-    c = qa.qalign(model, PROMPT, reward=crc_reward, steps=20, max_tokens=6, seed=10, chains=2)
+    c = qa.qalign(model, PROMPT, reward=crc_reward, steps=20, max_tokens=6, seed=10, chains=2, extract=whole)
     assert [[s.tokens for s in ch] for ch in a.chains] != [[s.tokens for s in ch] for ch in c.chains]
 
 
@@ -203,7 +225,7 @@ def test_a_bad_reward_is_named_and_the_chain_kept(model, bad):
         return bad if len(calls) > 5 else 1.0
 
     with pytest.raises(qa.RewardError, match="flaky") as info:
-        qa.qalign(model, PROMPT, reward=flaky, steps=10, max_tokens=4, seed=0)
+        qa.qalign(model, PROMPT, reward=flaky, steps=10, max_tokens=4, seed=0, extract=whole)
     chain = info.value.chains[0]
     assert len(chain) == 5 and all(math.isfinite(s.reward) for s in chain)
 
@@ -213,7 +235,7 @@ def test_a_raising_reward_is_named(model):
         raise KeyError("missing")
 
     with pytest.raises(qa.RewardError, match="broken.*KeyError"):
-        qa.qalign(model, PROMPT, reward=broken, steps=3, max_tokens=4)
+        qa.qalign(model, PROMPT, reward=broken, steps=3, max_tokens=4, extract=whole)
     assert model.generate(PROMPT, max_tokens=2, ignore_eos=True).generated_tokens == 2
 
 
@@ -224,11 +246,30 @@ def test_a_raising_reward_is_named(model):
 ])
 def test_bad_arguments(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        qa.qalign(model, PROMPT, reward=crc_reward, **kwargs)
+        qa.qalign(model, PROMPT, reward=crc_reward, **{"extract": whole, **kwargs})
     with pytest.raises(ValueError, match="empty"):
-        qa.qalign(model, "", reward=crc_reward)
+        qa.qalign(model, "", reward=crc_reward, extract=whole)
     with pytest.raises(TypeError, match="callable"):
-        qa.qalign(model, PROMPT, reward=42)
+        qa.qalign(model, PROMPT, reward=42, extract=whole)
+
+
+def test_option_groups_are_the_keywords(model):
+    # The groups and their fields as keywords give the same chain; the
+    # proposal's fixed options are refused, and a vote needs the task's extractor.
+    flat = qa.qalign(model, PROMPT, reward=crc_reward, steps=4, beta=0.5, max_tokens=5, seed=3, top_k=4,
+                     answer="mbr")
+    grouped = qa.qalign(model, PROMPT, reward=crc_reward, options=QAlignOptions(steps=4, beta=0.5),
+                        sampling=qa.PROPOSAL.replace(max_tokens=5, seed=3, top_k=4), answer="mbr")
+    assert [[s.tokens for s in c] for c in flat.chains] == [[s.tokens for s in c] for c in grouped.chains]
+    assert qa.QAlignSamples(reward=crc_reward).steps == QAlignOptions().steps
+    with pytest.raises(ValueError, match="temperature"):
+        qa.qalign(model, PROMPT, reward=crc_reward, temperature=0.7, answer="mbr")
+    with pytest.raises(ValueError, match="top_p"):
+        qa.majority_vote(model, PROMPT, n=2, sampling=SamplingOptions(temperature=1.0), extract=whole)
+    with pytest.raises(ValueError, match="extract"):
+        qa.qalign(model, PROMPT, reward=crc_reward, steps=2)
+    with pytest.raises(TypeError, match="unexpected"):
+        qa.qalign(model, PROMPT, reward=crc_reward, answer="mbr", chain=2)
 
 
 def test_answers_vote_and_mbr(model):
@@ -268,7 +309,7 @@ def test_rewards_score_candidates_with_their_token_ids(model):
     assert model.decoded_tokens - before == 1
     # The same hidden state from a full prefill, within the rounding of
     # another batch shape and cell layout (README: Rounding).
-    hidden = model.prompt_states(list(x) + sample.tokens)[0][-1]
+    hidden = probes.prompt_states(model, list(x) + sample.tokens)[0][-1]
     assert score == pytest.approx(float(hidden @ head.weight) + 0.5, rel=5e-3)
 
 
@@ -346,8 +387,8 @@ def test_trained_reward_head_beats_chance_on_held_out_answers(gemma):
         return words[0] if words else None
 
     train, held = problems(120), problems(40)
-    head, stats = qa.train_linear_reward(gemma, train, samples=4, max_tokens=3, stop=["\n"], l2=100.0,
-                                         extract=first_word)
+    head, stats = qa.train_linear_reward(gemma, train, extract=first_word, is_correct=gsm8k.is_correct,
+                                         samples=4, max_tokens=3, stop=["\n"], l2=100.0)
     assert 0 < stats["right"] < stats["answers"] == 480
     scores, labels = [], []
     for k, (prompt, reference) in enumerate(held):
@@ -366,23 +407,24 @@ def test_trained_reward_head_beats_chance_on_held_out_answers(gemma):
 
 
 def test_budget_stops_the_chain_at_equal_compute(model):
-    r = qa.qalign(model, PROMPT, reward=crc_reward, steps=1000, max_tokens=8, seed=6, budget=40)
+    r = qa.qalign(model, PROMPT, reward=crc_reward, steps=1000, max_tokens=8, seed=6, budget=40,
+                  extract=whole)
     before_last = r.generated_tokens - (r.chain[-1].length if r.chain[-1].accepted else 0)
     assert r.generated_tokens >= 40 and len(r.chain) < 1000
     assert before_last < 40 + 8  # it stopped at the first step that reached the budget
     with pytest.raises(ValueError, match="budget"):
-        qa.qalign(model, PROMPT, reward=crc_reward, budget=0)
+        qa.qalign(model, PROMPT, reward=crc_reward, budget=0, extract=whole)
 
 
 def test_reward_tokens_are_counted_apart_from_the_chain(model):
     x = model.tokenize(PROMPT)
     head = qa.LinearReward(model, np.random.default_rng(1).normal(size=model.n_embd), 0.0)
     model.clear_cache()
-    r = qa.qalign(model, PROMPT, reward=head, steps=30, max_tokens=10, seed=8, top_k=20)
+    r = qa.qalign(model, PROMPT, reward=head, steps=30, max_tokens=10, seed=8, top_k=20, extract=whole)
     # Each proposal is scored from the cells its sampling left: one token.
     assert r.reward_tokens == r.reward_calls == 31
     assert r.decoded_tokens == len(x) - 1 + r.generated_tokens
-    plain = qa.qalign(model, PROMPT, reward=crc_reward, steps=5, max_tokens=10, seed=8)
+    plain = qa.qalign(model, PROMPT, reward=crc_reward, steps=5, max_tokens=10, seed=8, extract=whole)
     assert plain.reward_tokens == 0
 
 
@@ -406,7 +448,8 @@ def test_baselines_at_a_budget_sample_until_they_reach_it(model, eos_delta):
         assert len(pool) == qa.pool_prefix(costs, budget)
         assert [s.tokens for s in pool] == [s.tokens for s in largest[:len(pool)]]
     # the old rule, budget // max_tokens samples, falls short by more than an answer
-    short = qa._samples(model, PROMPT, 150 // max_tokens, max_tokens, 5, 2, (), eos_delta[1])
+    short = baselines._samples(model, PROMPT, 150 // max_tokens,
+                               qa.PROPOSAL.replace(max_tokens=max_tokens, seed=5, top_k=2), eos_delta[1])
     assert sum(qa.sample_cost(s) for s in short) < 150 - max_tokens
     for fn, extra in ((qa.majority_vote, {}), (qa.best_of_n, {"reward": crc_reward}),
                       (qa.weighted_majority_vote, {"reward": crc_reward})):
@@ -414,7 +457,7 @@ def test_baselines_at_a_budget_sample_until_they_reach_it(model, eos_delta):
         assert 60 <= b.generated_tokens < 60 + max_tokens
         assert b.generated_tokens == sum(qa.sample_cost(s) for s in b.samples)
         with pytest.raises(ValueError, match="not both"):
-            fn(model, PROMPT, n=4, budget=60, max_tokens=max_tokens, **extra)
+            fn(model, PROMPT, n=4, budget=60, max_tokens=max_tokens, extract=whole, **extra)
     with pytest.raises(ValueError, match="budget"):
         qa.sample_pool(model, PROMPT, budget=0)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -33,7 +34,9 @@ def rpc_servers() -> Iterator[list[str]]:
     try:
         for _ in range(2):
             port = free_port()
-            procs.append(subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+            # Through the CLI, as a user starts it: every option after 'rpc-server' goes to the binary.
+            procs.append(subprocess.Popen([sys.executable, "-m", "slot_cpp", "rpc-server", "-H", "127.0.0.1",
+                                           "-p", str(port), "-t", "1"],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             endpoints.append(f"127.0.0.1:{port}")
         for endpoint, proc in zip(endpoints, procs):

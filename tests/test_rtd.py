@@ -11,6 +11,7 @@ import pytest
 import slot_cpp
 from slot_cpp import _core, rtd
 from slot_cpp.rtd import RTD, Datastore, DatastoreError, DatastoreMismatchError
+from slot_cpp import probes
 
 PASSAGE = (" Zorblax the purple heron ate seventeen lemons on Tuesday while reciting the poem about the "
            "silver kettle and the quiet mountain.")
@@ -207,7 +208,7 @@ def test_build_takes_the_state_before_each_completion_token(tiny_model):
     for row in rows:
         p = tiny_model.tokenize(row["prompt"])
         c = tiny_model.tokenize(row["completion"], add_special=False, parse_special=False)
-        hidden, _ = tiny_model.prompt_states(p + c)
+        hidden, _ = probes.prompt_states(tiny_model, p + c)
         expected_keys.append(hidden[len(p) - 1:len(p) + len(c) - 1])
         expected_values += c
     assert store.values.tolist() == expected_values
@@ -354,7 +355,7 @@ def test_tune_chooses_settings_that_beat_the_plain_model(tiny_model):
     for row, delta, nll in zip(rows[4:], deltas, shifted):
         p = tiny_model.tokenize(row["prompt"])
         c = tiny_model.tokenize(row["completion"], add_special=False)
-        assert nll == pytest.approx(-tiny_model.token_logprobs(p + c, len(p), delta).mean(), rel=1e-9)
+        assert nll == pytest.approx(-probes.token_logprobs(tiny_model, p + c, len(p), delta).mean(), rel=1e-9)
     assert shifted[1] == plain[1] and both[1] == blended[1]
     assert abs(shifted[0] - plain[0]) > 1e-3 and both[0] != blended[0]
     # Per token, lam * r + (1 - lam) * p: with r fixed, the blend moves with p.

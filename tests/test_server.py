@@ -25,6 +25,7 @@ import slot_cpp
 from slot_cpp.qalign import LinearReward
 from slot_cpp.rtd import Datastore
 from slot_cpp.server import ServerConfig, create_app
+from slot_cpp import probes
 
 KEY = "test-key"
 TIE = 0.1  # as in test_concurrency: a near-tie of the peaked model's top two tokens
@@ -544,7 +545,7 @@ def test_echo_and_integer_logprobs_on_completions(served):
     url, model = served
     c = client(url)
     tokens = model.tokenize(PROMPT)
-    want = model.token_logprobs(tokens, 1)  # the prompt's own log-probabilities, computed apart
+    want = probes.token_logprobs(model, tokens, 1)  # the prompt's own log-probabilities, computed apart
     r = c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=4, echo=True, logprobs=2,
                              temperature=0.0)
     choice = r.choices[0]
@@ -567,3 +568,24 @@ def test_echo_and_integer_logprobs_on_completions(served):
     with pytest.raises(openai.BadRequestError, match="echo with logprobs is not available with slot"):
         c.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=2, echo=True, logprobs=1,
                              extra_body={"slot": {"steps": 2, "lr": 0.01}})
+
+
+def test_a_full_queue_inside_a_method_is_an_overload_not_an_internal_error():
+    # QAlign's reward scores its candidates through the model's queue; when
+    # that queue is full the request is answered 503 (retried by clients), as
+    # a full queue at admission is, not 500.
+    from slot_cpp import _core
+    from slot_cpp.qalign import RewardError
+    from slot_cpp.server.errors import error_from
+
+    try:
+        try:
+            raise _core.QueueFullError("the model already has 1 generate calls waiting")
+        except _core.QueueFullError as full:
+            raise RewardError("reward 'head' raised QueueFullError", []) from full
+    except RewardError as exc:
+        wrapped = exc
+    error = error_from(wrapped, retry_after=2)
+    assert error is not None and error.status == 503 and error.headers == {"Retry-After": "2"}
+    plain = error_from(RewardError("reward 'head' raised KeyError", []), retry_after=2)
+    assert plain is not None and plain.status == 500

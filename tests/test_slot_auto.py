@@ -11,6 +11,7 @@ import pytest
 
 import slot_cpp
 from slot_cpp._model import AUTO_LR_REFERENCE, DEFAULT_KL_BUDGET
+from slot_cpp import probes
 
 TEXT = ("Question: A farmer has 12 cows and buys 7 more. How many cows does he have?\nAnswer: 12 + 7 = 19. "
         "The farmer has 19 cows.\nQuestion: A box holds 6 apples. How many apples are in 4 boxes?\nAnswer:")
@@ -24,10 +25,10 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 def _mean_kl(model: slot_cpp.Model, text: str):
     """NumPy (float64): delta -> mean over the prompt's loss positions of KL(p0_t || p_t(delta))."""
-    _, logits = model.prompt_states(model.tokenize(text))
+    _, logits = probes.prompt_states(model, model.tokenize(text))
     z0 = logits[:-1].astype(np.float64)
     lp0 = _log_softmax(z0)
-    w = model.output_matrix().astype(np.float64)
+    w = probes.output_matrix(model).astype(np.float64)
 
     def kl(delta: np.ndarray) -> float:
         lp = _log_softmax(z0 + w @ delta.astype(np.float64))

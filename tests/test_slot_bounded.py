@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import slot_cpp
+from slot_cpp import probes
 
 from test_slot_cache import TEXT, reference, softmax64
 
@@ -55,14 +56,14 @@ def bounded_reference(logits: np.ndarray, weight: np.ndarray, y: np.ndarray, del
 
 def test_bounded_path_equals_its_definition(tiny_model):
     ids = tiny_model.tokenize(TEXT)
-    _, logits = tiny_model.prompt_states(ids)
-    weight = tiny_model.output_matrix().astype(np.float64)
+    _, logits = probes.prompt_states(tiny_model, ids)
+    weight = probes.output_matrix(tiny_model).astype(np.float64)
     y = np.asarray(ids[1:])
     rng = np.random.default_rng(3)
     for tail_mass in (0.3, 0.05):
         delta = (0.5 * rng.standard_normal(tiny_model.n_embd)).astype(np.float32)
         want_loss, want_grad, want_bound = bounded_reference(logits[:-1], weight, y, delta, tail_mass)
-        loss, grad, bound = tiny_model.slot_loss_gradient_bound(ids, delta, cache_precision="bounded",
+        loss, grad, bound = probes.slot_loss_gradient_bound(tiny_model, ids, delta, cache_precision="bounded",
                                                                 cache_tail_mass=tail_mass)
         assert loss == pytest.approx(want_loss, abs=1e-5)
         assert bound == pytest.approx(want_bound, rel=1e-3, abs=1e-7) and bound > 0
@@ -82,14 +83,14 @@ def test_true_loss_lies_within_the_reported_bound(which, gemma_path, smollm2_pat
     path: Path = gemma_path if which == "gemma" else smollm2_path
     with slot_cpp.Model(path, n_ctx=1024, n_parallel=1) as model:
         ids = model.tokenize(TEXT * 3)
-        _, logits = model.prompt_states(ids)
-        weight = model.output_matrix().astype(np.float64)
+        _, logits = probes.prompt_states(model, ids)
+        weight = probes.output_matrix(model).astype(np.float64)
         y = np.asarray(ids[1:])
         rng = np.random.default_rng(5)
         for scale in (0.02, 0.2, 1.0):
             delta = (scale * rng.standard_normal(model.n_embd)).astype(np.float32)
             want_loss, want_grad = reference(logits[:-1], weight, y, delta)
-            loss, grad, bound = model.slot_loss_gradient_bound(ids, delta, cache_precision="bounded")
+            loss, grad, bound = probes.slot_loss_gradient_bound(model, ids, delta, cache_precision="bounded")
             assert _within(loss, bound, want_loss), (which, scale, loss, want_loss, bound)
             if scale < 1.0:  # deltas of the size SLOT learns; far larger ones reach into the tail
                 assert np.linalg.norm(grad - want_grad) / np.linalg.norm(want_grad) < 0.05, (which, scale)
@@ -99,7 +100,7 @@ def test_true_loss_lies_within_the_reported_bound(which, gemma_path, smollm2_pat
         # larger tail mass the estimate is measurably off.
         delta = (1.0 * rng.standard_normal(model.n_embd)).astype(np.float32)
         want_loss, _ = reference(logits[:-1], weight, y, delta)
-        loss, _, bound = model.slot_loss_gradient_bound(ids, delta, cache_precision="bounded",
+        loss, _, bound = probes.slot_loss_gradient_bound(model, ids, delta, cache_precision="bounded",
                                                         cache_tail_mass=0.05)
         assert _within(loss, bound, want_loss)
         assert not _within(loss, 0.0, want_loss)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import slot_cpp
+from slot_cpp import probes
 
 LOSS_BOUND = -np.log1p(-2.0**-9)
 TEXT = ("The committee met on Tuesday to discuss the budget for the coming year. After a long debate about "
@@ -64,18 +65,18 @@ def test_bf16_kernels_equal_their_definition(tiny_model):
     # On the tiny model, against NumPy with the same bfloat16 rounding of P0:
     # this checks the kernels (products, sums, layout), not the rounding.
     ids = tiny_model.tokenize(TEXT)
-    _, logits = tiny_model.prompt_states(ids)
-    weight = tiny_model.output_matrix().astype(np.float64)
+    _, logits = probes.prompt_states(tiny_model, ids)
+    weight = probes.output_matrix(tiny_model).astype(np.float64)
     y = np.asarray(ids[1:])
     delta = (0.3 * np.random.default_rng(0).standard_normal(tiny_model.n_embd)).astype(np.float32)
     p0_f32 = softmax64(logits[:-1].astype(np.float64)).astype(np.float32)
     want_loss, want_grad = reference(logits[:-1], weight, y, delta, p0=bf16_round(p0_f32))
-    loss, grad = tiny_model.slot_loss_and_gradient(ids, delta, cache_precision="bfloat16")
+    loss, grad = probes.slot_loss_and_gradient(tiny_model, ids, delta, cache_precision="bfloat16")
     assert loss == pytest.approx(want_loss, rel=1e-6, abs=1e-6)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
     # A cache that was not rounded (float32) gives a measurably different loss:
     # the comparison above sees the rounding.
-    f32_loss, _ = tiny_model.slot_loss_and_gradient(ids, delta, cache_precision="float32")
+    f32_loss, _ = probes.slot_loss_and_gradient(tiny_model, ids, delta, cache_precision="float32")
     exact_loss, _ = reference(logits[:-1], weight, y, delta, p0=p0_f32)
     assert f32_loss == pytest.approx(exact_loss, rel=1e-6, abs=1e-6)
     assert abs(loss - f32_loss) > 1e-6 and abs(loss - f32_loss) < LOSS_BOUND
@@ -101,14 +102,14 @@ def test_bf16_cache_against_float64_on_the_real_models(which, gemma_path, smollm
                                            memory_budget=budget, cache_prompt=False)
             assert run.slot_path == "cached_bf16"
             assert run.slot_cache_bytes == (len(ids) - 1) * model.n_vocab * 2
-        _, logits = model.prompt_states(ids)
-        weight = model.output_matrix().astype(np.float64)
+        _, logits = probes.prompt_states(model, ids)
+        weight = probes.output_matrix(model).astype(np.float64)
         y = np.asarray(ids[1:])
         rng = np.random.default_rng(5)
         for scale in (0.02, 0.2):
             delta = (scale * rng.standard_normal(model.n_embd)).astype(np.float32)
             want_loss, want_grad = reference(logits[:-1], weight, y, delta)
-            loss, grad = model.slot_loss_and_gradient(ids, delta, cache_precision="bfloat16")
+            loss, grad = probes.slot_loss_and_gradient(model, ids, delta, cache_precision="bfloat16")
             assert abs(loss - want_loss) < LOSS_BOUND, (which, scale, loss, want_loss)
             assert np.linalg.norm(grad - want_grad) / np.linalg.norm(want_grad) < 2e-3, (which, scale)
 
@@ -129,5 +130,5 @@ def test_cache_precision_is_checked(tiny_model):
     with pytest.raises(ValueError, match="cache_precision"):
         tiny_model.generate_with_slot("hello there", cache_precision="float16", max_tokens=1)
     with pytest.raises(ValueError, match="cache_precision"):
-        tiny_model.slot_loss_and_gradient([1, 2, 3], np.zeros(tiny_model.n_embd, np.float32),
+        probes.slot_loss_and_gradient(tiny_model, [1, 2, 3], np.zeros(tiny_model.n_embd, np.float32),
                                           cache_precision="half")

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import open_with_portable_head_ops
 from reference import slot_adamw, slot_loss, slot_loss_and_grad
+from slot_cpp import probes
 
 TEXT = "The quick brown fox jumps over the lazy dog. A stitch in time saves nine, they said."
 
@@ -15,8 +16,8 @@ TEXT = "The quick brown fox jumps over the lazy dog. A stitch in time saves nine
 @pytest.fixture(scope="module")
 def states(tiny_model):
     tokens = tiny_model.tokenize(TEXT)
-    hidden, logits = tiny_model.prompt_states(tokens)
-    weight = tiny_model.output_matrix()
+    hidden, logits = probes.prompt_states(tiny_model, tokens)
+    weight = probes.output_matrix(tiny_model)
     return tokens, hidden, logits, weight
 
 
@@ -53,7 +54,7 @@ def test_gradient_matches_central_differences(head_model, states, recompute):
     tokens, hidden, _, weight = states
     rng = np.random.default_rng(7)
     delta = (0.3 * rng.standard_normal(weight.shape[1])).astype(np.float32)
-    loss, grad = head_model.slot_loss_and_gradient(tokens, delta, recompute=recompute)
+    loss, grad = probes.slot_loss_and_gradient(head_model, tokens, delta, recompute=recompute)
 
     h = 1e-4
     fd = np.empty(weight.shape[1])
@@ -98,12 +99,12 @@ def test_generation_applies_delta_as_logit_bias(head_model, tiny_model, states):
     tokens, hidden, _, weight = states
     rng = np.random.default_rng(3)
     delta = rng.standard_normal(weight.shape[1]).astype(np.float32)
-    np.testing.assert_allclose(head_model.logit_bias(delta), weight @ delta, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(probes.logit_bias(head_model, delta), weight @ delta, rtol=1e-4, atol=1e-4)
     # Greedy decoding with delta must follow argmax of W(h + delta) at each step.
     result = head_model.generate("", prompt_token_ids=tokens, delta=delta, max_tokens=6, ignore_eos=True)
     seq = list(tokens)
     for tok in result.tokens:
-        h, _ = tiny_model.prompt_states(seq)
+        h, _ = probes.prompt_states(tiny_model, seq)
         assert tok == int(np.argmax(weight @ (h[-1] + delta)))
         seq.append(tok)
 
@@ -122,7 +123,7 @@ def test_token_logprobs_match_float64_log_softmax(tiny_model, states):
     tokens, hidden, _, weight = states
     delta = np.random.default_rng(0).standard_normal(weight.shape[1]).astype(np.float32)
     for d in (None, delta):
-        got = tiny_model.token_logprobs(tokens, 3, d)
+        got = probes.token_logprobs(tiny_model, tokens, 3, d)
         h = hidden.astype(np.float64) + (0.0 if d is None else d.astype(np.float64))
         z = h @ weight.astype(np.float64).T
         m = z.max(axis=1)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from reference import slot_adamw
+from slot_cpp import probes
 
 TEXT = "In the beginning the universe was created. This has made a lot of people very angry and been widely " \
        "regarded as a bad move."
@@ -19,8 +20,8 @@ def test_window_is_slot_on_the_last_predictions(tiny_model, recompute):
     window = 7
     result = tiny_model.generate_with_slot("", prompt_token_ids=ids, steps=4, lr=0.05, loss_window=window,
                                            max_tokens=0, recompute=recompute, cache_prompt=False)
-    hidden, _ = tiny_model.prompt_states(ids)
-    weight = tiny_model.output_matrix()
+    hidden, _ = probes.prompt_states(tiny_model, ids)
+    weight = probes.output_matrix(tiny_model)
     # The window's predictions: states rows-window .. rows-1, targets the tokens after them.
     start = rows - window
     ref_delta, ref_losses = slot_adamw(hidden[start:], weight, ids[start:], steps=4, lr=0.05)
@@ -78,8 +79,8 @@ def test_loss_on_last_is_slot_on_the_last_block(tiny_model):
     start = mask.index(True)
     result = tiny_model.generate_with_slot(FEW_SHOT, steps=4, lr=0.05, loss_on="last", max_tokens=0,
                                            cache_prompt=False)
-    hidden, _ = tiny_model.prompt_states(ids)
-    weight = tiny_model.output_matrix()
+    hidden, _ = probes.prompt_states(tiny_model, ids)
+    weight = probes.output_matrix(tiny_model)
     ref_delta, ref_losses = slot_adamw(hidden[start:], weight, ids[start:], steps=4, lr=0.05)
     np.testing.assert_allclose(result.losses, ref_losses, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(result.delta, ref_delta, rtol=1e-3, atol=1e-5)

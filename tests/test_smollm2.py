@@ -14,6 +14,7 @@ from gguf.constants import GGMLQuantizationType
 import pytest
 
 import slot_cpp
+from slot_cpp import probes
 
 Q8_0 = GGMLQuantizationType.Q8_0
 QUESTION = [{"role": "user", "content": "What is 17 * 6? Answer briefly."}]
@@ -34,7 +35,7 @@ def test_metadata_template_and_head(smol):
     assert info.architecture == "llama" and info.tied_embeddings and info.has_chat_template
     assert info.head_tensor == "token_embd.weight" and info.head_type == "q8_0" and info.slot_supported
     assert weight.shape == (model.n_vocab, model.n_embd)
-    np.testing.assert_array_equal(model.output_matrix(), weight.astype(np.float32))
+    np.testing.assert_array_equal(probes.output_matrix(model), weight.astype(np.float32))
     text = model.apply_chat_template(QUESTION)
     assert text == "<|im_start|>user\nWhat is 17 * 6? Answer briefly.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -63,7 +64,7 @@ def test_exact_slot_gradient_against_numpy(smol):
     recompute path from the prompt states (W (h + delta))."""
     model, weight = smol
     tokens = model.prompt_tokens(QUESTION)
-    hidden, logits = model.prompt_states(tokens)
+    hidden, logits = probes.prompt_states(model, tokens)
     rng = np.random.default_rng(3)
     delta = (0.05 * rng.standard_normal(model.n_embd)).astype(np.float32)
     y = np.asarray(tokens[1:])
@@ -78,7 +79,7 @@ def test_exact_slot_gradient_against_numpy(smol):
     }
     for recompute, z in cases.items():
         want_loss, want_grad = reference_loss_and_grad(z, weight, y)
-        loss, grad = model.slot_loss_and_gradient(tokens, delta, recompute=recompute)
+        loss, grad = probes.slot_loss_and_gradient(model, tokens, delta, recompute=recompute)
         assert loss == pytest.approx(want_loss, rel=1e-5), recompute
         assert np.linalg.norm(grad - want_grad) / np.linalg.norm(want_grad) < 1e-4, recompute
 
@@ -97,7 +98,7 @@ def test_loss_on_user_content_masks_the_template(smol):
     assert user.steps_done == 3 and user.losses[0] != pytest.approx(full.losses[0])
     assert user.losses[-1] < user.losses[0]
     # The masked loss at delta = 0 is the mean NLL of the selected targets.
-    lp = model.token_logprobs(tokens, 1)
+    lp = probes.token_logprobs(model, tokens, 1)
     selected = [-lp[t] for t in range(len(mask)) if mask[t]]
     assert user.losses[0] == pytest.approx(float(np.mean(selected)), rel=1e-3)
     batch = model.generate_batch([QUESTION, "raw"], steps=3, lr=0.01, max_tokens=0, loss_on=["user", "all"],

@@ -21,15 +21,12 @@ from ._default_model import DefaultModelUnavailable, default_model_path
 from ._logging import set_llama_log_level
 from ._model import (
     DEFAULT_MEMORY_BUDGET,
-    BatchStats,
-    GenerationResult,
     Model,
     ModelClosedError,
-    ModelInfo,
     TextStream,
-    Timings,
     generate_with_slot,
 )
+from .results import BatchStats, GenerationResult, ModelInfo, Timings
 
 __version__: str = getattr(_core, "__version__", "0.0.0")
 

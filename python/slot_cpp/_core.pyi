@@ -8,6 +8,10 @@ import numpy.typing as npt
 __version__: str
 llama_cpp_source: str
 
+# The metaclass of every class pybind11 binds (pybind11_builtins.pybind11_type,
+# which cannot be imported): declared so that stubtest sees a custom metaclass.
+class _Pybind11Type(type): ...
+
 class SlotError(RuntimeError): ...
 class ModelLoadError(SlotError): ...
 class UnsupportedModelError(SlotError): ...
@@ -25,7 +29,9 @@ def chat_templates() -> list[str]: ...
 def backend_devices() -> list[str]: ...
 def cpu_backend() -> dict[str, Any]: ...
 
-class RawResult:
+class RawResult(metaclass=_Pybind11Type):
+    # No constructor is bound: pybind11's __init__ takes anything and raises TypeError.
+    def __init__(self, *args: object, **kwargs: object) -> None: ...
     @property
     def text_bytes(self) -> bytes: ...
     @property
@@ -81,7 +87,7 @@ class RawResult:
     @property
     def generate_seconds(self) -> float: ...
 
-class Request:
+class Request(metaclass=_Pybind11Type):
     prompt: list[int]
     response_prefix: list[int]
     n: int
@@ -110,6 +116,7 @@ class Request:
     cache_precision: str
     cache_tail_mass: float
     grammar: str
+    json_schema: str
     grammar_triggers: list[str]
     grammar_trigger_tokens: list[int]
     grammar_prefill: list[int]
@@ -135,7 +142,9 @@ class Request:
     delta: Optional[npt.NDArray[np.float32]]
     def __init__(self) -> None: ...
 
-class RtdIndex:
+class RtdIndex(metaclass=_Pybind11Type):
+    # No constructor is bound: pybind11's __init__ takes anything and raises TypeError.
+    def __init__(self, *args: object, **kwargs: object) -> None: ...
     @property
     def size(self) -> int: ...
     @property
@@ -154,29 +163,43 @@ class RtdIndex:
 
 def rtd_blend(logits: npt.ArrayLike, reference: list[tuple[int, float]], lam: float) -> npt.NDArray[np.float32]: ...
 
-class ChatTemplates:
+class ChatTemplates(metaclass=_Pybind11Type):
+    # No constructor is bound: pybind11's __init__ takes anything and raises TypeError.
+    def __init__(self, *args: object, **kwargs: object) -> None: ...
     @property
     def source(self) -> str: ...
     @property
     def supports_tools(self) -> bool: ...
 
-class ChatPrompt:
-    prompt: str
-    answer_prefix: str
-    format: str
-    grammar: str
-    grammar_lazy: bool
-    trigger_patterns: list[str]
-    trigger_tokens: list[int]
-    preserved_tokens: list[int]
-    stops: list[str]
-    grammar_prefill: list[int]
+class ChatPrompt(metaclass=_Pybind11Type):
+    # No constructor is bound: pybind11's __init__ takes anything and raises TypeError.
+    def __init__(self, *args: object, **kwargs: object) -> None: ...
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def answer_prefix(self) -> str: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def grammar(self) -> str: ...
+    @property
+    def grammar_lazy(self) -> bool: ...
+    @property
+    def trigger_patterns(self) -> list[str]: ...
+    @property
+    def trigger_tokens(self) -> list[int]: ...
+    @property
+    def preserved_tokens(self) -> list[int]: ...
+    @property
+    def stops(self) -> list[str]: ...
+    @property
+    def grammar_prefill(self) -> list[int]: ...
 
-class ChatParser:
+class ChatParser(metaclass=_Pybind11Type):
     def __init__(self, prompt: ChatPrompt, parse_tool_calls: bool) -> None: ...
     def update(self, text: str, partial: bool) -> str: ...
 
-class Session:
+class Session(metaclass=_Pybind11Type):
     def __init__(self, path: str, n_ctx: int, n_batch: int, n_threads: int, n_gpu_layers: int,
                  n_parallel: int, use_mmap: bool, rpc_servers: Sequence[str] = ...,
                  loras: Sequence[tuple[str, float]] = ...) -> None: ...

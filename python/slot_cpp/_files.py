@@ -17,7 +17,7 @@ import os
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator, Union
+from typing import IO, Any, Iterator, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -102,6 +102,28 @@ def drop_cut_line(path: PathLike) -> int:
         return size - keep
 
 
+def read_jsonl(path: PathLike, what: str = "", *, limit: Optional[int] = None) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of a JSONL file (the one
+    JSONL reader of the package); a line that is not JSON raises ValueError
+    naming the file and line (and ``what`` to do about it). With ``limit``,
+    stops after that many values."""
+    if limit is not None and limit <= 0:
+        return
+    count = 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg}){what}") from None
+            yield line_no, value
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+
 def open_append(path: PathLike) -> IO[str]:
     """Opens a JSONL record file for appending, after dropping a cut-off last line."""
     drop_cut_line(path)
@@ -147,3 +169,39 @@ def parse_record_line(line: str) -> tuple[object, bool]:
     if zlib.crc32(json.dumps(value).encode()) != crc:
         raise ValueError("the record does not match its checksum")
     return value, True
+
+
+def read_records(path: PathLike) -> list[dict]:
+    """The records of a JSONL record file. A last line without its newline
+    (cut off by an interruption) is left out, to be redone; any other line
+    that is not a JSON object or does not match its checksum raises
+    ValueError naming it (a damaged file). Lines without a checksum (files
+    of older versions) are read unchecked, unless others in the file have one."""
+    records: list[dict] = []
+    any_checked = any_unchecked = False
+    file = Path(path)
+    if not file.exists():
+        return records
+    with file.open("rb") as handle:
+        data = handle.read()
+    lines = data.split(b"\n")
+    for line_no, raw in enumerate(lines, start=1):
+        cut = line_no == len(lines)  # after the last newline: complete only if empty
+        try:
+            line = raw.decode("utf-8").strip()
+            if not line:
+                continue
+            record, checked = parse_record_line(line)
+        except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+            if cut:
+                break
+            why = "not valid JSON" if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError)) else str(exc)
+            raise ValueError(f"{path}:{line_no}: a damaged record ({why}); remove that line to redo it") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{line_no}: a record must be a JSON object")
+        any_checked |= checked
+        any_unchecked |= not checked
+        if any_checked and any_unchecked:
+            raise ValueError(f"{path}:{line_no}: a damaged record (its checksum is missing)")
+        records.append(record)
+    return records

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, TextIO, TypeVar, 
 
 import numpy as np
 
-from . import gsm8k
+from . import gsm8k, probes
 from ._files import open_append, record_line, sync
 from ._model import DEFAULT_KL_BUDGET, Model, Prompt
 from ._progress import Progress
@@ -161,7 +161,7 @@ def nll_record(model: Model, problem: gsm8k.Problem, setting: Setting, options: 
     else:
         slot = model.generate_with_slot("", prompt_token_ids=prompt_ids, steps=steps, lr=lr, max_tokens=0,
                                         loss_on=options.loss_on, kl_budget=options.kl_budget, **options.slot)
-    logp = model.token_logprobs(prompt_ids + solution_ids, len(prompt_ids), slot.delta if steps else None)
+    logp = probes.token_logprobs(model, prompt_ids + solution_ids, len(prompt_ids), slot.delta if steps else None)
     return {**_record_base(problem, setting, options), "nll": float(-logp.mean()),
             "solution_tokens": len(solution_ids), "losses": slot.losses, "seconds": time.monotonic() - start,
             "chosen_lr": slot.lr, "optimise_seconds": slot.timings.optimise,
@@ -243,10 +243,12 @@ def _solve(model: Model, prompt: Prompt, method: str, *, budget: int, reward: An
     if reward is None and method in ("bon", "wmv", "qalign"):
         raise ValueError(f"{method} needs a reward")
     if method == "qalign":
-        q = qa.qalign(model, prompt, reward=reward, beta=beta, steps=10**6, budget=budget, **common)
+        q = qa.qalign(model, prompt, reward=reward, beta=beta, steps=10**6, budget=budget,
+                      extract=gsm8k.extract_answer, **common)
         return q.answer, q.generated_tokens, q.answer_state.text if q.answer_state is not None else ""
     fn = {"mv": qa.majority_vote, "bon": qa.best_of_n, "wmv": qa.weighted_majority_vote}[method]
-    kwargs: dict[str, Any] = dict(budget=budget, **common)  # samples until they reach the budget
+    # samples until they reach the budget
+    kwargs: dict[str, Any] = dict(budget=budget, extract=gsm8k.extract_answer, **common)
     if method != "mv":
         kwargs["reward"] = reward
     b = fn(model, prompt, **kwargs)
@@ -466,7 +468,7 @@ def lmcor_table(report: Any) -> str:
 def token_shifts(model: Model, delta: np.ndarray, top: int = 15) -> tuple[list[dict], list[dict]]:
     """The ``top`` tokens whose logits delta raises most and lowers most:
     ``{"token", "piece", "logit_change"}`` (the change is W*delta)."""
-    bias = model.logit_bias(delta)
+    bias = probes.logit_bias(model, delta)
     order = np.argsort(bias)
 
     def entry(t: int) -> dict[str, Any]:

@@ -6,12 +6,14 @@ Data is GSM8K-format JSONL: one object per line with ``question`` and
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
+
+from ._files import read_jsonl
+from ._files import read_records as read_records  # gsm8k.read_records: the record files (eval gsm8k)
 
 FORMATS = ("fewshot", "chat")
 
@@ -49,22 +51,16 @@ class Problem:
 
 
 def load_problems(path: str | Path, limit: Optional[int] = None) -> list[Problem]:
-    problems = []
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                question, answer = obj["question"], obj["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{lineno}: not a GSM8K record ({exc})") from exc
-            reference = parse_reference(answer)
-            if reference is None:
-                raise ValueError(f"{path}:{lineno}: answer has no '#### N' line")
-            problems.append(Problem(len(problems), question, answer, reference))
-            if limit is not None and len(problems) >= limit:
-                break
+    problems: list[Problem] = []
+    for lineno, obj in read_jsonl(path, limit=limit):
+        try:
+            question, answer = obj["question"], obj["answer"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{lineno}: not a GSM8K record ({exc})") from exc
+        reference = parse_reference(answer)
+        if reference is None:
+            raise ValueError(f"{path}:{lineno}: answer has no '#### N' line")
+        problems.append(Problem(len(problems), question, answer, reference))
     return problems
 
 
@@ -149,54 +145,6 @@ def paired_t(differences: Sequence[float]) -> tuple[float, float]:
         return (mean, float("inf"))
     var = sum((d - mean) ** 2 for d in differences) / (n - 1)
     return (mean, 1.959963984540054 * math.sqrt(var / n))
-
-
-def read_records(path: Path) -> list[dict]:
-    """The records of a JSONL record file. A last line without its newline
-    (cut off by an interruption) is left out, to be redone; any other line
-    that is not a JSON object or does not match its checksum raises
-    ValueError naming it (a damaged file). Lines without a checksum (files
-    of older versions) are read unchecked, unless others in the file have one."""
-    from ._files import parse_record_line
-
-    records = []
-    any_checked = any_unchecked = False
-    path = Path(path)
-    if not path.exists():
-        return records
-    with path.open("rb") as handle:
-        data = handle.read()
-    lines = data.split(b"\n")
-    for line_no, raw in enumerate(lines, start=1):
-        cut = line_no == len(lines)  # after the last newline: complete only if empty
-        try:
-            line = raw.decode("utf-8").strip()
-            if not line:
-                continue
-            record, checked = parse_record_line(line)
-        except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-            if cut:
-                break
-            why = "not valid JSON" if isinstance(exc, (UnicodeDecodeError, json.JSONDecodeError)) else str(exc)
-            raise ValueError(f"{path}:{line_no}: a damaged record ({why}); remove that line to redo it") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{line_no}: a record must be a JSON object")
-        any_checked |= checked
-        any_unchecked |= not checked
-        if any_checked and any_unchecked:
-            raise ValueError(f"{path}:{line_no}: a damaged record (its checksum is missing)")
-        records.append(record)
-    return records
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut off by an interruption; it is redone
-    return records
 
 
 def setting_name(steps: int, lr: Union[float, str]) -> str:

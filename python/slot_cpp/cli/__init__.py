@@ -35,7 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after 'rpc-server' belongs to the binary; argparse would read
+    # its options (-H, -p) as its own.
+    passthrough = None
+    if "rpc-server" in argv:
+        at = argv.index("rpc-server")
+        argv, passthrough = argv[:at + 1], argv[at + 1:]
     args = parser.parse_args(argv)
+    if passthrough is not None:
+        args.server_args = passthrough
     _configure_logging(args)
     try:
         return int(args.func(args))

@@ -4,16 +4,16 @@ SLOT/sampling and RTD options, prompts and JSONL rows, result JSON."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
 from .. import _core
+from .._files import read_jsonl
 from .._model import GenerationResult, Model
-from ..options import (RtdOptions, SamplingOptions, SlotOptions, add_arguments, flag_of, from_arguments,
-                       parse_list, specs)
+from ..options import (ModelSettings, RtdOptions, SamplingOptions, SlotOptions, add_arguments, flag_of,
+                       from_arguments, group_from_arguments, parse_list, specs)
 from ..rtd import CHOICE_LABELS, RTD, Datastore, answer_index
 
 
@@ -50,14 +50,10 @@ def _check_count(name: str, value: Optional[int]) -> None:
 
 
 # ---------------------------------------------------------------- the model
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, *, defaults: Optional[dict[str, Any]] = None) -> None:
     p.add_argument("--model", "-m", help="GGUF model path (default: the embedded Gemma 3 270M)")
-    p.add_argument("--n-ctx", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--n-gpu-layers", type=int, default=0, help="-1: offload every layer")
-    p.add_argument("--n-parallel", type=int, default=4,
-                   help="sequences decoded together; they share the --n-ctx KV cells")
-    p.add_argument("--seed", type=int, default=0)
+    # --n-ctx, --threads, --n-gpu-layers, --n-parallel, --seed: from the definitions of Model(...)'s settings.
+    add_arguments(p, ModelSettings, defaults=defaults)
     p.add_argument("--rpc", default=None, metavar="HOST:PORT[,HOST:PORT...]",
                    help="offload the layers to these ggml rpc-server processes (see 'slot-cpp rpc-server')")
     p.add_argument("--lora", action="append", default=[], metavar="ADAPTER.gguf[:SCALE]",
@@ -80,10 +76,14 @@ def _lora_specs(values: Sequence[str]) -> list[tuple[str, float]]:
     return out
 
 
+def _model_settings(args: argparse.Namespace) -> ModelSettings:
+    """Model(...)'s settings, made once from the flags."""
+    return group_from_arguments(args, ModelSettings, n_parallel=max(args.n_parallel, getattr(args, "parallel", 1)),
+                                rpc=args.rpc, lora=_lora_specs(args.lora) or None)
+
+
 def _open_model(args: argparse.Namespace) -> Model:
-    n_parallel = max(args.n_parallel, getattr(args, "parallel", 1))
-    return Model(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                 n_parallel=n_parallel, seed=args.seed, rpc=args.rpc, lora=_lora_specs(args.lora) or None)
+    return Model(args.model, **_model_settings(args).as_dict())
 
 
 # ---------------------------------------------------------------- SLOT and sampling options
@@ -98,6 +98,16 @@ def _add_sampling_options(p: argparse.ArgumentParser, *, slot_lists: bool = Fals
         add_arguments(p, SlotOptions)
     add_arguments(p, SamplingOptions)
     p.add_argument("--chat-template", default=None, help="built-in template name or template string")
+
+
+def _slot_group(args: argparse.Namespace) -> SlotOptions:
+    """SLOT's options, made once from the flags."""
+    return group_from_arguments(args, SlotOptions)
+
+
+def _sampling_group(args: argparse.Namespace) -> SamplingOptions:
+    """The sampler's options, made once from the flags (the seed is --seed, the model's)."""
+    return group_from_arguments(args, SamplingOptions)
 
 
 def _slot_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -204,25 +214,20 @@ def _read_rows(path: str, mode: Optional[str]) -> tuple[list[dict[str, Any]], li
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
     try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UsageError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise UsageError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
-                if mode is None:
-                    mode = "choice" if "choices" in row else "generation"
-                problem = _row_problem(row, mode)
-                if problem is not None:
-                    raise UsageError(f"{path} line {number}: {problem}")
-                rows.append(row)
-                lines.append(number)
+        for number, row in read_jsonl(path):
+            if not isinstance(row, dict):
+                raise UsageError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+            if mode is None:
+                mode = "choice" if "choices" in row else "generation"
+            problem = _row_problem(row, mode)
+            if problem is not None:
+                raise UsageError(f"{path} line {number}: {problem}")
+            rows.append(row)
+            lines.append(number)
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path} is not UTF-8 text ({exc.reason})") from None
+    except ValueError as exc:  # read_jsonl: a line that is not JSON, named
+        raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not rows:

@@ -8,7 +8,7 @@ from typing import Any
 
 from .._model import Prompt
 from ..evaluation import plot_explain, token_shifts
-from ..options import SlotOptions, add_arguments, from_arguments
+from ..options import SamplingOptions, SlotOptions, add_arguments, group_from_arguments
 from ._common import UsageError, _add_model_options, _open_model, _read_prompt
 
 
@@ -28,10 +28,11 @@ def register(sub: Any) -> None:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     text = _read_prompt(args)
+    slot = group_from_arguments(args, SlotOptions)
     with _open_model(args) as model:
         prompt: Prompt = [{"role": "user", "content": text}] if args.chat else text
-        result = model.generate_with_slot(prompt, max_tokens=0, chat_template=args.chat_template,
-                                          **from_arguments(args, SlotOptions))
+        result = model.generate_with_slot(prompt, chat_template=args.chat_template, slot=slot,
+                                          sampling=SamplingOptions(max_tokens=0))
         calibration = [{"lr": lr, "kl": kl} for lr, kl in result.calibration]
         if calibration and not args.json:
             print(f"lr auto, mean KL per step size (budget {args.kl_budget:g}): " +

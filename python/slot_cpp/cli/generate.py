@@ -11,8 +11,9 @@ import numpy as np
 
 from .._files import atomic_write
 from .._model import Prompt
+from ..options import RequestExtras
 from ._common import (UsageError, _add_model_options, _add_rtd_options, _add_sampling_options, _check_rtd_args,
-                      _open_model, _read_prompt, _report_slot, _rtd_option, _sampling_kwargs, _slot_kwargs,
+                      _open_model, _read_prompt, _report_slot, _rtd_option, _sampling_group, _slot_group,
                       result_json)
 
 
@@ -49,16 +50,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_rtd_args(args)
     text = _read_prompt(args)
     chat = args.chat or args.system is not None
+    sampling, slot = _sampling_group(args), _slot_group(args)  # each group made once, handed on whole
     with _open_model(args) as model:
-        rtd = _rtd_option(args, model)
+        extras = RequestExtras(rtd=_rtd_option(args, model))
         prompt: Prompt = text
         if chat:
             messages = [{"role": "system", "content": args.system}] if args.system else []
             prompt = messages + [{"role": "user", "content": text}]
         if args.loss_on == "user" and not chat and args.chat_template is None:
             raise UsageError("--loss-on user needs a chat prompt (--chat, --system or --chat-template)")
-        kwargs = dict(steps=args.steps, lr=args.lr, stop=args.stop, chat_template=args.chat_template, rtd=rtd,
-                      **_slot_kwargs(args), **_sampling_kwargs(args))
+        kwargs: dict[str, Any] = dict(chat_template=args.chat_template, sampling=sampling, slot=slot, extras=extras)
         if args.json:
             result = model.generate_with_slot(prompt, **kwargs)
             print(json.dumps(result_json(result), indent=2))
@@ -73,8 +74,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     _check_rtd_args(args)
+    sampling, slot = _sampling_group(args), _slot_group(args)
     with _open_model(args) as model:
-        rtd = _rtd_option(args, model)
+        extras = RequestExtras(rtd=_rtd_option(args, model))
         messages: list[dict[str, str]] = []
         if args.system:
             messages.append({"role": "system", "content": args.system})
@@ -91,8 +93,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 continue
             messages.append({"role": "user", "content": line})
             result = model.generate_with_slot(
-                messages, steps=args.steps, lr=args.lr, stop=args.stop, chat_template=args.chat_template, rtd=rtd,
-                on_text=lambda s: print(s, end="", flush=True), **_slot_kwargs(args), **_sampling_kwargs(args))
+                messages, chat_template=args.chat_template, sampling=sampling, slot=slot, extras=extras,
+                on_text=lambda s: print(s, end="", flush=True))
             print(flush=True)
             _report_slot(result, sys.stderr)
             messages.append({"role": "assistant", "content": result.text})

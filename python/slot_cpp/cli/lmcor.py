@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .._model import Model
+from ..lmcor.candidates import CANDIDATE_SAMPLING
 from ..options import LmcorOptions, SlotOptions, add_arguments, from_arguments
 from ._common import (UsageError, _add_model_options, _add_rtd_options, _check_rtd_args, _lora_specs,
                       _open_model, _reward, _rtd_option)
@@ -68,7 +69,8 @@ def _add_lmcor_options(p: argparse.ArgumentParser, *, corrector: bool = True) ->
     p.add_argument("--prompt-file", default=None,
                    help="the generator's prompt template with {input} (e.g. few-shot); default: the input alone")
     add_arguments(p, LmcorOptions)
-    p.add_argument("--max-tokens", "-n", type=int, default=128, help="tokens per candidate")
+    p.add_argument("--max-tokens", "-n", type=int, default=CANDIDATE_SAMPLING.max_tokens,
+                   help="tokens per candidate")
     p.add_argument("--stop", action="append", default=None, help="candidate stop string (default: newline)")
     # SLOT on the generator's prompt (--steps 0: off).
     add_arguments(p, SlotOptions, defaults={"steps": 0, "lr": 0.01})
@@ -85,21 +87,22 @@ def _candidate_options(args: argparse.Namespace, generator: Model) -> dict[str, 
     prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else "{input}"
     if "{input}" not in prompt:
         raise UsageError(f"--prompt-file {args.prompt_file} has no '{{input}}' placeholder")
+    stop = list(CANDIDATE_SAMPLING.stop) if args.stop is None else args.stop
     opts: dict[str, Any] = dict(prompt=prompt, k=args.k, temperature=args.temperature, max_tokens=args.max_tokens,
-                                stop=["\n"] if args.stop is None else args.stop, seed=args.seed)
+                                stop=stop, seed=args.seed)
     if args.steps:
         opts.update(from_arguments(args, SlotOptions))
     rtd = _rtd_option(args, generator)
     if rtd is not None:
         opts["rtd"] = rtd
     if args.qalign_steps:
-        from ..lmcor import QAlignSamples
+        from ..qalign import QAlignSamples
 
         if args.reward is None:
             raise UsageError("--qalign-steps needs --reward")
         if args.steps or rtd is not None:
             raise UsageError("--qalign-steps cannot be combined with --steps or --rtd")
-        opts["qalign"] = QAlignSamples(reward=_reward(args, generator), steps=args.qalign_steps, beta=args.beta)
+        opts["sampler"] = QAlignSamples(reward=_reward(args, generator), steps=args.qalign_steps, beta=args.beta)
     elif args.reward is not None:
         raise UsageError("--reward is for --qalign-steps")
     return opts

@@ -13,6 +13,7 @@ from .._model import Prompt
 from .._progress import Progress
 from ..evaluation import gsm8k_prompt, rtd_description
 from ..options import QAlignOptions, SlotOptions, add_arguments, from_arguments
+from ..qalign.proposal import PROPOSAL
 from ._common import (UsageError, _add_model_options, _add_rtd_options, _open_model, _read_prompt, _reward,
                       _rtd_option)
 
@@ -33,8 +34,9 @@ def register(sub: Any) -> None:
     add_arguments(qa_p, QAlignOptions)
     qa_p.add_argument("--chains", type=int, default=1)
     qa_p.add_argument("--burn-in", type=int, default=0)
-    qa_p.add_argument("--max-tokens", "-n", type=int, default=256)
-    qa_p.add_argument("--top-k", type=int, default=0, help="restrict the proposal (0: the full distribution)")
+    qa_p.add_argument("--max-tokens", "-n", type=int, default=PROPOSAL.max_tokens)
+    qa_p.add_argument("--top-k", type=int, default=PROPOSAL.top_k,
+                      help="restrict the proposal (0: the full distribution)")
     qa_p.add_argument("--stop", action="append", default=[])
     qa_p.add_argument("--answer", choices=("vote", "mbr"), default="vote")
     qa_p.add_argument("--extract", choices=("gsm8k", "text"), default="gsm8k",
@@ -80,7 +82,7 @@ def cmd_qalign(args: argparse.Namespace) -> int:
             model, prompt, reward=reward, beta=args.beta, steps=args.steps, max_tokens=args.max_tokens,
             chains=args.chains, seed=args.seed, top_k=args.top_k, stop=args.stop, answer=args.answer,
             delta=None if slot is None else slot.delta, rtd=rtd,
-            extract=None if args.extract == "gsm8k" else (lambda t: t.strip() or None),
+            extract=gsm8k.extract_answer if args.extract == "gsm8k" else (lambda t: t.strip() or None),
             burn_in=args.burn_in, chat_template=args.chat_template,
             on_step=lambda step, rate, mean: progress.update(1, f"accept {rate:.2f} reward {mean:+.3f}"))
         progress.close()
@@ -112,8 +114,9 @@ def cmd_qalign_head(args: argparse.Namespace) -> int:
         progress = Progress(len(problems), "reward head", True, plain=True)
         pairs = [(gsm8k_prompt(p.question, args.format)[0], p.reference) for p in problems]
         stop = gsm8k_prompt("", args.format)[1]
-        head, stats = qa.train_linear_reward(model, pairs, samples=args.samples, max_tokens=args.max_tokens,
-                                             l2=args.l2, seed=args.seed, stop=stop,
+        head, stats = qa.train_linear_reward(model, pairs, extract=gsm8k.extract_answer,
+                                             is_correct=gsm8k.is_correct, samples=args.samples,
+                                             max_tokens=args.max_tokens, l2=args.l2, seed=args.seed, stop=stop,
                                              on_problem=lambda k: progress.update(1))
         progress.close()
         head.save(args.out)

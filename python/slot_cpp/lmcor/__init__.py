@@ -5,6 +5,9 @@ writes the final answer (Vernikos et al., arXiv 2305.13514).
    candidates for an input x: its greedy answer and ``k - 1`` samples at a
    moderate temperature with seeds ``seed + 1 ... seed + k - 1``. All come
    from one prompt evaluation: the candidates' sequences share its KV cells.
+   Another method may draw the samples: ``sampler`` (e.g.
+   ``slot_cpp.qalign.QAlignSamples``, QAlign chains' last states), which the
+   caller passes in; LMCor imports no other method.
 2. A corrector, a much smaller model trained for the task, reads x and all
    candidates in one input and generates the final output: it may pick one,
    merge several, or rewrite. It never sees the generator's weights or
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 # _import_sacrebleu is imported here too: the command line checks for
 # sacrebleu through slot_cpp.lmcor before it loads any model.
-from .candidates import Candidates, QAlignSamples, generate_candidates
+from .candidates import CANDIDATE_SAMPLING, Candidates, Sampler, generate_candidates
 from .corrector import ADAPTER_FORMAT_KEY, Correction, Corrector, CorrectorFormat, CorrectorInputTooLong
 from .data import PathLike, make_corrector_data, read_rows
 from .evaluation import EvalReport, PairedDiff, SystemScore, _import_sacrebleu, evaluate
@@ -48,6 +51,7 @@ from .train import DEFAULT_TARGET_MODULES, TrainReport, train_corrector
 
 __all__ = [
     "ADAPTER_FORMAT_KEY",
+    "CANDIDATE_SAMPLING",
     "Candidates",
     "Correction",
     "Corrector",
@@ -55,7 +59,7 @@ __all__ = [
     "CorrectorInputTooLong",
     "EvalReport",
     "PairedDiff",
-    "QAlignSamples",
+    "Sampler",
     "SystemScore",
     "TrainReport",
     "evaluate",

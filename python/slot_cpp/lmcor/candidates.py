@@ -1,29 +1,37 @@
 """The generator's pool of candidates for each input: its greedy answer and
-k - 1 samples (or QAlign chains' last states), from one prompt evaluation."""
+k - 1 samples (or another sampler's, e.g. QAlign chains' last states), from
+one prompt evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from .._model import Model
-from ..options import LmcorOptions, SlotOptions, specs
+from ..options import LmcorOptions, SamplingOptions, SlotOptions, specs
 from ..options import check_float as _check_float
 from ..options import check_int as _check_int
 
+CANDIDATE_SAMPLING = SamplingOptions(max_tokens=128, stop=("\n",))
+"""The candidates' sampling options: the group's defaults but for a shorter
+answer (128 tokens, not 256) that ends at the first newline. LMCor's tasks
+(grammar correction, translation, short answers) have one-line outputs, and
+the corrector reads all k candidates in one context, so shorter candidates
+keep its input within bounds. The candidates' temperature and seeds are
+LMCor's own (:class:`~slot_cpp.options.LmcorOptions`, ``seed``), not this
+group's."""
 
-@dataclass(frozen=True)
-class QAlignSamples:
-    """Draw the k - 1 sampled candidates with QAlign instead of plain sampling:
-    candidate j + 1 is the last state of chain j, after ``steps`` steps under
-    ``reward`` (the chains run side by side, seeded from the input's seed + 1). The
-    pool then leans toward answers the reward prefers; the greedy candidate
-    stays as it is."""
+Sampler = Callable[[Model, list[int], int, int, SamplingOptions], tuple[list[str], int]]
+"""Draws an input's k - 1 sampled candidates in place of plain sampling:
+``sampler(generator, prompt_ids, n, seed, sampling) -> (n texts, tokens
+generated)``, ``seed`` the input's seed + 1 and ``sampling`` the candidates'
+options (max_tokens, stop). :class:`slot_cpp.qalign.QAlignSamples` is one:
+QAlign chains' last states. The caller composes the two methods; LMCor does
+not import QAlign."""
 
-    reward: Any
-    steps: int = 16
-    beta: float = 1.0
+_SAMPLING_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingOptions))
 
 
 @dataclass
@@ -49,33 +57,48 @@ def generate_candidates(
     inputs: Sequence[str],
     *,
     prompt: str = "{input}",
-    k: int = LmcorOptions.k,
-    temperature: float = LmcorOptions.temperature,
+    k: Optional[int] = None,
+    temperature: Optional[float] = None,
     seed: int = 0,
-    max_tokens: int = 128,
-    stop: Sequence[str] = ("\n",),
     seeds: Optional[Sequence[int]] = None,
     prompt_tokens: Optional[Sequence[Sequence[int]]] = None,
-    qalign: Optional[QAlignSamples] = None,
+    options: Optional[LmcorOptions] = None,
+    sampling: Optional[SamplingOptions] = None,
+    sampler: Optional[Sampler] = None,
     **generator_options: Any,
 ) -> list[Candidates]:
     """k candidates per input from the generator: greedy, then k - 1 samples.
 
     Sample j (1 <= j < k) of input i draws at ``temperature`` with seed
-    ``seeds[i] + j`` (``seeds`` defaults to ``seed`` for every input). The
+    ``seeds[i] + j`` (``seeds`` defaults to ``seed`` for every input). ``k``
+    and ``temperature`` are :class:`~slot_cpp.options.LmcorOptions`' fields:
+    None takes them from ``options`` (default: the group's defaults). The
     input's prompt is ``prompt`` with ``{input}`` replaced by it; its k
-    sequences share its KV cells. ``generator_options`` go to
-    :meth:`Model.generate_batch` (SLOT's ``steps``/``lr``, ``rtd``, ``top_k``,
-    ``cancel``, ...), so SLOT and RTD can shape the generator.
-    ``prompt_tokens``, one token list per input, replaces the template (a
-    prompt already formatted, e.g. with a chat template). ``qalign``
-    (:class:`QAlignSamples`) draws the samples with QAlign chains instead
-    (``temperature`` is then 1, QAlign's proposal).
+    sequences share its KV cells. ``sampling`` (default
+    :data:`CANDIDATE_SAMPLING`) is how every candidate is drawn, but for its
+    temperature and seed; its fields may also be given as keywords
+    (``max_tokens``, ``stop``, ``top_k``, ...), which override it. The other
+    ``generator_options`` go to :meth:`Model.generate_batch` (SLOT's
+    ``steps``/``lr``, ``rtd``, ``delta``, ``cancel``, ...), so SLOT and RTD can
+    shape the generator. ``prompt_tokens``, one token list per input,
+    replaces the template (a prompt already formatted, e.g. with a chat
+    template). ``sampler`` (:data:`Sampler`, e.g.
+    :class:`slot_cpp.qalign.QAlignSamples`) draws the k - 1 samples instead
+    (``temperature`` is then the sampler's).
     """
     if isinstance(inputs, str) or not isinstance(inputs, Sequence):
         raise TypeError("inputs must be a list of str")
-    k = _check_int("k", k, 1)
-    temperature = _check_float("temperature", temperature, low=0.0, low_open=True)
+    group = LmcorOptions() if options is None else options
+    if not isinstance(group, LmcorOptions):
+        raise TypeError(f"options must be a slot_cpp.options.LmcorOptions, got {type(group).__name__}")
+    k = _check_int("k", group.k if k is None else k, 1)
+    temperature = _check_float("temperature", group.temperature if temperature is None else temperature, low=0.0,
+                               low_open=True)
+    changes = {key: generator_options.pop(key) for key in list(generator_options) if key in _SAMPLING_NAMES}
+    given = CANDIDATE_SAMPLING if sampling is None else sampling
+    if not isinstance(given, SamplingOptions):
+        raise TypeError(f"sampling must be a slot_cpp.options.SamplingOptions, got {type(given).__name__}")
+    draw = given.replace(**changes) if changes else given
     seed = _check_int("seed", seed, 0)
     if seeds is None:
         seeds = [seed] * len(inputs)
@@ -98,12 +121,11 @@ def generate_candidates(
             temps.append(0.0 if j == 0 else temperature)
             draw_seeds.append(base + j)
     t0 = time.perf_counter()
-    if qalign is None:
-        texts, tokens = _sampled_pools(generator, prompts, temps, draw_seeds, k, max_tokens, stop,
-                                       generator_options)
+    if sampler is None:
+        texts, tokens = _sampled_pools(generator, prompts, temps, draw_seeds, k, draw, generator_options)
     else:
-        texts, tokens = _qalign_pools(generator, prompts[::k], qalign, k, draw_seeds[::k], max_tokens, stop,
-                                      generator_options)
+        texts, tokens = _sampler_pools(generator, prompts[::k], sampler, k, draw_seeds[::k], draw, changes,
+                                       generator_options)
     seconds = time.perf_counter() - t0
     return [Candidates(input=x, texts=texts[i], seeds=[None] + [draw_seeds[i * k + j] for j in range(1, k)],
                        generated_tokens=tokens[i], seconds=seconds / len(inputs))
@@ -115,7 +137,7 @@ _SLOT_KEYS = tuple(name for name, _, _ in specs(SlotOptions))
 
 
 def _sampled_pools(generator: Model, prompts: list[Union[str, list[int]]], temps: list[float],
-                   seeds: list[int], k: int, max_tokens: int, stop: Sequence[str],
+                   seeds: list[int], k: int, sampling: SamplingOptions,
                    generator_options: dict[str, Any]) -> tuple[list[list[str]], list[int]]:
     """Each input's k texts (its k consecutive prompts) and the tokens generated for them."""
     options = dict(generator_options)
@@ -124,36 +146,31 @@ def _sampled_pools(generator: Model, prompts: list[Union[str, list[int]]], temps
         learn = {key: options.pop(key) for key in _SLOT_KEYS if key in options}
         shaped = generator.generate_batch(prompts[::k], max_tokens=0, cancel=options.get("cancel"), **learn)
         options["delta"] = [shaped[i // k].delta for i in range(len(prompts))]
-    results = generator.generate_batch(prompts, temperature=temps, seed=seeds, max_tokens=max_tokens,
-                                       stop=list(stop), **options)
+    results = generator.generate_batch(prompts, sampling=sampling, temperature=temps, seed=seeds, **options)
     n = len(prompts) // k
     texts = [[r.text.strip() for r in results[i * k:(i + 1) * k]] for i in range(n)]
     tokens = [sum(len(r.tokens) for r in results[i * k:(i + 1) * k]) for i in range(n)]
     return texts, tokens
 
 
-def _qalign_pools(generator: Model, prompts: list[Union[str, list[int]]], options: QAlignSamples, k: int,
-                  seeds: list[int], max_tokens: int, stop: Sequence[str],
-                  generator_options: dict[str, Any]) -> tuple[list[list[str]], list[int]]:
-    from ..qalign import qalign
-
-    if not isinstance(options, QAlignSamples):
-        raise TypeError("qalign must be a QAlignSamples")
-    unsupported = set(generator_options) - {"cancel"}
+def _sampler_pools(generator: Model, prompts: list[Union[str, list[int]]], sampler: Sampler, k: int,
+                   seeds: list[int], sampling: SamplingOptions, changes: dict[str, Any],
+                   generator_options: dict[str, Any]) -> tuple[list[list[str]], list[int]]:
+    if not callable(sampler):
+        raise TypeError("sampler must be callable: sampler(generator, prompt_ids, n, seed, sampling)")
+    unsupported = (set(generator_options) - {"cancel"}) | (set(changes) - {"max_tokens", "stop"})
     if unsupported:
-        raise ValueError(f"with qalign, the generator takes no {', '.join(sorted(unsupported))}")
-    greedy = generator.generate_batch(prompts, temperature=0.0, max_tokens=max_tokens, stop=list(stop),
-                                      **generator_options)
+        raise ValueError(f"with a sampler, the generator takes no {', '.join(sorted(unsupported))}")
+    greedy = generator.generate_batch(prompts, temperature=0.0, max_tokens=sampling.max_tokens,
+                                      stop=list(sampling.stop), **generator_options)
     texts, tokens = [], []
     for prompt, seed, first in zip(prompts, seeds, greedy):
         pool, count = [first.text.strip()], len(first.tokens)
         if k > 1:
             ids = prompt if isinstance(prompt, list) else generator.tokenize(prompt)
-            result = qalign(generator, "", prompt_token_ids=ids, reward=options.reward, beta=options.beta,
-                            steps=options.steps, chains=k - 1, seed=seed + 1, max_tokens=max_tokens, stop=stop,
-                            answer="mbr")
-            pool += [chain[-1].text.strip() for chain in result.chains]
-            count += result.generated_tokens
+            drawn, drawn_tokens = sampler(generator, list(ids), k - 1, seed + 1, sampling)
+            pool += [text.strip() for text in drawn]
+            count += drawn_tokens
         texts.append(pool)
         tokens.append(count)
     return texts, tokens

@@ -6,34 +6,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
-from .._files import drop_cut_line, sync
+from .._files import drop_cut_line, read_jsonl, sync
 from .._model import Model
 from .._progress import Progress
+from ..options import LmcorOptions
 from ..options import check_int as _check_int
 from .candidates import generate_candidates
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def _jsonl(path: PathLike, what: str = "") -> Iterator[tuple[int, Any]]:
-    """(line number, value) for each non-blank line of a JSONL file; a line
-    that is not JSON raises ValueError naming it (and `what` to do)."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg}){what}") from None
-
-
 def read_rows(path: PathLike, *, limit: Optional[int] = None) -> list[dict[str, str]]:
     """``{"input", "target"}`` rows from a JSONL file, checked."""
     rows = []
-    for line_no, row in _jsonl(path):
+    for line_no, row in read_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("input"), str) \
                 or not isinstance(row.get("target"), str):
             raise ValueError(f"{path}:{line_no}: a row must be an object with string 'input' and 'target'")
@@ -51,8 +39,8 @@ def make_corrector_data(
     out: PathLike,
     *,
     prompt: str = "{input}",
-    k: int = 5,
-    temperature: float = 0.7,
+    k: Optional[int] = None,
+    temperature: Optional[float] = None,
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = False,
@@ -61,17 +49,18 @@ def make_corrector_data(
     """Write the generator's candidates for each row to ``out`` (JSONL of
     ``{"input", "target", "candidates"}``); returns the rows written now.
 
+    ``k`` and ``temperature`` default to :class:`~slot_cpp.options.LmcorOptions`'.
     Row i draws with seed ``seed + i * k``, so a run stopped part-way and
     started again appends exactly what one run would have written: rows
     already in ``out`` are checked against ``rows`` and skipped.
     """
     batch_size = _check_int("batch_size", batch_size, 1)
-    k = _check_int("k", k, 1)
+    k = _check_int("k", LmcorOptions.k if k is None else k, 1)
     path = Path(out)
     done = 0
     drop_cut_line(path)  # a row cut off by an interruption is redone
     if path.exists():
-        for line_no, rec in _jsonl(path, "; remove that line to resume"):
+        for line_no, rec in read_jsonl(path, "; remove that line to resume"):
             if done >= len(rows) or not isinstance(rec, dict) or rec.get("input") != rows[done]["input"] \
                     or len(rec.get("candidates") or []) != k:
                 raise ValueError(f"{path}:{line_no}: does not match row {done} of the data with k={k}; these are "

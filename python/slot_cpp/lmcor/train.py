@@ -13,13 +13,14 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from .._files import read_jsonl
 from .._model import Model, model_fingerprint
 from .._progress import Progress
 from ..options import check_float as _check_float
 from ..options import check_int as _check_int
 from .adapter import _HF_TO_GGUF, _TRAINABLE, _write_adapter
 from .corrector import CorrectorFormat
-from .data import PathLike, _jsonl
+from .data import PathLike
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -57,7 +58,7 @@ def _import_training() -> tuple[Any, Any, Any]:
 def _training_rows(data: Union[PathLike, Sequence[dict[str, Any]]], max_rows: Optional[int]) -> list[dict[str, Any]]:
     """The rows of `data` (a JSONL path or a list), checked, the first `max_rows` of them."""
     if isinstance(data, (str, os.PathLike)):
-        records = [rec for _, rec in _jsonl(data)]
+        records = [rec for _, rec in read_jsonl(data)]
     else:
         records = list(data)
     for i, rec in enumerate(records):

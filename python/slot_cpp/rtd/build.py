@@ -3,20 +3,18 @@ hidden states become keys, and the values that followed them."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .. import probes
 from .._model import Model
 from .._progress import Progress
 from .errors import DatastoreError
-from .prompts import _label_tokens, answer_index
-
-if TYPE_CHECKING:
-    from .store import Datastore
+from .prompts import RowFormat, _label_tokens, answer_index
 
 
-def row_keys(store: "Datastore", model: Model, row: Mapping[str, Any]) -> tuple[list[int], tuple[int, int], list[int]]:
+def row_keys(store: RowFormat, model: Model, row: Mapping[str, Any]) -> tuple[list[int], tuple[int, int], list[int]]:
     """A row's tokens, the span of positions whose states are its keys, and their values."""
     if store.mode == "choice":
         prompt = store.choice_prompt(row["question"], row["choices"])
@@ -35,7 +33,7 @@ def row_keys(store: "Datastore", model: Model, row: Mapping[str, Any]) -> tuple[
     return toks, (len(p) - 1, len(toks) - 1), c
 
 
-def tokenize_rows(store: "Datastore", model: Model, rows: Sequence[Mapping[str, Any]]
+def tokenize_rows(store: RowFormat, model: Model, rows: Sequence[Mapping[str, Any]]
                   ) -> tuple[list[list[int]], list[tuple[int, int]], list[list[int]]]:
     """Every row's tokens, key span and values, checked before any is evaluated."""
     token_rows, spans, values = [], [], []
@@ -61,7 +59,7 @@ def hidden_keys(model: Model, token_rows: Sequence[list[int]], spans: Sequence[t
     try:
         for a in range(0, len(token_rows), rows_per_call):
             b = min(len(token_rows), a + rows_per_call)
-            h = model.hidden_states(token_rows[a:b], spans[a:b])
+            h = probes.hidden_states(model, token_rows[a:b], spans[a:b])
             if not np.all(np.isfinite(h)):
                 raise DatastoreError("the model produced non-finite hidden states")
             parts.append(h.astype(np.float16))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -12,6 +12,17 @@ from .errors import DatastoreError
 CHOICE_LABELS = ("A", "B", "C", "D", "E", "F", "G", "H", "I", "J")
 DEFAULT_CHOICE_TEMPLATE = "{shots}Question: {question}\n{options}Answer:"
 """The multiple-choice prompt: keys are taken at its last token ("Answer:")."""
+
+
+class RowFormat(Protocol):
+    """How a datastore reads its rows (a :class:`~slot_cpp.rtd.Datastore` is
+    one): its mode, "choice" or "generation", and a choice datastore's
+    prompt. Building keys needs no more of the datastore."""
+
+    @property
+    def mode(self) -> str: ...
+
+    def choice_prompt(self, question: str, choices: Sequence[str]) -> str: ...
 
 
 def format_choice_prompt(question: str, choices: Sequence[str], shots: Sequence[Mapping[str, Any]] = (),

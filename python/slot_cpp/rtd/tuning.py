@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .. import probes
 from .._model import Model
 from ..options import check_float as _check_float
 from ..options import check_int as _check_int
@@ -147,9 +148,9 @@ def _generation_parts(model: Model, store: Datastore, rows: Sequence[Mapping[str
     out = []
     for i, row in enumerate(rows):
         toks, span, gold = row_keys(store, model, row)
-        hidden = model.hidden_states([toks], [span])
+        hidden = probes.hidden_states(model, [toks], [span])
         delta = None if deltas is None else deltas[i]
-        lp = np.asarray(model.token_logprobs(toks, span[0] + 1, delta), dtype=np.float64)
+        lp = np.asarray(probes.token_logprobs(model, toks, span[0] + 1, delta), dtype=np.float64)
         out.append((hidden, lp, np.asarray(gold)))
     return out
 

@@ -31,8 +31,10 @@ and delta norm, RTD's settings, QAlign's acceptance rate and final reward,
 LMCor's candidates.
 
 The package: ``protocol`` (request bodies, response shapes), ``errors``,
-``metrics``, ``serving`` (one pipeline for the whole and the streamed
-response) and ``app`` (routes, start-up, :func:`serve`).
+``metrics``, ``state`` (the configuration and what the routes share),
+``serving`` (one pipeline for the whole and the streamed response),
+``routes`` (the endpoints, on one APIRouter) and ``app`` (the application,
+start-up, :func:`serve`).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("slot_cpp.server needs the server extra: pip install 'slot_cpp[server]'") from exc
 
-from .app import ServerConfig, create_app, parse_named_paths, serve
+from .app import create_app, serve
+from .state import ServerConfig, parse_named_paths
 
 __all__ = [
     "ServerConfig",

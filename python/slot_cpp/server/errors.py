@@ -61,6 +61,13 @@ def error_from(exc: BaseException, *, retry_after: int) -> Optional[ApiError]:
         return None
     if isinstance(exc, _core.QueueFullError):
         return overloaded(str(exc), retry_after)
+    cause = exc.__cause__
+    while cause is not None:
+        # A method's own call into the model found the queue full (QAlign's
+        # reward scoring its candidates): the server is overloaded, not broken.
+        if isinstance(cause, _core.QueueFullError):
+            return overloaded(str(exc), retry_after)
+        cause = cause.__cause__
     if isinstance(exc, _core.ContextLengthError):
         return ApiError(400, str(exc), code="context_length_exceeded")
     if isinstance(exc, (TypeError, ValueError)):

@@ -1,7 +1,8 @@
 """The serving pipeline: a request resolved into a :class:`Job`, run once, rendered twice.
 
 :func:`resolve` checks a request body against the server's limits and
-builds the generate call. :func:`run_job` is the one place that dispatches
+builds the option groups of the generate call, once: the groups reach the
+Model as they are. :func:`run_job` is the one place that dispatches
 to plain generation, QAlign or LMCor; its events are text pieces while
 plain generation decodes (QAlign and LMCor have their text only at the
 end: one piece), then one :class:`Finished` with the finish reasons, the
@@ -17,7 +18,7 @@ import json
 import secrets
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Optional, Union
+from typing import Any, AsyncGenerator, Callable, Optional, Union
 
 import anyio
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -37,8 +38,7 @@ from .protocol import (
     usage,
 )
 
-if TYPE_CHECKING:
-    from .app import _State
+from .state import State
 
 METHODS = ("slot", "rtd", "qalign", "lmcor")
 """The request-body extensions, as counted by the metrics."""
@@ -59,12 +59,17 @@ OnText = Callable[[int, str], bool]
 
 @dataclass
 class Job:
-    """One request, resolved: token ids and generate_batch's keyword arguments."""
+    """One request, resolved: token ids and the option groups of the generate call."""
 
     tokens: list[int]
     messages: Optional[list[dict[str, str]]]
     n: int
-    kwargs: dict[str, Any]
+    sampling: opts.SamplingOptions
+    slot: opts.SlotOptions
+    """SLOT as asked (``steps`` 0 without it)."""
+    extras: opts.RequestExtras
+    chat_template: Optional[str]
+    """For slot.loss_on 'user': the template that formats the messages."""
     applied: dict[str, Any]
     qalign: Optional[QAlignOptions]
     lmcor: Optional[LmcorOptions]
@@ -76,7 +81,7 @@ class Job:
     """A chat with tools: each answer is read into content and tool calls."""
 
 
-def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens: Optional[int],
+def resolve(state: State, body: SamplingRequest, tokens: list[int], max_tokens: Optional[int],
             want_logprobs: bool, top_logprobs: int, messages: Optional[list[dict[str, str]]] = None,
             echo: Optional[str] = None, chat_format: Optional[ChatFormat] = None) -> Job:
     """Checks a request against the server's limits and builds the generate call."""
@@ -94,18 +99,16 @@ def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens:
         raise ApiError(400, f"the prompt has {len(tokens)} tokens and max_tokens is {max_tokens}: more than the "
                        f"context window of {model.n_ctx} tokens", param="messages" if isinstance(
                            body, ChatCompletionRequest) else "prompt", code="context_length_exceeded")
-    kwargs: dict[str, Any] = {**opts.from_http(body, opts.SamplingOptions),
-                              **opts.from_http(body, opts.RequestExtras)}
-    kwargs.update(max_tokens=max_tokens, stop=_stop_list(body.stop), logprobs=want_logprobs,
-                  top_logprobs=top_logprobs)
-    if body.seed is None:
-        kwargs["seed"] = secrets.randbits(62)
-    if chat_format is not None:
-        kwargs["chat_format"] = chat_format
+    stop = _stop_list(body.stop)
+    sampling = _group(lambda: opts.group_from_http(
+        body, opts.SamplingOptions, max_tokens=max_tokens, stop=stop,
+        **({"seed": secrets.randbits(62)} if body.seed is None else {})))
+    slot = _NO_SLOT
+    chat_template = None
+    rtd = None
     applied: dict[str, Any] = {}
     if body.slot is not None and body.slot.steps > 0:
-        slot = opts.from_http(body.slot, opts.SlotOptions)
-        kwargs.update(slot)
+        slot = _group(lambda: opts.group_from_http(body.slot, opts.SlotOptions), "slot.")
         applied["slot"] = {"steps": body.slot.steps, "lr": body.slot.lr, "loss_on": body.slot.loss_on}
         if body.slot.lr == "auto":
             applied["slot"]["kl_budget"] = body.slot.kl_budget
@@ -113,7 +116,7 @@ def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens:
             if messages is None:
                 raise ApiError(400, "slot.loss_on 'user' needs chat messages (/v1/chat/completions)",
                                param="slot.loss_on")
-            kwargs.update(chat_template=config.chat_template)
+            chat_template = config.chat_template
     if body.rtd is not None:
         from ..rtd import RTD
 
@@ -122,10 +125,9 @@ def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens:
             known = ", ".join(sorted(state.datastores)) or "none"
             raise ApiError(400, f"unknown datastore {body.rtd.datastore!r} (this server has: {known})",
                            param="rtd.datastore")
-        option = RTD(**{**opts.from_http(body.rtd, opts.RtdOptions), "datastore": store}).resolved()
-        kwargs["rtd"] = option
-        applied["rtd"] = {"datastore": body.rtd.datastore, "k": option.k, "temperature": option.temperature,
-                          "lambda": option.lam, "gate": option.gate}
+        rtd = RTD(**{**opts.from_http(body.rtd, opts.RtdOptions), "datastore": store}).resolved()
+        applied["rtd"] = {"datastore": body.rtd.datastore, "k": rtd.k, "temperature": rtd.temperature,
+                          "lambda": rtd.lam, "gate": rtd.gate}
     if body.qalign is not None:
         q = body.qalign
         if q.reward not in state.rewards:
@@ -160,10 +162,27 @@ def resolve(state: _State, body: SamplingRequest, tokens: list[int], max_tokens:
             raise ApiError(400, f"echo with logprobs is not available with {methods[0]}", param="echo")
         if len(tokens) < 2:
             raise ApiError(400, "echo with logprobs needs a prompt of at least two tokens", param="echo")
-        kwargs["prompt_logprobs"] = True
-    return Job(tokens=tokens, messages=messages, n=body.n, kwargs=kwargs, applied=applied, qalign=body.qalign,
-               lmcor=body.lmcor, lmcor_input=lmcor_input, want_logprobs=want_logprobs, echo=echo,
-               chat_format=chat_format)
+    extras = _group(lambda: opts.group_from_http(
+        body, opts.RequestExtras, logprobs=want_logprobs, top_logprobs=top_logprobs, rtd=rtd,
+        chat_format=chat_format, prompt_logprobs=echo is not None and want_logprobs))
+    return Job(tokens=tokens, messages=messages, n=body.n, sampling=sampling, slot=slot, extras=extras,
+               chat_template=chat_template, applied=applied, qalign=body.qalign, lmcor=body.lmcor,
+               lmcor_input=lmcor_input, want_logprobs=want_logprobs, echo=echo, chat_format=chat_format)
+
+
+_NO_SLOT = opts.SlotOptions(steps=0)
+_SCORE_ONLY = opts.SamplingOptions(max_tokens=0)
+"""Learning delta alone: no tokens generated."""
+
+
+def _group(make: Callable[[], Any], prefix: str = "") -> Any:
+    """A group made from a request, its own check's error a 400 naming the field."""
+    try:
+        return make()
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        name = message.split(" ", 1)[0]
+        raise ApiError(400, message, param=prefix + name if name.isidentifier() else None) from None
 
 
 def _stop_list(stop: Union[str, list[str], None]) -> list[str]:
@@ -172,9 +191,7 @@ def _stop_list(stop: Union[str, list[str], None]) -> list[str]:
     items = [stop] if isinstance(stop, str) else list(stop)
     if len(items) > 4:
         raise ApiError(400, "stop may hold at most 4 sequences", param="stop")
-    if any(s == "" for s in items):
-        raise ApiError(400, "stop sequences must not be empty", param="stop")
-    return items
+    return items  # empty strings: refused by SamplingOptions' own check
 
 
 def _one_answer(method: str, body: SamplingRequest, want_logprobs: bool) -> None:
@@ -218,7 +235,7 @@ class Finished:
 Event = Union[Piece, Finished]
 
 
-def run_job(state: _State, job: Job, on_text: Optional[OnText], cancel: threading.Event) -> Finished:
+def run_job(state: State, job: Job, on_text: Optional[OnText], cancel: threading.Event) -> Finished:
     """Runs a job (blocking) with the method it asks for. Plain generation
     hands its pieces to ``on_text`` as they decode; QAlign and LMCor choose
     their answer at the end, so it comes as one piece."""
@@ -237,7 +254,7 @@ def run_job(state: _State, job: Job, on_text: Optional[OnText], cancel: threadin
     if method == "lmcor":
         finish = "length" if report["finish_reason"] == "length" else "stop"
     else:
-        finish = "stop" if n_tokens < job.kwargs["max_tokens"] else "length"
+        finish = "stop" if n_tokens < job.sampling.max_tokens else "length"
     # SLOT's delta is reported inside the method's own report; RTD's settings beside it.
     extension = {key: value for key, value in job.applied.items() if key != "slot"}
     extension[method] = report
@@ -253,34 +270,31 @@ def _slot_report(result: GenerationResult) -> dict[str, Any]:
     return out
 
 
-def _run_generate(state: _State, job: Job, on_text: Optional[OnText],
+def _run_generate(state: State, job: Job, on_text: Optional[OnText],
                   cancel: threading.Event) -> list[GenerationResult]:
     # The user-content loss mask is found from the messages; otherwise the tokens are used as they are.
-    prompt: Any = job.messages if job.kwargs.get("loss_on") == "user" else job.tokens
-    return state.model.generate_batch([prompt], n=job.n, on_text=on_text, cancel=cancel, **job.kwargs)
+    prompt: Any = job.messages if job.slot.loss_on == "user" else job.tokens
+    return state.model.generate_batch([prompt], n=job.n, on_text=on_text, cancel=cancel,
+                                      chat_template=job.chat_template, sampling=job.sampling, slot=job.slot,
+                                      extras=job.extras)
 
 
-def _learn_delta(state: _State, job: Job, cancel: threading.Event) -> Optional[GenerationResult]:
+def _learn_delta(state: State, job: Job, cancel: threading.Event) -> Optional[GenerationResult]:
     """SLOT for methods that sample several answers (QAlign, LMCor): learn delta
     on the prompt once, so that every answer uses it; None without SLOT."""
-    kw = job.kwargs
-    if not kw.get("steps"):
+    if not job.slot.steps:
         return None
-    slot = {key: kw[key] for key in _SLOT_NAMES if key in kw}
-    user = kw.get("loss_on") == "user"
-    return state.model.generate_batch([job.messages if user else job.tokens], max_tokens=0,
-                                      chat_template=kw.get("chat_template"), cancel=cancel, **slot)[0]
+    user = job.slot.loss_on == "user"
+    return state.model.generate_batch([job.messages if user else job.tokens], chat_template=job.chat_template,
+                                      cancel=cancel, sampling=_SCORE_ONLY, slot=job.slot)[0]
 
 
-_SLOT_NAMES = frozenset(name for name, _, _ in opts.specs(opts.SlotOptions))
-
-
-def _run_qalign(state: _State, job: Job, cancel: threading.Event) -> tuple[str, int, dict[str, Any]]:
-    from ..qalign import qalign
+def _run_qalign(state: State, job: Job, cancel: threading.Event) -> tuple[str, int, dict[str, Any]]:
+    from ..qalign import PROPOSAL, qalign
 
     assert job.qalign is not None
     q = job.qalign
-    kw = job.kwargs
+    sampling = job.sampling
     shaped = _learn_delta(state, job, cancel)
     delta = None if shaped is None else shaped.delta
 
@@ -288,10 +302,12 @@ def _run_qalign(state: _State, job: Job, cancel: threading.Event) -> tuple[str, 
         if cancel.is_set():
             raise RequestCancelled()
 
-    result = qalign(state.model, "", prompt_token_ids=job.tokens, reward=state.rewards[q.reward], beta=q.beta,
-                    steps=q.steps, max_tokens=kw["max_tokens"], seed=kw["seed"] % (2**32), top_k=kw["top_k"],
-                    stop=kw["stop"], delta=delta, rtd=kw.get("rtd"), answer="mbr", on_step=on_step,
-                    grammar=kw.get("grammar"), json_schema=kw.get("json_schema"))
+    # The proposal is the model's own distribution; the request may restrict it.
+    proposal = PROPOSAL.replace(max_tokens=sampling.max_tokens, seed=sampling.seed % (2**32), top_k=sampling.top_k,
+                                stop=sampling.stop, grammar=sampling.grammar, json_schema=sampling.json_schema)
+    result = qalign(state.model, "", prompt_token_ids=job.tokens, reward=state.rewards[q.reward],
+                    options=opts.QAlignOptions(steps=q.steps, beta=q.beta), sampling=proposal, delta=delta,
+                    rtd=job.extras.rtd, answer="mbr", on_step=on_step)
     final = result.chain[-1]
     report: dict[str, Any] = {"steps": q.steps, "beta": q.beta, "reward": q.reward,
                               "accept_rate": result.accept_rate, "final_reward": final.reward,
@@ -301,20 +317,18 @@ def _run_qalign(state: _State, job: Job, cancel: threading.Event) -> tuple[str, 
     return final.text, len(final.tokens), report
 
 
-def _run_lmcor(state: _State, job: Job, cancel: threading.Event) -> tuple[str, int, dict[str, Any]]:
+def _run_lmcor(state: State, job: Job, cancel: threading.Event) -> tuple[str, int, dict[str, Any]]:
     from ..lmcor import generate_candidates
 
     assert job.lmcor is not None and job.lmcor_input is not None
-    # The candidates' temperature and seeds are LMCor's; SLOT's delta is learned once, above.
-    options = {key: value for key, value in job.kwargs.items()
-               if key not in _SLOT_NAMES and key not in ("temperature", "seed", "logprobs", "top_logprobs",
-                                                           "chat_template")}
+    # The candidates are drawn as the request's sampling says, but for its
+    # temperature and seeds, which are LMCor's; SLOT's delta is learned once, above.
     shaped = _learn_delta(state, job, cancel)
-    if shaped is not None:
-        options["delta"] = shaped.delta
-    pool = generate_candidates(state.model, [job.lmcor_input], prompt_tokens=[job.tokens], k=job.lmcor.k,
-                               temperature=job.lmcor.temperature, seed=job.kwargs["seed"] % (2**62),
-                               cancel=cancel, **options)[0]
+    pool = generate_candidates(state.model, [job.lmcor_input], prompt_tokens=[job.tokens],
+                               options=opts.LmcorOptions(k=job.lmcor.k, temperature=job.lmcor.temperature),
+                               sampling=job.sampling, seed=job.sampling.seed % (2**62), cancel=cancel,
+                               cache_prompt=job.extras.cache_prompt, rtd=job.extras.rtd,
+                               delta=None if shaped is None else shaped.delta)[0]
     corrector = state.correctors[job.lmcor.corrector]
     answer = corrector.rewrite(job.lmcor_input, pool.texts)
     report = {"corrector": job.lmcor.corrector, "input": job.lmcor_input, "k": job.lmcor.k,
@@ -338,7 +352,7 @@ class _Run:
     waits for the thread: the call stops within one token step, so the
     job's sequences are free when the block exits."""
 
-    def __init__(self, state: _State, job: Job, *, pieces: bool) -> None:
+    def __init__(self, state: State, job: Job, *, pieces: bool) -> None:
         self._state, self._job, self._pieces = state, job, pieces
         self._cancel = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -396,7 +410,7 @@ class _Run:
 # ---- rendering ----------------------------------------------------------------------
 
 
-async def respond(state: _State, job: Job, body: SamplingRequest, *, chat: bool) -> Response:
+async def respond(state: State, job: Job, body: SamplingRequest, *, chat: bool) -> Response:
     """Admits the request (503 when full), then answers it whole or as a stream."""
     state.admit()
     streaming = False
@@ -420,7 +434,7 @@ async def respond(state: _State, job: Job, body: SamplingRequest, *, chat: bool)
             state.release()
 
 
-async def _whole(state: _State, job: Job, reply: Reply) -> dict[str, Any]:
+async def _whole(state: State, job: Job, reply: Reply) -> dict[str, Any]:
     finished: Optional[Finished] = None
     async with _Run(state, job, pieces=False) as run:
         async for event in run:
@@ -446,7 +460,7 @@ async def _whole(state: _State, job: Job, reply: Reply) -> dict[str, Any]:
     return reply.whole(choices, usage(finished.prompt_tokens, finished.completion_tokens), finished.extension)
 
 
-async def _stream(state: _State, job: Job, reply: Reply, include_usage: bool) -> AsyncGenerator[bytes, None]:
+async def _stream(state: State, job: Job, reply: Reply, include_usage: bool) -> AsyncGenerator[bytes, None]:
     """Server-sent events: one chunk per text piece, per choice; then the
     finish reasons (the last one with the ``slot_cpp`` report), the usage
     (with stream_options.include_usage) and [DONE]. An error after the 200

@@ -1,0 +1,242 @@
+"""The routes, on one :class:`fastapi.APIRouter`: each reads the request,
+turns it into token ids and hands it to :mod:`.serving` (the generate routes)
+or answers it itself (models, embeddings, tokenize, health, metrics)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any, Optional
+
+import anyio
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from .. import _core
+from .. import options as opts
+from ..chat import ChatFormat, format_chat
+from .errors import ApiError
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest
+from .serving import resolve, respond
+from .state import State
+
+router = APIRouter()
+
+
+def _state(request: Request) -> State:
+    return request.app.state.slot_cpp
+
+
+Served = Annotated[State, Depends(_state)]
+
+
+@router.get("/health")
+async def health(state: Served) -> dict[str, Any]:
+    stats = state.model.stats()
+    return {"status": "ok", "model": state.config.model_id, "live_sequences": stats.live_sequences,
+            "waiting": stats.waiting_requests}
+
+
+@router.get("/metrics")
+async def metrics(state: Served) -> PlainTextResponse:
+    return PlainTextResponse(state.metrics.render(state.model), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/v1/models")
+async def models(state: Served) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(state)]}
+
+
+@router.get("/v1/models/{model_id}")
+async def model_card(model_id: str, state: Served) -> dict[str, Any]:
+    _check_model(state, model_id)
+    return _model_card(state)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, state: Served) -> Response:
+    model, config = state.model, state.config
+    _check_model(state, body.model)
+    schema = _response_schema(body.response_format)
+    if schema is not None:
+        if body.grammar is not None or body.json_schema is not None:
+            raise ApiError(400, "give response_format or grammar/json_schema, not both", param="response_format")
+        try:
+            body = body.model_copy(update={"json_schema": opts.SamplingOptions(json_schema=schema).json_schema})
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, f"response_format: {exc}", param="response_format") from None
+    messages = []
+    for i, m in enumerate(body.messages):
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise ApiError(400, f"messages[{i}] has no content", param=f"messages[{i}].content")
+        content = m.content if isinstance(m.content, str) or m.content is None else \
+            "".join(p.text for p in m.content)
+        role = "system" if m.role == "developer" else m.role
+        message: dict[str, Any] = {"role": role, "content": content}
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        if m.name is not None and role == "tool":
+            message["name"] = m.name
+        messages.append(message)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    top = body.top_logprobs or 0
+    if top and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if body.tools or body.tool_choice is not None or any(m["role"] == "tool" or "tool_calls" in m
+                                                          for m in messages):
+        fmt = _tool_format(state, body, messages, schema is not None)
+        job = resolve(state, body, fmt.tokens, max_tokens, body.logprobs, top, chat_format=fmt)
+        return await respond(state, job, body, chat=True)
+    try:
+        tokens = model.prompt_tokens(messages, chat_template=config.chat_template)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, str(exc), param="messages") from None
+    except _core.SlotError as exc:
+        raise ApiError(400, f"the chat template could not format these messages: {exc}",
+                       param="messages") from None
+    job = resolve(state, body, tokens, max_tokens, body.logprobs, top, messages=messages)
+    return await respond(state, job, body, chat=True)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, state: Served) -> Response:
+    model, config = state.model, state.config
+    _check_model(state, body.model)
+    inputs: list[Any] = [body.input] if isinstance(body.input, str) else list(body.input)
+    if inputs and all(isinstance(x, int) for x in inputs):
+        inputs = [inputs]  # one token list
+    if not inputs:
+        raise ApiError(400, "input is empty", param="input")
+    if body.dimensions is not None and body.dimensions != model.n_embd:
+        raise ApiError(400, f"this model's embeddings have {model.n_embd} dimensions", param="dimensions")
+    try:
+        rows = [model.tokenize(x) if isinstance(x, str) else x for x in inputs]  # once: for embed and usage
+        vectors = await anyio.to_thread.run_sync(lambda: model.embed(rows, pooling=config.pooling))
+    except (TypeError, ValueError, _core.ContextLengthError) as exc:
+        raise ApiError(400, str(exc), param="input") from None
+    data = []
+    for i, v in enumerate(vectors):
+        embedding: Any = (base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
+                          else v.tolist())
+        data.append({"object": "embedding", "index": i, "embedding": embedding})
+    n_tokens = sum(len(r) for r in rows)
+    state.metrics.tokens(n_tokens, 0)
+    return JSONResponse({"object": "list", "data": data, "model": config.model_id,
+                         "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, state: Served) -> dict[str, Any]:
+    model = state.model
+    tokens = model.tokenize(body.content, add_special=body.add_special)
+    if body.with_pieces:
+        return {"tokens": [{"id": t, "piece": model.token_piece(t).decode("utf-8", "replace")} for t in tokens]}
+    return {"tokens": tokens}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, state: Served) -> dict[str, Any]:
+    try:
+        return {"content": state.model.detokenize(body.tokens)}
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, str(exc), param="tokens") from None
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, state: Served) -> Response:
+    model = state.model
+    _check_model(state, body.model)
+    if body.suffix:
+        raise ApiError(400, "suffix is not supported", param="suffix")
+    if body.best_of not in (None, 1):
+        raise ApiError(400, "best_of is not supported (use n, or the qalign extension)", param="best_of")
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if len(prompt) != 1:
+            raise ApiError(400, "one prompt per request is supported", param="prompt")
+        prompt = prompt[0]
+    try:
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise ApiError(400, "the prompt is empty", param="prompt")
+            tokens = model.tokenize(prompt)
+        else:
+            if not prompt:
+                raise ApiError(400, "the prompt is empty", param="prompt")
+            tokens = model.check_tokens(prompt)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, str(exc), param="prompt") from None
+    top = body.logprobs or 0
+    echo = None
+    if body.echo:
+        echo = prompt if isinstance(prompt, str) else model.detokenize(tokens)
+    job = resolve(state, body, tokens, body.max_tokens, body.logprobs is not None, top, echo=echo)
+    return await respond(state, job, body, chat=False)
+
+
+# ---- helpers --------------------------------------------------------------------------
+
+
+def _tool_format(state: State, body: Any, messages: list[dict[str, Any]], has_response_format: bool) -> ChatFormat:
+    """A chat with tools (or tool calls and results in its history), rendered
+    by the model's Jinja template through llama.cpp's common/chat."""
+    for method in ("qalign", "lmcor"):
+        if getattr(body, method) is not None:
+            raise ApiError(400, f"tools are not available with {method}", param="tools")
+    if body.slot is not None and body.slot.loss_on == "user":
+        raise ApiError(400, "slot.loss_on 'user' is not available with tools", param="slot.loss_on")
+    constrained = has_response_format or body.grammar is not None or body.json_schema is not None
+    if constrained and body.tools:
+        raise ApiError(400, "give tools or a response format/grammar, not both", param="tools")
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+    choice: Any = "auto" if body.tool_choice is None else (
+        body.tool_choice if isinstance(body.tool_choice, str) else body.tool_choice.model_dump())
+    if not tools and choice == "auto":
+        choice = "none"
+    # A Jinja template given at start-up (a built-in name is for the plain chat path).
+    template = state.config.chat_template if state.config.chat_template and "{" in state.config.chat_template \
+        else None
+    try:
+        return format_chat(state.model, messages, tools=tools, tool_choice=choice,
+                           parallel_tool_calls=body.parallel_tool_calls, chat_template=template)
+    except (TypeError, ValueError) as exc:
+        param = "tool_choice" if "tool_choice" in str(exc) else "tools" if "tools" in str(exc) else "messages"
+        raise ApiError(400, str(exc), param=param) from None
+
+
+def _response_schema(response_format: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The JSON schema an OpenAI response_format asks for (None: free text)."""
+    if not response_format:
+        return None
+    kind = response_format.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if spec is None and "schema" in response_format:  # llama-server's shorter form
+            return response_format["schema"]
+        if not isinstance(spec, dict):
+            raise ApiError(400, "response_format json_schema needs a 'json_schema' object", param="response_format")
+        schema = spec.get("schema", {"type": "object"})
+        if not isinstance(schema, dict):
+            raise ApiError(400, "response_format json_schema.schema must be an object", param="response_format")
+        return schema
+    raise ApiError(400, f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                   param="response_format")
+
+
+def _model_card(state: State) -> dict[str, Any]:
+    info = state.model.info
+    return {"id": state.config.model_id, "object": "model", "created": state.created, "owned_by": "slot_cpp",
+            "meta": {"architecture": info.architecture, "n_ctx": state.model.n_ctx,
+                     "n_parallel": state.model.n_parallel, "datastores": sorted(state.datastores),
+                     "rewards": sorted(state.rewards)}}
+
+
+def _check_model(state: State, name: Optional[str]) -> None:
+    if name is not None and name != state.config.model_id:
+        raise ApiError(404, f"the model {name!r} does not exist; this server serves {state.config.model_id!r}",
+                       type="not_found_error", param="model", code="model_not_found")
