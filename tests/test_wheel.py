@@ -126,11 +126,15 @@ def test_wheel_is_self_contained(wheel: dict[str, Any], installed_build: dict[st
 
 
 def test_wheel_build_reused_the_build_tree(wheel: dict[str, Any]) -> None:
-    """pip wheel after pip install compiles nothing of llama.cpp again."""
+    """pip wheel after pip install compiles nothing of llama.cpp's library or
+    ggml again (most of the build). The few common/ sources and slot_cpp's own
+    may compile again when pybind11 moved (from pip's isolated build
+    environment into the venv, as after `pip install ".[test]"`)."""
     if wheel["build_dir"] is None:
         pytest.skip("SLOT_CPP_TEST_WHEEL: the wheel was built elsewhere")
     rebuilt = [line for line in wheel["log"].splitlines()
-               if "Building" in line and " object " in line and "llama.cpp/" in line]
+               if "Building" in line and " object " in line
+               and ("llama.cpp/src/" in line or "llama.cpp/ggml/" in line)]
     assert not rebuilt, f"{len(rebuilt)} llama.cpp objects were compiled again, e.g. {rebuilt[:3]}"
 
 
