@@ -152,7 +152,8 @@ std::pair<int, size_t> Batcher::best_source(const std::vector<int32_t>& context)
 bool Batcher::can_admit(const Group& g) const {
     int free = 0;
     for (char l : live_) free += l ? 0 : 1;
-    return free >= g.count && reserved_ + g.reserve <= e_.n_ctx();
+    // Deterministic mode: every sequence has cells of its own, checked per request.
+    return free >= g.count && (e_.deterministic() || reserved_ + g.reserve <= e_.n_ctx());
 }
 
 int Batcher::victim(int keep) const {
@@ -181,6 +182,7 @@ int Batcher::take_seq(int keep, std::vector<int>& taken) {
 }
 
 bool Batcher::make_room() {
+    if (e_.deterministic()) return false;  // another sequence's cells are another stream's
     const int v = victim(-1);
     if (v < 0) return false;
     e_.seq_clear(v);

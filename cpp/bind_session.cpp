@@ -129,6 +129,8 @@ void def_model_info(py::class_<Session>& cls) {
         .def_property_readonly("n_vocab", py::cpp_function(&Session::n_vocab, kNoGil))
         .def_property_readonly("n_embd", py::cpp_function(&Session::n_embd, kNoGil))
         .def_property_readonly("n_ctx", py::cpp_function(&Session::n_ctx, kNoGil))
+        .def_property_readonly("seq_capacity", py::cpp_function(&Session::seq_capacity, kNoGil))
+        .def_property_readonly("deterministic", py::cpp_function(&Session::deterministic, kNoGil))
         .def_property_readonly("n_threads", py::cpp_function(&Session::n_threads, kNoGil))
         .def_property_readonly("has_chat_template", py::cpp_function(&Session::has_chat_template, kNoGil))
         .def("is_eog", &Session::is_eog, py::arg("token"), kNoGil);
@@ -282,8 +284,9 @@ void bind_session(py::module_& m) {
     cls
         .def(py::init([](const std::string& path, int n_ctx, int n_batch, int n_threads, int n_gpu_layers,
                          int n_parallel, bool use_mmap, const std::vector<std::string>& rpc_servers,
-                         const std::vector<std::pair<std::string, float>>& loras) {
+                         const std::vector<std::pair<std::string, float>>& loras, bool deterministic) {
                  EngineParams p;
+                 p.deterministic = deterministic;
                  p.rpc_servers = rpc_servers;
                  p.loras = loras;
                  p.model_path = path;
@@ -297,7 +300,7 @@ void bind_session(py::module_& m) {
              }),
              py::arg("path"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("n_gpu_layers"),
              py::arg("n_parallel"), py::arg("use_mmap"), py::arg("rpc_servers") = std::vector<std::string>{},
-             py::arg("loras") = std::vector<std::pair<std::string, float>>{}, kNoGil)
+             py::arg("loras") = std::vector<std::pair<std::string, float>>{}, py::arg("deterministic") = false, kNoGil)
         .def("close", &Session::close, kNoGil)
         .def_property_readonly("closed", py::cpp_function(&Session::closed, kNoGil));
     def_generation(cls);

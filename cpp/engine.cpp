@@ -72,6 +72,9 @@ Engine::Engine(const EngineParams& params) : params_(params) {
     if (params.n_parallel > kMaxSequences) {
         throw std::invalid_argument("n_parallel must be <= " + std::to_string(kMaxSequences));
     }
+    if (params.deterministic && (params.n_gpu_layers != 0 || !params.rpc_servers.empty())) {
+        throw std::invalid_argument("deterministic mode covers the CPU backend only: use n_gpu_layers=0 and no rpc");
+    }
     ensure_backend();
 
     info_ = read_model_file_info(params.model_path);
@@ -96,6 +99,8 @@ Engine::Engine(const EngineParams& params) : params_(params) {
         if (params.n_gpu_layers == 0) mp.n_gpu_layers = -1;
     }
     if (!params.use_mmap) mp.load_mode = LLAMA_LOAD_MODE_NONE;
+    // Repacked weights have their own kernels for one row and for several.
+    if (params.deterministic) mp.use_extra_bufts = false;
     clear_last_error_line();
     model_.reset(llama_model_load_from_file(params.model_path.c_str(), mp));
     if (!model_) {
@@ -137,6 +142,13 @@ Engine::Engine(const EngineParams& params) : params_(params) {
     cp.n_seq_max = static_cast<uint32_t>(params.n_parallel);
     cp.kv_unified = true;
     cp.swa_full = true;
+    if (params.deterministic) {
+        // Attention sums over a sequence's cells in cell order: a stream of
+        // its own keeps that order the order of positions, whatever the
+        // other sequences do. Flash attention skips the masked cells.
+        cp.kv_unified = false;
+        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;
+    }
     cp.abort_callback = &Engine::abort_trampoline;
     cp.abort_callback_data = this;
     ctx_ = new_context(cp, "a context for " + params.model_path);
@@ -147,6 +159,7 @@ ContextPtr Engine::new_context(const llama_context_params& cp, const std::string
     clear_last_error_line();
     ContextPtr ctx(llama_init_from_model(model_.get(), cp));
     if (!ctx) throw ModelLoadError(with_log_detail("llama.cpp could not create " + what));
+    if (params_.deterministic) llama_set_cpu_use_ref(ctx.get(), true);
     if (!adapters_.empty()) {
         std::vector<llama_adapter_lora*> raw;
         for (const auto& a : adapters_) raw.push_back(a.get());
@@ -173,6 +186,8 @@ std::string Engine::adapter_meta(int index, const std::string& key) const {
 }
 
 int Engine::n_ctx() const { return static_cast<int>(llama_n_ctx(ctx_.get())); }
+
+int Engine::seq_capacity() const { return static_cast<int>(llama_n_ctx_seq(ctx_.get())); }
 
 bool Engine::abort_trampoline(void* data) {
     auto* self = static_cast<Engine*>(data);
@@ -351,6 +366,14 @@ void Engine::seq_fork(int src, int dst, int n) {
     n = std::min<int>(n, static_cast<int>(from.size()));
     seq_clear(dst);
     if (n <= 0) return;
+    if (params_.deterministic) {
+        // Separate streams: llama.cpp copies a whole stream, in cell order.
+        llama_memory_t mem = llama_get_memory(ctx_.get());
+        llama_memory_seq_cp(mem, src, dst, -1, -1);
+        seq_tokens_[static_cast<size_t>(dst)] = from;
+        if (!seq_truncate(dst, n)) throw Error("internal error: a copied sequence could not be cut back");
+        return;
+    }
     llama_memory_seq_cp(llama_get_memory(ctx_.get()), src, dst, 0, n);
     seq_tokens_[static_cast<size_t>(dst)].assign(from.begin(), from.begin() + n);
 }
@@ -372,9 +395,9 @@ void Engine::append(int seq, const std::vector<int32_t>& tokens, Outputs outputs
     auto& held = seq_tokens_.at(static_cast<size_t>(seq));
     const int start_pos = static_cast<int>(held.size());
     const int n = static_cast<int>(tokens.size());
-    if (start_pos + n > n_ctx()) {
+    if (start_pos + n > seq_capacity()) {
         throw ContextLengthError("the prompt has " + std::to_string(start_pos + n) +
-                                 " tokens but the context holds " + std::to_string(n_ctx()));
+                                 " tokens but a sequence holds " + std::to_string(seq_capacity()));
     }
     last_logits_ = nullptr;
     last_hidden_ = nullptr;
@@ -450,7 +473,7 @@ void Engine::decode(const std::vector<BatchToken>& tokens, const MakeRoom& make_
         seq_tokens(t.seq);
         if (t.token < 0 || t.token >= n_vocab_) throw std::invalid_argument("token id out of range");
         const int pos = next_pos[static_cast<size_t>(t.seq)]++;
-        if (pos >= n_ctx()) throw ContextLengthError("the context window is full");
+        if (pos >= seq_capacity()) throw ContextLengthError("the context window is full");
         batch.token[i] = t.token;
         batch.pos[i] = pos;
         batch.n_seq_id[i] = 1;

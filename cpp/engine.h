@@ -30,6 +30,11 @@ struct EngineParams {
     // LoRA adapters (GGUF files made for this base model) and their scales,
     // applied to every context of the engine.
     std::vector<std::pair<std::string, float>> loras;
+    // Batch-invariant evaluation: a sequence's logits do not depend on what
+    // else is in the batch or the cache. Each sequence gets its own KV stream
+    // (n_ctx / n_parallel cells, filled in position order), flash attention,
+    // and the CPU backend's reference kernels; weights are not repacked.
+    bool deterministic = false;
 };
 
 struct ChatMessage {
@@ -79,6 +84,9 @@ public:
     const llama_vocab* vocab() const { return vocab_; }
     int n_embd() const { return n_embd_; }
     int n_ctx() const;
+    // The cells one sequence may hold: n_ctx, or its own stream's share in deterministic mode.
+    int seq_capacity() const;
+    bool deterministic() const { return params_.deterministic; }
     int n_threads() const { return n_threads_; }
     llama_model* model() const { return model_.get(); }
 
@@ -103,7 +111,8 @@ public:
     // Keeps the first n cells of `seq`; false (and the sequence cleared) when
     // the memory cannot drop a suffix.
     bool seq_truncate(int seq, int n);
-    // `dst` becomes the first n cells of `src`, sharing them (no compute).
+    // `dst` becomes the first n cells of `src`: shared cells, or in
+    // deterministic mode a copy of src's stream cut back to n (no compute).
     void seq_fork(int src, int dst, int n);
     void clear_all();
 

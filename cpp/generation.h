@@ -128,6 +128,8 @@ struct ModelShape {
     int n_embd = 0;
     int n_ctx = 0;
     int n_parallel = 0;
+    int seq_capacity = 0;        // cells one sequence may hold (n_ctx unless deterministic)
+    bool deterministic = false;  // each sequence in a KV stream of its own
 };
 
 // BatchStats' counters, updated by the token loop and read without its lock.

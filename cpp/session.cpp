@@ -15,7 +15,8 @@
 namespace slot {
 
 Session::Session(const EngineParams& params) : engine_(std::make_unique<Engine>(params)) {
-    shape_ = {engine_->vocab(), engine_->n_vocab(), engine_->n_embd(), engine_->n_ctx(), engine_->n_parallel()};
+    shape_ = {engine_->vocab(),         engine_->n_vocab(),      engine_->n_embd(), engine_->n_ctx(),
+              engine_->n_parallel(),    engine_->seq_capacity(), engine_->deterministic()};
     const char* portable = std::getenv("SLOT_CPP_PORTABLE_HEAD_OPS");
     portable_head_ops_ = portable != nullptr && std::string(portable) == "1";
 }
@@ -162,6 +163,16 @@ std::shared_ptr<BatchJob> Session::make_job(const std::vector<GenerationRequest>
         }
         const int64_t context = static_cast<int64_t>(req.prompt.size() + req.response_prefix.size());
         const int64_t need = cells_needed(req, std::min(req.n, e.n_parallel));
+        // Deterministic mode: each sample's sequence holds its own context and tokens.
+        const int64_t per_sequence = context + std::max(0, req.max_tokens - 1);
+        if (e.deterministic && per_sequence > e.seq_capacity) {
+            const std::string where = requests.size() > 1 ? "request " + std::to_string(i) + ": " : "";
+            throw ContextLengthError(where + "the prompt has " + std::to_string(context) + " tokens and up to " +
+                                     std::to_string(req.max_tokens) + " new tokens need " +
+                                     std::to_string(per_sequence) + " KV cells, but in deterministic mode a "
+                                     "sequence holds " + std::to_string(e.seq_capacity) + " (n_ctx / n_parallel); "
+                                     "use a larger n_ctx, a shorter prompt, or fewer tokens");
+        }
         if (context > e.n_ctx || need > e.n_ctx) {
             const std::string where = requests.size() > 1 ? "request " + std::to_string(i) + ": " : "";
             throw ContextLengthError(where + "the prompt has " + std::to_string(context) + " tokens and " +
@@ -334,6 +345,16 @@ int Session::n_adapters() { std::shared_lock<std::shared_mutex> life(life_); ret
 int Session::n_vocab() { std::shared_lock<std::shared_mutex> life(life_); engine(); return shape_.n_vocab; }
 int Session::n_embd() { std::shared_lock<std::shared_mutex> life(life_); engine(); return shape_.n_embd; }
 int Session::n_ctx() { std::shared_lock<std::shared_mutex> life(life_); engine(); return shape_.n_ctx; }
+int Session::seq_capacity() {
+    std::shared_lock<std::shared_mutex> life(life_);
+    engine();
+    return shape_.seq_capacity;
+}
+bool Session::deterministic() {
+    std::shared_lock<std::shared_mutex> life(life_);
+    engine();
+    return shape_.deterministic;
+}
 int Session::n_threads() { std::lock_guard<FairMutex> lock(mutex_); return engine().n_threads(); }
 int Session::n_parallel() { std::shared_lock<std::shared_mutex> life(life_); engine(); return shape_.n_parallel; }
 int64_t Session::decoded_tokens() { std::lock_guard<FairMutex> lock(mutex_); return engine().decoded_tokens(); }

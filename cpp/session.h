@@ -105,6 +105,8 @@ public:
     int n_vocab();
     int n_embd();
     int n_ctx();
+    int seq_capacity();  // cells one sequence may hold
+    bool deterministic();
     int n_threads();
     int n_parallel();
     int64_t decoded_tokens();  // tokens evaluated by llama.cpp so far

@@ -3,7 +3,8 @@
 
 The tree is the one vendored in the llama-cpp-python source distribution on the
 Python package index. The sdist is downloaded with pip, its sha256 is checked,
-and only ``vendor/llama.cpp`` is unpacked. A stamp file records the hash so a
+and only ``vendor/llama.cpp`` is unpacked, then patched by
+llama_cpp_patches.py. A stamp file records the hash and the patches so a
 second run is a no-op.
 """
 
@@ -18,6 +19,9 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_cpp_patches  # noqa: E402
 
 PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"
@@ -110,15 +114,20 @@ def unpack(sdist: Path, dest: Path) -> None:
                 shutil.copyfileobj(src, handle)
             if member.mode & 0o111:
                 out.chmod(0o755)
-    (staging / STAMP).write_text(f"{PACKAGE}=={VERSION} sha256={SHA256}\n")
+    llama_cpp_patches.apply(staging)
+    (staging / STAMP).write_text(_stamp())
     if dest.exists():
         shutil.rmtree(dest)
     staging.rename(dest)
 
 
+def _stamp() -> str:
+    return f"{PACKAGE}=={VERSION} sha256={SHA256} patches={llama_cpp_patches.digest()}\n"
+
+
 def is_current(dest: Path) -> bool:
     stamp = dest / STAMP
-    return stamp.exists() and SHA256 in stamp.read_text()
+    return stamp.exists() and stamp.read_text() == _stamp()
 
 
 def main() -> int:

@@ -57,6 +57,12 @@ class Model:
     ``n_gpu_layers`` says otherwise) to ggml rpc-server processes
     (``slot-cpp rpc-server``) with llama.cpp's RPC backend; SLOT's head
     products stay on the local CPU.
+
+    ``deterministic=True`` makes evaluation batch-invariant: a request's
+    tokens and logprobs (and SLOT's delta) are bit-identical whether it runs
+    alone or beside others, with its prefix cached or not, in any arrival
+    order. Each sequence then holds ``n_ctx / n_parallel`` KV cells of its own
+    (:attr:`seq_capacity`); see the manual's "Deterministic mode" page.
     """
 
     def __init__(
@@ -73,10 +79,11 @@ class Model:
         max_waiting: int = 0,
         rpc: Optional[Sequence[str]] = None,
         lora: Union[LoraSpec, Sequence[LoraSpec], None] = None,
+        deterministic: bool = False,
     ) -> None:
         settings = opts.ModelSettings(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_batch=n_batch,
                                       n_parallel=n_parallel, seed=seed, use_mmap=use_mmap, max_waiting=max_waiting,
-                                      rpc=rpc, lora=lora)
+                                      rpc=rpc, lora=lora, deterministic=deterministic)
         self._seed = settings.seed
         self._fingerprint: Optional[dict[str, Any]] = None
         if path is None:
@@ -90,7 +97,7 @@ class Model:
         rpc_servers = check_rpc(settings.rpc)
         self._session = _core.Session(self._path, settings.n_ctx, settings.n_batch, settings.n_threads or 0,
                                       settings.n_gpu_layers, settings.n_parallel, settings.use_mmap, rpc_servers,
-                                      loras)
+                                      loras, settings.deterministic)
         self._loras = loras
         # Fixed for the model's life: read once, so that argument checks never
         # wait for a call running in another thread.
@@ -98,6 +105,8 @@ class Model:
         self._n_embd = self._session.n_embd
         self._n_ctx = self._session.n_ctx
         self._n_parallel = self._session.n_parallel
+        self._seq_capacity = self._session.seq_capacity
+        self._deterministic = self._session.deterministic
         self._session.set_max_waiting(settings.max_waiting)
         try:
             self._check_adapter_bases()
@@ -219,6 +228,17 @@ class Model:
         """KV cells of the context, shared by all its sequences."""
         self._s()
         return self._n_ctx
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the model evaluates batch-invariantly (``Model(deterministic=True)``)."""
+        return self._deterministic
+
+    @property
+    def seq_capacity(self) -> int:
+        """KV cells one sequence may hold: ``n_ctx``, or ``n_ctx / n_parallel`` (padded
+        to 256) in deterministic mode."""
+        return self._seq_capacity
 
     @property
     def n_parallel(self) -> int:

@@ -180,6 +180,9 @@ class ModelSettings(_Group):
                               "are offloaded to", "object", optional=True, flag=None, http=None, native=None)
     lora: Optional[Any] = _opt(None, "GGUF LoRA adapters: a path, a (path, scale) pair, or a list of them",
                                "object", optional=True, flag=None, http=None, native=None)
+    deterministic: bool = _opt(False, "batch-invariant evaluation: a request's tokens and logprobs are the same "
+                               "whatever else runs beside it or sits in the prompt cache (each sequence gets "
+                               "n_ctx / n_parallel KV cells of its own; CPU only)", "bool", http=None, native=None)
 
     def _check_together(self) -> None:
         limit = min(self.n_batch, 256)

@@ -1,0 +1,101 @@
+"""Small changes slot_cpp makes to the pinned llama.cpp tree, applied by
+fetch_llama_cpp.py right after unpacking. Each edit replaces one exact piece
+of text that must occur exactly once, so a new pin that moved the code fails
+loudly instead of building unpatched.
+
+batch-invariant kernels (deterministic mode): ggml's CPU backend has a
+per-backend ``use_ref`` switch that already keeps flash attention and the
+tiled matrix product on their one-row reference loops. The edits give every
+matrix product one kernel for one row and for many under it: llamafile's
+sgemm, which ggml takes only from 2 (or 4) rows of a batch, takes every row
+count on x86-64 (its tiles compute each element the same way whatever their
+shape) and none elsewhere; the two-row i8mm dot product is off. They also let
+a llama_context turn the switch on for its CPU backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+# (file, old text, new text)
+EDITS: tuple[tuple[str, str, str], ...] = (
+    ("ggml/src/ggml-cpu/ggml-cpu.c",
+     "void ggml_compute_forward_mul_mat(\n",
+     "// With use_ref, llamafile's sgemm serves every row count (x86-64) or none.\n"
+     "#if defined(__x86_64__) || defined(_M_X64)\n#define GGML_REF_SGEMM 1\n#else\n#define GGML_REF_SGEMM 0\n#endif\n\n"
+     "void ggml_compute_forward_mul_mat(\n"),
+    ("ggml/src/ggml-cpu/ggml-cpu.c",
+     "    const bool src1_cont = ggml_is_contiguous(src1);\n\n    if (src1_cont) {\n",
+     "    const bool src1_cont = ggml_is_contiguous(src1);\n\n    if (src1_cont && (GGML_REF_SGEMM || !params->use_ref)) {\n"),
+    ("ggml/src/ggml-cpu/ggml-cpu.c",
+     "#if GGML_USE_LLAMAFILE\n    if (src1->type != vec_dot_type) {\n",
+     "#if GGML_USE_LLAMAFILE\n    if (src1->type != vec_dot_type && (GGML_REF_SGEMM || !params->use_ref)) {\n"),
+    ("ggml/src/ggml-cpu/llamafile/sgemm.cpp",
+     "#if !defined(__MMA__)\n    if (n < 2)\n        return false;\n#endif\n",
+     "#if !defined(__MMA__)\n    if (n < 2 && !params->use_ref)\n        return false;\n#endif\n"),
+    ("ggml/src/ggml-cpu/ggml-cpu.c",
+     "        if ((nr0 % 2 != 0) || (ne11 % 2 != 0) || ((ir0_end - ir0_start) % 2 != 0) || "
+     "((ir1_end - ir1_start) % 2 != 0)) {\n",
+     "        if (params->use_ref || (nr0 % 2 != 0) || (ne11 % 2 != 0) || ((ir0_end - ir0_start) % 2 != 0) || "
+     "((ir1_end - ir1_start) % 2 != 0)) {\n"),
+    ("include/llama.h",
+     "    LLAMA_API void llama_set_abort_callback(struct llama_context * ctx, ggml_abort_callback abort_callback, "
+     "void * abort_callback_data);\n",
+     "    LLAMA_API void llama_set_abort_callback(struct llama_context * ctx, ggml_abort_callback abort_callback, "
+     "void * abort_callback_data);\n\n"
+     "    // The CPU backend's reference kernels (ggml_backend_cpu_set_use_ref): results that do not\n"
+     "    // depend on the batch, at some cost in speed\n"
+     "    LLAMA_API void llama_set_cpu_use_ref(struct llama_context * ctx, bool use_ref);\n"),
+    ("src/llama-context.h",
+     "    void set_abort_callback(bool (*abort_callback)(void * data), void * abort_callback_data);\n",
+     "    void set_abort_callback(bool (*abort_callback)(void * data), void * abort_callback_data);\n\n"
+     "    void set_cpu_use_ref(bool use_ref);\n"),
+    ("src/llama-context.cpp",
+     "void llama_set_abort_callback(llama_context * ctx, bool (*abort_callback)(void * data), "
+     "void * abort_callback_data) {\n    ctx->set_abort_callback(abort_callback, abort_callback_data);\n}\n",
+     "void llama_set_abort_callback(llama_context * ctx, bool (*abort_callback)(void * data), "
+     "void * abort_callback_data) {\n    ctx->set_abort_callback(abort_callback, abort_callback_data);\n}\n\n"
+     "void llama_set_cpu_use_ref(llama_context * ctx, bool use_ref) {\n    ctx->set_cpu_use_ref(use_ref);\n}\n"),
+    ("src/llama-context.cpp",
+     "void llama_context::set_embeddings(bool value) {\n",
+     "void llama_context::set_cpu_use_ref(bool use_ref) {\n"
+     "    for (auto & backend : backends) {\n"
+     "        auto * reg = ggml_backend_dev_backend_reg(ggml_backend_get_device(backend.get()));\n"
+     "        if (reg) {\n"
+     "            auto * set_use_ref_fn = (void (*)(ggml_backend_t, bool)) "
+     "ggml_backend_reg_get_proc_address(reg, \"ggml_backend_cpu_set_use_ref\");\n"
+     "            if (set_use_ref_fn) {\n"
+     "                set_use_ref_fn(backend.get(), use_ref);\n"
+     "            }\n"
+     "        }\n"
+     "    }\n"
+     "}\n\n"
+     "void llama_context::set_embeddings(bool value) {\n"),
+)
+
+
+def digest() -> str:
+    """A short hash of the edits, recorded in the unpacked tree's stamp."""
+    h = hashlib.sha256()
+    for path, old, new in EDITS:
+        h.update(f"{path}\0{old}\0{new}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def apply(root: Path) -> None:
+    for path, old, new in EDITS:
+        file = root / path
+        text = file.read_text(encoding="utf-8")
+        count = text.count(old)
+        if count != 1:
+            raise SystemExit(f"llama_cpp_patches: {path}: expected the text to patch exactly once, found {count}")
+        file.write_text(text.replace(old, new), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: llama_cpp_patches.py LLAMA_CPP_DIR")
+    apply(Path(sys.argv[1]))
