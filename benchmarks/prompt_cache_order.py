@@ -9,6 +9,9 @@ and which prompt ran before decides what is reused; the rounding differs,
 and on a small quantised model that can flip a greedy token.
 
     python benchmarks/prompt_cache_order.py --data benchmarks/work/qalign_slot/data/test.jsonl --rows 60
+
+With --deterministic the model runs in deterministic mode
+(``Model(deterministic=True)``), where every comparison should read 0.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def greedy(model: slot_cpp.Model, problems: list, cache: bool, max_tokens: int) 
 
 def markdown(report: dict) -> str:
     lines = [f"`{report['command']}`  ", f"{report['model']}, {report['rows']} problems, few-shot prompt of "
-             f"{report['prompt_tokens']} tokens (the first), greedy, {report['max_tokens']} tokens", "",
+             f"{report['prompt_tokens']} tokens (the first), greedy, {report['max_tokens']} tokens"
+             + (", deterministic mode" if report.get("deterministic") else ""), "",
              "| compared | texts that differ | answers that differ |", "| --- | ---: | ---: |"]
     lines += [f"| {c['what']} | {c['texts']} | {c['answers']} |" for c in report["comparisons"]]
     lines += ["", "| run | right |", "| --- | ---: |"]
@@ -53,11 +57,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--name", default="prompt_cache_order")
+    ap.add_argument("--deterministic", action="store_true", help="run the model in deterministic mode")
     args = ap.parse_args()
     problems = gsm8k.load_problems(args.data)[:args.rows]
     path = args.model or slot_cpp.default_model_path()
     runs = {}
-    with slot_cpp.Model(path, n_ctx=8192, n_parallel=16, n_threads=args.threads) as model:
+    with slot_cpp.Model(path, n_ctx=8192, n_parallel=16, n_threads=args.threads,
+                        deterministic=args.deterministic) as model:
         prompt_tokens = len(model.tokenize(gsm8k_prompt(problems[0].question, "fewshot")[0]))
         for cache in (False, True):
             for order, probs in (("forward", problems), ("reversed", problems[::-1])):
@@ -69,7 +75,7 @@ def main() -> int:
                 "answers": sum(gsm8k.extract_answer(x[i]) != gsm8k.extract_answer(y[i]) for i in x)}
 
     report = {"command": "python benchmarks/prompt_cache_order.py " + " ".join(sys.argv[1:]),
-              "model": Path(path).stem, "rows": len(problems), "prompt_tokens": prompt_tokens,
+              "model": Path(path).stem, "deterministic": args.deterministic, "rows": len(problems), "prompt_tokens": prompt_tokens,
               "max_tokens": args.max_tokens,
               "comparisons": [compare("cache off, forward", "cache off, reversed"),
                               compare("cache on, forward", "cache on, reversed"),

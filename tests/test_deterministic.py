@@ -133,9 +133,10 @@ def test_any_order_with_the_prompt_cache(models: dict[bool, Model]) -> None:
     assert differs == {True: False, False: True}
 
 
-def test_sampling_with_a_seed_and_slot_delta(models: dict[bool, Model]) -> None:
-    """Sampled tokens (temperature 0.9, seed 7) and SLOT's learned delta and
-    losses are bit-identical alone and among others."""
+def test_sampling_with_a_seed_slot_delta_and_a_grammar(models: dict[bool, Model]) -> None:
+    """Sampled tokens (temperature 0.9, seed 7), SLOT's learned delta and
+    losses, and a grammar's greedy answer are bit-identical alone and among
+    others."""
     others = _random_prompts(7, seed=6)
     kw: dict[str, Any] = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0, seed=7, steps=3)
     m = models[True]
@@ -145,6 +146,11 @@ def test_sampling_with_a_seed_and_slot_delta(models: dict[bool, Model]) -> None:
     assert np.array_equal(np.asarray(alone.delta), np.asarray(among.delta))
     assert alone.losses == among.losses
     assert np.any(np.asarray(alone.delta) != 0)
+
+    grammar = 'root ::= " " [A-Z] [a-z]+ ("," " " [a-z]+)* "."'
+    constrained = [_fingerprint(r) for r in (_alone(m, NEEDLE, grammar=grammar),
+                                             _needle_among(m, others, at=5, grammar=grammar))]
+    assert constrained[0] == constrained[1]
 
 
 def test_float_and_q8_0_weights_at_every_batch_size(tiny_path: Any, tiny_q8_head: Any) -> None:
