@@ -29,6 +29,12 @@ everything else in --work. On two cores, two shards of one thread each:
     python benchmarks/qalign_curves.py ARGS --threads 1 --shard 0/2 &
     python benchmarks/qalign_curves.py ARGS --threads 1 --shard 1/2; wait
     python benchmarks/qalign_curves.py ARGS --report-only
+
+--deterministic runs the model in deterministic mode, so that a run's
+answers do not depend on the shards or the order; --sample-seed (default
+--seed) draws other samples and chains on the same problems and reward head
+(copy data/, head.* and unit.json into each seed's --work);
+benchmarks/paired_seeds.py averages several such runs.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from slot_cpp._files import atomic_write, open_append, record_line, sync  # noqa
 from slot_cpp.evaluation import gsm8k_prompt  # noqa: E402
 
 BASELINES = ("mv", "bon", "wmv")
+GREEDY_METHODS = ("greedy", "slot", "slot-auto", "slot-auto-last")  # one greedy answer each
 
 
 def _prompt(question: str) -> tuple[Any, list[str]]:
@@ -128,12 +135,13 @@ def _answer(text: str) -> Optional[str]:
 def run_problem(model: slot_cpp.Model, head: qa.LinearReward, p: gsm8k.Problem, method: str, budget: int,
                 args: argparse.Namespace, deltas: dict) -> dict:
     prompt, stop = _prompt(p.question)
-    seed = args.seed + 1_000_003 * p.index
+    seed = (args.seed if args.sample_seed is None else args.sample_seed) + 1_000_003 * p.index
     start = time.process_time()
     record: dict[str, Any] = {"index": p.index, "method": method, "reference": p.reference, "budget": budget}
-    if method in ("greedy", "slot", "slot-auto"):
+    if method in GREEDY_METHODS:
         slot = {"greedy": {}, "slot": {"steps": args.slot_steps, "lr": args.slot_lr},
-                "slot-auto": {"steps": args.slot_steps, "lr": "auto"}}[method]
+                "slot-auto": {"steps": args.slot_steps, "lr": "auto"},
+                "slot-auto-last": {"steps": args.slot_steps, "lr": "auto", "loss_on": "last"}}[method]
         r = model.generate_with_slot(prompt, max_tokens=args.max_tokens, temperature=0.0, stop=stop,
                                      **(slot or {"steps": 0}))
         if method == "slot-auto":
@@ -192,7 +200,7 @@ def run_all(model, head, parts, methods, budget, args, work: Path) -> list[dict]
 
 def choose(record: dict, method: str, budget: int) -> tuple[Optional[str], float, int]:
     """(answer, reward of the chosen answer, tokens used) of a method at a budget."""
-    if method in ("greedy", "slot", "slot-auto"):
+    if method in GREEDY_METHODS:
         return record["answer"], float("nan"), record["cost"]
     answers, rewards = record["answers"], record["rewards"]
     if method.startswith("qalign"):
@@ -219,13 +227,13 @@ def choose(record: dict, method: str, budget: int) -> tuple[Optional[str], float
 def summarise(records: list[dict], parts: dict, methods: list[str], unit: int, multiples: list[int]) -> list[dict]:
     by = {(r["index"], r["method"]): r for r in records}
     test = [p for p in parts["test"] if all((p.index, m) in by for m in methods)]
-    curve_methods = [m for m in methods if m not in ("greedy", "slot", "slot-auto", "pool")]
+    curve_methods = [m for m in methods if m not in (*GREEDY_METHODS, "pool")]
     curve_methods = [*BASELINES, *curve_methods] if "pool" in methods else curve_methods
     rows = []
     for mult in multiples:
         budget = mult * unit
         right: dict[str, list[bool]] = {}
-        for m in ([x for x in methods if x in ("greedy", "slot", "slot-auto")] + curve_methods):
+        for m in ([x for x in methods if x in GREEDY_METHODS] + curve_methods):
             source = "pool" if m in BASELINES else m
             if m in curve_methods and any(by[(p.index, source)].get("budget", budget) < budget for p in test):
                 continue  # this method was run to a smaller largest budget (--multiples)
@@ -260,7 +268,7 @@ def markdown(report: dict) -> str:
              "QAlign only | other only | McNemar p | CPU s/problem at the largest budget |",
              "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in report["rows"]:
-        once = row["method"] in ("greedy", "slot", "slot-auto")
+        once = row["method"] in GREEDY_METHODS
         if once and row["multiple"] != report["multiples"][0]:
             continue
         vs = row.get("vs_qalign")
@@ -290,7 +298,7 @@ def plot(report: dict, path: Path) -> None:
                                                                              for r in rows]])
         ax1.errorbar(x, acc, yerr=np.maximum(err, 0.0), marker="o", capsize=3, color=colour, label=m)
         ax2.plot(x, [r["reward"] for r in rows], marker="o", color=colour, label=m)
-    for m, style in (("greedy", "k--"), ("slot", "k:"), ("slot-auto", "k-.")):
+    for m, style in (("greedy", "k--"), ("slot", "k:"), ("slot-auto", "k-."), ("slot-auto-last", "c-.")):
         row = next((r for r in report["rows"] if r["method"] == m), None)
         if row is not None:
             ax1.axhline(100 * row["accuracy"], linestyle=style[1:], color="k", linewidth=1, label=m)
@@ -315,6 +323,8 @@ def main() -> int:
     ap.add_argument("--val", type=int, default=100)
     ap.add_argument("--test", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sample-seed", type=int, default=None, help="the samples' and chains' seed (default: --seed)")
+    ap.add_argument("--deterministic", action="store_true", help="run the model in deterministic mode")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--multiples", default="1,2,4,8,16,32", help="budgets, in answers' worth of tokens")
     ap.add_argument("--beta", type=float, default=1.0)
@@ -342,7 +352,8 @@ def main() -> int:
         raise SystemExit(f"shards share one reward head: run with --prepare-only first (--work {work})")
     parts = make_data(args, work)
     path = args.model or slot_cpp.default_model_path()
-    with slot_cpp.Model(path, n_ctx=8192, n_parallel=16, n_threads=args.threads) as model:
+    with slot_cpp.Model(path, n_ctx=8192, n_parallel=16, n_threads=args.threads,
+                        deterministic=args.deterministic) as model:
         head, info = reward_head(model, parts, args, work)
         print(f"reward head: {info}", file=sys.stderr, flush=True)
         unit = answer_unit(model, parts, args, work)

@@ -199,6 +199,11 @@ class ServerSettings(_Group):
     api_key: Optional[str] = _opt(None, "require 'Authorization: Bearer KEY' on every /v1 request (command "
                                   "line default: $SLOT_CPP_API_KEY, else none)", "text",
                                   optional=True, http=None, native=None)
+    api_key_file: Optional[str] = _opt(None, "a file of API keys, one per line (blank lines and lines starting "
+                                       "with # skipped); any of them, or api_key, is accepted", "text",
+                                       optional=True, http=None, native=None)
+    cors_origins: tuple[str, ...] = _opt((), "browser origins allowed to call the server (CORS), e.g. "
+                                         "http://localhost:3000; '*' for any", "strings", http=None, native=None)
     datastores: Mapping[str, str] = _opt(None, "RTD datastores requests may name: name -> file path (loaded at "
                                          "start-up)", "object", factory=dict, flag=None, http=None, native=None)
     rewards: Mapping[str, str] = _opt(None, "QAlign rewards requests may name: name -> 'head:PATH' (a linear "

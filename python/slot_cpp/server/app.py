@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -26,9 +27,9 @@ from .state import ServerConfig, State, parse_named_paths
 __all__ = ["ServerConfig", "bound_heap_growth", "create_app", "parse_named_paths", "serve"]
 
 _ENDPOINTS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize",
-                        "/detokenize", "/health", "/metrics"})
+                        "/detokenize", "/health", "/metrics", "/props", "/apply-template"})
 """Paths the metrics count by name; any other path counts as "other"."""
-_GUARDED = ("/v1/", "/tokenize", "/detokenize")
+_GUARDED = ("/v1/", "/tokenize", "/detokenize", "/props", "/apply-template")
 """Path prefixes that read the model: they need the API key when one is set."""
 
 
@@ -48,6 +49,10 @@ def create_app(model: Model, config: Optional[ServerConfig] = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal)
     app.middleware("http")(_guard)
+    if config.cors_origins:
+        # Outside the guard: a browser's preflight carries no API key.
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
     app.include_router(router)
     return app
 
@@ -80,11 +85,13 @@ async def _guard(request: Request, call_next: Any) -> Response:
     path = request.url.path
     try:
         if path.startswith(_GUARDED):
-            if config.api_key is not None:
+            if state.api_keys:
                 header = request.headers.get("authorization", "")
                 scheme, _, token = header.partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                                         config.api_key.encode()):
+                given = token.strip().encode()
+                # Every key compared, so that the time taken does not say which one nearly matched.
+                matched = [hmac.compare_digest(given, key) for key in state.api_keys]
+                if scheme.lower() != "bearer" or not any(matched):
                     raise ApiError(401, "invalid or missing API key", type="authentication_error",
                                    code="invalid_api_key")
             length = request.headers.get("content-length")

@@ -136,6 +136,15 @@ class ChatCompletionRequest(SamplingRequest):  # type: ignore[misc, valid-type]
     parallel_tool_calls: bool = Field(True, description="whether an answer may hold several calls")
 
 
+class ApplyTemplateRequest(_Body):
+    """llama-server's /apply-template: the chat's prompt text, not generated from."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: Optional[list[ToolDefinition]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
+
+
 class EmbeddingRequest(_Body):
     input: Union[str, list[str], list[int], list[list[int]]]
     model: Optional[str] = None
@@ -189,8 +198,10 @@ ERROR_RESPONSES: dict[Union[int, str], dict[str, Any]] = {
 }
 
 
-def usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage, with the prompt tokens the prompt cache held."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _pieces(model: Model) -> Any:
@@ -270,17 +281,19 @@ class Reply:
                     "finish_reason": finish, "logprobs": logprobs}
         return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
 
-    def whole(self, choices: list[dict[str, Any]], usage: dict[str, int],
-              extension: Optional[dict[str, Any]]) -> dict[str, Any]:
+    def whole(self, choices: list[dict[str, Any]], usage: dict[str, Any],
+              extension: Optional[dict[str, Any]], timings: Optional[dict[str, float]] = None) -> dict[str, Any]:
         out = self._object("chat.completion" if self.chat else "text_completion", choices=choices, usage=usage,
                            system_fingerprint=None)
         if extension:
             out["slot_cpp"] = extension
+        if timings:
+            out["timings"] = timings
         return out
 
     def chunk(self, index: int, text: Optional[str], finish: Optional[str], *, role: bool = False,
-              extension: Optional[dict[str, Any]] = None, tool_call: Optional[ToolCallDelta] = None
-              ) -> dict[str, Any]:
+              extension: Optional[dict[str, Any]] = None, tool_call: Optional[ToolCallDelta] = None,
+              timings: Optional[dict[str, float]] = None) -> dict[str, Any]:
         """One streamed chunk: a choice's text piece, a piece of a tool call,
         its role (chat's first chunk) or its finish reason (``text`` None)."""
         if self.chat:
@@ -304,9 +317,11 @@ class Reply:
         out = self._object(self._chunk_kind, choices=[choice])
         if extension:
             out["slot_cpp"] = extension
+        if timings:
+            out["timings"] = timings
         return out
 
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         """The last chunk with stream_options.include_usage: no choices."""
         return self._object(self._chunk_kind, choices=[], usage=usage)
 

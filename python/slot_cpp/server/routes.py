@@ -14,8 +14,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from .. import _core
 from .. import options as opts
 from ..chat import ChatFormat, format_chat
+from ..options.spec import SAME
 from .errors import ApiError
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest
+from .protocol import (ApplyTemplateRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                       EmbeddingRequest, TokenizeRequest)
 from .serving import resolve, respond
 from .state import State
 
@@ -64,27 +66,12 @@ async def chat_completions(body: ChatCompletionRequest, state: Served) -> Respon
             body = body.model_copy(update={"json_schema": opts.SamplingOptions(json_schema=schema).json_schema})
         except (TypeError, ValueError) as exc:
             raise ApiError(400, f"response_format: {exc}", param="response_format") from None
-    messages = []
-    for i, m in enumerate(body.messages):
-        if m.content is None and not (m.role == "assistant" and m.tool_calls):
-            raise ApiError(400, f"messages[{i}] has no content", param=f"messages[{i}].content")
-        content = m.content if isinstance(m.content, str) or m.content is None else \
-            "".join(p.text for p in m.content)
-        role = "system" if m.role == "developer" else m.role
-        message: dict[str, Any] = {"role": role, "content": content}
-        if m.tool_calls:
-            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
-        if m.tool_call_id is not None:
-            message["tool_call_id"] = m.tool_call_id
-        if m.name is not None and role == "tool":
-            message["name"] = m.name
-        messages.append(message)
+    messages = _messages(body.messages)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top = body.top_logprobs or 0
     if top and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    if body.tools or body.tool_choice is not None or any(m["role"] == "tool" or "tool_calls" in m
-                                                          for m in messages):
+    if _uses_tools(body, messages):
         fmt = _tool_format(state, body, messages, schema is not None)
         job = resolve(state, body, fmt.tokens, max_tokens, body.logprobs, top, chat_format=fmt)
         return await respond(state, job, body, chat=True)
@@ -97,6 +84,38 @@ async def chat_completions(body: ChatCompletionRequest, state: Served) -> Respon
                        param="messages") from None
     job = resolve(state, body, tokens, max_tokens, body.logprobs, top, messages=messages)
     return await respond(state, job, body, chat=True)
+
+
+@router.post("/apply-template")
+async def apply_template(body: ApplyTemplateRequest, state: Served) -> dict[str, Any]:
+    """The prompt a chat completion would generate from (llama-server's /apply-template)."""
+    messages = _messages(body.messages)
+    try:
+        if _uses_tools(body, messages):
+            return {"prompt": _tool_format(state, body, messages, False).prompt}
+        return {"prompt": state.model.apply_chat_template(messages, template=state.config.chat_template)}
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, str(exc), param="messages") from None
+    except _core.SlotError as exc:
+        raise ApiError(400, f"the chat template could not format these messages: {exc}",
+                       param="messages") from None
+
+
+@router.get("/props")
+async def props(state: Served) -> dict[str, Any]:
+    """What llama-server's /props reports that a client reads: the slots, the
+    context, the default sampling settings, the chat template and the build."""
+    model, info = state.model, state.model.info
+    params = {name: default if spec.http_default is SAME else spec.http_default
+              for name, default, spec in opts.specs(opts.SamplingOptions)
+              if name not in ("grammar", "json_schema", "logit_bias", "seed")}
+    jinja = state.config.chat_template if state.config.chat_template and "{" in state.config.chat_template else None
+    source = model._chat_templates(jinja).source
+    return {"model_path": model.path, "model_alias": state.config.model_id, "total_slots": model.n_parallel,
+            "default_generation_settings": {"n_ctx": model.seq_capacity, "params": params},
+            "chat_template": source, "build_info": f"slot_cpp {_core.__version__}",
+            "modalities": {"vision": False, "audio": False}, "deterministic": model.deterministic,
+            "architecture": info.architecture}
 
 
 @router.post("/v1/embeddings")
@@ -178,15 +197,42 @@ async def completions(body: CompletionRequest, state: Served) -> Response:
 # ---- helpers --------------------------------------------------------------------------
 
 
+def _messages(body_messages: list[Any]) -> list[dict[str, Any]]:
+    """OpenAI's chat messages as the chat template reads them."""
+    messages = []
+    for i, m in enumerate(body_messages):
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise ApiError(400, f"messages[{i}] has no content", param=f"messages[{i}].content")
+        content = m.content if isinstance(m.content, str) or m.content is None else \
+            "".join(p.text for p in m.content)
+        role = "system" if m.role == "developer" else m.role
+        message: dict[str, Any] = {"role": role, "content": content}
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        if m.name is not None and role == "tool":
+            message["name"] = m.name
+        messages.append(message)
+    return messages
+
+
+def _uses_tools(body: Any, messages: list[dict[str, Any]]) -> bool:
+    return bool(body.tools) or body.tool_choice is not None or any(m["role"] == "tool" or "tool_calls" in m
+                                                                   for m in messages)
+
+
 def _tool_format(state: State, body: Any, messages: list[dict[str, Any]], has_response_format: bool) -> ChatFormat:
     """A chat with tools (or tool calls and results in its history), rendered
     by the model's Jinja template through llama.cpp's common/chat."""
     for method in ("qalign", "lmcor"):
-        if getattr(body, method) is not None:
+        if getattr(body, method, None) is not None:
             raise ApiError(400, f"tools are not available with {method}", param="tools")
-    if body.slot is not None and body.slot.loss_on == "user":
+    slot = getattr(body, "slot", None)
+    if slot is not None and slot.loss_on == "user":
         raise ApiError(400, "slot.loss_on 'user' is not available with tools", param="slot.loss_on")
-    constrained = has_response_format or body.grammar is not None or body.json_schema is not None
+    constrained = has_response_format or getattr(body, "grammar", None) is not None or \
+        getattr(body, "json_schema", None) is not None
     if constrained and body.tools:
         raise ApiError(400, "give tools or a response format/grammar, not both", param="tools")
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []]

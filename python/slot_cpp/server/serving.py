@@ -230,6 +230,10 @@ class Finished:
     completion_tokens: int
     extension: dict[str, Any]
     """The ``slot_cpp`` report: what was applied, and how it went."""
+    cached_tokens: int = 0
+    """Prompt tokens taken from the prompt cache."""
+    timings: Optional[dict[str, float]] = None
+    """llama-server's ``timings`` (plain generation): prompt and predicted tokens, milliseconds and rates."""
 
 
 Event = Union[Piece, Finished]
@@ -244,9 +248,10 @@ def run_job(state: State, job: Job, on_text: Optional[OnText], cancel: threading
         extension = dict(job.applied)
         if "slot" in extension:
             extension["slot"] = {**extension["slot"], **_slot_report(results[0])}
+        completion = sum(len(r.tokens) for r in results)
         return Finished(choices=[ChoiceResult(r.text, _FINISH.get(r.finish_reason, "stop"), r) for r in results],
-                        prompt_tokens=len(job.tokens), completion_tokens=sum(len(r.tokens) for r in results),
-                        extension=extension)
+                        prompt_tokens=len(job.tokens), completion_tokens=completion, extension=extension,
+                        cached_tokens=results[0].cached_tokens, timings=_timings(results, completion))
     method, runner = ("qalign", _run_qalign) if job.qalign is not None else ("lmcor", _run_lmcor)
     text, n_tokens, report = runner(state, job, cancel)
     if on_text is not None:
@@ -260,6 +265,25 @@ def run_job(state: State, job: Job, on_text: Optional[OnText], cancel: threading
     extension[method] = report
     return Finished(choices=[ChoiceResult(text, finish, None)], prompt_tokens=len(job.tokens),
                     completion_tokens=n_tokens, extension=extension)
+
+
+def _timings(results: list[GenerationResult], completion: int) -> dict[str, float]:
+    """llama-server's ``timings`` object: the prompt's evaluation (what the
+    cache did not hold) and the answers' decoding, in milliseconds."""
+    first = results[0]
+    prompt_n = first.prompt_tokens - first.cached_tokens
+    prompt_ms = 1000.0 * first.timings.prefill
+    predicted_ms = 1000.0 * max(r.timings.generate for r in results)
+
+    def per(n: float, ms: float) -> tuple[float, float]:
+        return (ms / n if n else 0.0), (1000.0 * n / ms if ms > 0 else 0.0)
+
+    prompt_per_token, prompt_per_second = per(prompt_n, prompt_ms)
+    predicted_per_token, predicted_per_second = per(completion, predicted_ms)
+    return {"cache_n": first.cached_tokens, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+            "prompt_per_token_ms": prompt_per_token, "prompt_per_second": prompt_per_second,
+            "predicted_n": completion, "predicted_ms": predicted_ms, "predicted_per_token_ms": predicted_per_token,
+            "predicted_per_second": predicted_per_second}
 
 
 def _slot_report(result: GenerationResult) -> dict[str, Any]:
@@ -457,7 +481,8 @@ async def _whole(state: State, job: Job, reply: Reply) -> dict[str, Any]:
             if read.tool_calls:
                 finish = "tool_calls"
         choices.append(reply.choice(i, (job.echo or "") + c.text, finish, logprobs(c.result), message))
-    return reply.whole(choices, usage(finished.prompt_tokens, finished.completion_tokens), finished.extension)
+    return reply.whole(choices, usage(finished.prompt_tokens, finished.completion_tokens, finished.cached_tokens),
+                       finished.extension, finished.timings)
 
 
 async def _stream(state: State, job: Job, reply: Reply, include_usage: bool) -> AsyncGenerator[bytes, None]:
@@ -494,9 +519,11 @@ async def _stream(state: State, job: Job, reply: Reply, include_usage: bool) -> 
                             yield _sse(_delta_chunk(reply, i, delta))
                         if stream.message.tool_calls:
                             finish = "tool_calls"
-                    yield _sse(reply.chunk(i, None, finish, extension=event.extension if i == last else None))
+                    yield _sse(reply.chunk(i, None, finish, extension=event.extension if i == last else None,
+                                           timings=event.timings if i == last else None))
                 if include_usage:
-                    yield _sse(reply.usage_chunk(usage(event.prompt_tokens, event.completion_tokens)))
+                    yield _sse(reply.usage_chunk(usage(event.prompt_tokens, event.completion_tokens,
+                                                       event.cached_tokens)))
     except Exception as exc:
         error = error_from(exc, retry_after=state.config.retry_after_seconds)
         if error is None:

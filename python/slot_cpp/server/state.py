@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 from .._model import Model
@@ -16,6 +17,21 @@ ServerConfig = ServerSettings
 """What a server exposes and its limits: :class:`slot_cpp.options.ServerSettings`,
 the same definition as ``slot-cpp serve``'s flags (``model_id`` None: the GGUF
 file's stem)."""
+
+
+def _api_keys(config: ServerSettings) -> tuple[bytes, ...]:
+    """Every accepted API key: api_key and api_key_file's lines; empty: no key needed."""
+    keys = [] if config.api_key is None else [config.api_key]
+    if config.api_key_file is not None:
+        try:
+            text = Path(config.api_key_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"api_key_file: cannot read {config.api_key_file}: {exc.strerror}") from None
+        from_file = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        if not from_file:
+            raise ValueError(f"api_key_file: {config.api_key_file} holds no key")
+        keys += from_file
+    return tuple(k.encode() for k in keys)
 
 
 def parse_named_paths(items: Optional[list[str]], what: str) -> dict[str, str]:
@@ -47,6 +63,7 @@ class State:
         self.admitted = 0
         self.admit_lock = threading.Lock()
         self.created = int(time.time())
+        self.api_keys = _api_keys(config)
         if config.datastores:
             from ..rtd import Datastore
 
