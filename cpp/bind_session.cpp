@@ -284,9 +284,14 @@ void bind_session(py::module_& m) {
     cls
         .def(py::init([](const std::string& path, int n_ctx, int n_batch, int n_threads, int n_gpu_layers,
                          int n_parallel, bool use_mmap, const std::vector<std::string>& rpc_servers,
-                         const std::vector<std::pair<std::string, float>>& loras, bool deterministic) {
+                         const std::vector<std::pair<std::string, float>>& loras, bool deterministic,
+                         const std::string& cache_type_k, const std::string& cache_type_v,
+                         const std::string& flash_attn) {
                  EngineParams p;
                  p.deterministic = deterministic;
+                 p.cache_type_k = cache_type_k;
+                 p.cache_type_v = cache_type_v;
+                 p.flash_attn = flash_attn;
                  p.rpc_servers = rpc_servers;
                  p.loras = loras;
                  p.model_path = path;
@@ -300,7 +305,8 @@ void bind_session(py::module_& m) {
              }),
              py::arg("path"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("n_gpu_layers"),
              py::arg("n_parallel"), py::arg("use_mmap"), py::arg("rpc_servers") = std::vector<std::string>{},
-             py::arg("loras") = std::vector<std::pair<std::string, float>>{}, py::arg("deterministic") = false, kNoGil)
+             py::arg("loras") = std::vector<std::pair<std::string, float>>{}, py::arg("deterministic") = false,
+             py::arg("cache_type_k") = "f16", py::arg("cache_type_v") = "f16", py::arg("flash_attn") = "auto", kNoGil)
         .def("close", &Session::close, kNoGil)
         .def_property_readonly("closed", py::cpp_function(&Session::closed, kNoGil));
     def_generation(cls);

@@ -29,6 +29,25 @@ void ensure_backend() {
     });
 }
 
+// A KV cache type by its ggml name; std::invalid_argument naming the choices.
+ggml_type kv_cache_type(const std::string& name, const char* what) {
+    static const ggml_type allowed[] = {GGML_TYPE_F32,  GGML_TYPE_F16,  GGML_TYPE_BF16, GGML_TYPE_Q8_0,  GGML_TYPE_Q4_0,
+                                        GGML_TYPE_Q4_1, GGML_TYPE_IQ4_NL, GGML_TYPE_Q5_0, GGML_TYPE_Q5_1};
+    std::string names;
+    for (ggml_type t : allowed) {
+        if (name == ggml_type_name(t)) return t;
+        names += std::string(names.empty() ? "" : ", ") + ggml_type_name(t);
+    }
+    throw std::invalid_argument(std::string(what) + " must be one of " + names + ", got '" + name + "'");
+}
+
+llama_flash_attn_type flash_attn_type(const std::string& name) {
+    if (name == "auto") return LLAMA_FLASH_ATTN_TYPE_AUTO;
+    if (name == "on") return LLAMA_FLASH_ATTN_TYPE_ENABLED;
+    if (name == "off") return LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    throw std::invalid_argument("flash_attn must be 'auto', 'on' or 'off', got '" + name + "'");
+}
+
 // The devices of ggml rpc-server processes, in the order given.
 std::vector<ggml_backend_dev_t> rpc_devices(const std::vector<std::string>& endpoints) {
     ggml_backend_reg_t reg = ggml_backend_reg_by_name("RPC");
@@ -74,6 +93,17 @@ Engine::Engine(const EngineParams& params) : params_(params) {
     }
     if (params.deterministic && (params.n_gpu_layers != 0 || !params.rpc_servers.empty())) {
         throw std::invalid_argument("deterministic mode covers the CPU backend only: use n_gpu_layers=0 and no rpc");
+    }
+    const ggml_type type_k = kv_cache_type(params.cache_type_k, "cache_type_k");
+    const ggml_type type_v = kv_cache_type(params.cache_type_v, "cache_type_v");
+    const llama_flash_attn_type flash = flash_attn_type(params.flash_attn);
+    const bool v_quantised = type_v != GGML_TYPE_F32 && type_v != GGML_TYPE_F16 && type_v != GGML_TYPE_BF16;
+    if (v_quantised && flash == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
+        throw std::invalid_argument("a quantised V cache (cache_type_v='" + params.cache_type_v +
+                                    "') needs flash attention: flash_attn 'on' or 'auto'");
+    }
+    if (params.deterministic && flash == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
+        throw std::invalid_argument("deterministic mode needs flash attention: flash_attn 'on' or 'auto'");
     }
     ensure_backend();
 
@@ -140,6 +170,9 @@ Engine::Engine(const EngineParams& params) : params_(params) {
     // cells; a full-size sliding-window cache lets any sequence be cut back
     // to any position (forks, the prompt cache).
     cp.n_seq_max = static_cast<uint32_t>(params.n_parallel);
+    cp.type_k = type_k;
+    cp.type_v = type_v;
+    cp.flash_attn_type = v_quantised ? LLAMA_FLASH_ATTN_TYPE_ENABLED : flash;
     cp.kv_unified = true;
     cp.swa_full = true;
     if (params.deterministic) {

@@ -35,6 +35,11 @@ struct EngineParams {
     // (n_ctx / n_parallel cells, filled in position order), flash attention,
     // and the CPU backend's reference kernels; weights are not repacked.
     bool deterministic = false;
+    // The KV cache's types (ggml type names: "f16", "q8_0", ...) and flash
+    // attention ("auto", "on", "off"); a quantised V cache needs flash attention.
+    std::string cache_type_k = "f16";
+    std::string cache_type_v = "f16";
+    std::string flash_attn = "auto";
 };
 
 struct ChatMessage {

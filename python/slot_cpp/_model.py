@@ -79,11 +79,15 @@ class Model:
         max_waiting: int = 0,
         rpc: Optional[Sequence[str]] = None,
         lora: Union[LoraSpec, Sequence[LoraSpec], None] = None,
+        cache_type_k: str = "f16",
+        cache_type_v: str = "f16",
+        flash_attn: str = "auto",
         deterministic: bool = False,
     ) -> None:
         settings = opts.ModelSettings(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_batch=n_batch,
                                       n_parallel=n_parallel, seed=seed, use_mmap=use_mmap, max_waiting=max_waiting,
-                                      rpc=rpc, lora=lora, deterministic=deterministic)
+                                      rpc=rpc, lora=lora, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                                      flash_attn=flash_attn, deterministic=deterministic)
         self._seed = settings.seed
         self._fingerprint: Optional[dict[str, Any]] = None
         if path is None:
@@ -97,7 +101,8 @@ class Model:
         rpc_servers = check_rpc(settings.rpc)
         self._session = _core.Session(self._path, settings.n_ctx, settings.n_batch, settings.n_threads or 0,
                                       settings.n_gpu_layers, settings.n_parallel, settings.use_mmap, rpc_servers,
-                                      loras, settings.deterministic)
+                                      loras, settings.deterministic, settings.cache_type_k, settings.cache_type_v,
+                                      settings.flash_attn)
         self._loras = loras
         # Fixed for the model's life: read once, so that argument checks never
         # wait for a call running in another thread.

@@ -11,6 +11,9 @@ from .spec import _Group, _opt
 
 # ---- the groups --------------------------------------------------------------
 
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+"""The KV cache types llama.cpp's CPU backend stores (llama-server's --cache-type-k/-v)."""
+
 
 @dataclass(frozen=True)
 class SamplingOptions(_Group):
@@ -180,6 +183,12 @@ class ModelSettings(_Group):
                               "are offloaded to", "object", optional=True, flag=None, http=None, native=None)
     lora: Optional[Any] = _opt(None, "GGUF LoRA adapters: a path, a (path, scale) pair, or a list of them",
                                "object", optional=True, flag=None, http=None, native=None)
+    cache_type_k: str = _opt("f16", "the KV cache's type for keys (llama.cpp's; q8_0 halves the cache, q4_0 quarters "
+                             "it, at some accuracy)", "str", choices=KV_CACHE_TYPES, http=None, native=None)
+    cache_type_v: str = _opt("f16", "the KV cache's type for values (a quantised type needs flash attention)", "str",
+                             choices=KV_CACHE_TYPES, http=None, native=None)
+    flash_attn: str = _opt("auto", "flash attention: on, off, or auto (llama.cpp's choice for the device)", "str",
+                           choices=("auto", "on", "off"), http=None, native=None)
     deterministic: bool = _opt(False, "batch-invariant evaluation: a request's tokens and logprobs are the same "
                                "whatever else runs beside it or sits in the prompt cache (each sequence gets "
                                "n_ctx / n_parallel KV cells of its own; CPU only)", "bool", http=None, native=None)

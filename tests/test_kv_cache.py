@@ -1,0 +1,49 @@
+"""KV cache types and flash attention (llama-server's --cache-type-k/-v and
+--flash-attn), as Model settings and serve flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slot_cpp import Model
+
+PROMPT = "Question: What is the capital of France?\nAnswer:"
+
+
+def _greedy(path: Path, **settings: str) -> np.ndarray:
+    with Model(path, n_ctx=1024, n_parallel=1, **settings) as m:  # type: ignore[arg-type]
+        r = m.generate(PROMPT, max_tokens=8, logprobs=True, ignore_eos=True)
+        return np.asarray(r.token_logprobs, dtype=np.float64)
+
+
+def test_a_q8_0_cache_is_used_and_stays_close(gemma_path: Path) -> None:
+    f16 = _greedy(gemma_path)
+    q8 = _greedy(gemma_path, cache_type_k="q8_0", cache_type_v="q8_0")
+    assert not np.array_equal(f16, q8)  # the cache's type reached llama.cpp
+    assert np.max(np.abs(f16 - q8)) < 0.5
+    assert np.array_equal(_greedy(gemma_path, flash_attn="on"), _greedy(gemma_path, flash_attn="auto"))
+
+
+def test_bad_settings_are_clear_errors(gemma_path: Path) -> None:
+    with pytest.raises(ValueError, match="cache_type_k must be .*q8_0.*got .q3_k."):
+        Model(gemma_path, cache_type_k="q3_k")
+    with pytest.raises(ValueError, match="quantised V cache .* needs flash attention"):
+        Model(gemma_path, cache_type_v="q4_0", flash_attn="off")
+    with pytest.raises(ValueError, match="deterministic mode needs flash attention"):
+        Model(gemma_path, deterministic=True, flash_attn="off")
+    with pytest.raises(ValueError, match="flash_attn"):
+        Model(gemma_path, flash_attn="maybe")
+
+
+def test_the_serve_flags_exist() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "slot_cpp", "serve", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for flag in ("--cache-type-k", "--cache-type-v", "--flash-attn", "--deterministic", "--api-key-file",
+                 "--cors-origins"):
+        assert flag in out
