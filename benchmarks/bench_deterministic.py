@@ -32,17 +32,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 WORKER = r"""
 import json, sys, time
 import slot_cpp
-det, threads = sys.argv[1] == "1", int(sys.argv[2])
-prompts = [
-    "Write a short story about a robot who learns to paint.",
-    "Explain why the sky is blue in simple words.",
-    "List some good habits for staying healthy.",
-    "Describe a day at the beach.",
-    "What makes a good friend?",
-    "Tell me about the history of bread.",
-    "Describe how a bicycle works.",
-    "Write a letter to a future self.",
-]
+det, threads, prompts = sys.argv[1] == "1", int(sys.argv[2]), json.loads(sys.argv[3])
 long_prompt = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 70)
 with slot_cpp.Model(None, n_threads=threads, n_parallel=8, n_ctx=8 * 1280, deterministic=det) as m:
     m.generate(prompts[0], max_tokens=8, cache_prompt=False)  # warm-up
@@ -59,8 +49,8 @@ print(json.dumps({"decode_batch1": batch1, "decode_batch8": batch8, "prefill": p
 
 
 def engine_round(det: bool, threads: int) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", WORKER, "1" if det else "0", str(threads)], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", WORKER, "1" if det else "0", str(threads),
+                          json.dumps(bench_server.PROMPTS)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
