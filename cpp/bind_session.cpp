@@ -286,12 +286,16 @@ void bind_session(py::module_& m) {
                          int n_parallel, bool use_mmap, const std::vector<std::string>& rpc_servers,
                          const std::vector<std::pair<std::string, float>>& loras, bool deterministic,
                          const std::string& cache_type_k, const std::string& cache_type_v,
-                         const std::string& flash_attn) {
+                         const std::string& flash_attn, float rope_freq_base, float rope_freq_scale,
+                         bool use_mlock) {
                  EngineParams p;
                  p.deterministic = deterministic;
                  p.cache_type_k = cache_type_k;
                  p.cache_type_v = cache_type_v;
                  p.flash_attn = flash_attn;
+                 p.rope_freq_base = rope_freq_base;
+                 p.rope_freq_scale = rope_freq_scale;
+                 p.use_mlock = use_mlock;
                  p.rpc_servers = rpc_servers;
                  p.loras = loras;
                  p.model_path = path;
@@ -306,7 +310,8 @@ void bind_session(py::module_& m) {
              py::arg("path"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("n_gpu_layers"),
              py::arg("n_parallel"), py::arg("use_mmap"), py::arg("rpc_servers") = std::vector<std::string>{},
              py::arg("loras") = std::vector<std::pair<std::string, float>>{}, py::arg("deterministic") = false,
-             py::arg("cache_type_k") = "f16", py::arg("cache_type_v") = "f16", py::arg("flash_attn") = "auto", kNoGil)
+             py::arg("cache_type_k") = "f16", py::arg("cache_type_v") = "f16", py::arg("flash_attn") = "auto",
+             py::arg("rope_freq_base") = 0.0f, py::arg("rope_freq_scale") = 0.0f, py::arg("use_mlock") = false, kNoGil)
         .def("close", &Session::close, kNoGil)
         .def_property_readonly("closed", py::cpp_function(&Session::closed, kNoGil));
     def_generation(cls);

@@ -102,6 +102,10 @@ Engine::Engine(const EngineParams& params) : params_(params) {
         throw std::invalid_argument("a quantised V cache (cache_type_v='" + params.cache_type_v +
                                     "') needs flash attention: flash_attn 'on' or 'auto'");
     }
+    if (!(params.rope_freq_base >= 0.0f) || !(params.rope_freq_scale >= 0.0f) ||
+        !std::isfinite(params.rope_freq_base) || !std::isfinite(params.rope_freq_scale)) {
+        throw std::invalid_argument("rope_freq_base and rope_freq_scale must be finite and >= 0 (0: the model's)");
+    }
     if (params.deterministic && flash == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
         throw std::invalid_argument("deterministic mode needs flash attention: flash_attn 'on' or 'auto'");
     }
@@ -128,7 +132,8 @@ Engine::Engine(const EngineParams& params) : params_(params) {
         mp.devices = rpc_devices_.data();
         if (params.n_gpu_layers == 0) mp.n_gpu_layers = -1;
     }
-    if (!params.use_mmap) mp.load_mode = LLAMA_LOAD_MODE_NONE;
+    if (params.use_mlock) mp.load_mode = params.use_mmap ? LLAMA_LOAD_MODE_MMAP_MLOCK : LLAMA_LOAD_MODE_MLOCK;
+    else if (!params.use_mmap) mp.load_mode = LLAMA_LOAD_MODE_NONE;
     // Repacked weights have their own kernels for one row and for several.
     if (params.deterministic) mp.use_extra_bufts = false;
     clear_last_error_line();
@@ -170,6 +175,8 @@ Engine::Engine(const EngineParams& params) : params_(params) {
     // cells; a full-size sliding-window cache lets any sequence be cut back
     // to any position (forks, the prompt cache).
     cp.n_seq_max = static_cast<uint32_t>(params.n_parallel);
+    cp.rope_freq_base = params.rope_freq_base;
+    cp.rope_freq_scale = params.rope_freq_scale;
     cp.type_k = type_k;
     cp.type_v = type_v;
     cp.flash_attn_type = v_quantised ? LLAMA_FLASH_ATTN_TYPE_ENABLED : flash;

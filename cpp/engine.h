@@ -40,6 +40,9 @@ struct EngineParams {
     std::string cache_type_k = "f16";
     std::string cache_type_v = "f16";
     std::string flash_attn = "auto";
+    float rope_freq_base = 0.0f;   // 0: the model's
+    float rope_freq_scale = 0.0f;  // 0: the model's
+    bool use_mlock = false;
 };
 
 struct ChatMessage {

@@ -1,5 +1,6 @@
-"""KV cache types and flash attention (llama-server's --cache-type-k/-v and
---flash-attn), as Model settings and serve flags."""
+"""The context's settings llama-server exposes: KV cache types and flash
+attention (--cache-type-k/-v, --flash-attn), RoPE scaling and mlock, as
+Model settings and serve flags."""
 
 from __future__ import annotations
 
@@ -44,6 +45,19 @@ def test_the_serve_flags_exist() -> None:
 
     out = subprocess.run([sys.executable, "-m", "slot_cpp", "serve", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for flag in ("--cache-type-k", "--cache-type-v", "--flash-attn", "--deterministic", "--api-key-file",
+    for flag in ("--cache-type-k", "--cache-type-v", "--flash-attn", "--rope-freq-scale", "--use-mlock",
+                 "--deterministic", "--api-key-file",
                  "--cors-origins"):
         assert flag in out
+
+
+def test_rope_scaling_and_mlock_reach_llama_cpp(gemma_path: Path) -> None:
+    """A RoPE frequency scale stretches the positions (other logprobs, still a
+    working model); mlock loads the same model."""
+    plain = _greedy(gemma_path)
+    stretched = _greedy(gemma_path, rope_freq_scale=0.5)  # type: ignore[arg-type]
+    assert not np.array_equal(plain, stretched) and np.all(np.isfinite(stretched))
+    assert np.array_equal(_greedy(gemma_path, rope_freq_scale=1.0), plain)  # type: ignore[arg-type]
+    assert np.array_equal(_greedy(gemma_path, use_mlock=True), plain)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rope_freq_scale"):
+        Model(gemma_path, rope_freq_scale=-1.0)

@@ -82,12 +82,17 @@ class Model:
         cache_type_k: str = "f16",
         cache_type_v: str = "f16",
         flash_attn: str = "auto",
+        rope_freq_base: float = 0.0,
+        rope_freq_scale: float = 0.0,
+        use_mlock: bool = False,
         deterministic: bool = False,
     ) -> None:
         settings = opts.ModelSettings(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_batch=n_batch,
                                       n_parallel=n_parallel, seed=seed, use_mmap=use_mmap, max_waiting=max_waiting,
                                       rpc=rpc, lora=lora, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
-                                      flash_attn=flash_attn, deterministic=deterministic)
+                                      flash_attn=flash_attn, rope_freq_base=rope_freq_base,
+                                      rope_freq_scale=rope_freq_scale, use_mlock=use_mlock,
+                                      deterministic=deterministic)
         self._seed = settings.seed
         self._fingerprint: Optional[dict[str, Any]] = None
         if path is None:
@@ -102,7 +107,8 @@ class Model:
         self._session = _core.Session(self._path, settings.n_ctx, settings.n_batch, settings.n_threads or 0,
                                       settings.n_gpu_layers, settings.n_parallel, settings.use_mmap, rpc_servers,
                                       loras, settings.deterministic, settings.cache_type_k, settings.cache_type_v,
-                                      settings.flash_attn)
+                                      settings.flash_attn, settings.rope_freq_base, settings.rope_freq_scale,
+                                      settings.use_mlock)
         self._loras = loras
         # Fixed for the model's life: read once, so that argument checks never
         # wait for a call running in another thread.

@@ -189,6 +189,12 @@ class ModelSettings(_Group):
                              choices=KV_CACHE_TYPES, http=None, native=None)
     flash_attn: str = _opt("auto", "flash attention: on, off, or auto (llama.cpp's choice for the device)", "str",
                            choices=("auto", "on", "off"), http=None, native=None)
+    rope_freq_base: float = _opt(0.0, "RoPE base frequency (0: the model's)", "float", low=0.0, http=None,
+                                 native=None)
+    rope_freq_scale: float = _opt(0.0, "RoPE frequency scale, e.g. 0.5 to stretch the context twofold by linear "
+                                  "interpolation (0: the model's)", "float", low=0.0, http=None, native=None)
+    use_mlock: bool = _opt(False, "lock the model's memory so the system cannot swap it out", "bool", http=None,
+                           native=None)
     deterministic: bool = _opt(False, "batch-invariant evaluation: a request's tokens and logprobs are the same "
                                "whatever else runs beside it or sits in the prompt cache (each sequence gets "
                                "n_ctx / n_parallel KV cells of its own; CPU only)", "bool", http=None, native=None)
