@@ -239,6 +239,10 @@ void Batcher::start_lanes(Group& g, const std::vector<int>& seqs, const Evaluate
         started.push_back(lane.get());
         lanes_.push_back(std::move(lane));
     }
+    // Lanes stay in sequence order (compact keeps it), so the decode batch is
+    // too: with a KV stream per sequence (deterministic mode) llama.cpp puts
+    // only consecutive sequence ids in one compute pass.
+    std::sort(lanes_.begin(), lanes_.end(), [](const auto& a, const auto& b) { return a->seq < b->seq; });
     taken.clear();  // owned by lanes from here on
     stats_.live_sequences.store(static_cast<int64_t>(lanes_.size()));
     reserved_ += g.reserve;

@@ -253,9 +253,6 @@ void Batcher::fail(BatchJob& job, const std::exception_ptr& error, BatchEvents& 
 // ---- the decode step ----
 
 void Batcher::step(BatchEvents& ev) {
-    // In sequence order: with a KV stream per sequence (deterministic mode)
-    // llama.cpp puts only consecutive sequence ids in one compute pass.
-    std::sort(lanes_.begin(), lanes_.end(), [](const auto& a, const auto& b) { return a->seq < b->seq; });
     std::vector<BatchToken> batch;
     batch.reserve(lanes_.size());
     bool hidden = false;

@@ -102,8 +102,8 @@ Engine::Engine(const EngineParams& params) : params_(params) {
         throw std::invalid_argument("a quantised V cache (cache_type_v='" + params.cache_type_v +
                                     "') needs flash attention: flash_attn 'on' or 'auto'");
     }
-    if (!(params.rope_freq_base >= 0.0f) || !(params.rope_freq_scale >= 0.0f) ||
-        !std::isfinite(params.rope_freq_base) || !std::isfinite(params.rope_freq_scale)) {
+    const auto valid_rope = [](float x) { return std::isfinite(x) && x >= 0.0f; };
+    if (!valid_rope(params.rope_freq_base) || !valid_rope(params.rope_freq_scale)) {
         throw std::invalid_argument("rope_freq_base and rope_freq_scale must be finite and >= 0 (0: the model's)");
     }
     if (params.deterministic && flash == LLAMA_FLASH_ATTN_TYPE_DISABLED) {

@@ -109,8 +109,7 @@ async def props(state: Served) -> dict[str, Any]:
     params = {name: default if spec.http_default is SAME else spec.http_default
               for name, default, spec in opts.specs(opts.SamplingOptions)
               if name not in ("grammar", "json_schema", "logit_bias", "seed")}
-    jinja = state.config.chat_template if state.config.chat_template and "{" in state.config.chat_template else None
-    source = model._chat_templates(jinja).source
+    source = model._chat_templates(_jinja_template(state)).source
     return {"model_path": model.path, "model_alias": state.config.model_id, "total_slots": model.n_parallel,
             "default_generation_settings": {"n_ctx": model.seq_capacity, "params": params},
             "chat_template": source, "build_info": f"slot_cpp {_core.__version__}",
@@ -217,6 +216,12 @@ def _messages(body_messages: list[Any]) -> list[dict[str, Any]]:
     return messages
 
 
+def _jinja_template(state: State) -> Optional[str]:
+    """The Jinja template given at start-up, if any (a built-in name is for the plain chat path)."""
+    text = state.config.chat_template
+    return text if text and "{" in text else None
+
+
 def _uses_tools(body: Any, messages: list[dict[str, Any]]) -> bool:
     return bool(body.tools) or body.tool_choice is not None or any(m["role"] == "tool" or "tool_calls" in m
                                                                    for m in messages)
@@ -240,9 +245,7 @@ def _tool_format(state: State, body: Any, messages: list[dict[str, Any]], has_re
         body.tool_choice if isinstance(body.tool_choice, str) else body.tool_choice.model_dump())
     if not tools and choice == "auto":
         choice = "none"
-    # A Jinja template given at start-up (a built-in name is for the plain chat path).
-    template = state.config.chat_template if state.config.chat_template and "{" in state.config.chat_template \
-        else None
+    template = _jinja_template(state)
     try:
         return format_chat(state.model, messages, tools=tools, tool_choice=choice,
                            parallel_tool_calls=body.parallel_tool_calls, chat_template=template)
