@@ -96,7 +96,7 @@ void Batcher::tick(BatchEvents& ev) {
     }
 
     if (!waiting_.empty()) pin_sources();
-    while (!waiting_.empty() && can_admit(*waiting_.front())) {
+    while (!waiting_.empty() && lora_ready(*waiting_.front()) && can_admit(*waiting_.front())) {
         Group* g = waiting_.front();
         waiting_.pop_front();
         std::shared_ptr<BatchJob> job = g->job;
@@ -149,6 +149,15 @@ std::pair<int, size_t> Batcher::best_source(const std::vector<int32_t>& context)
     return best;
 }
 
+bool Batcher::lora_ready(const Group& g) {
+    const auto& asked = request_of(g).lora_scales;
+    const auto& want = asked.empty() ? e_.default_lora_scales() : asked;
+    if (want == e_.lora_scales()) return true;
+    if (!lanes_.empty()) return false;
+    e_.set_lora_scales(want);
+    return true;
+}
+
 bool Batcher::can_admit(const Group& g) const {
     int free = 0;
     for (char l : live_) free += l ? 0 : 1;
@@ -166,6 +175,13 @@ int Batcher::victim(int keep) const {
         if (pinned_[i] != pinned_[b] ? pinned_[i] < pinned_[b] : last_use_[i] < last_use_[b]) best = s;
     }
     return best;
+}
+
+int Batcher::spare(int keep) const {
+    for (int s = 0; s < static_cast<int>(live_.size()); ++s) {
+        if (s != keep && !live_[static_cast<size_t>(s)] && e_.seq_tokens(s).empty()) return s;
+    }
+    return victim(keep);
 }
 
 int Batcher::take_seq(int keep, std::vector<int>& taken) {

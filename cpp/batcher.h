@@ -88,6 +88,9 @@ public:
 
     bool busy() const { return !waiting_.empty() || !lanes_.empty(); }
     bool live(int seq) const { return live_[static_cast<size_t>(seq)] != 0; }
+    // A sequence that is not live and not `keep`: an empty one, else the
+    // cached one to drop first; -1 when there is none.
+    int spare(int keep) const;
 
     void add(const std::shared_ptr<BatchJob>& job);
     // Stops cancelled calls, admits what fits, then decodes one token for
@@ -140,6 +143,9 @@ private:
     // ((-1, 0) when none shares a token).
     std::pair<int, size_t> best_source(const std::vector<int32_t>& context) const;
     bool can_admit(const Group& g) const;
+    // Whether the group's LoRA scales are the context's: switched when no
+    // sequence is live (the waiting group then goes first), else it waits.
+    bool lora_ready(const Group& g);
     // The cached sequence to drop first: not live, not `keep`, unpinned
     // before pinned, least recently used first; -1 when there is none.
     int victim(int keep) const;

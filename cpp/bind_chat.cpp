@@ -12,7 +12,8 @@ namespace slot::bind {
 void bind_chat(py::module_& m) {
     py::class_<ChatTemplates, std::shared_ptr<ChatTemplates>>(m, "ChatTemplates")
         .def_property_readonly("source", &ChatTemplates::source)
-        .def_property_readonly("supports_tools", &ChatTemplates::supports_tools);
+        .def_property_readonly("supports_tools", &ChatTemplates::supports_tools)
+        .def_property_readonly("jinja", &ChatTemplates::jinja);
 
     py::class_<ChatPrompt>(m, "ChatPrompt")
         .def_readonly("prompt", &ChatPrompt::prompt)
@@ -24,7 +25,9 @@ void bind_chat(py::module_& m) {
         .def_readonly("trigger_tokens", &ChatPrompt::trigger_tokens)
         .def_readonly("preserved_tokens", &ChatPrompt::preserved_tokens)
         .def_readonly("stops", &ChatPrompt::stops)
-        .def_readonly("grammar_prefill", &ChatPrompt::grammar_prefill);
+        .def_readonly("grammar_prefill", &ChatPrompt::grammar_prefill)
+        .def_readonly("needs_parser", &ChatPrompt::needs_parser)
+        .def_readonly("thinking_end", &ChatPrompt::thinking_end);
 
     py::class_<ChatParser>(m, "ChatParser")
         .def(py::init([](const ChatPrompt& prompt, bool parse_tool_calls) {

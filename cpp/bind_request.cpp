@@ -106,6 +106,7 @@ void bind_request(py::module_& m) {
         .SLOT_FIELD("logprobs", logprobs)
         .SLOT_FIELD("top_logprobs", top_logprobs)
         .SLOT_FIELD("cache_prompt", cache_prompt)
+        .SLOT_FIELD("lora_scales", lora_scales)
         .SLOT_FIELD("score_tokens", score_tokens)
         .SLOT_FIELD("return_hidden", return_hidden)
         .SLOT_FIELD("rtd", rtd)

@@ -98,31 +98,62 @@ void def_model_info(py::class_<Session>& cls) {
         .def("token_piece",
              [](Session& s, int32_t t) { return py::bytes(without_gil([&] { return s.token_piece(t); })); },
              py::arg("token"))
-        .def("apply_chat_template",
-             [](Session& s, const std::vector<std::pair<std::string, std::string>>& messages, bool add_assistant,
-                const std::string& template_name) {
-                 std::vector<ChatMessage> msgs;
-                 for (const auto& [role, content] : messages) msgs.push_back({role, content});
-                 return py::bytes(
-                     without_gil([&] { return s.apply_chat_template(msgs, add_assistant, template_name); }));
-             },
-             py::arg("messages"), py::arg("add_assistant"), py::arg("template_name"))
         .def(
             "chat_templates",
-            [](Session& s, const std::string& override_source) {
+            [](Session& s, const std::string& source, bool jinja) {
                 return std::const_pointer_cast<ChatTemplates>(
-                    without_gil([&] { return s.chat_templates(override_source); }));
+                    without_gil([&] { return s.chat_templates(source, jinja); }));
             },
-            py::arg("override_source"))
+            py::arg("source"), py::arg("jinja"))
         .def(
             "apply_chat",
             [](Session& s, const ChatTemplates& t, const std::string& messages_json, const std::string& tools_json,
-               const std::string& tool_choice, bool parallel_tool_calls, bool add_generation_prompt) {
-                ChatRequest r{messages_json, tools_json, tool_choice, parallel_tool_calls, add_generation_prompt};
+               const std::string& tool_choice, bool parallel_tool_calls, bool add_generation_prompt,
+               const std::string& reasoning_format, bool enable_thinking, const std::string& template_kwargs_json) {
+                ChatRequest r{messages_json,         tools_json,       tool_choice,
+                              parallel_tool_calls,   add_generation_prompt, reasoning_format,
+                              enable_thinking,       template_kwargs_json};
                 return without_gil([&] { return s.apply_chat(t, r); });
             },
             py::arg("templates"), py::arg("messages_json"), py::arg("tools_json"), py::arg("tool_choice"),
-            py::arg("parallel_tool_calls"), py::arg("add_generation_prompt"))
+            py::arg("parallel_tool_calls"), py::arg("add_generation_prompt"), py::arg("reasoning_format"),
+            py::arg("enable_thinking"), py::arg("template_kwargs_json"))
+        // Saved states: a sequence's KV cells as bytes (llama_state_seq_*).
+        .def("slots",
+             [](Session& s) {
+                 py::list out;
+                 for (auto& slot : without_gil([&] { return s.slots(); })) {
+                     py::dict d;
+                     d["id"] = slot.id;
+                     d["live"] = slot.live;
+                     d["tokens"] = slot.tokens;
+                     out.append(d);
+                 }
+                 return out;
+             })
+        .def(
+            "cached_state",
+            [](Session& s, const std::vector<int32_t>& tokens) {
+                return py::bytes(without_gil([&] { return s.cached_state(tokens); }));
+            },
+            py::arg("tokens"))
+        .def(
+            "seq_state",
+            [](Session& s, int seq) {
+                auto [tokens, data] = without_gil([&] { return s.seq_state(seq); });
+                return py::make_tuple(tokens, py::bytes(data));
+            },
+            py::arg("seq"))
+        .def(
+            "restore_state",
+            [](Session& s, const std::vector<int32_t>& tokens, const py::bytes& data, int seq) {
+                std::string bytes = data;
+                return without_gil([&] { return s.restore_state(tokens, bytes, seq); });
+            },
+            py::arg("tokens"), py::arg("data"), py::arg("seq"))
+        .def("erase_seq", &Session::erase_seq, py::arg("seq"), kNoGil)
+        .def("lora_defaults", &Session::lora_defaults, kNoGil)
+        .def("set_lora_defaults", &Session::set_lora_defaults, py::arg("scales"), kNoGil)
         // A copy of the file information, taken under the mutex, converted after.
         .def("file_info",
              [](Session& s) { return file_info_dict(without_gil([&] { return ModelFileInfo(s.file_info()); })); })
@@ -287,8 +318,17 @@ void bind_session(py::module_& m) {
                          const std::vector<std::pair<std::string, float>>& loras, bool deterministic,
                          const std::string& cache_type_k, const std::string& cache_type_v,
                          const std::string& flash_attn, float rope_freq_base, float rope_freq_scale,
-                         bool use_mlock) {
+                         bool use_mlock, const std::string& rope_scaling, int yarn_orig_ctx, float yarn_ext_factor,
+                         float yarn_attn_factor, float yarn_beta_fast, float yarn_beta_slow,
+                         const std::vector<std::tuple<std::string, std::string, std::string>>& kv_overrides) {
                  EngineParams p;
+                 p.rope_scaling = rope_scaling;
+                 p.yarn_orig_ctx = yarn_orig_ctx;
+                 p.yarn_ext_factor = yarn_ext_factor;
+                 p.yarn_attn_factor = yarn_attn_factor;
+                 p.yarn_beta_fast = yarn_beta_fast;
+                 p.yarn_beta_slow = yarn_beta_slow;
+                 for (const auto& [key, type, value] : kv_overrides) p.kv_overrides.push_back({key, type, value});
                  p.deterministic = deterministic;
                  p.cache_type_k = cache_type_k;
                  p.cache_type_v = cache_type_v;
@@ -311,7 +351,10 @@ void bind_session(py::module_& m) {
              py::arg("n_parallel"), py::arg("use_mmap"), py::arg("rpc_servers") = std::vector<std::string>{},
              py::arg("loras") = std::vector<std::pair<std::string, float>>{}, py::arg("deterministic") = false,
              py::arg("cache_type_k") = "f16", py::arg("cache_type_v") = "f16", py::arg("flash_attn") = "auto",
-             py::arg("rope_freq_base") = 0.0f, py::arg("rope_freq_scale") = 0.0f, py::arg("use_mlock") = false, kNoGil)
+             py::arg("rope_freq_base") = 0.0f, py::arg("rope_freq_scale") = 0.0f, py::arg("use_mlock") = false,
+             py::arg("rope_scaling") = "", py::arg("yarn_orig_ctx") = 0, py::arg("yarn_ext_factor") = -1.0f,
+             py::arg("yarn_attn_factor") = -1.0f, py::arg("yarn_beta_fast") = -1.0f, py::arg("yarn_beta_slow") = -1.0f,
+             py::arg("kv_overrides") = std::vector<std::tuple<std::string, std::string, std::string>>{}, kNoGil)
         .def("close", &Session::close, kNoGil)
         .def_property_readonly("closed", py::cpp_function(&Session::closed, kNoGil));
     def_generation(cls);

@@ -7,6 +7,7 @@
 
 #include "chat.h"  // llama.cpp's common/chat.h
 #include "common.h"
+#include "json-schema-to-grammar.h"
 #include "llama.h"
 
 namespace slot {
@@ -15,13 +16,14 @@ struct ChatSyntax {
     common_chat_parser_params params;
     std::string answer_prefix;  // the end of the prompt that belongs to the answer
     bool one_call = false;      // parallel_tool_calls off: the first call is the answer's
+    bool json_calls = false;    // the "json-call" format (a template without tool support)
 };
 
 void ChatTemplatesFree::operator()(common_chat_templates* t) const { common_chat_templates_free(t); }
 
-ChatTemplates::ChatTemplates(const llama_model* model, const std::string& override_source) {
+ChatTemplates::ChatTemplates(const llama_model* model, const std::string& source, bool jinja) : jinja_(jinja) {
     try {
-        templates_.reset(common_chat_templates_init(model, override_source).release());
+        templates_.reset(common_chat_templates_init(model, source).release());
     } catch (const std::exception& e) {
         throw std::invalid_argument(std::string("the chat template cannot be parsed: ") + e.what());
     }
@@ -72,6 +74,119 @@ std::string random_call_id() {
     return id;
 }
 
+// ---- tools for a template that cannot write calls ("json-call") ----
+// The tools are described in a system message; a call is one JSON object
+// {"name": ..., "arguments": {...}}. Calls and results already in the
+// history are written as text the template can render.
+
+std::string json_call_instructions(const std::vector<common_chat_tool>& tools, common_chat_tool_choice choice) {
+    std::string out =
+        "You can call the functions below. To call one, answer with a JSON object and nothing else: "
+        "{\"name\": <the function's name>, \"arguments\": {<its arguments>}}.";
+    out += choice == COMMON_CHAT_TOOL_CHOICE_REQUIRED ? " Answer with a call."
+                                                       : " If no function helps, answer in plain text.";
+    out += "\n\nFunctions:";
+    for (const auto& t : tools) {
+        common_json f = {{"name", t.name}};
+        if (!t.description.empty()) f["description"] = t.description;
+        f["parameters"] = t.parameters.empty() ? common_json::object() : common_json::parse(t.parameters);
+        out += "\n" + f.dump();
+    }
+    return out;
+}
+
+// Call history as text; the tools' instructions as (or in) the system message.
+void rewrite_for_json_calls(std::vector<common_chat_msg>& messages, const std::string& instructions) {
+    std::vector<std::pair<std::string, std::string>> names;  // call id -> function name
+    for (auto& m : messages) {
+        if (m.role == "assistant" && !m.tool_calls.empty()) {
+            for (const auto& c : m.tool_calls) {
+                common_json args;
+                try {
+                    args = common_json::parse(c.arguments);
+                } catch (const std::exception&) {
+                    args = c.arguments;
+                }
+                if (!m.content.empty()) m.content += "\n";
+                m.content += common_json{{"name", c.name}, {"arguments", args}}.dump();
+                names.emplace_back(c.id, c.name);
+            }
+            m.tool_calls.clear();
+        } else if (m.role == "tool") {
+            std::string name = m.tool_name;
+            for (const auto& [id, n] : names) {
+                if (name.empty() && !m.tool_call_id.empty() && id == m.tool_call_id) name = n;
+            }
+            m.role = "user";
+            m.content = "The result of " + (name.empty() ? std::string("the call") : name) + ": " + m.render_content();
+            m.content_parts.clear();
+            m.tool_name.clear();
+            m.tool_call_id.clear();
+        }
+    }
+    if (instructions.empty()) return;
+    if (!messages.empty() && messages.front().role == "system") {
+        auto& system = messages.front();
+        system.content = system.render_content() + "\n\n" + instructions;
+        system.content_parts.clear();
+    } else {
+        common_chat_msg system;
+        system.role = "system";
+        system.content = instructions;
+        messages.insert(messages.begin(), std::move(system));
+    }
+}
+
+// The grammar of one call to one of `tools`.
+std::string json_call_grammar(const std::vector<common_chat_tool>& tools) {
+    common_json one_of = common_json::array();
+    for (const auto& t : tools) {
+        common_json name = common_json::object();
+        name["const"] = t.name;
+        common_json properties = common_json::object();
+        properties["name"] = name;
+        properties["arguments"] = t.parameters.empty() ? common_json{{"type", "object"}} : common_json::parse(t.parameters);
+        common_json call = common_json::object();
+        call["type"] = "object";
+        call["properties"] = properties;
+        call["required"] = common_json::array({"name", "arguments"});
+        call["additionalProperties"] = false;
+        one_of.push_back(call);
+    }
+    common_json schema = common_json::object();
+    if (one_of.size() == 1) {
+        schema = one_of[0];
+    } else {
+        schema["oneOf"] = one_of;
+    }
+    return json_schema_to_grammar(schema);
+}
+
+// A json-call answer read back: a whole JSON call, or text.
+common_chat_msg parse_json_call(const std::string& text, bool partial, bool parse_calls) {
+    common_chat_msg msg;
+    msg.role = "assistant";
+    const size_t first = text.find_first_not_of(" \t\r\n");
+    if (parse_calls && first != std::string::npos && text[first] == '{') {
+        try {
+            const auto j = common_json::parse(text.substr(first));
+            if (j.is_object() && j.contains("name") && j["name"].is_string() && j.contains("arguments")) {
+                common_chat_tool_call call;
+                call.name = j["name"].get<std::string>();
+                call.arguments = j["arguments"].is_string() ? j["arguments"].get<std::string>() : j["arguments"].dump();
+                msg.tool_calls.push_back(std::move(call));
+                return msg;
+            }
+        } catch (const std::exception&) {
+            if (partial) throw std::runtime_error("a call not yet complete");
+        }
+    } else if (partial && first == std::string::npos) {
+        throw std::runtime_error("nothing yet");  // whitespace: content or a call may follow
+    }
+    msg.content = text;
+    return msg;
+}
+
 }  // namespace
 
 ChatPrompt ChatTemplates::apply(const llama_vocab* vocab, const ChatRequest& request) const {
@@ -82,6 +197,12 @@ ChatPrompt ChatTemplates::apply(const llama_vocab* vocab, const ChatRequest& req
             in.tools = common_chat_tools_parse_oaicompat(parse_json(request.tools_json, "tools"));
         }
         in.tool_choice = common_chat_tool_choice_parse_oaicompat(request.tool_choice);
+        in.reasoning_format = common_reasoning_format_from_name(request.reasoning_format);
+        if (!request.template_kwargs_json.empty()) {
+            const auto kwargs = parse_json(request.template_kwargs_json, "chat_template_kwargs");
+            if (!kwargs.is_object()) throw std::invalid_argument("chat_template_kwargs must be a JSON object");
+            for (const auto& [key, value] : kwargs.items()) in.chat_template_kwargs[key] = value.dump();
+        }
     } catch (const std::invalid_argument&) {
         throw;
     } catch (const std::exception& e) {
@@ -89,8 +210,27 @@ ChatPrompt ChatTemplates::apply(const llama_vocab* vocab, const ChatRequest& req
     }
     in.parallel_tool_calls = request.parallel_tool_calls;
     in.add_generation_prompt = request.add_generation_prompt;
-    in.use_jinja = true;
-    in.reasoning_format = COMMON_REASONING_FORMAT_NONE;
+    in.use_jinja = jinja_;
+    in.enable_thinking = request.enable_thinking;
+    if (!jinja_) in.reasoning_format = COMMON_REASONING_FORMAT_NONE;  // built-in templates do not think
+
+    // Tools on a template that cannot write calls: the json-call format.
+    bool history_has_calls = false;
+    for (const auto& m : in.messages) history_has_calls |= m.role == "tool" || !m.tool_calls.empty();
+    const bool json_calls = !(jinja_ && supports_tools()) && (!in.tools.empty() || history_has_calls);
+    std::vector<common_chat_tool> call_tools;
+    common_chat_tool_choice call_choice = COMMON_CHAT_TOOL_CHOICE_NONE;
+    if (json_calls) {
+        if (in.tool_choice != COMMON_CHAT_TOOL_CHOICE_NONE) call_tools = in.tools;
+        call_choice = call_tools.empty() ? COMMON_CHAT_TOOL_CHOICE_NONE : in.tool_choice;
+        try {
+            rewrite_for_json_calls(in.messages, call_tools.empty() ? "" : json_call_instructions(call_tools, call_choice));
+        } catch (const std::exception& e) {
+            throw std::invalid_argument(std::string("tools: ") + e.what());
+        }
+        in.tools.clear();
+        in.tool_choice = COMMON_CHAT_TOOL_CHOICE_NONE;
+    }
 
     common_chat_params params;
     try {
@@ -172,10 +312,23 @@ ChatPrompt ChatTemplates::apply(const llama_vocab* vocab, const ChatRequest& req
             out.grammar_prefill.push_back(ids[i]);
         }
     }
+    const bool thinks = params.supports_thinking && in.reasoning_format != COMMON_REASONING_FORMAT_NONE;
+    if (thinks && in.enable_thinking && !params.thinking_end_tags.empty()) out.thinking_end = params.thinking_end_tags[0];
+    out.needs_parser = !params.parser.empty() && (thinks || (!in.tools.empty() && in.tool_choice != COMMON_CHAT_TOOL_CHOICE_NONE));
+    if (json_calls && !call_tools.empty()) {
+        out.format = "json-call";
+        out.needs_parser = true;
+        out.grammar = json_call_grammar(call_tools);
+        out.grammar_lazy = call_choice != COMMON_CHAT_TOOL_CHOICE_REQUIRED;
+        if (out.grammar_lazy) out.trigger_patterns = {"^\\s*(\\{[\\s\\S]*)$"};  // an answer that begins with '{'
+    }
     auto syntax = std::make_shared<ChatSyntax>();
     syntax->params = common_chat_parser_params(params);
+    syntax->params.reasoning_format = in.reasoning_format;
+    syntax->params.reasoning_in_content = in.reasoning_format == COMMON_REASONING_FORMAT_DEEPSEEK_LEGACY;
     syntax->answer_prefix = answer_prefix;
     syntax->one_call = !request.parallel_tool_calls;
+    syntax->json_calls = out.format == "json-call";
     if (!params.parser.empty()) {
         try {
             syntax->params.parser.load(params.parser);
@@ -204,7 +357,8 @@ std::string ChatParser::update(const std::string& text, bool partial) {
     };
     common_chat_msg msg;
     try {
-        msg = common_chat_parse(syntax_->answer_prefix + text, partial, *params_);
+        msg = syntax_->json_calls ? parse_json_call(text, partial, params_->parse_tool_calls)
+                                  : common_chat_parse(syntax_->answer_prefix + text, partial, *params_);
     } catch (const std::exception&) {
         // Not in the format (a call cut short, say): the answer is its text.
         if (partial) return unchanged();

@@ -18,13 +18,21 @@ struct common_chat_msg;
 namespace slot {
 
 // What a chat request asks of the template: OpenAI's JSON for the messages
-// and the tools, and the tool choice ("auto", "required" or "none").
+// and the tools, the tool choice ("auto", "required" or "none"), and how a
+// thinking model's reasoning is rendered and read back.
 struct ChatRequest {
     std::string messages_json;
     std::string tools_json;  // empty: no tools
     std::string tool_choice = "auto";
     bool parallel_tool_calls = false;
     bool add_generation_prompt = true;
+    // llama.cpp's reasoning formats: "none" leaves the reasoning in the
+    // content; "auto", "deepseek" and "deepseek-legacy" read it into
+    // reasoning_content (legacy: a stream keeps it in the content too).
+    std::string reasoning_format = "none";
+    bool enable_thinking = true;
+    // A JSON object of extra template variables (chat_template_kwargs); empty: none.
+    std::string template_kwargs_json;
 };
 
 // How one format's answers are read back (a loaded parser).
@@ -49,6 +57,12 @@ struct ChatPrompt {
     // Tokens a non-lazy grammar reads first: the generation prompt and the
     // answer prefix, which the prompt already ends with and the grammar spells out.
     std::vector<int32_t> grammar_prefill;
+    // Whether the answer needs reading back (tool calls, or reasoning to
+    // split off); false: the answer's text is its content as it is.
+    bool needs_parser = false;
+    // A thinking model's reasoning ends with this tag (empty: it does not
+    // think here), after which a grammar of the request's own applies.
+    std::string thinking_end;
     std::shared_ptr<const ChatSyntax> syntax;
 };
 
@@ -58,20 +72,28 @@ struct ChatTemplatesFree {
 
 // The model's chat templates (or an override), parsed once; independent of
 // the model once built.
+//
+// A template that cannot write tool calls (a built-in one, or a Jinja
+// template without tool support) still takes tools: they are described in a
+// system message and a call is a JSON object {"name": ..., "arguments": {...}},
+// forced by a grammar for "required" (format "json-call").
 class ChatTemplates {
 public:
-    // `override_source`: a template text to use instead of the model's; empty:
-    // the model's own, or llama.cpp's ChatML default when it has none.
-    ChatTemplates(const llama_model* model, const std::string& override_source);
+    // `source`: a Jinja template to use instead of the model's (empty: the
+    // model's own, or llama.cpp's ChatML default when it has none); with
+    // `jinja` false, the name of one of llama.cpp's built-in templates.
+    ChatTemplates(const llama_model* model, const std::string& source, bool jinja);
 
     // std::invalid_argument naming the problem for messages or tools the
     // template cannot render. `vocab` (the model's) tokenizes trigger words.
     ChatPrompt apply(const llama_vocab* vocab, const ChatRequest& request) const;
     std::string source() const;
     bool supports_tools() const;
+    bool jinja() const { return jinja_; }
 
 private:
     std::unique_ptr<common_chat_templates, ChatTemplatesFree> templates_;
+    bool jinja_ = true;
 };
 
 // Reads one answer, whole or as it grows: the message so far and what changed

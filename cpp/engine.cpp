@@ -1,5 +1,6 @@
 #include "engine.h"
 
+#include <cstdio>
 #include <cstring>
 
 #include <algorithm>
@@ -106,6 +107,51 @@ Engine::Engine(const EngineParams& params) : params_(params) {
     if (!valid_rope(params.rope_freq_base) || !valid_rope(params.rope_freq_scale)) {
         throw std::invalid_argument("rope_freq_base and rope_freq_scale must be finite and >= 0 (0: the model's)");
     }
+    if (!params.rope_scaling.empty() && params.rope_scaling != "none" && params.rope_scaling != "linear" &&
+        params.rope_scaling != "yarn") {
+        throw std::invalid_argument("rope_scaling must be 'none', 'linear' or 'yarn', got '" + params.rope_scaling + "'");
+    }
+    for (float x : {params.yarn_ext_factor, params.yarn_attn_factor, params.yarn_beta_fast, params.yarn_beta_slow}) {
+        if (!std::isfinite(x)) throw std::invalid_argument("YaRN settings must be finite");
+    }
+    if (params.yarn_orig_ctx < 0) throw std::invalid_argument("yarn_orig_ctx must be >= 0");
+    for (const auto& o : params.kv_overrides) {
+        llama_model_kv_override kv{};
+        if (o.key.empty() || o.key.size() >= sizeof(kv.key)) {
+            throw std::invalid_argument("a kv_overrides key must have 1 to 127 characters");
+        }
+        std::snprintf(kv.key, sizeof(kv.key), "%s", o.key.c_str());
+        try {
+            if (o.type == "int") {
+                size_t used = 0;
+                kv.tag = LLAMA_KV_OVERRIDE_TYPE_INT;
+                kv.val_i64 = std::stoll(o.value, &used);
+                if (used != o.value.size()) throw std::invalid_argument(o.value);
+            } else if (o.type == "float") {
+                size_t used = 0;
+                kv.tag = LLAMA_KV_OVERRIDE_TYPE_FLOAT;
+                kv.val_f64 = std::stod(o.value, &used);
+                if (used != o.value.size()) throw std::invalid_argument(o.value);
+            } else if (o.type == "bool") {
+                kv.tag = LLAMA_KV_OVERRIDE_TYPE_BOOL;
+                if (o.value != "true" && o.value != "false") throw std::invalid_argument(o.value);
+                kv.val_bool = o.value == "true";
+            } else if (o.type == "str") {
+                kv.tag = LLAMA_KV_OVERRIDE_TYPE_STR;
+                if (o.value.size() >= sizeof(kv.val_str)) throw std::invalid_argument(o.value);
+                std::snprintf(kv.val_str, sizeof(kv.val_str), "%s", o.value.c_str());
+            } else {
+                throw std::invalid_argument("type");
+            }
+        } catch (const std::logic_error&) {
+            throw std::invalid_argument("kv_overrides['" + o.key + "']: '" + o.value + "' is not a valid " + o.type +
+                                        " (types: int, float, bool, str of at most 127 bytes)");
+        }
+        kv_overrides_.push_back(kv);
+    }
+    if (!kv_overrides_.empty()) {
+        kv_overrides_.push_back(llama_model_kv_override{});  // key "" ends the list
+    }
     if (params.deterministic && flash == LLAMA_FLASH_ATTN_TYPE_DISABLED) {
         throw std::invalid_argument("deterministic mode needs flash attention: flash_attn 'on' or 'auto'");
     }
@@ -132,6 +178,7 @@ Engine::Engine(const EngineParams& params) : params_(params) {
         mp.devices = rpc_devices_.data();
         if (params.n_gpu_layers == 0) mp.n_gpu_layers = -1;
     }
+    if (!kv_overrides_.empty()) mp.kv_overrides = kv_overrides_.data();
     if (params.use_mlock) mp.load_mode = params.use_mmap ? LLAMA_LOAD_MODE_MMAP_MLOCK : LLAMA_LOAD_MODE_MLOCK;
     else if (!params.use_mmap) mp.load_mode = LLAMA_LOAD_MODE_NONE;
     // Repacked weights have their own kernels for one row and for several.
@@ -177,6 +224,16 @@ Engine::Engine(const EngineParams& params) : params_(params) {
     cp.n_seq_max = static_cast<uint32_t>(params.n_parallel);
     cp.rope_freq_base = params.rope_freq_base;
     cp.rope_freq_scale = params.rope_freq_scale;
+    if (!params.rope_scaling.empty()) {
+        cp.rope_scaling_type = params.rope_scaling == "none"     ? LLAMA_ROPE_SCALING_TYPE_NONE
+                               : params.rope_scaling == "linear" ? LLAMA_ROPE_SCALING_TYPE_LINEAR
+                                                                 : LLAMA_ROPE_SCALING_TYPE_YARN;
+    }
+    cp.yarn_orig_ctx = static_cast<uint32_t>(params.yarn_orig_ctx);
+    cp.yarn_ext_factor = params.yarn_ext_factor;
+    cp.yarn_attn_factor = params.yarn_attn_factor;
+    cp.yarn_beta_fast = params.yarn_beta_fast;
+    cp.yarn_beta_slow = params.yarn_beta_slow;
     cp.type_k = type_k;
     cp.type_v = type_v;
     cp.flash_attn_type = v_quantised ? LLAMA_FLASH_ATTN_TYPE_ENABLED : flash;
@@ -193,6 +250,7 @@ Engine::Engine(const EngineParams& params) : params_(params) {
     cp.abort_callback_data = this;
     ctx_ = new_context(cp, "a context for " + params.model_path);
     seq_tokens_.assign(static_cast<size_t>(params.n_parallel), {});
+    active_scales_ = adapter_scales_;
 }
 
 ContextPtr Engine::new_context(const llama_context_params& cp, const std::string& what) {
@@ -208,6 +266,28 @@ ContextPtr Engine::new_context(const llama_context_params& cp, const std::string
         }
     }
     return ctx;
+}
+
+void Engine::set_default_lora_scales(const std::vector<float>& scales) {
+    if (scales.size() != adapters_.size()) throw std::invalid_argument("one scale per LoRA adapter is needed");
+    adapter_scales_ = scales;
+}
+
+void Engine::set_lora_scales(const std::vector<float>& scales) {
+    if (scales == active_scales_) return;
+    if (scales.size() != adapters_.size()) throw std::invalid_argument("one scale per LoRA adapter is needed");
+    std::vector<llama_adapter_lora*> raw;
+    std::vector<float> kept;
+    for (size_t i = 0; i < adapters_.size(); ++i) {
+        if (scales[i] == 0.0f) continue;  // an adapter at scale 0 is left out of the graph
+        raw.push_back(adapters_[i].get());
+        kept.push_back(scales[i]);
+    }
+    if (llama_set_adapters_lora(ctx_.get(), raw.data(), raw.size(), kept.data()) != 0) {
+        throw Error(with_log_detail("llama.cpp could not set the LoRA adapters' scales"));
+    }
+    active_scales_ = scales;
+    clear_all();
 }
 
 std::string Engine::adapter_meta(int index, const std::string& key) const {
@@ -289,38 +369,6 @@ bool Engine::is_eog(int32_t token) const { return llama_vocab_is_eog(vocab_, tok
 
 bool Engine::has_chat_template() const { return llama_model_chat_template(model_.get(), nullptr) != nullptr; }
 
-std::string Engine::apply_chat_template(const std::vector<ChatMessage>& messages, bool add_assistant,
-                                        const std::string& template_name) const {
-    const char* tmpl = template_name.empty() ? llama_model_chat_template(model_.get(), nullptr)
-                                             : template_name.c_str();
-    if (tmpl == nullptr) {
-        throw std::invalid_argument(
-            "this model has no chat template; pass chat_template with a built-in name "
-            "(see slot_cpp.chat_templates()) or a template string");
-    }
-    std::vector<llama_chat_message> chat;
-    size_t total = 0;
-    for (const auto& m : messages) {
-        chat.push_back({m.role.c_str(), m.content.c_str()});
-        total += m.role.size() + m.content.size();
-    }
-    std::string buf(total * 2 + 1024, '\0');
-    int32_t n = llama_chat_apply_template(tmpl, chat.data(), chat.size(), add_assistant, buf.data(),
-                                          static_cast<int32_t>(buf.size()));
-    if (n < 0) {
-        throw std::invalid_argument("chat template '" + std::string(template_name.empty() ? "(model's own)" : template_name) +
-                                    "' is not supported by llama.cpp's built-in formatter");
-    }
-    if (static_cast<size_t>(n) > buf.size()) {
-        buf.resize(static_cast<size_t>(n));
-        n = llama_chat_apply_template(tmpl, chat.data(), chat.size(), add_assistant, buf.data(),
-                                      static_cast<int32_t>(buf.size()));
-        if (n < 0) throw Error("chat template formatting failed");
-    }
-    buf.resize(static_cast<size_t>(n));
-    return buf;
-}
-
 int Engine::decode_checked(llama_batch& batch, const InterruptCheck& interrupted, const char* what) {
     active_check_ = &interrupted;
     clear_last_error_line();
@@ -386,6 +434,33 @@ void Engine::seq_clear(int seq) {
     seq_tokens(seq);
     llama_memory_seq_rm(llama_get_memory(ctx_.get()), seq, -1, -1);
     seq_tokens_[static_cast<size_t>(seq)].clear();
+}
+
+std::string Engine::seq_state(int seq) const {
+    seq_tokens(seq);
+    const size_t size = llama_state_seq_get_size(ctx_.get(), seq);
+    std::string out(size, '\0');
+    const size_t written = llama_state_seq_get_data(ctx_.get(), reinterpret_cast<uint8_t*>(out.data()), size, seq);
+    if (written == 0 || written > size) throw Error("llama_state_seq_get_data failed");
+    out.resize(written);
+    return out;
+}
+
+void Engine::set_seq_state(int seq, const std::string& data, const std::vector<int32_t>& tokens) {
+    seq_clear(seq);
+    const size_t read =
+        llama_state_seq_set_data(ctx_.get(), reinterpret_cast<const uint8_t*>(data.data()), data.size(), seq);
+    if (read == 0) {
+        seq_clear(seq);
+        throw std::invalid_argument("llama.cpp could not restore the state into this context (another model, "
+                                    "cache type or context size, or no room for its cells)");
+    }
+    const llama_pos max_pos = llama_memory_seq_pos_max(llama_get_memory(ctx_.get()), seq);
+    if (max_pos + 1 != static_cast<llama_pos>(tokens.size())) {
+        seq_clear(seq);
+        throw std::invalid_argument("the state's cells do not match its tokens");
+    }
+    seq_tokens_[static_cast<size_t>(seq)] = tokens;
 }
 
 bool Engine::seq_truncate(int seq, int n) {

@@ -42,12 +42,23 @@ struct EngineParams {
     std::string flash_attn = "auto";
     float rope_freq_base = 0.0f;   // 0: the model's
     float rope_freq_scale = 0.0f;  // 0: the model's
+    // RoPE scaling: "" (the model's), "none", "linear" or "yarn"; YaRN's
+    // settings, negative (or 0 for the original context): the model's.
+    std::string rope_scaling;
+    int yarn_orig_ctx = 0;
+    float yarn_ext_factor = -1.0f;
+    float yarn_attn_factor = -1.0f;
+    float yarn_beta_fast = -1.0f;
+    float yarn_beta_slow = -1.0f;
     bool use_mlock = false;
-};
-
-struct ChatMessage {
-    std::string role;
-    std::string content;
+    // GGUF metadata overridden at load (llama.cpp's --override-kv): key, type
+    // ("int", "float", "bool" or "str") and the value as text.
+    struct KvOverride {
+        std::string key;
+        std::string type;
+        std::string value;
+    };
+    std::vector<KvOverride> kv_overrides;
 };
 
 // Returns true when the current call should stop (a pending Ctrl-C).
@@ -86,6 +97,13 @@ public:
     // A string value of LoRA adapter `index`'s GGUF metadata; empty when the key is absent.
     std::string adapter_meta(int index, const std::string& key) const;
     int n_adapters() const { return static_cast<int>(adapters_.size()); }
+    // The adapters' scales a request without its own takes, and those the
+    // context applies now. Setting other scales on the context drops the
+    // prompt cache (cells computed under other weights); no sequence may be live.
+    const std::vector<float>& default_lora_scales() const { return adapter_scales_; }
+    void set_default_lora_scales(const std::vector<float>& scales);
+    const std::vector<float>& lora_scales() const { return active_scales_; }
+    void set_lora_scales(const std::vector<float>& scales);
     int32_t eos_token() const { return llama_vocab_eos(vocab_); }  // -1 when the vocabulary has none
     const EngineParams& params() const { return params_; }
     int n_vocab() const { return n_vocab_; }
@@ -105,10 +123,6 @@ public:
     bool is_eog(int32_t token) const;
     void check_tokens(const std::vector<int32_t>& tokens) const;
 
-    // Formats messages with the model's chat template, or with `template_name`
-    // (a built-in name such as "chatml" or a template string) when given.
-    std::string apply_chat_template(const std::vector<ChatMessage>& messages, bool add_assistant,
-                                    const std::string& template_name) const;
     bool has_chat_template() const;
 
     // ---- sequences (ids 0 .. n_parallel-1) ----
@@ -116,6 +130,11 @@ public:
     // The tokens whose KV cells sequence `seq` holds, at positions 0, 1, ...
     const std::vector<int32_t>& seq_tokens(int seq) const;
     void seq_clear(int seq);
+    // A sequence's KV cells as llama.cpp serialises them (llama_state_seq_*),
+    // and the same written back into `seq` (cleared first) as holding
+    // `tokens`; std::invalid_argument when the data does not fit this context.
+    std::string seq_state(int seq) const;
+    void set_seq_state(int seq, const std::string& data, const std::vector<int32_t>& tokens);
     // Keeps the first n cells of `seq`; false (and the sequence cleared) when
     // the memory cannot drop a suffix.
     bool seq_truncate(int seq, int n);
@@ -197,10 +216,12 @@ private:
 
     EngineParams params_;
     std::vector<ggml_backend_dev_t> rpc_devices_;  // null-terminated, for the model's params
+    std::vector<llama_model_kv_override> kv_overrides_;  // key "" ends the list
     ModelFileInfo info_;
     ModelPtr model_;
     std::vector<AdapterPtr> adapters_;  // after model_, before the contexts: freed in between
     std::vector<float> adapter_scales_;
+    std::vector<float> active_scales_;
     ContextPtr ctx_;
     ContextPtr states_ctx_;  // hidden_states(): created on first use
     int states_batch_ = 0;

@@ -43,6 +43,10 @@ struct GenerationRequest {
     bool logprobs = false;
     int top_logprobs = 0;
     bool cache_prompt = true;  // reuse (and leave behind) KV cells of earlier calls
+    // The LoRA adapters' scales for this request, one per adapter the model
+    // loaded; empty: the model's current defaults. Requests with other
+    // scales than the running ones wait for them to finish.
+    std::vector<float> lora_scales;
     // At the context's last position: the log-probabilities of these tokens
     // (under the request's stages), and its final normed hidden state.
     std::vector<int32_t> score_tokens;
@@ -130,6 +134,7 @@ struct ModelShape {
     int n_parallel = 0;
     int seq_capacity = 0;        // cells one sequence may hold (n_ctx unless deterministic)
     bool deterministic = false;  // each sequence in a KV stream of its own
+    int n_adapters = 0;          // LoRA adapters loaded with the model
 };
 
 // BatchStats' counters, updated by the token loop and read without its lock.

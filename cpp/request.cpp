@@ -29,6 +29,13 @@ void validate_request(const ModelShape& e, const GenerationRequest& req, int ind
         throw std::invalid_argument(where + exc.what());
     }
     if (req.n < 1) throw std::invalid_argument(where + "n must be >= 1");
+    if (!req.lora_scales.empty() && static_cast<int>(req.lora_scales.size()) != e.n_adapters) {
+        throw std::invalid_argument(where + "lora names " + std::to_string(req.lora_scales.size()) +
+                                    " adapter scales; the model loaded " + std::to_string(e.n_adapters));
+    }
+    for (float s : req.lora_scales) {
+        if (!std::isfinite(s)) throw std::invalid_argument(where + "LoRA scales must be finite");
+    }
     if (req.max_tokens < 0) throw std::invalid_argument(where + "max_tokens must be >= 0");
     if (req.top_logprobs < 0) throw std::invalid_argument(where + "top_logprobs must be >= 0");
     for (const auto& [token, value] : req.logit_bias) {

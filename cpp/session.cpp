@@ -1,6 +1,7 @@
 // The session facade: construction and closing, the queue of generate calls
 // and the driver role over the batch loop (batcher.h), and the engine's
 // tokens, chat templates and file information under the right lock.
+#include <cmath>
 #include "session.h"
 
 #include <algorithm>
@@ -16,7 +17,8 @@ namespace slot {
 
 Session::Session(const EngineParams& params) : engine_(std::make_unique<Engine>(params)) {
     shape_ = {engine_->vocab(),         engine_->n_vocab(),      engine_->n_embd(), engine_->n_ctx(),
-              engine_->n_parallel(),    engine_->seq_capacity(), engine_->deterministic()};
+              engine_->n_parallel(),    engine_->seq_capacity(), engine_->deterministic(),
+              engine_->n_adapters()};
     const char* portable = std::getenv("SLOT_CPP_PORTABLE_HEAD_OPS");
     portable_head_ops_ = portable != nullptr && std::string(portable) == "1";
 }
@@ -305,6 +307,103 @@ int Session::drop_cached(const std::vector<int32_t>& prefix) {
     return dropped;
 }
 
+std::vector<float> Session::lora_defaults() {
+    std::lock_guard<FairMutex> lock(mutex_);
+    return engine().default_lora_scales();
+}
+
+void Session::set_lora_defaults(const std::vector<float>& scales) {
+    std::lock_guard<FairMutex> lock(mutex_);
+    for (float s : scales) {
+        if (!std::isfinite(s)) throw std::invalid_argument("LoRA scales must be finite");
+    }
+    engine().set_default_lora_scales(scales);
+}
+
+std::vector<Session::SlotInfo> Session::slots() {
+    std::lock_guard<FairMutex> lock(mutex_);
+    Engine& e = engine();
+    std::vector<SlotInfo> out;
+    for (int s = 0; s < e.n_parallel(); ++s) out.push_back({s, batcher_ && batcher_->live(s), e.seq_tokens(s)});
+    return out;
+}
+
+namespace {
+void check_idle_seq(Engine& e, const Batcher* batcher, int seq) {
+    if (seq < 0 || seq >= e.n_parallel()) {
+        throw std::invalid_argument("slot " + std::to_string(seq) + " does not exist (0 to " +
+                                    std::to_string(e.n_parallel() - 1) + ")");
+    }
+    if (batcher && batcher->live(seq)) {
+        throw std::invalid_argument("slot " + std::to_string(seq) + " is generating; try again when it is idle");
+    }
+}
+}  // namespace
+
+std::string Session::cached_state(const std::vector<int32_t>& tokens) {
+    std::lock_guard<FairMutex> lock(mutex_);
+    Engine& e = engine();
+    if (tokens.empty()) throw std::invalid_argument("the prompt is empty");
+    int best = -1;
+    for (int s = 0; s < e.n_parallel(); ++s) {
+        if (batcher_ && batcher_->live(s)) continue;
+        const auto& held = e.seq_tokens(s);
+        if (held.size() < tokens.size() || !std::equal(tokens.begin(), tokens.end(), held.begin())) continue;
+        if (best < 0 || held.size() < e.seq_tokens(best).size()) best = s;
+    }
+    if (best < 0) return {};
+    const int n = static_cast<int>(tokens.size());
+    if (static_cast<int>(e.seq_tokens(best).size()) == n) return e.seq_state(best);
+    // Longer (an answer after the prompt): a copy cut to the prompt, in a spare sequence.
+    const int spare = batcher_ ? batcher_->spare(best) : -1;
+    if (spare < 0) {
+        if (!e.seq_truncate(best, n)) return {};
+        return e.seq_state(best);
+    }
+    e.seq_clear(spare);
+    e.seq_fork(best, spare, n);
+    std::string out = e.seq_state(spare);
+    e.seq_clear(spare);
+    return out;
+}
+
+std::pair<std::vector<int32_t>, std::string> Session::seq_state(int seq) {
+    std::lock_guard<FairMutex> lock(mutex_);
+    Engine& e = engine();
+    check_idle_seq(e, batcher_.get(), seq);
+    if (e.seq_tokens(seq).empty()) throw std::invalid_argument("slot " + std::to_string(seq) + " holds nothing");
+    return {e.seq_tokens(seq), e.seq_state(seq)};
+}
+
+int Session::restore_state(const std::vector<int32_t>& tokens, const std::string& data, int seq) {
+    std::lock_guard<FairMutex> lock(mutex_);
+    Engine& e = engine();
+    e.check_tokens(tokens);
+    if (tokens.empty()) throw std::invalid_argument("the state holds no tokens");
+    if (static_cast<int>(tokens.size()) >= shape_.seq_capacity) {
+        throw std::invalid_argument("the state's " + std::to_string(tokens.size()) +
+                                    " tokens do not fit a sequence of this context (" +
+                                    std::to_string(shape_.seq_capacity) + " cells)");
+    }
+    if (seq < 0) {
+        seq = 0;
+        if (batcher_) {
+            seq = batcher_->spare(-1);
+            if (seq < 0) throw QueueFullError("every sequence is generating; restore the state when one is idle");
+        }
+    }
+    check_idle_seq(e, batcher_.get(), seq);
+    e.set_seq_state(seq, data, tokens);
+    return seq;
+}
+
+void Session::erase_seq(int seq) {
+    std::lock_guard<FairMutex> lock(mutex_);
+    Engine& e = engine();
+    check_idle_seq(e, batcher_.get(), seq);
+    e.seq_clear(seq);
+}
+
 std::vector<int32_t> Session::tokenize(const std::string& text, bool add_special, bool parse_special) {
     std::shared_lock<std::shared_mutex> life(life_);
     return engine().tokenize(text, add_special, parse_special);
@@ -320,12 +419,6 @@ std::string Session::token_piece(int32_t token) {
     Engine& e = engine();
     e.check_tokens({token});
     return e.token_piece(token, true);
-}
-
-std::string Session::apply_chat_template(const std::vector<ChatMessage>& messages, bool add_assistant,
-                                         const std::string& template_name) {
-    std::shared_lock<std::shared_mutex> life(life_);
-    return engine().apply_chat_template(messages, add_assistant, template_name);
 }
 
 const ModelFileInfo& Session::file_info() {
@@ -363,9 +456,9 @@ bool Session::has_chat_template() {
     std::shared_lock<std::shared_mutex> life(life_);
     return engine().has_chat_template();
 }
-std::shared_ptr<const ChatTemplates> Session::chat_templates(const std::string& override_source) {
+std::shared_ptr<const ChatTemplates> Session::chat_templates(const std::string& source, bool jinja) {
     std::shared_lock<std::shared_mutex> life(life_);
-    return std::make_shared<const ChatTemplates>(engine().model(), override_source);
+    return std::make_shared<const ChatTemplates>(engine().model(), source, jinja);
 }
 
 ChatPrompt Session::apply_chat(const ChatTemplates& templates, const ChatRequest& request) {

@@ -90,13 +90,34 @@ public:
     void clear_cache();
     // Drops the cached sequences whose tokens start with `prefix`; returns how many.
     int drop_cached(const std::vector<int32_t>& prefix);
+    // The LoRA scales of requests that give none (one per adapter).
+    std::vector<float> lora_defaults();
+    void set_lora_defaults(const std::vector<float>& scales);
+
+    // ---- saved states (session.cpp) ----
+    // One sequence of the prompt cache as the server's /slots shows it.
+    struct SlotInfo {
+        int id;
+        bool live;
+        std::vector<int32_t> tokens;
+    };
+    std::vector<SlotInfo> slots();
+    // The KV cells of `tokens` from the prompt cache (a sequence holding them
+    // first, cut to them); empty when no cached sequence holds them.
+    std::string cached_state(const std::vector<int32_t>& tokens);
+    // Sequence `seq`'s tokens and cells (std::invalid_argument when it is
+    // being generated into or holds nothing).
+    std::pair<std::vector<int32_t>, std::string> seq_state(int seq);
+    // Writes a saved state into the prompt cache: into `seq`, or (-1) the
+    // sequence the cache would drop first; returns the sequence.
+    int restore_state(const std::vector<int32_t>& tokens, const std::string& data, int seq);
+    // Clears sequence `seq` (std::invalid_argument when it is being generated into).
+    void erase_seq(int seq);
 
     // ---- tokens, chat templates, file information (session.cpp) ----
     std::vector<int32_t> tokenize(const std::string& text, bool add_special, bool parse_special);
     std::string detokenize(const std::vector<int32_t>& tokens);
     std::string token_piece(int32_t token);
-    std::string apply_chat_template(const std::vector<ChatMessage>& messages, bool add_assistant,
-                                    const std::string& template_name);
     const ModelFileInfo& file_info();
     // A string value of LoRA adapter `index`'s GGUF metadata ("" when absent).
     std::string adapter_meta(int index, const std::string& key);
@@ -114,7 +135,7 @@ public:
     bool has_chat_template();
     // The model's chat templates for llama.cpp's common/chat (tools, tool-call
     // parsing), or `override_source`'s; and a chat rendered with them.
-    std::shared_ptr<const ChatTemplates> chat_templates(const std::string& override_source);
+    std::shared_ptr<const ChatTemplates> chat_templates(const std::string& source, bool jinja);
     ChatPrompt apply_chat(const ChatTemplates& templates, const ChatRequest& request);
     bool is_eog(int32_t token);
 

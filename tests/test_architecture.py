@@ -162,6 +162,12 @@ def _other_value(name: str, default, spec):
         return '{"type": "object"}'
     if spec.kind == "text":
         return "abc"
+    if spec.kind == "lora":
+        return ()  # every adapter at 0 (the tiny model has none)
+    if spec.kind == "kv":
+        return (("general.name", "str", "renamed"),)
+    if spec.kind == "json":
+        return '{"enable_thinking": false}'
     raise AssertionError(spec.kind)
 
 
@@ -202,6 +208,8 @@ def test_every_generate_option_reaches_the_native_request(tiny_model, group, nam
         assert request.json_schema == value and not request.grammar  # converted by the C++ core
     elif name == "loss_on":
         pass  # turned into a mask from the chat messages: tests/test_smollm2.py
+    elif name == "lora":
+        assert list(request.lora_scales) == []  # one scale per adapter: tests/test_lora_requests.py
     else:
         raise AssertionError(f"{name} is converted by hand but this test does not know how")
     # And the Python API takes it as a keyword (a real, one-token call).
@@ -219,6 +227,7 @@ CLI = {
     opts.QAlignOptions: (["qalign", "x", "--reward", "judge"], {}),
     opts.LmcorOptions: (["lmcor", "correct", "x", "--corrector", "c.gguf"], {}),
     opts.ModelSettings: (["generate", "x"], {}),
+    opts.ChatOptions: (["generate", "x"], {}),
     opts.ServerSettings: (["serve"], {}),
 }
 
@@ -251,10 +260,14 @@ def test_every_option_is_a_flag_with_its_default(group, tmp_path):
             path = tmp_path / name
             path.write_text(value)
             extra = [flag, str(path)]
+        elif spec.kind == "kv":
+            extra = [flag, "=".join(value[0][:1]) + "=" + ":".join(value[0][1:])]
         else:
             extra = [flag, str(value)]
         args = parser.parse_args(argv[:1 + (argv[0] == "lmcor")] + extra + argv[1 + (argv[0] == "lmcor"):])
         got = opts.from_arguments(args, group, dest_prefix=dest_prefix)
+        if spec.kind == "kv":  # the flag's KEY=TYPE:VALUE text, read by the option's own check
+            got[name] = spec.check(name, got[name])
         assert got[name] == (list(value) if spec.kind in ("strings", "bias") else value), (group.__name__, name)
     assert seen > 0
 
@@ -266,6 +279,7 @@ HTTP = {
     opts.QAlignOptions: lambda p: p.QAlignOptions,
     opts.LmcorOptions: lambda p: p.LmcorOptions,
     opts.RequestExtras: lambda p: p.CompletionRequest,
+    opts.ChatOptions: lambda p: p.ChatCompletionRequest,
 }
 
 

@@ -46,8 +46,8 @@ def test_the_serve_flags_exist() -> None:
     out = subprocess.run([sys.executable, "-m", "slot_cpp", "serve", "--help"], capture_output=True, text=True,
                          check=True).stdout
     for flag in ("--cache-type-k", "--cache-type-v", "--flash-attn", "--rope-freq-scale", "--use-mlock",
-                 "--deterministic", "--api-key-file",
-                 "--cors-origins"):
+                 "--deterministic", "--api-key-file", "--cors-origins", "--rope-scaling", "--yarn-orig-ctx",
+                 "--override-kv", "--slot-save-path"):
         assert flag in out
 
 
@@ -61,3 +61,31 @@ def test_rope_scaling_and_mlock_reach_llama_cpp(gemma_path: Path) -> None:
     assert np.array_equal(_greedy(gemma_path, use_mlock=True), plain)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="rope_freq_scale"):
         Model(gemma_path, rope_freq_scale=-1.0)
+
+
+def test_yarn_scaling_reaches_llama_cpp(gemma_path: Path) -> None:
+    """YaRN over a context stretched fourfold: other logprobs, a working
+    model; the model's own scaling named explicitly changes nothing."""
+    plain = _greedy(gemma_path)
+    yarn = _greedy(gemma_path, rope_scaling="yarn", rope_freq_scale=0.25, yarn_orig_ctx=32768)  # type: ignore[arg-type]
+    assert not np.array_equal(plain, yarn) and np.all(np.isfinite(yarn))
+    with pytest.raises(ValueError, match="rope_scaling"):
+        Model(gemma_path, rope_scaling="cubic")
+
+
+def test_kv_overrides_change_the_loaded_metadata(gemma_path: Path) -> None:
+    """An override of the RoPE base in the GGUF's metadata acts like the
+    rope_freq_base setting; malformed overrides are clear errors."""
+    with Model(gemma_path, n_ctx=256) as m:
+        arch = m.info.architecture
+    by_setting = _greedy(gemma_path, rope_freq_base=5000.0)  # type: ignore[arg-type]
+    by_override = _greedy(gemma_path, kv_overrides={f"{arch}.rope.freq_base": 5000.0})  # type: ignore[arg-type]
+    assert np.array_equal(by_setting, by_override) and not np.array_equal(by_override, _greedy(gemma_path))
+    cli_form = _greedy(gemma_path, kv_overrides=[f"{arch}.rope.freq_base=float:5000"])  # type: ignore[arg-type]
+    assert np.array_equal(cli_form, by_override)
+    with pytest.raises(ValueError, match="KEY=TYPE:VALUE"):
+        Model(gemma_path, kv_overrides=["no-type-here"])
+    with pytest.raises(ValueError, match="is not a valid int"):
+        Model(gemma_path, kv_overrides=["some.key=int:twelve"])
+    with pytest.raises(TypeError, match="must be an int, float, bool or str"):
+        Model(gemma_path, kv_overrides={"some.key": [1, 2]})

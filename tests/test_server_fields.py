@@ -81,7 +81,7 @@ def test_props(server: tuple[str, slot_cpp.Model]) -> None:
     assert props["total_slots"] == model.n_parallel
     assert props["default_generation_settings"]["n_ctx"] == model.seq_capacity
     assert props["default_generation_settings"]["params"]["temperature"] == 1.0  # the HTTP default
-    assert "{%" in props["chat_template"]  # Jinja text (llama.cpp's ChatML default for a GGUF without one)
+    assert props["chat_template"] == "gemma"  # the GGUF has none: llama.cpp's built-in for its architecture
     assert props["model_alias"] == "m" and props["model_path"] == model.path
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 import gguf
+import jinja2
 import numpy as np
 from gguf import quants
 from gguf.constants import GGMLQuantizationType
@@ -37,7 +38,10 @@ def test_metadata_template_and_head(smol):
     assert weight.shape == (model.n_vocab, model.n_embd)
     np.testing.assert_array_equal(probes.output_matrix(model), weight.astype(np.float32))
     text = model.apply_chat_template(QUESTION)
-    assert text == "<|im_start|>user\nWhat is 17 * 6? Answer briefly.<|im_end|>\n<|im_start|>assistant\n"
+    # The GGUF's own template (its default system prompt included), as Jinja2 renders it.
+    source = model._chat_templates(None).source
+    expected = jinja2.Environment().from_string(source).render(messages=QUESTION, add_generation_prompt=True)
+    assert text == expected and text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
 
 
 @pytest.mark.slow

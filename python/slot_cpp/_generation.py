@@ -142,7 +142,8 @@ def groups_of(options: Mapping[str, Any], sampling: Optional[SamplingOptions], s
 def build_request(model: Any, tokens: list[int], n: int, groups: Groups,
                   loss_mask: Optional[list[bool]]) -> _core.Request:
     """The native request of one prompt: :func:`slot_cpp.options.native_request`."""
-    facts = opts.ModelFacts(n_vocab=model.n_vocab, n_embd=model.n_embd, seed=model._seed)
+    facts = opts.ModelFacts(n_vocab=model.n_vocab, n_embd=model.n_embd, seed=model._seed,
+                            n_adapters=model.n_adapters)
     return opts.native_request(tokens, n, *groups, facts, loss_mask=loss_mask,
                                apply_rtd=lambda value, request: _apply_rtd(model, value, request))
 

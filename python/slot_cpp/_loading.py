@@ -58,3 +58,42 @@ def check_loras(lora: Union[LoraSpec, Sequence[LoraSpec], None]) -> list[tuple[s
         out.append((str(path), scale))
     return out
 
+
+
+def hub_file(repo_id: str, filename: str, *, revision: Optional[str] = None, cache_dir: Union[str, os.PathLike[str],
+             None] = None, local_files_only: bool = False) -> Path:
+    """A GGUF file of a Hugging Face hub repository, downloaded once into the
+    hub's cache (``huggingface_hub``); ``filename`` may be a glob pattern
+    (``"*Q4_K_M.gguf"``) that must match exactly one file. With
+    ``local_files_only`` nothing is fetched: the file comes from the cache."""
+    import fnmatch
+
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ImportError("Model.from_pretrained needs huggingface_hub: pip install 'slot_cpp[hub]'") from None
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise ValueError(f"repo_id must be 'owner/name', got {repo_id!r}")
+    if not isinstance(filename, str) or not filename:
+        raise ValueError("filename must be a file name or a glob pattern")
+    kwargs = dict(revision=revision, cache_dir=None if cache_dir is None else str(cache_dir))
+    name = filename
+    if any(c in filename for c in "*?["):
+        if local_files_only:
+            folder = Path(huggingface_hub.snapshot_download(repo_id, local_files_only=True, allow_patterns=[filename],
+                                                            **kwargs))  # type: ignore[arg-type]
+            files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+        else:
+            files = huggingface_hub.list_repo_files(repo_id, revision=revision)
+        matches = sorted(f for f in files if fnmatch.fnmatch(f, filename))
+        if len(matches) != 1:
+            found = ", ".join(matches) if matches else "none"
+            raise ValueError(f"{filename!r} must match exactly one file of {repo_id}; it matches {found}")
+        name = matches[0]
+    try:
+        path = huggingface_hub.hf_hub_download(repo_id, name, local_files_only=local_files_only,
+                                               **kwargs)  # type: ignore[arg-type]
+    except huggingface_hub.errors.LocalEntryNotFoundError as exc:
+        raise FileNotFoundError(f"{repo_id}/{name} is not in the hub cache and local_files_only is set "
+                                f"({exc})") from None
+    return Path(path)

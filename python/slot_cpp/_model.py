@@ -10,15 +10,18 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _core, _generation, _prompts
 from . import options as opts
 from ._default_model import default_model_path
-from ._loading import ADAPTER_BASE_DIGEST_KEY, LoraSpec, check_loras, check_rpc
+from ._loading import ADAPTER_BASE_DIGEST_KEY, LoraSpec, check_loras, check_rpc, hub_file
 from ._prompts import ROLES, Message, Prompt  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from .states import SavedState
 from .options import (  # noqa: F401  (AUTO_LR_REFERENCE: re-exported)
     AUTO_LR_REFERENCE, RequestExtras, SamplingOptions, SlotOptions, check_int)
 from .results import BatchStats, GenerationResult, ModelInfo, Timings  # noqa: F401  (re-exported)
@@ -86,14 +89,25 @@ class Model:
         rope_freq_scale: float = 0.0,
         use_mlock: bool = False,
         deterministic: bool = False,
+        rope_scaling: Optional[str] = None,
+        yarn_orig_ctx: int = 0,
+        yarn_ext_factor: float = -1.0,
+        yarn_attn_factor: float = -1.0,
+        yarn_beta_fast: float = -1.0,
+        yarn_beta_slow: float = -1.0,
+        kv_overrides: Any = None,
     ) -> None:
         settings = opts.ModelSettings(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_batch=n_batch,
                                       n_parallel=n_parallel, seed=seed, use_mmap=use_mmap, max_waiting=max_waiting,
                                       rpc=rpc, lora=lora, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
                                       flash_attn=flash_attn, rope_freq_base=rope_freq_base,
                                       rope_freq_scale=rope_freq_scale, use_mlock=use_mlock,
-                                      deterministic=deterministic)
+                                      deterministic=deterministic, rope_scaling=rope_scaling,
+                                      yarn_orig_ctx=yarn_orig_ctx, yarn_ext_factor=yarn_ext_factor,
+                                      yarn_attn_factor=yarn_attn_factor, yarn_beta_fast=yarn_beta_fast,
+                                      yarn_beta_slow=yarn_beta_slow, kv_overrides=kv_overrides)
         self._seed = settings.seed
+        self._settings = settings
         self._fingerprint: Optional[dict[str, Any]] = None
         if path is None:
             path = default_model_path()
@@ -108,7 +122,9 @@ class Model:
                                       settings.n_gpu_layers, settings.n_parallel, settings.use_mmap, rpc_servers,
                                       loras, settings.deterministic, settings.cache_type_k, settings.cache_type_v,
                                       settings.flash_attn, settings.rope_freq_base, settings.rope_freq_scale,
-                                      settings.use_mlock)
+                                      settings.use_mlock, settings.rope_scaling or "", settings.yarn_orig_ctx,
+                                      settings.yarn_ext_factor, settings.yarn_attn_factor, settings.yarn_beta_fast,
+                                      settings.yarn_beta_slow, list(settings.kv_overrides or ()))
         self._loras = loras
         # Fixed for the model's life: read once, so that argument checks never
         # wait for a call running in another thread.
@@ -124,6 +140,18 @@ class Model:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: str, *, revision: Optional[str] = None,
+                        cache_dir: Union[str, os.PathLike[str], None] = None, local_files_only: bool = False,
+                        **settings: Any) -> Model:
+        """A Model of a GGUF file on the Hugging Face hub, downloaded once
+        into the hub's cache: ``Model.from_pretrained("owner/name",
+        "*Q4_K_M.gguf", n_ctx=8192)``. ``filename`` may be a glob pattern
+        that matches one file; ``settings`` are Model's keyword arguments.
+        Needs ``huggingface_hub`` (``pip install 'slot_cpp[hub]'``)."""
+        path = hub_file(repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+        return cls(path, **settings)
 
     # ---- lifecycle -------------------------------------------------------
     def close(self) -> None:
@@ -221,8 +249,26 @@ class Model:
 
     @property
     def loras(self) -> list[tuple[str, float]]:
-        """The LoRA adapters applied, as (path, scale)."""
-        return list(self._loras)
+        """The LoRA adapters loaded, as (path, scale): the scale a request
+        without ``lora`` of its own applies (see :meth:`set_lora_scales`)."""
+        scales = self._s().lora_defaults()
+        return [(path, float(scale)) for (path, _), scale in zip(self._loras, scales)]
+
+    @property
+    def n_adapters(self) -> int:
+        return len(self._loras)
+
+    def set_lora_scales(self, scales: Any) -> None:
+        """The adapters' scales for requests that give none: a mapping
+        adapter id -> scale, or llama-server's list of {"id", "scale"}
+        (adapters not named: 0). Requests that give ``lora`` choose their own."""
+        pairs = opts.RequestExtras(lora=scales).lora or ()
+        full = [0.0] * self.n_adapters
+        for adapter, scale in pairs:
+            if adapter >= self.n_adapters:
+                raise ValueError(f"lora names adapter {adapter}; the model loaded {self.n_adapters}")
+            full[adapter] = scale
+        self._s().set_lora_defaults(full)
 
     @property
     def n_vocab(self) -> int:
@@ -277,6 +323,58 @@ class Model:
         """Drop the prompt cache (the KV cells earlier calls left behind)."""
         self._s().clear_cache()
 
+    @property
+    def settings(self) -> opts.ModelSettings:
+        """The settings the model was loaded with."""
+        return self._settings
+
+    def save_state(self, path: Union[str, os.PathLike[str]], prompt: Union[Prompt, Sequence[int]], *,
+                   delta: Any = None, chat_template: Optional[str] = None) -> SavedState:
+        """Save the KV cells of ``prompt`` (text, chat messages or token ids)
+        to ``path``, with ``delta`` (a SLOT delta learned on it) if given.
+        The prompt is evaluated first unless the prompt cache holds it. The
+        file is checksummed and written crash-safely (see :mod:`slot_cpp.states`)."""
+        from .states import write_state
+
+        tokens = self._state_tokens(prompt, chat_template)
+        if delta is not None:
+            delta = opts.check_delta(delta, self.n_embd)
+        data = b""
+        for _ in range(3):  # a concurrent call may take the cached sequence in between
+            data = self._s().cached_state(tokens)
+            if data:
+                break
+            self.generate(tokens, max_tokens=0)
+        if not data:
+            raise RuntimeError("the prompt's cells could not be kept in the cache to be saved (every sequence "
+                               "is busy); try again")
+        return write_state(self._state_identity(), path, tokens, data, delta)
+
+    def load_state(self, path: Union[str, os.PathLike[str]]) -> SavedState:
+        """Restore a state saved by :meth:`save_state` (by this model, with
+        the same KV cache types) into the prompt cache: a prompt that begins
+        with its ``tokens`` then skips their evaluation. Returns it, with its
+        delta. ValueError for a damaged file or one of another model."""
+        from .states import read_state
+
+        state, data = read_state(self._state_identity(), path)
+        self._s().restore_state(state.tokens, data, -1)
+        return state
+
+    def _state_identity(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What a saved state's cells belong to: this model, and its KV cache's layout."""
+        settings = self._settings
+        return model_fingerprint(self), {"cache_type_k": settings.cache_type_k,
+                                         "cache_type_v": settings.cache_type_v, "deterministic": self.deterministic}
+
+    def _state_tokens(self, prompt: Any, chat_template: Optional[str]) -> list[int]:
+        if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping)):
+            return self.prompt_tokens(prompt, chat_template=chat_template)
+        tokens = self.check_tokens(prompt)
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        return tokens
+
     def drop_cached(self, prefix: Sequence[int]) -> int:
         """Drop the cached sequences whose tokens start with ``prefix`` (a
         branch that will not be continued); returns how many were dropped."""
@@ -318,12 +416,17 @@ class Model:
         return self._s().detokenize(self.check_tokens(tokens)).decode("utf-8", "replace")
 
     def apply_chat_template(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
-                            template: Optional[str] = None) -> str:
-        """Format messages with the model's chat template (or a built-in one by name)."""
-        return self._chat.apply(self._s, messages, add_generation_prompt, template)
+                            template: Optional[str] = None, **chat: Any) -> str:
+        """Format OpenAI-shaped messages with the model's own chat template
+        (rendered by llama.cpp's Jinja engine), or ``template``: Jinja text or
+        a built-in template's name (``slot_cpp.chat_templates()``). ``chat``:
+        the fields of :class:`slot_cpp.options.ChatOptions`
+        (``enable_thinking``, ``chat_template_kwargs``)."""
+        return self._chat.apply(self._s, messages, add_generation_prompt, template,
+                                opts.ChatOptions(**chat) if chat else None)
 
     def _chat_templates(self, source: Optional[str]) -> Any:
-        """llama.cpp's chat templates (common/chat, Jinja) of this model, or ``source``'s, parsed once."""
+        """llama.cpp's chat templates (common/chat) of this model, or ``source``'s, parsed once."""
         return self._chat.parsed(self._s, source)
 
     def check_tokens(self, tokens: Any) -> list[int]:

@@ -9,18 +9,20 @@ sits below ``_model`` and imports nothing of it.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union
 
 from . import _core
+from . import options as opts
 
 _LOG = logging.getLogger("slot_cpp")
 
-Message = Mapping[str, str]
+Message = Mapping[str, Any]
 Prompt = Union[str, Sequence[Message]]
 """Raw text, or chat messages formatted with the chat template."""
 
-ROLES = frozenset({"system", "user", "assistant"})
+ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
 class Tokenizer(Protocol):
@@ -37,9 +39,12 @@ class Tokenizer(Protocol):
 
 # ---- chat templates ------------------------------------------------------------
 class ChatTemplates:
-    """One model's chat formatting: its GGUF template (or a built-in one by
-    name), llama.cpp's common/chat (Jinja) templates parsed once per source,
-    and the fallback for a GGUF without a template, said once in the log.
+    """One model's chat formatting, all of it through llama.cpp's common/chat:
+    the GGUF's own template rendered by its Jinja engine, or a template
+    given as Jinja text, or one of llama.cpp's built-in templates by name
+    (``slot_cpp.chat_templates()``). A GGUF without a template gets the
+    built-in one of its architecture (Gemma's turns for gemma*, else ChatML),
+    said once in the log. Each template is parsed once.
 
     ``session`` is the Model's session getter (it raises once the Model is
     closed), called only after the arguments are checked."""
@@ -47,27 +52,37 @@ class ChatTemplates:
     def __init__(self, file_name: str) -> None:
         self._file_name = file_name
         self._fallback_said = False
-        self._parsed: dict[str, Any] = {}  # llama.cpp's common/chat templates, by override text
+        self._parsed: dict[tuple[str, bool], Any] = {}
 
     def apply(self, session: Callable[[], _core.Session], messages: Sequence[Message], add_generation_prompt: bool,
-              template: Optional[str]) -> str:
-        pairs = check_messages(messages)
-        if template is not None and not isinstance(template, str):
-            raise TypeError("template must be a str or None")
-        if template is None and not session().has_chat_template:
-            template = self._fallback(str(session().file_info()["architecture"]))
-        out = session().apply_chat_template(pairs, add_generation_prompt, template or "")
-        return out.decode("utf-8", "replace")
+              template: Optional[str], chat: Optional[Any] = None) -> str:
+        """The prompt text of ``messages`` (``chat``: a ChatOptions)."""
+        check_messages(messages)
+        templates = self.parsed(session, template)
+        reasoning, thinking, kwargs = (chat or opts.ChatOptions()).template_inputs()
+        out = session().apply_chat(templates, _messages_json(messages), "", "none", False, add_generation_prompt,
+                                   reasoning, thinking, kwargs)
+        return str(out.prompt)
 
-    def parsed(self, session: Callable[[], _core.Session], source: Optional[str]) -> Any:
-        """llama.cpp's chat templates (common/chat, Jinja) of the model, or
-        ``source``'s; each parsed once (ValueError when it cannot be)."""
-        if source is not None and not isinstance(source, str):
-            raise TypeError("chat_template must be Jinja text (a str) or None")
-        key = source or ""
+    def parsed(self, session: Callable[[], _core.Session], template: Optional[str]) -> Any:
+        """llama.cpp's chat templates for ``template`` (None: the model's), parsed once."""
+        if template is not None and not isinstance(template, str):
+            raise TypeError("chat_template must be a built-in template's name or Jinja text (a str), or None")
+        if template == "":
+            raise ValueError("chat_template is empty")
+        if template is None:
+            key = ("", True) if session().has_chat_template else (
+                self._fallback(str(session().file_info()["architecture"])), False)
+        elif template in _core.chat_templates():
+            key = (template, False)
+        elif "{{" in template or "{%" in template:
+            key = (template, True)
+        else:
+            raise ValueError(f"chat template {template!r} is neither a built-in template's name (see "
+                             "slot_cpp.chat_templates()) nor Jinja text")
         templates = self._parsed.get(key)
         if templates is None:
-            templates = self._parsed[key] = session().chat_templates(key)
+            templates = self._parsed[key] = session().chat_templates(*key)
         return templates
 
     def _fallback(self, arch: str) -> str:
@@ -81,22 +96,30 @@ class ChatTemplates:
         return name
 
 
-def check_messages(messages: Any) -> list[tuple[str, str]]:
+def _messages_json(messages: Sequence[Message]) -> str:
+    try:
+        return json.dumps([dict(m) for m in messages])
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"messages must be JSON-serialisable: {exc}") from None
+
+
+def check_messages(messages: Any) -> None:
+    """OpenAI-shaped chat messages: a role, and content (a str, or text
+    parts; None only beside tool_calls)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise TypeError("messages must be a list of {'role': ..., 'content': ...} mappings")
     if len(messages) == 0:
         raise ValueError("messages is empty")
-    pairs = []
     for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+        if not isinstance(m, Mapping) or "role" not in m:
             raise TypeError(f"message {i} must be a mapping with 'role' and 'content'")
-        role, content = m["role"], m["content"]
+        role, content = m["role"], m.get("content")
         if role not in ROLES:
             raise ValueError(f"message {i} has unknown role {role!r}; expected one of {sorted(ROLES)}")
-        if not isinstance(content, str):
-            raise TypeError(f"message {i} content must be a str")
-        pairs.append((role, content))
-    return pairs
+        if content is None and not m.get("tool_calls"):
+            raise TypeError(f"message {i} must have 'content' (None only in an assistant message with tool_calls)")
+        if content is not None and not isinstance(content, (str, list)):
+            raise TypeError(f"message {i} content must be a str or a list of text parts")
 
 
 # ---- prompts -------------------------------------------------------------------
@@ -139,8 +162,10 @@ def user_loss_mask(model: Tokenizer, prompt: Prompt, chat_template: Optional[str
     spans = []
     cursor = 0
     for i, m in enumerate(messages):
+        if m["role"] != "user" or not isinstance(m.get("content"), str) or not m["content"]:
+            continue
         content = m["content"].encode("utf-8")
-        if m["role"] != "user" or not content:
+        if not content:
             continue
         at = data.find(content, cursor)
         if at < 0:

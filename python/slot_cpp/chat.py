@@ -1,20 +1,26 @@
-"""Chats with tools (function calling).
+"""Chats: tools (function calling) and reasoning.
 
 The model's own chat template renders the messages and the tool definitions
 (llama.cpp's common/chat runs it with its Jinja engine), and the same module
-says how this model writes a call: :func:`format_chat` returns a
-:class:`ChatFormat` with the prompt, the grammar that makes an answer a
-well-formed call (lazy with ``tool_choice="auto"``: it applies once the model
-starts a call; from the first token with ``"required"`` or a named
-function), and the parser that reads the answer back into text and
-:class:`ToolCall` objects, whole or as it streams::
+says how this model writes a call and its reasoning: :func:`format_chat`
+returns a :class:`ChatFormat` with the prompt, the grammar that makes an
+answer a well-formed call (lazy with ``tool_choice="auto"``: it applies once
+the model starts a call; from the first token with ``"required"`` or a named
+function), and the parser that reads the answer back into its reasoning, its
+text and :class:`ToolCall` objects, whole or as it streams::
 
     fmt = format_chat(model, messages, tools=tools, tool_choice="required")
-    result = model.generate(fmt.prompt, chat_format=fmt, max_tokens=256)
+    result = model.generate(fmt.tokens, chat_format=fmt, max_tokens=256)
     message = fmt.parse(result.text)      # ChatMessage(content=..., tool_calls=[...])
 
+A template that cannot write calls (a built-in template, or a Jinja template
+without tools) still takes tools: they are described in a system message and
+a call is one JSON object ``{"name": ..., "arguments": {...}}`` (format
+``"json-call"``), forced by a grammar for ``"required"``.
+
 The methods compose with it: SLOT, RTD and the penalties act on the
-distribution the grammar then masks.
+distribution the grammar then masks. A grammar of the request's own (or a
+JSON schema) applies after a thinking model's reasoning block.
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Sequence, Union
 
 from . import _core
+from . import options as opts
 
 if TYPE_CHECKING:
     from ._model import Model
 
-__all__ = ["ChatFormat", "ChatMessage", "ChatStream", "ToolCall", "ToolCallDelta", "format_chat"]
+__all__ = ["ChatFormat", "ChatMessage", "ChatStream", "ReasoningDelta", "ToolCall", "ToolCallDelta", "format_chat"]
 
 ToolChoice = Union[Literal["none", "auto", "required"], Mapping[str, Any]]
 """``"none"``, ``"auto"``, ``"required"``, or OpenAI's named function
@@ -54,13 +61,16 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class ChatMessage:
-    """An assistant answer read back: its text and its tool calls."""
+    """An assistant answer read back: its text, its tool calls, and a thinking model's reasoning."""
 
     content: Optional[str]
     tool_calls: list[ToolCall] = field(default_factory=list)
+    reasoning_content: Optional[str] = None
 
     def openai(self) -> dict[str, Any]:
         out: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.reasoning_content:
+            out["reasoning_content"] = self.reasoning_content
         if self.tool_calls:
             out["tool_calls"] = [c.openai() for c in self.tool_calls]
         return out
@@ -77,11 +87,19 @@ class ToolCallDelta:
     arguments: str
 
 
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """What a streamed answer added to its reasoning."""
+
+    text: str
+
+
 def _message(raw: Mapping[str, Any]) -> ChatMessage:
     calls = [ToolCall(id=c.get("id", ""), name=c["function"]["name"], arguments=c["function"]["arguments"])
              for c in raw.get("tool_calls") or []]
     content = raw.get("content")
-    return ChatMessage(content=content if content or not calls else None, tool_calls=calls)
+    return ChatMessage(content=content if content or not calls else None, tool_calls=calls,
+                       reasoning_content=raw.get("reasoning_content") or None)
 
 
 class ChatStream:
@@ -91,14 +109,16 @@ class ChatStream:
         self._parser = _core.ChatParser(fmt._native, fmt.parse_tool_calls)
         self.message = ChatMessage(content=None)
 
-    def update(self, text: str, *, final: bool = False) -> list[Union[str, ToolCallDelta]]:
-        """The text added to the content (str) and the tool-call pieces since
-        the last call; ``final`` for the finished answer (an answer that is not
-        a complete call then reads as plain text)."""
+    def update(self, text: str, *, final: bool = False) -> list[Union[str, ReasoningDelta, ToolCallDelta]]:
+        """The text added to the content (str), to the reasoning and the
+        tool-call pieces since the last call; ``final`` for the finished
+        answer (an answer that is not a complete call then reads as plain text)."""
         out = json.loads(self._parser.update(text, not final))
         self.message = _message(out["message"])
-        deltas: list[Union[str, ToolCallDelta]] = []
+        deltas: list[Union[str, ReasoningDelta, ToolCallDelta]] = []
         for d in out["deltas"]:
+            if "reasoning_content" in d:
+                deltas.append(ReasoningDelta(d["reasoning_content"]))
             if "content" in d:
                 deltas.append(d["content"])
             if "tool_call_index" in d:
@@ -136,6 +156,17 @@ class ChatFormat:
     def stops(self) -> list[str]:
         return list(self._native.stops)
 
+    @property
+    def needs_parser(self) -> bool:
+        """Whether answers are read back (tool calls, or reasoning split off);
+        False: an answer's text is its content as it is."""
+        return bool(self._native.needs_parser)
+
+    @property
+    def thinking_end(self) -> Optional[str]:
+        """The tag that ends a thinking model's reasoning here (None: it does not think)."""
+        return self._native.thinking_end or None
+
     def parse(self, text: str) -> ChatMessage:
         """The finished answer as text and tool calls."""
         stream = ChatStream(self)
@@ -146,8 +177,11 @@ class ChatFormat:
         return ChatStream(self)
 
     def _apply(self, request: Any) -> None:
-        """Sets a native request's grammar, its triggers, prefill and stops."""
+        """Sets a native request's grammar, its triggers, prefill and stops.
+        A grammar the request has of its own waits for the reasoning's end."""
         native = self._native
+        if (request.grammar or request.json_schema) and native.thinking_end:
+            request.grammar_triggers = [_after(native.thinking_end)]
         if native.grammar:
             request.grammar = native.grammar
             if native.grammar_lazy:
@@ -158,6 +192,13 @@ class ChatFormat:
         request.render_tokens = list(native.preserved_tokens)
         if native.stops:
             request.stop = list(request.stop) + [s for s in native.stops if s not in request.stop]
+
+
+def _after(tag: str) -> str:
+    """A lazy grammar trigger: the first non-space character after ``tag``."""
+    import re
+
+    return r"[\s\S]*?" + re.escape(tag) + r"\s*([^\s][\s\S]*)"
 
 
 _CHOICES = ("none", "auto", "required")
@@ -203,12 +244,16 @@ def _tools_and_choice(tools: Optional[Sequence[Mapping[str, Any]]], tool_choice:
 def format_chat(model: Model, messages: Sequence[Mapping[str, Any]], *,
                 tools: Optional[Sequence[Mapping[str, Any]]] = None, tool_choice: ToolChoice = "auto",
                 parallel_tool_calls: bool = True, chat_template: Optional[str] = None,
-                add_generation_prompt: bool = True) -> ChatFormat:
+                add_generation_prompt: bool = True, chat: Optional[opts.ChatOptions] = None,
+                **chat_options: Any) -> ChatFormat:
     """Renders OpenAI-shaped ``messages`` (tool calls and ``tool`` results
     included) and ``tools`` with the model's chat template, or
-    ``chat_template`` (Jinja text). A model without a template gets
-    llama.cpp's ChatML default. ValueError for messages, tools or a template
-    that cannot be rendered."""
+    ``chat_template`` (Jinja text, or a built-in template's name). A model
+    without a template gets the built-in one of its architecture.
+    ``chat`` (or its fields as keywords: ``reasoning_format``,
+    ``enable_thinking``, ``chat_template_kwargs``) says how a thinking
+    model's reasoning is rendered and read. ValueError for messages, tools
+    or a template that cannot be rendered."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise TypeError("messages must be a non-empty list of OpenAI-style message mappings")
     for i, m in enumerate(messages):
@@ -217,13 +262,17 @@ def format_chat(model: Model, messages: Sequence[Mapping[str, Any]], *,
     rendered_tools, choice = _tools_and_choice(tools, tool_choice)
     if not isinstance(parallel_tool_calls, bool):
         raise TypeError("parallel_tool_calls must be a bool")
+    if chat is None:
+        chat = opts.ChatOptions(**chat_options)
+    elif chat_options:
+        raise TypeError("give chat or its fields as keywords, not both")
     try:
         messages_json = json.dumps(list(messages))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"messages must be JSON-serialisable: {exc}") from None
     templates = model._chat_templates(chat_template)
     native = model.native_session().apply_chat(templates, messages_json, json.dumps(rendered_tools) if rendered_tools else "",
-                                choice, parallel_tool_calls, add_generation_prompt)
+                                choice, parallel_tool_calls, add_generation_prompt, *chat.template_inputs())
     tokens = model.tokenize(native.prompt)
     if not tokens:
         raise ValueError("the chat template rendered an empty prompt")

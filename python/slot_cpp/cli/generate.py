@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from .._files import atomic_write
 from .._model import Prompt
-from ..options import RequestExtras
+from ..options import ChatOptions, RequestExtras, add_arguments, group_from_arguments
 from ._common import (UsageError, _add_model_options, _add_rtd_options, _add_sampling_options, _check_rtd_args,
                       _open_model, _read_prompt, _report_slot, _rtd_option, _sampling_group, _slot_group,
                       result_json)
@@ -23,6 +23,7 @@ def register(sub: Any) -> None:
     gen.add_argument("--file", "-f", help="read the prompt from a file")
     gen.add_argument("--chat", action="store_true", help="apply the chat template to the prompt")
     gen.add_argument("--system", default=None, help="system prompt (implies --chat)")
+    add_arguments(gen, ChatOptions)
     gen.add_argument("--json", action="store_true", help="print the full result as JSON")
     gen.add_argument("--save-delta", default=None, help="save the learned delta to this .npy file")
     _add_model_options(gen)
@@ -32,6 +33,7 @@ def register(sub: Any) -> None:
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat; SLOT re-optimised on each turn")
     chat.add_argument("--system", default=None)
+    add_arguments(chat, ChatOptions)
     _add_model_options(chat)
     _add_sampling_options(chat)
     _add_rtd_options(chat)
@@ -54,12 +56,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with _open_model(args) as model:
         extras = RequestExtras(rtd=_rtd_option(args, model))
         prompt: Prompt = text
+        template = args.chat_template
         if chat:
             messages = [{"role": "system", "content": args.system}] if args.system else []
-            prompt = messages + [{"role": "user", "content": text}]
+            prompt, template = _chat_prompt(model, messages + [{"role": "user", "content": text}], args)
         if args.loss_on == "user" and not chat and args.chat_template is None:
             raise UsageError("--loss-on user needs a chat prompt (--chat, --system or --chat-template)")
-        kwargs: dict[str, Any] = dict(chat_template=args.chat_template, sampling=sampling, slot=slot, extras=extras)
+        kwargs: dict[str, Any] = dict(chat_template=template, sampling=sampling, slot=slot, extras=extras)
         if args.json:
             result = model.generate_with_slot(prompt, **kwargs)
             print(json.dumps(result_json(result), indent=2))
@@ -70,6 +73,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.save_delta and result.delta is not None:
             save_delta(args.save_delta, result.delta)
     return 0
+
+
+def _chat_prompt(model: Any, messages: list[dict[str, str]], args: argparse.Namespace
+                 ) -> tuple[Prompt, Optional[str]]:
+    """The prompt and chat template generate takes: the messages as they are,
+    or rendered here when the chat options differ from the defaults (the
+    template's variables; --loss-on user then cannot find the user's messages)."""
+    chat = group_from_arguments(args, ChatOptions)
+    if chat == ChatOptions():
+        return messages, args.chat_template
+    if args.loss_on == "user":
+        raise UsageError("--loss-on user is not available with --no-enable-thinking or --chat-template-kwargs")
+    text = model.apply_chat_template(messages, template=args.chat_template, enable_thinking=chat.enable_thinking,
+                                     chat_template_kwargs=chat.chat_template_kwargs)
+    return text, None
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -92,8 +110,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 messages = messages[:1] if args.system else []
                 continue
             messages.append({"role": "user", "content": line})
+            prompt, template = _chat_prompt(model, messages, args)
             result = model.generate_with_slot(
-                messages, chat_template=args.chat_template, sampling=sampling, slot=slot, extras=extras,
+                prompt, chat_template=template, sampling=sampling, slot=slot, extras=extras,
                 on_text=lambda s: print(s, end="", flush=True))
             print(flush=True)
             _report_slot(result, sys.stderr)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from .cli import (add_arguments, dest_of, flag_of, from_arguments, group_from_arguments, parse_list,
                   parse_lr)
-from .groups import (GROUPS, LmcorOptions, ModelSettings, QAlignOptions, RequestExtras, RtdOptions,
+from .groups import (GROUPS, REASONING_FORMATS, ChatOptions, LmcorOptions, ModelSettings, QAlignOptions, RequestExtras, RtdOptions,
                      SamplingOptions, ServerSettings, SlotOptions, split_options)
 from .http import from_http, group_from_http, http_default, http_fields, request_model
 from .native import ModelFacts, check_delta, check_tokens, native_request, schema_grammar
@@ -39,12 +39,14 @@ from .spec import AUTO_LR_REFERENCE, SAME, OptionSpec, check_float, check_int, s
 
 __all__ = [
     "AUTO_LR_REFERENCE",
+    "ChatOptions",
     "GROUPS",
     "LmcorOptions",
     "ModelFacts",
     "ModelSettings",
     "OptionSpec",
     "QAlignOptions",
+    "REASONING_FORMATS",
     "RequestExtras",
     "RtdOptions",
     "SAME",

@@ -41,6 +41,7 @@ def _parse_bias(text: str) -> tuple[int, float]:
 
 _CLI_TYPES: dict[str, tuple[Callable[[str], Any], str]] = {
     "int": (int, "integers"), "text": (str, "strings"), "float": (float, "numbers"), "lr": (parse_lr, "numbers or 'auto'"),
+    "json": (str, "JSON objects"),
 }
 
 
@@ -85,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser, group: type, *, only: Optiona
                                 help=spec.doc + " (repeatable)")
         elif spec.kind == "str":
             parser.add_argument(*names, dest=dest, choices=spec.choices, default=default, help=help_text)
+        elif spec.kind == "kv":
+            parser.add_argument(*names, dest=dest, action="append", default=None, metavar="KEY=TYPE:VALUE",
+                                help=spec.doc + " (repeatable)")
         elif spec.kind == "bias":
             parser.add_argument(*names, dest=dest, action="append", type=_parse_bias, default=None,
                                 metavar="TOKEN=BIAS", help=spec.doc + " (repeatable)")

@@ -4,6 +4,7 @@ written once. A group checks its own values when it is made."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
@@ -143,6 +144,10 @@ class RequestExtras(_Group):
     top_logprobs: int = _opt(0, "also record the N most likely alternatives at each step", "int", low=0,
                              flag=None, http=None)
     cache_prompt: bool = _opt(True, "reuse (and leave behind) the prompt's KV cells", "bool", flag=None)
+    lora: Optional[tuple[tuple[int, float], ...]] = _opt(
+        None, "the scales of the model's LoRA adapters for this request, by adapter id (those not named: 0; "
+        "default: the model's scales); requests with other scales than the running ones wait for them", "lora",
+        optional=True, flag=None, native=None)
     return_hidden: bool = _opt(False, "report the final hidden state at the context's last token", "bool",
                                flag=None, http=None)
     delta: Optional[Any] = _opt(None, "apply this delta (float32, n_embd) without optimising", "object",
@@ -159,6 +164,35 @@ class RequestExtras(_Group):
     chat_format: Optional[Any] = _opt(None, "a slot_cpp.chat.ChatFormat (format_chat): the answer follows its "
                                       "tool-call grammar and stops, and shows its control tokens", "object",
                                       optional=True, flag=None, http=None, native=None)
+
+
+REASONING_FORMATS = ("none", "auto", "deepseek", "deepseek-legacy")
+"""llama.cpp's reasoning formats (llama-server's --reasoning-format)."""
+
+
+@dataclass(frozen=True)
+class ChatOptions(_Group):
+    """How chat messages are rendered by the chat template, and a thinking model's answer read back
+    (``reasoning_format`` is for the OpenAI message an answer is read into: Python and HTTP)."""
+
+    reasoning_format: str = _opt("auto", "where a thinking model's reasoning goes: 'auto' or 'deepseek' take it "
+                                 "out of the content into reasoning_content; 'deepseek-legacy' also leaves it in "
+                                 "a streamed content; 'none' leaves it in the content", "str",
+                                 choices=REASONING_FORMATS, flag=None, native=None)
+    enable_thinking: bool = _opt(True, "let a thinking model think (the template's enable_thinking variable; "
+                                 "chat_template_kwargs' enable_thinking wins)", "bool", http=None, native=None)
+    chat_template_kwargs: Optional[str] = _opt(None, "extra variables for the chat template, a JSON object (e.g. "
+                                               "{\"enable_thinking\": false})", "json", optional=True,
+                                               native=None)
+
+    def template_inputs(self) -> tuple[str, bool, str]:
+        """(reasoning_format, enable_thinking, kwargs JSON) as the chat template's renderer takes them."""
+        thinking = self.enable_thinking
+        if self.chat_template_kwargs:
+            value = json.loads(self.chat_template_kwargs).get("enable_thinking")
+            if isinstance(value, bool):
+                thinking = value
+        return self.reasoning_format, thinking, self.chat_template_kwargs or ""
 
 
 @dataclass(frozen=True)
@@ -193,6 +227,23 @@ class ModelSettings(_Group):
                                  native=None)
     rope_freq_scale: float = _opt(0.0, "RoPE frequency scale, e.g. 0.5 to stretch the context twofold by linear "
                                   "interpolation (0: the model's)", "float", low=0.0, http=None, native=None)
+    rope_scaling: Optional[str] = _opt(None, "RoPE scaling: none, linear, or yarn to stretch the context beyond "
+                                       "the trained one (default: the model's)", "str", optional=True,
+                                       choices=("none", "linear", "yarn"), http=None, native=None)
+    yarn_orig_ctx: int = _opt(0, "YaRN: the context the model was trained on (0: the model's)", "int", low=0,
+                              http=None, native=None)
+    yarn_ext_factor: float = _opt(-1.0, "YaRN: the extrapolation mix factor (negative: the model's, or 1 with "
+                                  "yarn)", "float", http=None, native=None)
+    yarn_attn_factor: float = _opt(-1.0, "YaRN: the attention magnitude scale (negative: the model's)", "float",
+                                   http=None, native=None)
+    yarn_beta_fast: float = _opt(-1.0, "YaRN: low correction dimension (negative: the model's)", "float", http=None,
+                                 native=None)
+    yarn_beta_slow: float = _opt(-1.0, "YaRN: high correction dimension (negative: the model's)", "float",
+                                 http=None, native=None)
+    kv_overrides: Optional[tuple[tuple[str, str, str], ...]] = _opt(
+        None, "GGUF metadata overridden at load: a mapping key -> int, float, bool or str (command line: "
+        "KEY=TYPE:VALUE, as llama.cpp's --override-kv)", "kv", optional=True, flag="--override-kv",
+        http=None, native=None)
     use_mlock: bool = _opt(False, "lock the model's memory so the system cannot swap it out", "bool", http=None,
                            native=None)
     deterministic: bool = _opt(False, "batch-invariant evaluation: a request's tokens and logprobs are the same "
@@ -229,6 +280,9 @@ class ServerSettings(_Group):
                                          flag=None, http=None, native=None)
     chat_template: Optional[str] = _opt(None, "built-in chat template name (or template text) for models without "
                                         "one (see 'slot-cpp info')", "text", optional=True, http=None, native=None)
+    slot_save_path: Optional[str] = _opt(None, "a directory for the state files of POST /slots/{id}?action=save "
+                                         "and restore (none: those actions are refused)", "text", optional=True,
+                                         http=None, native=None)
     pooling: str = _opt("mean", "how /v1/embeddings pools a text's final hidden states (see Model.embed)", "str",
                         choices=("mean", "last"), http=None, native=None)
     max_waiting: int = _opt(16, "requests that may wait for a free sequence; more get 503", "int", low=0,

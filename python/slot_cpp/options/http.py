@@ -39,10 +39,14 @@ def http_fields(group: type, *, only: Optional[Sequence[str]] = None) -> dict[st
             # OpenAI's shape (token id strings -> bias), checked by the option's own rule.
             annotation = Annotated[dict[str, float], AfterValidator(lambda v, c=spec, n=field_name: c.check(n, v))]
             constraints = {}
+        elif spec.kind == "lora":
+            # llama-server's shape: [{"id": 0, "scale": 0.5}, ...], checked by the option's own rule.
+            annotation = Annotated[list[dict[str, Any]], AfterValidator(lambda v, c=spec, n=field_name: c.check(n, v))]
+            constraints = {}
         elif spec.kind == "grammar":
             annotation, constraints = str, {}
-        elif spec.kind == "schema":
-            # A JSON schema object, kept as JSON text once checked.
+        elif spec.kind in ("schema", "json"):
+            # A JSON object, kept as JSON text once checked.
             annotation = Annotated[dict[str, Any], AfterValidator(lambda v, c=spec, n=field_name: c.check(n, v))]
             constraints = {}
         elif spec.kind == "lr":

@@ -19,6 +19,7 @@ class ModelFacts:
     n_vocab: int
     n_embd: int
     seed: int
+    n_adapters: int = 0
 
 
 def check_tokens(tokens: Any, n_vocab: int) -> list[int]:
@@ -98,6 +99,13 @@ def native_request(tokens: list[int], n: int, sampling: SamplingOptions, slot: S
         if isinstance(extras.score_tokens, (str, bytes)):
             raise TypeError("score_tokens must be token ids")
         r.score_tokens = check_tokens(extras.score_tokens, facts.n_vocab)
+    if extras.lora is not None:
+        scales = [0.0] * facts.n_adapters
+        for adapter, scale in extras.lora:
+            if adapter >= facts.n_adapters:
+                raise ValueError(f"lora names adapter {adapter}; the model loaded {facts.n_adapters}")
+            scales[adapter] = scale
+        r.lora_scales = scales
     if extras.chat_format is not None:
         apply = getattr(extras.chat_format, "_apply", None)
         if apply is None:

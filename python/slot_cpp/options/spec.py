@@ -62,8 +62,8 @@ class OptionSpec:
     kind: str
     """int, float, bool, str (one of choices), text (any str), lr (a float or 'auto'), strings (a list of str), bias (token id -> logit
     bias, as OpenAI's logit_bias), grammar (GBNF text; a file on the command line), schema (a JSON
-    schema: a mapping, a pydantic model class or JSON text; a file on the command line), or object
-    (Python only)."""
+    schema: a mapping, a pydantic model class or JSON text; a file on the command line), json (a JSON
+    object: a mapping or JSON text, kept as JSON text), lora (adapter id -> scale), kv (GGUF metadata overrides), or object (Python only)."""
     low: Optional[float] = None
     high: Optional[float] = None
     low_open: bool = False
@@ -134,6 +134,12 @@ class OptionSpec:
             return value
         if self.kind == "schema":
             return _schema_text(name, value)
+        if self.kind == "json":
+            return _object_text(name, value)
+        if self.kind == "lora":
+            return _lora_scales(name, value)
+        if self.kind == "kv":
+            return _kv_overrides(name, value)
         if self.kind == "strings":
             if isinstance(value, str):
                 value = [value]
@@ -172,6 +178,72 @@ def _schema_text(name: str, value: Any) -> str:
                         f"got {type(value).__name__}")
     try:
         return json.dumps(value, sort_keys=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} is not JSON-serialisable: {exc}") from None
+
+
+def _lora_scales(name: str, value: Any) -> tuple[tuple[int, float], ...]:
+    """LoRA scales as (adapter id, scale) pairs: a mapping id -> scale, or
+    llama-server's list of {"id": ..., "scale": ...}."""
+    items = value.items() if isinstance(value, Mapping) else value
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TypeError(f"{name} must map adapter ids to scales, or be a list of {{'id': ..., 'scale': ...}}")
+    out: dict[int, float] = {}
+    for item in items:
+        if isinstance(item, Mapping):
+            if set(item) != {"id", "scale"}:
+                raise ValueError(f"{name} entries must be {{'id': ..., 'scale': ...}}")
+            item = (item["id"], item["scale"])
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"{name} must map adapter ids to scales")
+        key = check_int(f"{name} id", item[0], 0)
+        if key in out:
+            raise ValueError(f"{name} names adapter {key} twice")
+        out[key] = check_float(f"{name}[{key}] scale", item[1], low=-math.inf)
+    return tuple(sorted(out.items()))
+
+
+def _kv_overrides(name: str, value: Any) -> tuple[tuple[str, str, str], ...]:
+    """GGUF metadata overrides as (key, type, value text): a mapping key ->
+    int, float, bool or str, or llama.cpp's KEY=TYPE:VALUE strings."""
+    out: list[tuple[str, str, str]] = []
+    if isinstance(value, Mapping):
+        for key, v in value.items():
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"{name} keys must be non-empty str")
+            if isinstance(v, bool):
+                out.append((key, "bool", "true" if v else "false"))
+            elif isinstance(v, (int, np.integer)):
+                out.append((key, "int", str(int(v))))
+            elif isinstance(v, (float, np.floating)):
+                out.append((key, "float", repr(float(v))))
+            elif isinstance(v, str):
+                out.append((key, "str", v))
+            else:
+                raise TypeError(f"{name}[{key!r}] must be an int, float, bool or str, got {type(v).__name__}")
+        return tuple(out)
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        value = [value]
+    for item in value:
+        key, sep, rest = str(item).partition("=")
+        kind, colon, text = rest.partition(":")
+        if not sep or not colon or not key or kind not in ("int", "float", "bool", "str"):
+            raise ValueError(f"{name} must be KEY=TYPE:VALUE with TYPE int, float, bool or str, got {item!r}")
+        out.append((key, kind, text))
+    return tuple(out)
+
+
+def _object_text(name: str, value: Any) -> str:
+    """A JSON object given as a mapping or JSON text, as JSON text."""
+    if isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"{name} is not valid JSON: {exc}") from None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a JSON object (a mapping), got {type(value).__name__}")
+    try:
+        return json.dumps(dict(value))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} is not JSON-serialisable: {exc}") from None
 

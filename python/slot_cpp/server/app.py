@@ -27,9 +27,10 @@ from .state import ServerConfig, State, parse_named_paths
 __all__ = ["ServerConfig", "bound_heap_growth", "create_app", "parse_named_paths", "serve"]
 
 _ENDPOINTS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize",
-                        "/detokenize", "/health", "/metrics", "/props", "/apply-template"})
+                        "/detokenize", "/health", "/metrics", "/props", "/apply-template", "/slots",
+                        "/lora-adapters"})
 """Paths the metrics count by name; any other path counts as "other"."""
-_GUARDED = ("/v1/", "/tokenize", "/detokenize", "/props", "/apply-template")
+_GUARDED = ("/v1/", "/tokenize", "/detokenize", "/props", "/apply-template", "/slots", "/lora-adapters")
 """Path prefixes that read the model: they need the API key when one is set."""
 
 

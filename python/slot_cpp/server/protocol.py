@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import options as opts
 from .._model import GenerationResult, Model
-from ..chat import ToolCallDelta
+from ..chat import ReasoningDelta, ToolCallDelta
 
 # ---- request bodies --------------------------------------------------------------
 
@@ -68,7 +68,7 @@ class _SamplingBody(_Body):
 
 SamplingRequest: Any = opts.request_model(
     "SamplingRequest", {**opts.http_fields(opts.SamplingOptions),
-                        **opts.http_fields(opts.RequestExtras, only=("cache_prompt",))},
+                        **opts.http_fields(opts.RequestExtras, only=("cache_prompt", "lora"))},
     base=_SamplingBody, doc="What both endpoints share: sampling, streaming and the extensions.")
 
 
@@ -122,7 +122,11 @@ class NamedToolChoice(_Body):
     function: NamedFunction
 
 
-class ChatCompletionRequest(SamplingRequest):  # type: ignore[misc, valid-type]
+_ChatBody: Any = opts.request_model("ChatBody", opts.http_fields(opts.ChatOptions), base=_Body,
+                                    doc=opts.ChatOptions.__doc__)
+
+
+class ChatCompletionRequest(SamplingRequest, _ChatBody):  # type: ignore[misc, valid-type]
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
@@ -136,13 +140,19 @@ class ChatCompletionRequest(SamplingRequest):  # type: ignore[misc, valid-type]
     parallel_tool_calls: bool = Field(True, description="whether an answer may hold several calls")
 
 
-class ApplyTemplateRequest(_Body):
+class ApplyTemplateRequest(_ChatBody):  # type: ignore[misc, valid-type]
     """llama-server's /apply-template: the chat's prompt text, not generated from."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     tools: Optional[list[ToolDefinition]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool = True
+
+
+class SlotActionRequest(_Body):
+    """llama-server's /slots/{id}?action=save|restore: a file name inside the server's --slot-save-path."""
+
+    filename: str = Field(min_length=1, max_length=255)
 
 
 class EmbeddingRequest(_Body):
@@ -293,15 +303,19 @@ class Reply:
 
     def chunk(self, index: int, text: Optional[str], finish: Optional[str], *, role: bool = False,
               extension: Optional[dict[str, Any]] = None, tool_call: Optional[ToolCallDelta] = None,
+              reasoning: Optional[ReasoningDelta] = None,
               timings: Optional[dict[str, float]] = None) -> dict[str, Any]:
-        """One streamed chunk: a choice's text piece, a piece of a tool call,
-        its role (chat's first chunk) or its finish reason (``text`` None)."""
+        """One streamed chunk: a choice's text piece, a piece of its reasoning
+        or of a tool call, its role (chat's first chunk) or its finish reason
+        (``text`` None)."""
         if self.chat:
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if reasoning is not None:
+                delta["reasoning_content"] = reasoning.text
             if tool_call is not None:
                 call: dict[str, Any] = {"index": tool_call.index}
                 if tool_call.id:  # the call's first piece: its id and name

@@ -5,6 +5,8 @@ or answers it itself (models, embeddings, tokenize, health, metrics)."""
 from __future__ import annotations
 
 import base64
+import time
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import anyio
@@ -17,7 +19,7 @@ from ..chat import ChatFormat, format_chat
 from ..options.spec import SAME
 from .errors import ApiError
 from .protocol import (ApplyTemplateRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                       EmbeddingRequest, TokenizeRequest)
+                       EmbeddingRequest, SlotActionRequest, TokenizeRequest)
 from .serving import resolve, respond
 from .state import State
 
@@ -71,34 +73,15 @@ async def chat_completions(body: ChatCompletionRequest, state: Served) -> Respon
     top = body.top_logprobs or 0
     if top and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    if _uses_tools(body, messages):
-        fmt = _tool_format(state, body, messages, schema is not None)
-        job = resolve(state, body, fmt.tokens, max_tokens, body.logprobs, top, chat_format=fmt)
-        return await respond(state, job, body, chat=True)
-    try:
-        tokens = model.prompt_tokens(messages, chat_template=config.chat_template)
-    except (TypeError, ValueError) as exc:
-        raise ApiError(400, str(exc), param="messages") from None
-    except _core.SlotError as exc:
-        raise ApiError(400, f"the chat template could not format these messages: {exc}",
-                       param="messages") from None
-    job = resolve(state, body, tokens, max_tokens, body.logprobs, top, messages=messages)
+    fmt = _chat_format(state, body, messages, schema is not None)
+    job = resolve(state, body, fmt.tokens, max_tokens, body.logprobs, top, messages=messages, chat_format=fmt)
     return await respond(state, job, body, chat=True)
 
 
 @router.post("/apply-template")
 async def apply_template(body: ApplyTemplateRequest, state: Served) -> dict[str, Any]:
     """The prompt a chat completion would generate from (llama-server's /apply-template)."""
-    messages = _messages(body.messages)
-    try:
-        if _uses_tools(body, messages):
-            return {"prompt": _tool_format(state, body, messages, False).prompt}
-        return {"prompt": state.model.apply_chat_template(messages, template=state.config.chat_template)}
-    except (TypeError, ValueError) as exc:
-        raise ApiError(400, str(exc), param="messages") from None
-    except _core.SlotError as exc:
-        raise ApiError(400, f"the chat template could not format these messages: {exc}",
-                       param="messages") from None
+    return {"prompt": _chat_format(state, body, _messages(body.messages), False).prompt}
 
 
 @router.get("/props")
@@ -109,12 +92,85 @@ async def props(state: Served) -> dict[str, Any]:
     params = {name: default if spec.http_default is SAME else spec.http_default
               for name, default, spec in opts.specs(opts.SamplingOptions)
               if name not in ("grammar", "json_schema", "logit_bias", "seed")}
-    source = model._chat_templates(_jinja_template(state)).source
+    source = model._chat_templates(state.config.chat_template).source
     return {"model_path": model.path, "model_alias": state.config.model_id, "total_slots": model.n_parallel,
             "default_generation_settings": {"n_ctx": model.seq_capacity, "params": params},
             "chat_template": source, "build_info": f"slot_cpp {_core.__version__}",
             "modalities": {"vision": False, "audio": False}, "deterministic": model.deterministic,
             "architecture": info.architecture}
+
+
+@router.get("/lora-adapters")
+async def lora_adapters(state: Served) -> list[dict[str, Any]]:
+    """The LoRA adapters the model loaded, with the scales requests without ``lora`` apply."""
+    return [{"id": i, "path": path, "scale": scale} for i, (path, scale) in enumerate(state.model.loras)]
+
+
+@router.post("/lora-adapters")
+async def set_lora_adapters(body: list[dict[str, Any]], state: Served) -> list[dict[str, Any]]:
+    """Sets the default scales, as llama-server's POST /lora-adapters: adapters not named get 0."""
+    try:
+        state.model.set_lora_scales(body)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, str(exc), param="lora") from None
+    return await lora_adapters(state)
+
+
+@router.get("/slots")
+async def slots(state: Served) -> list[dict[str, Any]]:
+    """The sequences (llama-server's slots): whether each is generating and
+    how many tokens its KV cells hold for the prompt cache."""
+    model = state.model
+    return [{"id": s["id"], "is_processing": bool(s["live"]), "n_ctx": model.seq_capacity,
+             "n_cached_tokens": len(s["tokens"])} for s in model.native_session().slots()]
+
+
+@router.post("/slots/{slot_id}")
+async def slot_action(slot_id: int, action: str, state: Served,
+                      body: Optional[SlotActionRequest] = None) -> dict[str, Any]:
+    """llama-server's slot actions: save a slot's KV cells to a state file,
+    restore one into a slot, or erase a slot."""
+    from ..states import read_state, write_state
+
+    model = state.model
+    session = model.native_session()
+    if action not in ("save", "restore", "erase"):
+        raise ApiError(400, f"action must be 'save', 'restore' or 'erase', got {action!r}", param="action")
+    started = time.perf_counter()
+    try:
+        if action == "erase":
+            n = len(session.slots()[slot_id]["tokens"]) if 0 <= slot_id < model.n_parallel else 0
+            await anyio.to_thread.run_sync(session.erase_seq, slot_id)
+            return {"id_slot": slot_id, "n_erased": n}
+        path = _state_file(state, body)
+        if action == "save":
+            tokens, data = await anyio.to_thread.run_sync(session.seq_state, slot_id)
+            saved = await anyio.to_thread.run_sync(lambda: write_state(model._state_identity(), path, tokens, data))
+            return {"id_slot": slot_id, "filename": path.name, "n_saved": len(tokens), "n_written": saved.kv_bytes,
+                    "timings": {"save_ms": 1000 * (time.perf_counter() - started)}}
+        try:
+            restored, data = await anyio.to_thread.run_sync(read_state, model._state_identity(), path)
+        except FileNotFoundError:
+            raise ApiError(404, f"no state file {path.name!r}", type="not_found_error", param="filename") from None
+        await anyio.to_thread.run_sync(session.restore_state, restored.tokens, data, slot_id)
+        return {"id_slot": slot_id, "filename": path.name, "n_restored": len(restored.tokens),
+                "n_read": restored.kv_bytes, "timings": {"restore_ms": 1000 * (time.perf_counter() - started)}}
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="filename" if action != "erase" else None) from None
+    except _core.QueueFullError as exc:
+        raise ApiError(503, str(exc)) from None
+
+
+def _state_file(state: State, body: Optional[SlotActionRequest]) -> Path:
+    """A state file inside the server's slot_save_path, named by the request."""
+    if state.config.slot_save_path is None:
+        raise ApiError(400, "this server was started without --slot-save-path: slots cannot be saved or restored")
+    if body is None:
+        raise ApiError(400, "the body must give the state file's 'filename'", param="filename")
+    name = body.filename
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        raise ApiError(400, "filename must be a plain file name (no directories, not hidden)", param="filename")
+    return Path(state.config.slot_save_path) / name
 
 
 @router.post("/v1/embeddings")
@@ -216,39 +272,45 @@ def _messages(body_messages: list[Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def _jinja_template(state: State) -> Optional[str]:
-    """The Jinja template given at start-up, if any (a built-in name is for the plain chat path)."""
-    text = state.config.chat_template
-    return text if text and "{" in text else None
-
-
 def _uses_tools(body: Any, messages: list[dict[str, Any]]) -> bool:
     return bool(body.tools) or body.tool_choice is not None or any(m["role"] == "tool" or "tool_calls" in m
                                                                    for m in messages)
 
 
-def _tool_format(state: State, body: Any, messages: list[dict[str, Any]], has_response_format: bool) -> ChatFormat:
-    """A chat with tools (or tool calls and results in its history), rendered
-    by the model's Jinja template through llama.cpp's common/chat."""
-    for method in ("qalign", "lmcor"):
-        if getattr(body, method, None) is not None:
-            raise ApiError(400, f"tools are not available with {method}", param="tools")
+def _chat_format(state: State, body: Any, messages: list[dict[str, Any]], has_response_format: bool) -> ChatFormat:
+    """Every chat, rendered by the model's chat template through llama.cpp's
+    common/chat, with its tools (or tool calls and results in its history)
+    and how a thinking model's reasoning is read."""
+    try:
+        chat = opts.group_from_http(body, opts.ChatOptions)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, str(exc), param="chat_template_kwargs") from None
     slot = getattr(body, "slot", None)
-    if slot is not None and slot.loss_on == "user":
-        raise ApiError(400, "slot.loss_on 'user' is not available with tools", param="slot.loss_on")
-    constrained = has_response_format or getattr(body, "grammar", None) is not None or \
-        getattr(body, "json_schema", None) is not None
-    if constrained and body.tools:
-        raise ApiError(400, "give tools or a response format/grammar, not both", param="tools")
-    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
-    choice: Any = "auto" if body.tool_choice is None else (
-        body.tool_choice if isinstance(body.tool_choice, str) else body.tool_choice.model_dump())
-    if not tools and choice == "auto":
-        choice = "none"
-    template = _jinja_template(state)
+    user_mask = slot is not None and slot.loss_on == "user"
+    if user_mask and chat.chat_template_kwargs:
+        # The user's message spans are found in the prompt the template renders without them.
+        raise ApiError(400, "slot.loss_on 'user' is not available with chat_template_kwargs", param="slot.loss_on")
+    tools: list[dict[str, Any]] = []
+    choice: Any = "none"
+    if _uses_tools(body, messages):
+        for method in ("qalign", "lmcor"):
+            if getattr(body, method, None) is not None:
+                raise ApiError(400, f"tools are not available with {method}", param="tools")
+        if user_mask:
+            raise ApiError(400, "slot.loss_on 'user' is not available with tools", param="slot.loss_on")
+        constrained = has_response_format or getattr(body, "grammar", None) is not None or \
+            getattr(body, "json_schema", None) is not None
+        if constrained and body.tools:
+            raise ApiError(400, "give tools or a response format/grammar, not both", param="tools")
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+        choice = "auto" if body.tool_choice is None else (
+            body.tool_choice if isinstance(body.tool_choice, str) else body.tool_choice.model_dump())
+        if not tools and choice == "auto":
+            choice = "none"
     try:
         return format_chat(state.model, messages, tools=tools, tool_choice=choice,
-                           parallel_tool_calls=body.parallel_tool_calls, chat_template=template)
+                           parallel_tool_calls=body.parallel_tool_calls, chat_template=state.config.chat_template,
+                           chat=chat)
     except (TypeError, ValueError) as exc:
         param = "tool_choice" if "tool_choice" in str(exc) else "tools" if "tools" in str(exc) else "messages"
         raise ApiError(400, str(exc), param=param) from None

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import options as opts
 from .._model import GenerationResult
-from ..chat import ChatFormat, ToolCallDelta
+from ..chat import ChatFormat, ReasoningDelta, ToolCallDelta
 from .errors import ApiError, RequestCancelled, error_from
 from .protocol import (
     ChatCompletionRequest,
@@ -78,7 +78,8 @@ class Job:
     echo: Optional[str] = None
     """Completions with echo: the prompt's text, put before each answer."""
     chat_format: Optional[ChatFormat] = None
-    """A chat with tools: each answer is read into content and tool calls."""
+    """A chat: its answers follow the format's grammar; with tools or
+    reasoning (``needs_parser``) each is read into content, reasoning and tool calls."""
 
 
 def resolve(state: State, body: SamplingRequest, tokens: list[int], max_tokens: Optional[int],
@@ -475,7 +476,7 @@ async def _whole(state: State, job: Job, reply: Reply) -> dict[str, Any]:
     choices = []
     for i, c in enumerate(finished.choices):
         message, finish = None, c.finish_reason
-        if job.chat_format is not None:
+        if job.chat_format is not None and job.chat_format.needs_parser:
             read = job.chat_format.parse(c.text)
             message = read.openai()
             if read.tool_calls:
@@ -498,8 +499,9 @@ async def _stream(state: State, job: Job, reply: Reply, include_usage: bool) -> 
             elif job.echo:
                 for i in range(job.n):
                     yield _sse(reply.chunk(i, job.echo, None))
-            # With tools each choice's text so far is read again at each piece.
-            readers = [(job.chat_format.stream(), [""]) for _ in range(job.n)] if job.chat_format else None
+            # With tools or reasoning each choice's text so far is read again at each piece.
+            readers = [(job.chat_format.stream(), [""]) for _ in range(job.n)] \
+                if job.chat_format is not None and job.chat_format.needs_parser else None
             async for event in run:
                 if isinstance(event, Piece):
                     if readers is None:
@@ -532,9 +534,11 @@ async def _stream(state: State, job: Job, reply: Reply, include_usage: bool) -> 
     yield b"data: [DONE]\n\n"
 
 
-def _delta_chunk(reply: Reply, index: int, delta: Union[str, ToolCallDelta]) -> dict[str, Any]:
+def _delta_chunk(reply: Reply, index: int, delta: Union[str, ReasoningDelta, ToolCallDelta]) -> dict[str, Any]:
     if isinstance(delta, str):
         return reply.chunk(index, delta, None)
+    if isinstance(delta, ReasoningDelta):
+        return reply.chunk(index, None, None, reasoning=delta)
     return reply.chunk(index, None, None, tool_call=delta)
 
 
