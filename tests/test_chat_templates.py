@@ -248,3 +248,35 @@ def test_the_command_line_takes_the_template_variables(thinking: slot_cpp.Model,
         counts[len(flags)] = json.loads(capsys.readouterr().out)["prompt_tokens"]
     off = len(thinking.tokenize(format_chat(thinking, QUESTION, enable_thinking=False).prompt))
     assert counts[1] == counts[2] == off > counts[0]
+
+
+# ---- a chat longer than the context ------------------------------------------------
+
+
+def _long_chat(turns: int) -> list[dict[str, str]]:
+    chat = [{"role": "system", "content": "You are terse."}]
+    for i in range(turns):
+        chat += [{"role": "user", "content": f"Tell me fact number {i} about the sea, in detail please."},
+                 {"role": "assistant", "content": f"Fact {i}: the sea is large, salty and deep in many places."}]
+    return chat + [{"role": "user", "content": "Which fact was the last one?"}]
+
+
+def test_the_oldest_turns_are_dropped_when_a_chat_outgrows_the_context(gemma_path: Path) -> None:
+    chat = _long_chat(12)
+    with slot_cpp.Model(gemma_path, n_ctx=256, n_parallel=1) as model:
+        whole = format_chat(model, chat)
+        assert len(whole.tokens) > model.seq_capacity  # it does not fit
+        fmt = format_chat(model, chat, drop_oldest_turns=True, prompt_budget=model.seq_capacity - 16)
+        assert len(fmt.tokens) <= model.seq_capacity - 16 and fmt.dropped_messages % 2 == 0 < fmt.dropped_messages
+        assert fmt.prompt == format_chat(model, chat[:1] + chat[1 + fmt.dropped_messages:]).prompt
+        assert "You are terse." in fmt.prompt and "Which fact was the last one?" in fmt.prompt
+        assert model.generate(fmt.tokens, max_tokens=16).tokens
+        with pytest.raises(ValueError, match="last user message"):
+            format_chat(model, chat, drop_oldest_turns=True, prompt_budget=20)
+        with running(model, ServerConfig(model_id="small")) as url, httpx.Client(base_url=url, timeout=120) as http:
+            body: dict[str, Any] = {"messages": chat, "max_tokens": 16}
+            r = http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+            r = http.post("/v1/chat/completions", json={**body, "drop_oldest_turns": True})
+            assert r.status_code == 200 and r.json()["slot_cpp"]["dropped_messages"] == fmt.dropped_messages
+            assert r.json()["usage"]["prompt_tokens"] == len(fmt.tokens)

@@ -141,6 +141,8 @@ class ChatFormat:
     tool_choice: str
     parse_tool_calls: bool
     _native: Any = field(repr=False, compare=False)
+    dropped_messages: int = 0
+    """Messages dropped from the start of the chat to fit the context (``drop_oldest_turns``)."""
 
     @property
     def grammar(self) -> Optional[str]:
@@ -245,15 +247,17 @@ def format_chat(model: Model, messages: Sequence[Mapping[str, Any]], *,
                 tools: Optional[Sequence[Mapping[str, Any]]] = None, tool_choice: ToolChoice = "auto",
                 parallel_tool_calls: bool = True, chat_template: Optional[str] = None,
                 add_generation_prompt: bool = True, chat: Optional[opts.ChatOptions] = None,
-                **chat_options: Any) -> ChatFormat:
+                prompt_budget: Optional[int] = None, **chat_options: Any) -> ChatFormat:
     """Renders OpenAI-shaped ``messages`` (tool calls and ``tool`` results
     included) and ``tools`` with the model's chat template, or
     ``chat_template`` (Jinja text, or a built-in template's name). A model
     without a template gets the built-in one of its architecture.
     ``chat`` (or its fields as keywords: ``reasoning_format``,
-    ``enable_thinking``, ``chat_template_kwargs``) says how a thinking
-    model's reasoning is rendered and read. ValueError for messages, tools
-    or a template that cannot be rendered."""
+    ``enable_thinking``, ``chat_template_kwargs``, ``drop_oldest_turns``)
+    says how a thinking model's reasoning is rendered and read, and whether
+    the oldest turns are dropped until the prompt has at most
+    ``prompt_budget`` tokens. ValueError for messages, tools or a template
+    that cannot be rendered."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise TypeError("messages must be a non-empty list of OpenAI-style message mappings")
     for i, m in enumerate(messages):
@@ -266,15 +270,42 @@ def format_chat(model: Model, messages: Sequence[Mapping[str, Any]], *,
         chat = opts.ChatOptions(**chat_options)
     elif chat_options:
         raise TypeError("give chat or its fields as keywords, not both")
-    try:
-        messages_json = json.dumps(list(messages))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"messages must be JSON-serialisable: {exc}") from None
+    if prompt_budget is not None and (isinstance(prompt_budget, bool) or not isinstance(prompt_budget, int)
+                                      or prompt_budget < 1):
+        raise ValueError("prompt_budget must be an int >= 1")
     templates = model._chat_templates(chat_template)
-    native = model.native_session().apply_chat(templates, messages_json, json.dumps(rendered_tools) if rendered_tools else "",
-                                choice, parallel_tool_calls, add_generation_prompt, *chat.template_inputs())
-    tokens = model.tokenize(native.prompt)
-    if not tokens:
-        raise ValueError("the chat template rendered an empty prompt")
+    chat_messages = list(messages)
+    dropped = 0
+    while True:
+        try:
+            messages_json = json.dumps(chat_messages)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"messages must be JSON-serialisable: {exc}") from None
+        native = model.native_session().apply_chat(
+            templates, messages_json, json.dumps(rendered_tools) if rendered_tools else "", choice,
+            parallel_tool_calls, add_generation_prompt, *chat.template_inputs())
+        tokens = model.tokenize(native.prompt)
+        if not tokens:
+            raise ValueError("the chat template rendered an empty prompt")
+        if not chat.drop_oldest_turns or prompt_budget is None or len(tokens) <= prompt_budget:
+            break
+        cut = _oldest_turn(chat_messages)
+        if cut is None:
+            raise ValueError(f"the chat's last user message and what follows it take {len(tokens)} tokens: more "
+                             f"than the {prompt_budget} the context leaves for the prompt")
+        dropped += cut[1] - cut[0]
+        del chat_messages[cut[0]:cut[1]]
     return ChatFormat(prompt=native.prompt, tokens=tokens, format=native.format, tool_choice=choice,
-                      parse_tool_calls=choice != "none" and bool(rendered_tools), _native=native)
+                      parse_tool_calls=choice != "none" and bool(rendered_tools), _native=native,
+                      dropped_messages=dropped)
+
+
+def _oldest_turn(messages: list[Mapping[str, Any]]) -> Optional[tuple[int, int]]:
+    """The oldest turn after the system messages: a user message and what
+    follows it up to the next user message; None when only the last user
+    message's turn is left."""
+    first = next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user" and i >= first]
+    if len(users) < 2:
+        return None
+    return first, users[1]

@@ -185,6 +185,10 @@ class ChatOptions(_Group):
                                                "{\"enable_thinking\": false})", "json", optional=True,
                                                native=None)
 
+    drop_oldest_turns: bool = _opt(False, "when the chat and its answer do not fit the context, drop its oldest "
+                                   "turns (a user message with the answers and tool results after it, the system "
+                                   "message kept) until they fit, instead of refusing it", "bool", native=None)
+
     def template_inputs(self) -> tuple[str, bool, str]:
         """(reasoning_format, enable_thinking, kwargs JSON) as the chat template's renderer takes them."""
         thinking = self.enable_thinking

@@ -73,9 +73,17 @@ async def chat_completions(body: ChatCompletionRequest, state: Served) -> Respon
     top = body.top_logprobs or 0
     if top and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    fmt = _chat_format(state, body, messages, schema is not None)
+    fmt = _chat_format(state, body, messages, schema is not None, max_tokens)
+    if fmt.dropped_messages:
+        messages = messages[:_first_turn(messages)] + messages[_first_turn(messages) + fmt.dropped_messages:]
     job = resolve(state, body, fmt.tokens, max_tokens, body.logprobs, top, messages=messages, chat_format=fmt)
+    if fmt.dropped_messages:
+        job.applied["dropped_messages"] = fmt.dropped_messages
     return await respond(state, job, body, chat=True)
+
+
+def _first_turn(messages: list[dict[str, Any]]) -> int:
+    return next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
 
 
 @router.post("/apply-template")
@@ -277,7 +285,8 @@ def _uses_tools(body: Any, messages: list[dict[str, Any]]) -> bool:
                                                                    for m in messages)
 
 
-def _chat_format(state: State, body: Any, messages: list[dict[str, Any]], has_response_format: bool) -> ChatFormat:
+def _chat_format(state: State, body: Any, messages: list[dict[str, Any]], has_response_format: bool,
+                 max_tokens: Optional[int] = None) -> ChatFormat:
     """Every chat, rendered by the model's chat template through llama.cpp's
     common/chat, with its tools (or tool calls and results in its history)
     and how a thinking model's reasoning is read."""
@@ -308,9 +317,11 @@ def _chat_format(state: State, body: Any, messages: list[dict[str, Any]], has_re
         if not tools and choice == "auto":
             choice = "none"
     try:
+        # What the answer needs of the context is kept free when old turns may be dropped.
+        budget = max(1, state.model.seq_capacity - (max_tokens or 1))
         return format_chat(state.model, messages, tools=tools, tool_choice=choice,
                            parallel_tool_calls=body.parallel_tool_calls, chat_template=state.config.chat_template,
-                           chat=chat)
+                           chat=chat, prompt_budget=budget)
     except (TypeError, ValueError) as exc:
         param = "tool_choice" if "tool_choice" in str(exc) else "tools" if "tools" in str(exc) else "messages"
         raise ApiError(400, str(exc), param=param) from None

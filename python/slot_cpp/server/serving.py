@@ -88,7 +88,7 @@ def resolve(state: State, body: SamplingRequest, tokens: list[int], max_tokens: 
     """Checks a request against the server's limits and builds the generate call."""
     config, model = state.config, state.model
     if max_tokens is None:
-        max_tokens = max(1, min(config.max_tokens_cap, model.n_ctx - len(tokens)))
+        max_tokens = max(1, min(config.max_tokens_cap, model.seq_capacity - len(tokens)))
         if body.lmcor is not None:
             # k candidates each reserve max_tokens cells: keep them short unless asked.
             max_tokens = min(max_tokens, 256)
@@ -96,9 +96,9 @@ def resolve(state: State, body: SamplingRequest, tokens: list[int], max_tokens: 
         raise ApiError(400, f"max_tokens must be <= {config.max_tokens_cap}", param="max_tokens")
     if body.n > config.max_n:
         raise ApiError(400, f"n must be <= {config.max_n}", param="n")
-    if len(tokens) + max_tokens > model.n_ctx:
+    if len(tokens) + max_tokens > model.seq_capacity:
         raise ApiError(400, f"the prompt has {len(tokens)} tokens and max_tokens is {max_tokens}: more than the "
-                       f"context window of {model.n_ctx} tokens", param="messages" if isinstance(
+                       f"context window of {model.seq_capacity} tokens", param="messages" if isinstance(
                            body, ChatCompletionRequest) else "prompt", code="context_length_exceeded")
     stop = _stop_list(body.stop)
     sampling = _group(lambda: opts.group_from_http(
