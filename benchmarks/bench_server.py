@@ -19,6 +19,10 @@ llama-cpp-python's server run by that interpreter (its completions take the
 schema as GBNF in ``grammar``, converted by slot_cpp).
 
     python benchmarks/bench_server.py --clients 32 --seconds 60 --threads 2 --n-parallel 8
+
+With ``--rounds N`` (default 3) the servers run N times in alternating order;
+the table shows each run's median round, and the ratios are the medians of
+the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -211,54 +215,60 @@ def main() -> int:
     ap.add_argument("--llama-server", default=None, help="path of llama.cpp's llama-server, for comparison")
     ap.add_argument("--llama-cpp-python", default=None,
                     help="a Python with llama-cpp-python[server] installed, for comparison")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; ratios are their medians")
     ap.add_argument("--out", default=str(RESULTS / "bench_server"))
     args = ap.parse_args()
 
     results: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "out"}}
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = start_slot_server(args, port)
-    try:
-        wait_ready(url, proc, "/health")
-        asyncio.run(phase(url, "bench", 1, 5.0, args.max_tokens))  # warm-up
-        results["slot_cpp_sequential"] = asyncio.run(phase(url, "bench", 1, args.seconds, args.max_tokens))
-        results["slot_cpp_concurrent"] = asyncio.run(phase(url, "bench", args.clients, args.seconds,
-                                                           args.max_tokens))
-        results["slot_cpp_concurrent_schema"] = asyncio.run(phase(url, "bench", args.clients, args.seconds,
-                                                                  args.max_tokens, schema_every=3))
-    finally:
-        stop(proc)
-
     model_path = args.model or str(slot_cpp.default_model_path())
-    others = []
+    servers: list[tuple[str, Any, str, dict[str, Any]]] = [
+        ("slot_cpp", lambda a, port, _: start_slot_server(a, port), "/health", {"json_schema": SCHEMA})]
     if args.llama_server:
-        others.append(("llama_server", start_llama_server, "/health", {"json_schema": SCHEMA}))
+        servers.append(("llama_server", start_llama_server, "/health", {"json_schema": SCHEMA}))
     if args.llama_cpp_python:
         # Its completions take a grammar, not a schema: the same schema as GBNF.
         gbnf = _core.json_schema_to_grammar(json.dumps(SCHEMA))
-        others.append(("llama_cpp_python", start_llama_cpp_python, "/v1/models", {"grammar": gbnf}))
-    for name, start, ready, constraint in others:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = start(args, port, model_path)
-        try:
-            wait_ready(url, proc, ready)
-            asyncio.run(phase(url, "bench", 1, 5.0, args.max_tokens))  # warm-up
-            results[f"{name}_concurrent"] = asyncio.run(phase(url, "bench", args.clients, args.seconds,
+        servers.append(("llama_cpp_python", start_llama_cpp_python, "/v1/models", {"grammar": gbnf}))
+    rounds: list[dict[str, Any]] = []
+    for r in range(args.rounds):
+        # Alternating the order, so that neither server always runs on a warmer (or hotter) machine.
+        order = servers if r % 2 == 0 else servers[::-1]
+        got: dict[str, Any] = {}
+        for name, start, ready, constraint in order:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            proc = start(args, port, model_path)
+            try:
+                wait_ready(url, proc, ready)
+                asyncio.run(phase(url, "bench", 1, 5.0, args.max_tokens))  # warm-up
+                if name == "slot_cpp" and r == 0:
+                    results["slot_cpp_sequential"] = asyncio.run(phase(url, "bench", 1, args.seconds,
+                                                                       args.max_tokens))
+                got[f"{name}_concurrent"] = asyncio.run(phase(url, "bench", args.clients, args.seconds,
                                                               args.max_tokens))
-            results[f"{name}_concurrent_schema"] = asyncio.run(
-                phase(url, "bench", args.clients, args.seconds, args.max_tokens, schema_every=3,
-                      constraint=constraint))
-        finally:
-            stop(proc)
+                got[f"{name}_concurrent_schema"] = asyncio.run(
+                    phase(url, "bench", args.clients, args.seconds, args.max_tokens, schema_every=3,
+                          constraint=constraint))
+            finally:
+                stop(proc)
+        rounds.append(got)
+    results["rounds"] = rounds
+    # Each run's figures: the round with the median throughput.
+    for key in rounds[0]:
+        ranked = sorted(rounds, key=lambda g: g[key]["tokens_per_s"])
+        results[key] = ranked[len(ranked) // 2][key]
+
+    def median_ratio(key: str, other: str) -> float:
+        return float(np.median([g[key]["tokens_per_s"] / g[other]["tokens_per_s"] for g in rounds]))
 
     seq, conc = results["slot_cpp_sequential"], results["slot_cpp_concurrent"]
     results["concurrent_over_sequential"] = conc["tokens_per_s"] / seq["tokens_per_s"]
     if "llama_server_concurrent" in results:
-        results["slot_cpp_over_llama_server"] = conc["tokens_per_s"] / results["llama_server_concurrent"][
-            "tokens_per_s"]
-        results["slot_cpp_over_llama_server_schema"] = (results["slot_cpp_concurrent_schema"]["tokens_per_s"] /
-                                                        results["llama_server_concurrent_schema"]["tokens_per_s"])
+        results["slot_cpp_over_llama_server"] = median_ratio("slot_cpp_concurrent", "llama_server_concurrent")
+        results["slot_cpp_over_llama_server_schema"] = median_ratio("slot_cpp_concurrent_schema",
+                                                                    "llama_server_concurrent_schema")
+        results["ttft_p50_slot_cpp_over_llama_server"] = float(np.median(
+            [g["slot_cpp_concurrent"]["ttft_p50_s"] / g["llama_server_concurrent"]["ttft_p50_s"] for g in rounds]))
 
     rows = [("slot_cpp, 1 client at a time", seq), (f"slot_cpp, {args.clients} clients", conc),
             (f"slot_cpp, {args.clients} clients, a third with a JSON schema", results["slot_cpp_concurrent_schema"])]
@@ -270,8 +280,8 @@ def main() -> int:
         rows.append((f"llama-cpp-python, {args.clients} clients", results["llama_cpp_python_concurrent"]))
         rows.append((f"llama-cpp-python, {args.clients} clients, a third with the schema's grammar",
                      results["llama_cpp_python_concurrent_schema"]))
-        results["slot_cpp_over_llama_cpp_python"] = conc["tokens_per_s"] / results[
-            "llama_cpp_python_concurrent"]["tokens_per_s"]
+        results["slot_cpp_over_llama_cpp_python"] = median_ratio("slot_cpp_concurrent",
+                                                                 "llama_cpp_python_concurrent")
     lines = ["| run | requests | errors | lost | tokens/s | latency p50 (s) | latency p99 (s) | TTFT p50 (s) "
              "| TTFT p99 (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows:
@@ -281,9 +291,10 @@ def main() -> int:
     lines.append("")
     lines.append(f"Concurrent / sequential throughput: {results['concurrent_over_sequential']:.2f}x")
     if "slot_cpp_over_llama_server" in results:
-        lines.append(f"slot_cpp / llama-server throughput ({args.clients} clients): "
-                     f"{results['slot_cpp_over_llama_server']:.2f}x; with a third JSON-schema requests: "
-                     f"{results['slot_cpp_over_llama_server_schema']:.2f}x")
+        lines.append(f"slot_cpp / llama-server throughput ({args.clients} clients, median of {args.rounds} "
+                     f"alternating rounds): {results['slot_cpp_over_llama_server']:.2f}x; with a third "
+                     f"JSON-schema requests: {results['slot_cpp_over_llama_server_schema']:.2f}x; TTFT p50 "
+                     f"ratio {results['ttft_p50_slot_cpp_over_llama_server']:.2f}")
     if "slot_cpp_over_llama_cpp_python" in results:
         lines.append(f"slot_cpp / llama-cpp-python throughput ({args.clients} clients): "
                      f"{results['slot_cpp_over_llama_cpp_python']:.2f}x")

@@ -271,18 +271,70 @@ void Batcher::fail(BatchJob& job, const std::exception_ptr& error, BatchEvents& 
 void Batcher::step(BatchEvents& ev) {
     std::vector<BatchToken> batch;
     batch.reserve(lanes_.size());
+    std::vector<std::vector<int32_t>> drafts(lanes_.size());
+    size_t room = static_cast<size_t>(e_.n_batch()) - std::min(lanes_.size(), static_cast<size_t>(e_.n_batch()));
     bool hidden = false;
-    for (const auto& lane : lanes_) {
-        batch.push_back({lane->seq, lane->pending, true});
-        hidden = hidden || state_of(*lane->group).needs_hidden;
+    for (size_t i = 0; i < lanes_.size(); ++i) {
+        const Lane& lane = *lanes_[i];
+        batch.push_back({lane.seq, lane.pending, true});
+        if (room > 0 && request_of(*lane.group).draft_max > 0) {
+            drafts[i] = draft(lane, room);
+            room -= drafts[i].size();
+            for (int32_t t : drafts[i]) batch.push_back({lane.seq, t, true});
+        }
+        hidden = hidden || state_of(*lane.group).needs_hidden;
     }
     e_.decode(batch, [this] { return make_room(); }, {}, hidden);
     ++stats_.decode_steps;
+    int row = 0;
     for (size_t i = 0; i < lanes_.size(); ++i) {
-        const int row = static_cast<int>(i);
-        advance(*lanes_[i], e_.logits_row(row), hidden ? e_.hidden_row(row) : nullptr, ev);
+        Lane& lane = *lanes_[i];
+        const auto& d = drafts[i];
+        const int seq = lane.seq;
+        // The cells the lane keeps: up to its pending token, then the drafts its samples matched.
+        const int kept_before_drafts = static_cast<int>(e_.seq_tokens(seq).size() - d.size());
+        GenerationResult& res = lane.group->job->results[static_cast<size_t>(lane.result)];
+        advance(lane, e_.logits_row(row), hidden ? e_.hidden_row(row) : nullptr, ev);
+        size_t matched = 0;
+        while (matched < d.size() && !lane.done && lane.pending == d[matched]) {
+            // The sampled token is the drafted one, whose logits this decode computed.
+            ++matched;
+            const int r = row + static_cast<int>(matched);
+            advance(lane, e_.logits_row(r), hidden ? e_.hidden_row(r) : nullptr, ev);
+        }
+        res.drafted_tokens += static_cast<int>(d.size());
+        res.accepted_tokens += static_cast<int>(matched);
+        if (matched < d.size()) e_.seq_truncate(seq, kept_before_drafts + static_cast<int>(matched));
+        row += 1 + static_cast<int>(d.size());
     }
     compact();
+}
+
+std::vector<int32_t> Batcher::draft(const Lane& lane, size_t room) const {
+    const GenerationRequest& req = request_of(*lane.group);
+    const GenerationResult& res = lane.group->job->results[static_cast<size_t>(lane.result)];
+    // Tokens left to generate after the pending one, and cells left in the sequence.
+    const int left = req.max_tokens - static_cast<int>(res.tokens.size()) - 1;
+    const int cells = e_.seq_capacity() - static_cast<int>(e_.seq_tokens(lane.seq).size()) - 1;
+    const size_t k = static_cast<size_t>(std::max(0, std::min({req.draft_max, left, cells, static_cast<int>(room)})));
+    if (k == 0) return {};
+    // The text so far: the context and the answer, the pending token last.
+    const auto& all = lane.history;
+    const size_t n_all = all.size();
+    if (n_all < 2) return {};
+    const auto at = [&](size_t i) { return all[i]; };
+    for (size_t n = std::min(static_cast<size_t>(req.draft_ngram), n_all - 1); n >= 1; --n) {
+        // The latest earlier occurrence of the last n tokens that has a token after it.
+        for (size_t start = n_all - n; start-- > 0;) {
+            bool same = true;
+            for (size_t j = 0; j < n && same; ++j) same = at(start + j) == at(n_all - n + j);
+            if (!same) continue;
+            std::vector<int32_t> out;
+            for (size_t j = start + n; j < n_all && out.size() < k; ++j) out.push_back(at(j));
+            return out;
+        }
+    }
+    return {};
 }
 
 const float* Batcher::staged(const RequestState& st, const float* logits, const float* hidden) {

@@ -188,6 +188,9 @@ private:
 
     // ---- the decode step (batcher.cpp) ----
     void step(BatchEvents& ev);
+    // Prompt lookup: the tokens that followed the latest earlier occurrence
+    // of the lane's last n tokens (n from draft_ngram down to 1), at most `room`.
+    std::vector<int32_t> draft(const Lane& lane, size_t room) const;
     // The logits after the request's stages: `logits` itself when it has
     // none, else the scratch buffer (valid until the next call).
     const float* staged(const RequestState& st, const float* logits, const float* hidden);

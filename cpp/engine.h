@@ -127,6 +127,7 @@ public:
 
     // ---- sequences (ids 0 .. n_parallel-1) ----
     int n_parallel() const { return static_cast<int>(seq_tokens_.size()); }
+    int n_batch() const { return params_.n_batch; }
     // The tokens whose KV cells sequence `seq` holds, at positions 0, 1, ...
     const std::vector<int32_t>& seq_tokens(int seq) const;
     void seq_clear(int seq);

@@ -47,6 +47,13 @@ struct GenerationRequest {
     // loaded; empty: the model's current defaults. Requests with other
     // scales than the running ones wait for them to finish.
     std::vector<float> lora_scales;
+    // Prompt-lookup speculation: up to draft_max tokens drafted per step by
+    // matching the last draft_ngram (down to 1) tokens earlier in the
+    // context and the answer, checked in the same llama_decode. A sampled
+    // token equal to the draft keeps the draft's next logits; the samples'
+    // distribution is the same as without it (0: off).
+    int draft_max = 0;
+    int draft_ngram = 3;
     // At the context's last position: the log-probabilities of these tokens
     // (under the request's stages), and its final normed hidden state.
     std::vector<int32_t> score_tokens;
@@ -100,6 +107,8 @@ struct GenerationResult {
     StepProfile slot_profile;
     int prompt_tokens = 0;
     int cached_tokens = 0;      // prompt tokens whose KV cells were reused, not evaluated
+    int drafted_tokens = 0;     // speculation: tokens drafted, and those the samples matched
+    int accepted_tokens = 0;
     uint64_t seed = 0;
     std::vector<float> token_logprobs;                             // with logprobs
     std::vector<std::vector<std::pair<int32_t, float>>> top_logprobs;  // with top_logprobs > 0

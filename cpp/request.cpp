@@ -29,6 +29,10 @@ void validate_request(const ModelShape& e, const GenerationRequest& req, int ind
         throw std::invalid_argument(where + exc.what());
     }
     if (req.n < 1) throw std::invalid_argument(where + "n must be >= 1");
+    if (req.draft_max < 0 || req.draft_max > 64) throw std::invalid_argument(where + "draft_max must be in [0, 64]");
+    if (req.draft_ngram < 1 || req.draft_ngram > 16) {
+        throw std::invalid_argument(where + "draft_ngram must be in [1, 16]");
+    }
     if (!req.lora_scales.empty() && static_cast<int>(req.lora_scales.size()) != e.n_adapters) {
         throw std::invalid_argument(where + "lora names " + std::to_string(req.lora_scales.size()) +
                                     " adapter scales; the model loaded " + std::to_string(e.n_adapters));

@@ -69,6 +69,10 @@ class RawResult(metaclass=_Pybind11Type):
     @property
     def cached_tokens(self) -> int: ...
     @property
+    def drafted_tokens(self) -> int: ...
+    @property
+    def accepted_tokens(self) -> int: ...
+    @property
     def seed(self) -> int: ...
     @property
     def token_logprobs(self) -> list[float]: ...
@@ -128,6 +132,8 @@ class Request(metaclass=_Pybind11Type):
     top_logprobs: int
     cache_prompt: bool
     lora_scales: list[float]
+    draft_max: int
+    draft_ngram: int
     score_tokens: list[int]
     return_hidden: bool
     rtd: Optional[RtdIndex]

@@ -237,6 +237,8 @@ def _result(raw: _core.RawResult, request: _core.Request) -> GenerationResult:
         timings=Timings(raw.prefill_seconds, raw.optimise_seconds, raw.generate_seconds),
         slot_profile=dict(raw.slot_profile),
         cached_tokens=raw.cached_tokens,
+        drafted_tokens=raw.drafted_tokens,
+        accepted_tokens=raw.accepted_tokens,
         lr=float(raw.slot_lr),
         calibration=[(float(a), float(b)) for a, b in zip(raw.calibration_lrs, raw.calibration_kls)],
         calibration_seconds=float(raw.calibration_seconds),

@@ -72,6 +72,10 @@ class GenerationResult:
     (P0^T*r), backward (W^T*g), host (loss, AdamW, transfers)."""
     cached_tokens: int = 0
     """Prompt tokens whose KV cells came from the prompt cache (not evaluated)."""
+    drafted_tokens: int = 0
+    """Speculation (``draft_max``): tokens drafted by prompt lookup."""
+    accepted_tokens: int = 0
+    """Speculation: drafted tokens the samples matched (each saved a decode step)."""
     lr: float = 0.0
     """The step size SLOT used: the given one, or the one lr="auto" chose."""
     calibration: list[tuple[float, float]] = field(default_factory=list)

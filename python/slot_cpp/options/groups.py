@@ -52,6 +52,11 @@ class SamplingOptions(_Group):
     json_schema: Optional[str] = _opt(None, "a JSON schema every answer follows (converted to a grammar by "
                                       "llama.cpp's json-schema-to-grammar); a mapping, a pydantic model class "
                                       "or JSON text", "schema", optional=True, native=None)
+    draft_max: int = _opt(0, "prompt-lookup speculation: tokens drafted per step from the answer's last n-gram "
+                          "seen earlier in the prompt or the answer, checked in the same batch; the samples' "
+                          "distribution is unchanged (0: off)", "int", low=0, high=64)
+    draft_ngram: int = _opt(3, "speculation: the longest n-gram matched to draft (shorter ones are tried after)",
+                            "int", low=1, high=16)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import options as opts
@@ -334,6 +335,21 @@ class Reply:
         if timings:
             out["timings"] = timings
         return out
+
+    def piece_event(self, index: int, text: str) -> bytes:
+        """The server-sent event of a text piece: ``chunk(index, text, None)``
+        as ``data: ...`` bytes, its fixed parts encoded once per response."""
+        frames = self.__dict__.get("_frames")
+        if frames is None:
+            frames = {}
+            object.__setattr__(self, "_frames", frames)
+        frame = frames.get(index)
+        if frame is None:
+            probe = "\u0000slot\u0000"
+            encoded = orjson.dumps(self.chunk(index, probe, None))
+            head, _, tail = encoded.partition(orjson.dumps(probe))
+            frame = frames[index] = (b"data: " + head, tail + b"\n\n")
+        return frame[0] + orjson.dumps(text) + frame[1]
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         """The last chunk with stream_options.include_usage: no choices."""

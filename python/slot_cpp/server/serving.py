@@ -14,13 +14,14 @@ server-sent event stream, so that both carry the same answer.
 from __future__ import annotations
 
 import asyncio
-import json
+import collections
 import secrets
 import threading
 from dataclasses import dataclass
 from typing import Any, AsyncGenerator, Callable, Optional, Union
 
 import anyio
+import orjson
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import options as opts
@@ -281,10 +282,15 @@ def _timings(results: list[GenerationResult], completion: int) -> dict[str, floa
 
     prompt_per_token, prompt_per_second = per(prompt_n, prompt_ms)
     predicted_per_token, predicted_per_second = per(completion, predicted_ms)
-    return {"cache_n": first.cached_tokens, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
-            "prompt_per_token_ms": prompt_per_token, "prompt_per_second": prompt_per_second,
-            "predicted_n": completion, "predicted_ms": predicted_ms, "predicted_per_token_ms": predicted_per_token,
-            "predicted_per_second": predicted_per_second}
+    out = {"cache_n": first.cached_tokens, "prompt_n": prompt_n, "prompt_ms": prompt_ms,
+           "prompt_per_token_ms": prompt_per_token, "prompt_per_second": prompt_per_second,
+           "predicted_n": completion, "predicted_ms": predicted_ms, "predicted_per_token_ms": predicted_per_token,
+           "predicted_per_second": predicted_per_second}
+    drafted = sum(r.drafted_tokens for r in results)
+    if drafted:  # llama-server's names
+        out["draft_n"] = drafted
+        out["draft_n_accepted"] = sum(r.accepted_tokens for r in results)
+    return out
 
 
 def _slot_report(result: GenerationResult) -> dict[str, Any]:
@@ -371,21 +377,25 @@ class _Failed:
 class _Run:
     """A job on its own worker thread, as an async iterator of its events.
 
-    Generation blocks, so it runs in a thread; its pieces reach the event
-    loop through ``call_soon_threadsafe``. Leaving the ``async with`` however
-    it is left (finished, failed, or the client gone) cancels the call and
-    waits for the thread: the call stops within one token step, so the
-    job's sequences are free when the block exits."""
+    Generation blocks, so it runs in a thread. Its events go into a deque,
+    and the event loop is woken once for whatever has piled up since it
+    last looked (not once per token): :attr:`pending` tells a consumer that
+    more events are ready, so that it can write them out together. Leaving
+    the ``async with`` however it is left (finished, failed, or the client
+    gone) cancels the call and waits for the thread: the call stops within
+    one token step, so the job's sequences are free when the block exits."""
 
     def __init__(self, state: State, job: Job, *, pieces: bool) -> None:
         self._state, self._job, self._pieces = state, job, pieces
         self._cancel = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._done = False
+        self._events: collections.deque[Union[Event, _Failed]] = collections.deque()
+        self._wake_pending = False
 
     async def __aenter__(self) -> _Run:
         loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Union[Event, _Failed]] = asyncio.Queue()
+        self._ready = asyncio.Event()
         self._thread = threading.Thread(target=self._work, args=(loop,), name="slot_cpp-request", daemon=True)
         self._thread.start()
         return self
@@ -396,13 +406,26 @@ class _Run:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._thread.join, limiter=_LIMITER)
 
+    def _wake(self) -> None:  # on the event loop
+        self._wake_pending = False
+        self._ready.set()
+
     def _work(self, loop: asyncio.AbstractEventLoop) -> None:
-        queue, cancel = self._queue, self._cancel
+        events, cancel = self._events, self._cancel
+
+        def push(item: Union[Event, _Failed]) -> None:
+            events.append(item)
+            if not self._wake_pending:  # one wake-up for everything queued until the loop runs it
+                self._wake_pending = True
+                try:
+                    loop.call_soon_threadsafe(self._wake)
+                except RuntimeError:  # the loop has closed: nobody is listening
+                    pass
 
         def on_text(index: int, piece: str) -> bool:
             if cancel.is_set():
                 return False  # stops the call (finish reason "callback")
-            loop.call_soon_threadsafe(queue.put_nowait, Piece(index, piece))
+            push(Piece(index, piece))
             return True
 
         try:
@@ -411,10 +434,12 @@ class _Run:
                                                         cancel)
         except BaseException as exc:  # handed to the event loop
             outcome = _Failed(exc)
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, outcome)
-        except RuntimeError:  # the loop has closed: nobody is listening
-            pass
+        push(outcome)
+
+    @property
+    def pending(self) -> bool:
+        """Whether another event is ready now."""
+        return bool(self._events)
 
     def __aiter__(self) -> _Run:
         return self
@@ -422,7 +447,12 @@ class _Run:
     async def __anext__(self) -> Event:
         if self._done:
             raise StopAsyncIteration
-        event = await self._queue.get()
+        while not self._events:
+            self._ready.clear()
+            if self._events:
+                break
+            await self._ready.wait()
+        event = self._events.popleft()
         if isinstance(event, _Failed):
             self._done = True
             raise event.error
@@ -489,28 +519,35 @@ async def _whole(state: State, job: Job, reply: Reply) -> dict[str, Any]:
 async def _stream(state: State, job: Job, reply: Reply, include_usage: bool) -> AsyncGenerator[bytes, None]:
     """Server-sent events: one chunk per text piece, per choice; then the
     finish reasons (the last one with the ``slot_cpp`` report), the usage
-    (with stream_options.include_usage) and [DONE]. An error after the 200
-    is sent as an event; a cancelled call ends the stream without [DONE]."""
+    (with stream_options.include_usage) and [DONE]. The events that are
+    ready together go out in one write. An error after the 200 is sent as
+    an event; a cancelled call ends the stream without [DONE]."""
+    out: list[bytes] = []
     try:
         async with _Run(state, job, pieces=True) as run:
             if reply.chat:
                 for i in range(job.n):
-                    yield _sse(reply.chunk(i, "", None, role=True))
+                    out.append(_sse(reply.chunk(i, "", None, role=True)))
             elif job.echo:
                 for i in range(job.n):
-                    yield _sse(reply.chunk(i, job.echo, None))
+                    out.append(_sse(reply.chunk(i, job.echo, None)))
+            if out:
+                yield b"".join(out)
+                out.clear()
             # With tools or reasoning each choice's text so far is read again at each piece.
             readers = [(job.chat_format.stream(), [""]) for _ in range(job.n)] \
                 if job.chat_format is not None and job.chat_format.needs_parser else None
             async for event in run:
                 if isinstance(event, Piece):
                     if readers is None:
-                        yield _sse(reply.chunk(event.index, event.text, None))
+                        out.append(reply.piece_event(event.index, event.text))
                     else:
                         stream, text = readers[event.index]
                         text[0] += event.text
-                        for delta in stream.update(text[0]):
-                            yield _sse(_delta_chunk(reply, event.index, delta))
+                        out.extend(_sse(_delta_chunk(reply, event.index, delta)) for delta in stream.update(text[0]))
+                    if not run.pending and out:
+                        yield b"".join(out)
+                        out.clear()
                     continue
                 last = len(event.choices) - 1
                 for i, choice in enumerate(event.choices):
@@ -518,20 +555,23 @@ async def _stream(state: State, job: Job, reply: Reply, include_usage: bool) -> 
                     if readers is not None:
                         stream, text = readers[i]
                         for delta in stream.update(choice.text, final=True):
-                            yield _sse(_delta_chunk(reply, i, delta))
+                            out.append(_sse(_delta_chunk(reply, i, delta)))
                         if stream.message.tool_calls:
                             finish = "tool_calls"
-                    yield _sse(reply.chunk(i, None, finish, extension=event.extension if i == last else None,
-                                           timings=event.timings if i == last else None))
+                    out.append(_sse(reply.chunk(i, None, finish, extension=event.extension if i == last else None,
+                                                timings=event.timings if i == last else None)))
                 if include_usage:
-                    yield _sse(reply.usage_chunk(usage(event.prompt_tokens, event.completion_tokens,
-                                                       event.cached_tokens)))
+                    out.append(_sse(reply.usage_chunk(usage(event.prompt_tokens, event.completion_tokens,
+                                                            event.cached_tokens))))
     except Exception as exc:
         error = error_from(exc, retry_after=state.config.retry_after_seconds)
         if error is None:
+            if out:
+                yield b"".join(out)
             return
-        yield _sse(error.event())
-    yield b"data: [DONE]\n\n"
+        out.append(_sse(error.event()))
+    out.append(b"data: [DONE]\n\n")
+    yield b"".join(out)
 
 
 def _delta_chunk(reply: Reply, index: int, delta: Union[str, ReasoningDelta, ToolCallDelta]) -> dict[str, Any]:
@@ -543,7 +583,14 @@ def _delta_chunk(reply: Reply, index: int, delta: Union[str, ReasoningDelta, Too
 
 
 def _sse(data: Any) -> bytes:
-    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(data, default=_plain, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n\n"
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (a report's numbers) as Python numbers."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 class EventStream(StreamingResponse):

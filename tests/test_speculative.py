@@ -1,0 +1,179 @@
+"""Prompt-lookup speculation: drafted tokens checked in the same decode.
+
+A drafted token is kept when the token the sampler draws (after every
+stage: SLOT's delta, RTD's blend, penalties, logit_bias, the grammar) is
+the drafted one, so greedy output is plain greedy output token for token
+(in deterministic mode, where a batch of several tokens rounds as one
+token at a time does), and samples keep the target distribution: checked
+by a chi-square against the exact distribution, which rejects the samples
+of a wrong rule (keeping every draft)."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import slot_cpp
+from slot_cpp.server import ServerConfig
+
+from test_server import running
+
+COPY = ("Copy the text exactly.\nText: The old lighthouse keeper climbed the stairs every evening to light "
+        "the lamp for the ships.\nCopy: The old lighthouse keeper climbed")
+
+
+@pytest.fixture(scope="module")
+def det(gemma_path: Path) -> Iterator[slot_cpp.Model]:
+    model = slot_cpp.Model(gemma_path, n_ctx=2048, n_parallel=4, deterministic=True)
+    yield model
+    model.close()
+
+
+def _pair(model: slot_cpp.Model, prompt: Any, **options: Any) -> tuple[slot_cpp.GenerationResult, ...]:
+    options = {"max_tokens": 24, "ignore_eos": True, "steps": 0, **options}
+    return model.generate_with_slot(prompt, **options), model.generate_with_slot(prompt, draft_max=8, **options)
+
+
+def test_greedy_with_drafts_is_plain_greedy_with_every_stage(det: slot_cpp.Model) -> None:
+    plain, drafted = _pair(det, COPY)
+    assert drafted.tokens == plain.tokens and drafted.accepted_tokens > 0
+    assert drafted.drafted_tokens >= drafted.accepted_tokens and plain.drafted_tokens == 0
+    delta = det.generate_with_slot(COPY, steps=3, lr=0.05, max_tokens=0).delta
+    for options in ({"delta": delta}, {"repeat_penalty": 1.3, "presence_penalty": 0.4, "frequency_penalty": 0.2},
+                    {"logit_bias": {det.tokenize(" the", add_special=False)[0]: -3.0}},
+                    {"grammar": 'root ::= [ a-zA-Z.,]+'}, {"json_schema": {"type": "object"}, "max_tokens": 12},
+                    {"steps": 2, "lr": 0.05}):
+        plain, drafted = _pair(det, COPY, **options)
+        assert drafted.tokens == plain.tokens, options
+    # With logprobs: the same numbers, whichever decode computed them.
+    plain, drafted = _pair(det, COPY, logprobs=True, top_logprobs=3)
+    assert drafted.token_logprobs == plain.token_logprobs and drafted.top_logprobs == plain.top_logprobs
+
+
+def test_a_drafting_request_beside_plain_ones(det: slot_cpp.Model) -> None:
+    prompts = [COPY, "Question: What is the capital of France?\nAnswer:", "Once upon a time"]
+    solo = [det.generate(p, max_tokens=20, ignore_eos=True, draft_max=6 * (i == 0)).tokens
+            for i, p in enumerate(prompts)]
+    got: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        got[i] = det.generate(prompts[i], max_tokens=20, ignore_eos=True, draft_max=6 * (i == 0)).tokens
+
+    for _ in range(2):
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert [got[i] for i in range(3)] == solo
+
+
+def test_rtd_composes_with_drafts(det: slot_cpp.Model) -> None:
+    from slot_cpp.rtd import Datastore
+
+    facts = [{"prompt": "Copy the text exactly.\nText: The old lighthouse keeper", "completion": " climbed the stairs."},
+             {"prompt": "The colour of the sky is", "completion": " blue, and the grass is green."}]
+    store = Datastore.build(det, facts, progress=False)
+    plain, drafted = _pair(det, COPY, rtd=store, max_tokens=16)
+    assert drafted.tokens == plain.tokens and drafted.accepted_tokens > 0
+
+
+# ---- the sampled distribution ---------------------------------------------------------
+
+TOP_K = 3
+N_SAMPLES = 1200
+
+
+def _next(model: slot_cpp.Model, tokens: list[int], cache: dict[tuple[int, ...], dict[int, float]]
+          ) -> dict[int, float]:
+    """The exact next-token distribution of top-k sampling at temperature 1 after ``tokens``."""
+    key = tuple(tokens)
+    if key not in cache:
+        r = model.generate(tokens, max_tokens=1, ignore_eos=True, logprobs=True, top_logprobs=TOP_K,
+                           temperature=0.0, cache_prompt=False)
+        top = dict(r.top_logprobs[0])
+        z = np.logaddexp.reduce(list(top.values()))
+        cache[key] = {t: float(np.exp(v - z)) for t, v in top.items()}
+    return cache[key]
+
+
+def _draft(history: list[int], n_max: int = 3) -> Optional[int]:
+    """The first drafted token after ``history``: prompt lookup as the engine does it."""
+    for n in range(min(n_max, len(history) - 1), 0, -1):
+        tail = history[-n:]
+        for start in range(len(history) - n - 1, -1, -1):
+            if history[start:start + n] == tail:
+                return history[start + n]
+    return None
+
+
+def _chi_square(samples: list[tuple[int, ...]], expected: dict[tuple[int, ...], float]) -> float:
+    """The p-value of the samples' counts against the expected probabilities (cells under 5 expected pooled)."""
+    counts = Counter(samples)
+    n = len(samples)
+    big = [k for k, p in expected.items() if p * n >= 5]
+    observed = [counts.get(k, 0) for k in big]
+    wanted = [expected[k] * n for k in big]
+    rest_obs, rest_exp = n - sum(observed), n - sum(wanted)
+    if rest_exp >= 5:
+        observed.append(rest_obs)
+        wanted.append(rest_exp)
+    elif rest_obs > 0:
+        return 0.0  # samples where (almost) nothing is expected
+    return float(stats.chisquare(observed, np.asarray(wanted) * sum(observed) / sum(wanted)).pvalue)
+
+
+def test_sampled_tokens_follow_the_target_distribution(det: slot_cpp.Model) -> None:
+    # The repeated words are the model's likely continuations, so drafts are made.
+    model = det
+    prompt = model.tokenize("one two three one two three one two")
+    cache: dict[tuple[int, ...], dict[int, float]] = {}
+    # The exact joint distribution of the first three tokens.
+    expected: dict[tuple[int, ...], float] = {}
+    wrong: dict[tuple[int, ...], float] = {}  # keeping every draft instead of checking it
+    for t1, p1 in _next(model, prompt, cache).items():
+        for t2, p2 in _next(model, prompt + [t1], cache).items():
+            third = _next(model, prompt + [t1, t2], cache)
+            for t3, p3 in third.items():
+                expected[(t1, t2, t3)] = p1 * p2 * p3
+            d = _draft(prompt + [t1, t2])
+            if d is not None:
+                wrong[(t1, t2, d)] = wrong.get((t1, t2, d), 0.0) + p1 * p2
+            else:
+                for t3, p3 in third.items():
+                    wrong[(t1, t2, t3)] = wrong.get((t1, t2, t3), 0.0) + p1 * p2 * p3
+    options = dict(max_tokens=3, ignore_eos=True, temperature=1.0, top_k=TOP_K, top_p=1.0, min_p=0.0,
+                   draft_max=4, n=N_SAMPLES // 4)
+    samples: list[tuple[int, ...]] = []
+    drafted = accepted = 0
+    for seed in range(4):
+        for r in model.generate_batch([prompt], seed=1000 * seed, **options):
+            samples.append(tuple(r.tokens))
+            drafted += r.drafted_tokens
+            accepted += r.accepted_tokens
+    assert drafted > 0 and 0 < accepted < drafted  # drafts were made, kept and refused
+    assert _chi_square(samples, expected) > 1e-3
+    # The same test rejects samples drawn by the wrong rule.
+    rng = np.random.default_rng(0)
+    keys = list(wrong)
+    picks = rng.choice(len(keys), size=len(samples), p=np.asarray([wrong[k] for k in keys]) / sum(wrong.values()))
+    assert _chi_square([keys[i] for i in picks], expected) < 1e-6
+
+
+def test_drafts_through_the_server(det: slot_cpp.Model) -> None:
+    import httpx
+
+    with running(det, ServerConfig(model_id="det")) as url, httpx.Client(base_url=url, timeout=120) as http:
+        body = {"prompt": COPY, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+        plain = http.post("/v1/completions", json=body).json()
+        drafted = http.post("/v1/completions", json={**body, "draft_max": 8}).json()
+        assert drafted["choices"][0]["text"] == plain["choices"][0]["text"]
+        assert drafted["timings"]["draft_n_accepted"] > 0 and "draft_n" not in plain["timings"]
+        r = http.post("/v1/completions", json={**body, "draft_max": 100})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "draft_max"
