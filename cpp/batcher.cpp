@@ -304,6 +304,10 @@ void Batcher::step(BatchEvents& ev) {
         }
         res.drafted_tokens += static_cast<int>(d.size());
         res.accepted_tokens += static_cast<int>(matched);
+        if (!d.empty()) {
+            lane.draft_len = matched == d.size() ? std::min(lane.draft_len * 2, request_of(*lane.group).draft_max)
+                                                 : std::max(2, lane.draft_len / 2);
+        }
         if (matched < d.size()) e_.seq_truncate(seq, kept_before_drafts + static_cast<int>(matched));
         row += 1 + static_cast<int>(d.size());
     }
@@ -316,7 +320,8 @@ std::vector<int32_t> Batcher::draft(const Lane& lane, size_t room) const {
     // Tokens left to generate after the pending one, and cells left in the sequence.
     const int left = req.max_tokens - static_cast<int>(res.tokens.size()) - 1;
     const int cells = e_.seq_capacity() - static_cast<int>(e_.seq_tokens(lane.seq).size()) - 1;
-    const size_t k = static_cast<size_t>(std::max(0, std::min({req.draft_max, left, cells, static_cast<int>(room)})));
+    const size_t k = static_cast<size_t>(
+        std::max(0, std::min({req.draft_max, lane.draft_len, left, cells, static_cast<int>(room)})));
     if (k == 0) return {};
     // The text so far: the context and the answer, the pending token last.
     const auto& all = lane.history;
@@ -329,8 +334,11 @@ std::vector<int32_t> Batcher::draft(const Lane& lane, size_t room) const {
             bool same = true;
             for (size_t j = 0; j < n && same; ++j) same = at(start + j) == at(n_all - n + j);
             if (!same) continue;
+            // A shorter match than draft_ngram predicts less: its draft is short too (2^(n-1) tokens).
+            const size_t take =
+                n >= static_cast<size_t>(req.draft_ngram) ? k : std::min(k, size_t(1) << std::min<size_t>(n - 1, 16));
             std::vector<int32_t> out;
-            for (size_t j = start + n; j < n_all && out.size() < k; ++j) out.push_back(at(j));
+            for (size_t j = start + n; j < n_all && out.size() < take; ++j) out.push_back(at(j));
             return out;
         }
     }

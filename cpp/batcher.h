@@ -120,6 +120,7 @@ private:
         int32_t pending = -1;
         size_t emitted = 0;
         bool callback_stopped = false;
+        int draft_len = 4;  // speculation: the next draft's length, doubled when one is kept whole, halved if not
         bool done = false;
         Clock::time_point started;
     };
