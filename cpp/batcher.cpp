@@ -96,7 +96,15 @@ void Batcher::tick(BatchEvents& ev) {
     }
 
     if (!waiting_.empty()) pin_sources();
-    while (!waiting_.empty() && lora_ready(*waiting_.front()) && can_admit(*waiting_.front())) {
+    while (!waiting_.empty()) {
+        bool ready = false;
+        try {
+            ready = lora_ready(*waiting_.front()) && can_admit(*waiting_.front());
+        } catch (...) {  // the adapters' scales could not be set: that call fails, the others go on
+            fail(*waiting_.front()->job, std::current_exception(), ev);
+            continue;
+        }
+        if (!ready) break;
         Group* g = waiting_.front();
         waiting_.pop_front();
         std::shared_ptr<BatchJob> job = g->job;
@@ -308,7 +316,9 @@ void Batcher::step(BatchEvents& ev) {
             lane.draft_len = matched == d.size() ? std::min(lane.draft_len * 2, request_of(*lane.group).draft_max)
                                                  : std::max(2, lane.draft_len / 2);
         }
-        if (matched < d.size()) e_.seq_truncate(seq, kept_before_drafts + static_cast<int>(matched));
+        if (matched < d.size() && !e_.seq_truncate(seq, kept_before_drafts + static_cast<int>(matched))) {
+            throw Error("internal error: a rejected draft's cells could not be dropped");
+        }
         row += 1 + static_cast<int>(d.size());
     }
     compact();

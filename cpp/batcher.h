@@ -91,6 +91,10 @@ public:
     // A sequence that is not live and not `keep`: an empty one, else the
     // cached one to drop first; -1 when there is none.
     int spare(int keep) const;
+    // The cached sequence to drop first other than `keep` (-1: none), and
+    // marking a sequence just used (the last to be dropped).
+    int evictable(int keep) const { return victim(keep); }
+    void touch(int seq) { last_use_[static_cast<size_t>(seq)] = ++clock_; }
 
     void add(const std::shared_ptr<BatchJob>& job);
     // Stops cancelled calls, admits what fits, then decodes one token for

@@ -27,7 +27,8 @@ void bind_chat(py::module_& m) {
         .def_readonly("stops", &ChatPrompt::stops)
         .def_readonly("grammar_prefill", &ChatPrompt::grammar_prefill)
         .def_readonly("needs_parser", &ChatPrompt::needs_parser)
-        .def_readonly("thinking_end", &ChatPrompt::thinking_end);
+        .def_readonly("thinking_end", &ChatPrompt::thinking_end)
+        .def_readonly("thinking_forced_open", &ChatPrompt::thinking_forced_open);
 
     py::class_<ChatParser>(m, "ChatParser")
         .def(py::init([](const ChatPrompt& prompt, bool parse_tool_calls) {

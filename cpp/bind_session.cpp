@@ -140,17 +140,18 @@ void def_model_info(py::class_<Session>& cls) {
         .def(
             "seq_state",
             [](Session& s, int seq) {
-                auto [tokens, data] = without_gil([&] { return s.seq_state(seq); });
-                return py::make_tuple(tokens, py::bytes(data));
+                auto st = without_gil([&] { return s.seq_state(seq); });
+                return py::make_tuple(st.tokens, py::bytes(st.data), st.lora_scales);
             },
             py::arg("seq"))
         .def(
             "restore_state",
-            [](Session& s, const std::vector<int32_t>& tokens, const py::bytes& data, int seq) {
+            [](Session& s, const std::vector<int32_t>& tokens, const py::bytes& data, int seq,
+               const std::vector<float>& lora_scales) {
                 std::string bytes = data;
-                return without_gil([&] { return s.restore_state(tokens, bytes, seq); });
+                return without_gil([&] { return s.restore_state(tokens, bytes, seq, lora_scales); });
             },
-            py::arg("tokens"), py::arg("data"), py::arg("seq"))
+            py::arg("tokens"), py::arg("data"), py::arg("seq"), py::arg("lora_scales"))
         .def("erase_seq", &Session::erase_seq, py::arg("seq"), kNoGil)
         .def("lora_defaults", &Session::lora_defaults, kNoGil)
         .def("set_lora_defaults", &Session::set_lora_defaults, py::arg("scales"), kNoGil)

@@ -124,6 +124,18 @@ void rewrite_for_json_calls(std::vector<common_chat_msg>& messages, const std::s
             m.tool_call_id.clear();
         }
     }
+    // Results written as user turns next to each other (or to the user's next
+    // message) are one turn: templates without tools often insist that turns alternate.
+    std::vector<common_chat_msg> merged;
+    for (auto& m : messages) {
+        if (!merged.empty() && m.role == "user" && merged.back().role == "user") {
+            merged.back().content = merged.back().render_content() + "\n\n" + m.render_content();
+            merged.back().content_parts.clear();
+            continue;
+        }
+        merged.push_back(std::move(m));
+    }
+    messages = std::move(merged);
     if (instructions.empty()) return;
     if (!messages.empty() && messages.front().role == "system") {
         auto& system = messages.front();
@@ -313,19 +325,29 @@ ChatPrompt ChatTemplates::apply(const llama_vocab* vocab, const ChatRequest& req
         }
     }
     const bool thinks = params.supports_thinking && in.reasoning_format != COMMON_REASONING_FORMAT_NONE;
-    if (thinks && in.enable_thinking && !params.thinking_end_tags.empty()) out.thinking_end = params.thinking_end_tags[0];
+    if (thinks && in.enable_thinking && !params.thinking_end_tags.empty()) {
+        out.thinking_end = params.thinking_end_tags[0];
+        const auto last = params.generation_prompt.find_last_not_of(" \t\r\n");
+        const std::string& open = params.thinking_start_tag;
+        out.thinking_forced_open = !open.empty() && last != std::string::npos && last + 1 >= open.size() &&
+                                   params.generation_prompt.compare(last + 1 - open.size(), open.size(), open) == 0;
+    }
     out.needs_parser = !params.parser.empty() && (thinks || (!in.tools.empty() && in.tool_choice != COMMON_CHAT_TOOL_CHOICE_NONE));
     if (json_calls && !call_tools.empty()) {
         out.format = "json-call";
         out.needs_parser = true;
-        out.grammar = json_call_grammar(call_tools);
+        try {
+            out.grammar = json_call_grammar(call_tools);
+        } catch (const std::exception& e) {
+            throw std::invalid_argument(std::string("tools: a function's parameters cannot be made a grammar: ") +
+                                        e.what());
+        }
         out.grammar_lazy = call_choice != COMMON_CHAT_TOOL_CHOICE_REQUIRED;
         if (out.grammar_lazy) out.trigger_patterns = {"^\\s*(\\{[\\s\\S]*)$"};  // an answer that begins with '{'
     }
     auto syntax = std::make_shared<ChatSyntax>();
     syntax->params = common_chat_parser_params(params);
     syntax->params.reasoning_format = in.reasoning_format;
-    syntax->params.reasoning_in_content = in.reasoning_format == COMMON_REASONING_FORMAT_DEEPSEEK_LEGACY;
     syntax->answer_prefix = answer_prefix;
     syntax->one_call = !request.parallel_tool_calls;
     syntax->json_calls = out.format == "json-call";

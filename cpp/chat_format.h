@@ -28,7 +28,7 @@ struct ChatRequest {
     bool add_generation_prompt = true;
     // llama.cpp's reasoning formats: "none" leaves the reasoning in the
     // content; "auto", "deepseek" and "deepseek-legacy" read it into
-    // reasoning_content (legacy: a stream keeps it in the content too).
+    // reasoning_content (this llama.cpp reads the last two alike).
     std::string reasoning_format = "none";
     bool enable_thinking = true;
     // A JSON object of extra template variables (chat_template_kwargs); empty: none.
@@ -63,6 +63,8 @@ struct ChatPrompt {
     // A thinking model's reasoning ends with this tag (empty: it does not
     // think here), after which a grammar of the request's own applies.
     std::string thinking_end;
+    // Whether the prompt itself opens the reasoning (the answer begins inside it).
+    bool thinking_forced_open = false;
     std::shared_ptr<const ChatSyntax> syntax;
 };
 

@@ -222,18 +222,7 @@ Engine::Engine(const EngineParams& params) : params_(params) {
     // cells; a full-size sliding-window cache lets any sequence be cut back
     // to any position (forks, the prompt cache).
     cp.n_seq_max = static_cast<uint32_t>(params.n_parallel);
-    cp.rope_freq_base = params.rope_freq_base;
-    cp.rope_freq_scale = params.rope_freq_scale;
-    if (!params.rope_scaling.empty()) {
-        cp.rope_scaling_type = params.rope_scaling == "none"     ? LLAMA_ROPE_SCALING_TYPE_NONE
-                               : params.rope_scaling == "linear" ? LLAMA_ROPE_SCALING_TYPE_LINEAR
-                                                                 : LLAMA_ROPE_SCALING_TYPE_YARN;
-    }
-    cp.yarn_orig_ctx = static_cast<uint32_t>(params.yarn_orig_ctx);
-    cp.yarn_ext_factor = params.yarn_ext_factor;
-    cp.yarn_attn_factor = params.yarn_attn_factor;
-    cp.yarn_beta_fast = params.yarn_beta_fast;
-    cp.yarn_beta_slow = params.yarn_beta_slow;
+    set_rope(cp);
     cp.type_k = type_k;
     cp.type_v = type_v;
     cp.flash_attn_type = v_quantised ? LLAMA_FLASH_ATTN_TYPE_ENABLED : flash;
@@ -271,6 +260,7 @@ ContextPtr Engine::new_context(const llama_context_params& cp, const std::string
 void Engine::set_default_lora_scales(const std::vector<float>& scales) {
     if (scales.size() != adapters_.size()) throw std::invalid_argument("one scale per LoRA adapter is needed");
     adapter_scales_ = scales;
+    states_ctx_.reset();  // made again, with these scales, when next used
 }
 
 void Engine::set_lora_scales(const std::vector<float>& scales) {
@@ -619,8 +609,24 @@ const float* Engine::hidden_row(int i) const {
 
 // A context beside the main one (reference decoding, hidden states): the
 // engine's threads and Ctrl-C check, one unified cache of n_seq sequences.
+void Engine::set_rope(llama_context_params& cp) const {
+    cp.rope_freq_base = params_.rope_freq_base;
+    cp.rope_freq_scale = params_.rope_freq_scale;
+    if (!params_.rope_scaling.empty()) {
+        cp.rope_scaling_type = params_.rope_scaling == "none"     ? LLAMA_ROPE_SCALING_TYPE_NONE
+                               : params_.rope_scaling == "linear" ? LLAMA_ROPE_SCALING_TYPE_LINEAR
+                                                                  : LLAMA_ROPE_SCALING_TYPE_YARN;
+    }
+    cp.yarn_orig_ctx = static_cast<uint32_t>(params_.yarn_orig_ctx);
+    cp.yarn_ext_factor = params_.yarn_ext_factor;
+    cp.yarn_attn_factor = params_.yarn_attn_factor;
+    cp.yarn_beta_fast = params_.yarn_beta_fast;
+    cp.yarn_beta_slow = params_.yarn_beta_slow;
+}
+
 llama_context_params Engine::side_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq) const {
     llama_context_params cp = llama_context_default_params();
+    set_rope(cp);
     cp.n_ctx = n_ctx;
     cp.n_batch = n_batch;
     cp.n_ubatch = n_batch;

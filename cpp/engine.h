@@ -128,6 +128,7 @@ public:
     // ---- sequences (ids 0 .. n_parallel-1) ----
     int n_parallel() const { return static_cast<int>(seq_tokens_.size()); }
     int n_batch() const { return params_.n_batch; }
+    bool recurrent() const { return llama_model_is_recurrent(model_.get()) || llama_model_is_hybrid(model_.get()); }
     // The tokens whose KV cells sequence `seq` holds, at positions 0, 1, ...
     const std::vector<int32_t>& seq_tokens(int seq) const;
     void seq_clear(int seq);
@@ -212,6 +213,8 @@ private:
     static bool abort_trampoline(void* data);
     static bool stop_after_norm(ggml_tensor* t, bool ask, void* data);
     llama_context_params side_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq) const;
+    // The RoPE and YaRN settings, on every context of the engine.
+    void set_rope(llama_context_params& cp) const;
     // A new context with the LoRA adapters set on it.
     ContextPtr new_context(const llama_context_params& cp, const std::string& what);
 

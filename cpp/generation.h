@@ -144,6 +144,7 @@ struct ModelShape {
     int seq_capacity = 0;        // cells one sequence may hold (n_ctx unless deterministic)
     bool deterministic = false;  // each sequence in a KV stream of its own
     int n_adapters = 0;          // LoRA adapters loaded with the model
+    bool recurrent = false;      // recurrent or hybrid: a sequence's state cannot be cut back
 };
 
 // BatchStats' counters, updated by the token loop and read without its lock.

@@ -30,6 +30,10 @@ void validate_request(const ModelShape& e, const GenerationRequest& req, int ind
     }
     if (req.n < 1) throw std::invalid_argument(where + "n must be >= 1");
     if (req.draft_max < 0 || req.draft_max > 64) throw std::invalid_argument(where + "draft_max must be in [0, 64]");
+    if (req.draft_max > 0 && e.recurrent) {
+        throw std::invalid_argument(where + "draft_max needs a model whose sequences can be cut back; this one is "
+                                    "recurrent or hybrid");
+    }
     if (req.draft_ngram < 1 || req.draft_ngram > 16) {
         throw std::invalid_argument(where + "draft_ngram must be in [1, 16]");
     }

@@ -18,7 +18,7 @@ namespace slot {
 Session::Session(const EngineParams& params) : engine_(std::make_unique<Engine>(params)) {
     shape_ = {engine_->vocab(),         engine_->n_vocab(),      engine_->n_embd(), engine_->n_ctx(),
               engine_->n_parallel(),    engine_->seq_capacity(), engine_->deterministic(),
-              engine_->n_adapters()};
+              engine_->n_adapters(),    engine_->recurrent()};
     const char* portable = std::getenv("SLOT_CPP_PORTABLE_HEAD_OPS");
     portable_head_ops_ = portable != nullptr && std::string(portable) == "1";
 }
@@ -307,6 +307,17 @@ int Session::drop_cached(const std::vector<int32_t>& prefix) {
     return dropped;
 }
 
+void Session::use_default_lora(const char* what) {
+    Engine& e = engine();
+    if (e.lora_scales() == e.default_lora_scales()) return;
+    if (batcher_ && batcher_->busy()) {
+        throw std::invalid_argument(std::string(what ? what : "this call") +
+                                    " needs the LoRA adapters at their default scales, and requests with scales of "
+                                    "their own are running; try again when they finish");
+    }
+    e.set_lora_scales(e.default_lora_scales());
+}
+
 std::vector<float> Session::lora_defaults() {
     std::lock_guard<FairMutex> lock(mutex_);
     return engine().default_lora_scales();
@@ -351,7 +362,7 @@ std::string Session::cached_state(const std::vector<int32_t>& tokens) {
         if (held.size() < tokens.size() || !std::equal(tokens.begin(), tokens.end(), held.begin())) continue;
         if (best < 0 || held.size() < e.seq_tokens(best).size()) best = s;
     }
-    if (best < 0) return {};
+    if (best < 0 || e.lora_scales() != e.default_lora_scales()) return {};  // saved cells are the defaults'
     const int n = static_cast<int>(tokens.size());
     if (static_cast<int>(e.seq_tokens(best).size()) == n) return e.seq_state(best);
     // Longer (an answer after the prompt): a copy cut to the prompt, in a spare sequence.
@@ -367,15 +378,16 @@ std::string Session::cached_state(const std::vector<int32_t>& tokens) {
     return out;
 }
 
-std::pair<std::vector<int32_t>, std::string> Session::seq_state(int seq) {
+Session::SeqState Session::seq_state(int seq) {
     std::lock_guard<FairMutex> lock(mutex_);
     Engine& e = engine();
     check_idle_seq(e, batcher_.get(), seq);
     if (e.seq_tokens(seq).empty()) throw std::invalid_argument("slot " + std::to_string(seq) + " holds nothing");
-    return {e.seq_tokens(seq), e.seq_state(seq)};
+    return {e.seq_tokens(seq), e.seq_state(seq), e.lora_scales()};
 }
 
-int Session::restore_state(const std::vector<int32_t>& tokens, const std::string& data, int seq) {
+int Session::restore_state(const std::vector<int32_t>& tokens, const std::string& data, int seq,
+                           const std::vector<float>& lora_scales) {
     std::lock_guard<FairMutex> lock(mutex_);
     Engine& e = engine();
     e.check_tokens(tokens);
@@ -385,15 +397,36 @@ int Session::restore_state(const std::vector<int32_t>& tokens, const std::string
                                     " tokens do not fit a sequence of this context (" +
                                     std::to_string(shape_.seq_capacity) + " cells)");
     }
+    if (static_cast<int>(lora_scales.size()) != e.n_adapters()) {
+        throw std::invalid_argument("the state was saved with " + std::to_string(lora_scales.size()) +
+                                    " LoRA adapters; this model has " + std::to_string(e.n_adapters()));
+    }
+    Batcher& b = batcher();
     if (seq < 0) {
-        seq = 0;
-        if (batcher_) {
-            seq = batcher_->spare(-1);
-            if (seq < 0) throw QueueFullError("every sequence is generating; restore the state when one is idle");
+        seq = b.spare(-1);
+        if (seq < 0) throw QueueFullError("every sequence is generating; restore the state when one is idle");
+    }
+    check_idle_seq(e, &b, seq);
+    // The cache holds cells of the context's current adapter scales only.
+    if (lora_scales != e.lora_scales()) {
+        if (b.busy()) {
+            throw QueueFullError("the state's cells were computed under other LoRA scales than the running "
+                                 "requests'; restore it when they finish");
+        }
+        e.set_lora_scales(lora_scales);
+    }
+    for (;;) {
+        try {
+            e.set_seq_state(seq, data, tokens);
+            break;
+        } catch (const std::invalid_argument&) {
+            // No room in the shared cache: drop cached sequences, least recently used first.
+            const int victim = e.deterministic() ? -1 : b.evictable(seq);
+            if (victim < 0) throw;
+            e.seq_clear(victim);
         }
     }
-    check_idle_seq(e, batcher_.get(), seq);
-    e.set_seq_state(seq, data, tokens);
+    b.touch(seq);
     return seq;
 }
 

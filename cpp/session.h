@@ -103,14 +103,22 @@ public:
     };
     std::vector<SlotInfo> slots();
     // The KV cells of `tokens` from the prompt cache (a sequence holding them
-    // first, cut to them); empty when no cached sequence holds them.
+    // first, cut to them), computed under the default LoRA scales; empty when
+    // no cached sequence holds them.
     std::string cached_state(const std::vector<int32_t>& tokens);
-    // Sequence `seq`'s tokens and cells (std::invalid_argument when it is
-    // being generated into or holds nothing).
-    std::pair<std::vector<int32_t>, std::string> seq_state(int seq);
+    // Sequence `seq`'s tokens, cells and the LoRA scales they were computed
+    // under (std::invalid_argument when it is being generated into or holds nothing).
+    struct SeqState {
+        std::vector<int32_t> tokens;
+        std::string data;
+        std::vector<float> lora_scales;
+    };
+    SeqState seq_state(int seq);
     // Writes a saved state into the prompt cache: into `seq`, or (-1) the
-    // sequence the cache would drop first; returns the sequence.
-    int restore_state(const std::vector<int32_t>& tokens, const std::string& data, int seq);
+    // sequence the cache would drop first, under the LoRA scales it was
+    // saved with (switched to when nothing runs); returns the sequence.
+    int restore_state(const std::vector<int32_t>& tokens, const std::string& data, int seq,
+                      const std::vector<float>& lora_scales);
     // Clears sequence `seq` (std::invalid_argument when it is being generated into).
     void erase_seq(int seq);
 
@@ -158,11 +166,15 @@ public:
     auto with_model(const char* idle_for, Fn&& fn) {
         std::lock_guard<FairMutex> lock(mutex_);
         if (idle_for != nullptr) require_idle(idle_for);
+        use_default_lora(idle_for);
         ModelAccess access(*this);
         return fn(access);
     }
 
 private:
+    // Direct model calls run under the adapters' default scales: the context
+    // is switched back when no request with scales of its own is running.
+    void use_default_lora(const char* what);
     Engine& engine();
     OutputHead& head();
     Batcher& batcher();

@@ -136,6 +136,18 @@ def test_a_grammar_applies_after_the_reasoning(thinking: slot_cpp.Model) -> None
     assert thinking.generate(off.tokens, chat_format=off, grammar=grammar, max_tokens=12).text in ("yes", "no")
 
 
+def test_where_reasoning_is_optional_the_grammar_binds_from_the_first_token(smollm2_path: Path,
+                                                                            tmp_path: Path) -> None:
+    # The same template, but its generation prompt leaves opening <think> to the model.
+    template = (DATA / "thinking_chatml.jinja").read_text().replace("{{- '<think>\\n' -}}", "{{- '' -}}")
+    path = _with_template(smollm2_path, template, tmp_path / "optional.gguf")
+    with slot_cpp.Model(path, n_ctx=512) as model:
+        fmt = format_chat(model, QUESTION)
+        assert fmt.thinking_end == "</think>" and fmt.prompt.endswith("<|im_start|>assistant\n")
+        r = model.generate(fmt.tokens, chat_format=fmt, grammar='root ::= "yes" | "no"', max_tokens=8)
+        assert r.text in ("yes", "no")
+
+
 @pytest.fixture(scope="module")
 def thinking_server(thinking: slot_cpp.Model) -> Iterator[str]:
     with running(thinking, ServerConfig(model_id="smol-thinking", api_key="test-key")) as url:
@@ -192,6 +204,19 @@ def test_a_template_without_tools_gets_json_calls(gemma: slot_cpp.Model) -> None
     text = format_chat(gemma, history, tools=[WEATHER], tool_choice="none").prompt
     assert '{"name":"get_weather","arguments":{"city":"Paris"}}' in text
     assert "The result of get_weather: sunny, 21 C" in text
+    # Two results and the user's next message are one user turn (turns alternate).
+    two = history[:1] + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "sunny"}, {"role": "tool", "tool_call_id": "b", "content": "rain"},
+        {"role": "user", "content": "Which is warmer?"}]
+    text = format_chat(gemma, two, tools=[WEATHER], tool_choice="none").prompt
+    assert text.count("<start_of_turn>user") == 2 and "get_weather: rain\n\nWhich is warmer?" in text
+    # A function whose parameters cannot be a grammar is a clear error.
+    bad = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "#/definitions/nope"}}}}}
+    with pytest.raises(ValueError, match="cannot be made a grammar"):
+        format_chat(gemma, ASK, tools=[bad], tool_choice="required")
 
 
 @pytest.fixture(scope="module")

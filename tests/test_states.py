@@ -51,6 +51,19 @@ def test_a_state_restored_in_a_new_process_continues_as_an_uninterrupted_run(gem
     assert got["restored"] == got["fresh"] and len(got["restored"]) > 0
 
 
+def test_states_restored_before_any_call_go_to_sequences_of_their_own(gemma_path: Path, tmp_path: Path) -> None:
+    prompts = [PROMPT, "The colour of the sky on a clear day is"]
+    with slot_cpp.Model(gemma_path, n_ctx=512, n_parallel=2) as model:
+        paths = [model.save_state(tmp_path / f"{i}.state", p).path for i, p in enumerate(prompts)]
+    with slot_cpp.Model(gemma_path, n_ctx=512, n_parallel=3) as model:
+        states = [model.load_state(p) for p in paths]
+        # Both are cached, in sequences of their own: neither restore overwrote the other.
+        held = sorted(tuple(s["tokens"]) for s in model.native_session().slots() if s["tokens"])
+        assert held == sorted(tuple(state.tokens) for state in states)
+        r = model.generate(states[1].tokens, max_tokens=1)
+        assert r.cached_tokens >= len(states[1].tokens) - 1
+
+
 def test_damaged_foreign_and_mismatched_states_are_refused(gemma_path: Path, tiny_path: Path,
                                                            tmp_path: Path) -> None:
     path = tmp_path / "prompt.state"

@@ -108,6 +108,7 @@ class Model:
                                       yarn_beta_slow=yarn_beta_slow, kv_overrides=kv_overrides)
         self._seed = settings.seed
         self._settings = settings
+        self._weights: Optional[str] = None
         self._fingerprint: Optional[dict[str, Any]] = None
         if path is None:
             path = default_model_path()
@@ -348,7 +349,8 @@ class Model:
         if not data:
             raise RuntimeError("the prompt's cells could not be kept in the cache to be saved (every sequence "
                                "is busy); try again")
-        return write_state(self._state_identity(), path, tokens, data, delta)
+        return write_state(self._state_identity(), path, tokens, data, delta,
+                           [scale for _, scale in self.loras])
 
     def load_state(self, path: Union[str, os.PathLike[str]]) -> SavedState:
         """Restore a state saved by :meth:`save_state` (by this model, with
@@ -358,14 +360,23 @@ class Model:
         from .states import read_state
 
         state, data = read_state(self._state_identity(), path)
-        self._s().restore_state(state.tokens, data, -1)
+        self._s().restore_state(state.tokens, data, -1, state.lora_scales)
         return state
 
     def _state_identity(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """What a saved state's cells belong to: this model, and its KV cache's layout."""
-        settings = self._settings
-        return model_fingerprint(self), {"cache_type_k": settings.cache_type_k,
-                                         "cache_type_v": settings.cache_type_v, "deterministic": self.deterministic}
+        """What a saved state's cells belong to: this model (a sample of its
+        weights included), and what else shapes them."""
+        from .states import weights_sample
+
+        if self._weights is None:
+            self._weights = weights_sample(self._path)
+        s = self._settings
+        layout = {"cache_type_k": s.cache_type_k, "cache_type_v": s.cache_type_v, "deterministic": self.deterministic,
+                  "rope": [s.rope_freq_base, s.rope_freq_scale, s.rope_scaling, s.yarn_orig_ctx, s.yarn_ext_factor,
+                           s.yarn_attn_factor, s.yarn_beta_fast, s.yarn_beta_slow],
+                  "kv_overrides": [list(o) for o in s.kv_overrides or ()],
+                  "adapters": [Path(p).name for p, _ in self._loras]}
+        return {**model_fingerprint(self), "weights": self._weights}, layout
 
     def _state_tokens(self, prompt: Any, chat_template: Optional[str]) -> list[int]:
         if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], Mapping)):

@@ -20,7 +20,9 @@ a call is one JSON object ``{"name": ..., "arguments": {...}}`` (format
 
 The methods compose with it: SLOT, RTD and the penalties act on the
 distribution the grammar then masks. A grammar of the request's own (or a
-JSON schema) applies after a thinking model's reasoning block.
+JSON schema) applies after the reasoning block a thinking template opens
+in the prompt; where the template leaves reasoning optional it binds from
+the first token.
 """
 
 from __future__ import annotations
@@ -182,7 +184,9 @@ class ChatFormat:
         """Sets a native request's grammar, its triggers, prefill and stops.
         A grammar the request has of its own waits for the reasoning's end."""
         native = self._native
-        if (request.grammar or request.json_schema) and native.thinking_end:
+        if (request.grammar or request.json_schema) and native.thinking_end and native.thinking_forced_open:
+            # The answer begins inside the reasoning the prompt opened: the grammar waits for its end. (Where
+            # reasoning is optional the grammar binds from the first token, so that it always holds.)
             request.grammar_triggers = [_after(native.thinking_end)]
         if native.grammar:
             request.grammar = native.grammar

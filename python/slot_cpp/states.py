@@ -49,19 +49,37 @@ class SavedState:
     path: Path
     kv_bytes: int
     """The size of llama.cpp's serialised cells."""
+    lora_scales: list[float]
+    """The LoRA adapters' scales the cells were computed under."""
 
 
 Identity = tuple[Mapping[str, Any], Mapping[str, Any]]
-"""What a state belongs to: the model's fingerprint, and the KV cache's
-layout (cache types, deterministic mode); ``Model._state_identity()``."""
+"""What a state belongs to: the model's fingerprint (with a sample of its
+weights), and what else the cells depend on (the KV cache's types,
+deterministic mode, RoPE settings, metadata overrides, the LoRA adapters
+loaded); ``Model._state_identity()``."""
+
+
+def weights_sample(path: Union[str, Path], chunks: int = 8, size: int = 1 << 16) -> str:
+    """A digest of a GGUF file's size and of chunks read at even offsets: two
+    quantisations or fine-tunes of one model differ here."""
+    p = Path(path)
+    total = p.stat().st_size
+    digest = hashlib.sha256(str(total).encode())
+    with open(p, "rb") as f:
+        for i in range(chunks):
+            f.seek(max(0, (total - size) * i // max(1, chunks - 1)))
+            digest.update(f.read(size))
+    return digest.hexdigest()[:24]
 
 
 def write_state(identity: Identity, path: Union[str, Path], tokens: list[int], data: bytes,
-                delta: Optional[np.ndarray] = None) -> SavedState:
+                delta: Optional[np.ndarray] = None, lora_scales: Optional[list[float]] = None) -> SavedState:
     """Writes a state file (atomic replace); ``data`` is llama.cpp's serialised cells of ``tokens``."""
     fingerprint, layout = identity
     header = {"version": STATE_VERSION, "fingerprint": dict(fingerprint), "layout": dict(layout),
               "tokens": [int(t) for t in tokens], "kv_bytes": len(data), "created": time.time(),
+              "lora_scales": [float(x) for x in lora_scales or []],
               "delta": None if delta is None else [float(x) for x in np.asarray(delta, dtype=np.float32)]}
     head = json.dumps(header).encode()
     body = _MAGIC + _PREFIX.pack(STATE_VERSION, len(head)) + head
@@ -73,7 +91,7 @@ def write_state(identity: Identity, path: Union[str, Path], tokens: list[int], d
         f.write(data)
         f.write(digest.digest())
     return SavedState(tokens=list(header["tokens"]), delta=None if delta is None else np.asarray(delta, np.float32),
-                      path=target, kv_bytes=len(data))
+                      path=target, kv_bytes=len(data), lora_scales=list(header["lora_scales"]))
 
 
 def read_state(identity: Identity, path: Union[str, Path]) -> tuple[SavedState, bytes]:
@@ -100,15 +118,17 @@ def read_state(identity: Identity, path: Union[str, Path]) -> tuple[SavedState, 
         raise ValueError(f"{target} is damaged: it holds {len(data)} bytes of cells, its header says "
                          f"{header.get('kv_bytes')}")
     theirs = header.get("fingerprint", {})
-    for key in ("architecture", "n_embd", "n_vocab", "vocab", "head"):
+    for key in ("architecture", "n_embd", "n_vocab", "vocab", "head", "weights"):
         if theirs.get(key) != mine.get(key):
             raise ValueError(f"{target} was saved with another model: {key} is {theirs.get(key)!r}, this "
                              f"model's is {mine.get(key)!r}")
-    for key, value in header.get("layout", {}).items():
+    saved_layout = header.get("layout", {})
+    for key in sorted(set(saved_layout) | set(layout)):
+        value = saved_layout.get(key)
         if layout.get(key) != value:
             raise ValueError(f"{target} was saved with {key}={value!r}; this model has {key}={layout.get(key)!r}")
     delta = header.get("delta")
     state = SavedState(tokens=[int(t) for t in header["tokens"]],
                        delta=None if delta is None else np.asarray(delta, dtype=np.float32), path=target,
-                       kv_bytes=len(data))
+                       kv_bytes=len(data), lora_scales=[float(x) for x in header.get("lora_scales", [])])
     return state, data

@@ -84,10 +84,12 @@ def _chat_prompt(model: Any, messages: list[dict[str, str]], args: argparse.Name
     if chat == ChatOptions():
         return messages, args.chat_template
     if args.loss_on == "user":
-        raise UsageError("--loss-on user is not available with --no-enable-thinking or --chat-template-kwargs")
-    text = model.apply_chat_template(messages, template=args.chat_template, enable_thinking=chat.enable_thinking,
-                                     chat_template_kwargs=chat.chat_template_kwargs)
-    return text, None
+        raise UsageError("--loss-on user is not available with --no-enable-thinking, --chat-template-kwargs or "
+                         "--drop-oldest-turns")
+    from ..chat import format_chat
+
+    budget = max(1, model.seq_capacity - args.max_tokens)  # the answer's cells kept free
+    return format_chat(model, messages, chat_template=args.chat_template, chat=chat, prompt_budget=budget).prompt, None
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -180,9 +180,9 @@ class ChatOptions(_Group):
     """How chat messages are rendered by the chat template, and a thinking model's answer read back
     (``reasoning_format`` is for the OpenAI message an answer is read into: Python and HTTP)."""
 
-    reasoning_format: str = _opt("auto", "where a thinking model's reasoning goes: 'auto' or 'deepseek' take it "
-                                 "out of the content into reasoning_content; 'deepseek-legacy' also leaves it in "
-                                 "a streamed content; 'none' leaves it in the content", "str",
+    reasoning_format: str = _opt("auto", "where a thinking model's reasoning goes: 'auto', 'deepseek' or "
+                                 "'deepseek-legacy' (the pinned llama.cpp reads the last two alike) take it out of "
+                                 "the content into reasoning_content; 'none' leaves it in the content", "str",
                                  choices=REASONING_FORMATS, flag=None, native=None)
     enable_thinking: bool = _opt(True, "let a thinking model think (the template's enable_thinking variable; "
                                  "chat_template_kwargs' enable_thinking wins)", "bool", http=None, native=None)

@@ -111,14 +111,15 @@ async def props(state: Served) -> dict[str, Any]:
 @router.get("/lora-adapters")
 async def lora_adapters(state: Served) -> list[dict[str, Any]]:
     """The LoRA adapters the model loaded, with the scales requests without ``lora`` apply."""
-    return [{"id": i, "path": path, "scale": scale} for i, (path, scale) in enumerate(state.model.loras)]
+    loras = await anyio.to_thread.run_sync(lambda: state.model.loras)  # waits for the engine's lock
+    return [{"id": i, "path": path, "scale": scale} for i, (path, scale) in enumerate(loras)]
 
 
 @router.post("/lora-adapters")
 async def set_lora_adapters(body: list[dict[str, Any]], state: Served) -> list[dict[str, Any]]:
     """Sets the default scales, as llama-server's POST /lora-adapters: adapters not named get 0."""
     try:
-        state.model.set_lora_scales(body)
+        await anyio.to_thread.run_sync(state.model.set_lora_scales, body)
     except (TypeError, ValueError) as exc:
         raise ApiError(400, str(exc), param="lora") from None
     return await lora_adapters(state)
@@ -129,8 +130,9 @@ async def slots(state: Served) -> list[dict[str, Any]]:
     """The sequences (llama-server's slots): whether each is generating and
     how many tokens its KV cells hold for the prompt cache."""
     model = state.model
+    held = await anyio.to_thread.run_sync(model.native_session().slots)  # waits for the engine's lock
     return [{"id": s["id"], "is_processing": bool(s["live"]), "n_ctx": model.seq_capacity,
-             "n_cached_tokens": len(s["tokens"])} for s in model.native_session().slots()]
+             "n_cached_tokens": len(s["tokens"])} for s in held]
 
 
 @router.post("/slots/{slot_id}")
@@ -147,26 +149,38 @@ async def slot_action(slot_id: int, action: str, state: Served,
     started = time.perf_counter()
     try:
         if action == "erase":
-            n = len(session.slots()[slot_id]["tokens"]) if 0 <= slot_id < model.n_parallel else 0
-            await anyio.to_thread.run_sync(session.erase_seq, slot_id)
-            return {"id_slot": slot_id, "n_erased": n}
+            def erase() -> int:
+                n = len(session.slots()[slot_id]["tokens"]) if 0 <= slot_id < model.n_parallel else 0
+                session.erase_seq(slot_id)
+                return n
+            return {"id_slot": slot_id, "n_erased": await anyio.to_thread.run_sync(erase)}
         path = _state_file(state, body)
+        # The engine's lock and the file's I/O: off the event loop.
         if action == "save":
-            tokens, data = await anyio.to_thread.run_sync(session.seq_state, slot_id)
-            saved = await anyio.to_thread.run_sync(lambda: write_state(model._state_identity(), path, tokens, data))
-            return {"id_slot": slot_id, "filename": path.name, "n_saved": len(tokens), "n_written": saved.kv_bytes,
+            def save() -> Any:
+                tokens, data, scales = session.seq_state(slot_id)
+                return len(tokens), write_state(model._state_identity(), path, tokens, data, lora_scales=scales)
+            n_saved, saved = await anyio.to_thread.run_sync(save)
+            return {"id_slot": slot_id, "filename": path.name, "n_saved": n_saved, "n_written": saved.kv_bytes,
                     "timings": {"save_ms": 1000 * (time.perf_counter() - started)}}
+
+        def restore() -> Any:
+            restored, data = read_state(model._state_identity(), path)
+            session.restore_state(restored.tokens, data, slot_id, restored.lora_scales)
+            return restored
         try:
-            restored, data = await anyio.to_thread.run_sync(read_state, model._state_identity(), path)
+            restored = await anyio.to_thread.run_sync(restore)
         except FileNotFoundError:
             raise ApiError(404, f"no state file {path.name!r}", type="not_found_error", param="filename") from None
-        await anyio.to_thread.run_sync(session.restore_state, restored.tokens, data, slot_id)
         return {"id_slot": slot_id, "filename": path.name, "n_restored": len(restored.tokens),
                 "n_read": restored.kv_bytes, "timings": {"restore_ms": 1000 * (time.perf_counter() - started)}}
     except ValueError as exc:
         raise ApiError(400, str(exc), param="filename" if action != "erase" else None) from None
     except _core.QueueFullError as exc:
         raise ApiError(503, str(exc)) from None
+    except OSError as exc:
+        raise ApiError(500, f"the state file could not be {'written' if action == 'save' else 'read'}: {exc}",
+                       type="server_error") from None
 
 
 def _state_file(state: State, body: Optional[SlotActionRequest]) -> Path:

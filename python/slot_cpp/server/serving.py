@@ -51,6 +51,8 @@ _FINISH = {"eos": "stop", "stop": "stop", "length": "length", "callback": "stop"
 # pool of 40 would make ending requests wait in line behind each other.
 _LIMITER = anyio.CapacityLimiter(1024)
 
+_MAX_EVENTS_PER_WRITE = 64
+
 OnText = Callable[[int, str], bool]
 """``on_text(choice index, piece) -> keep going``."""
 
@@ -545,7 +547,8 @@ async def _stream(state: State, job: Job, reply: Reply, include_usage: bool) -> 
                         stream, text = readers[event.index]
                         text[0] += event.text
                         out.extend(_sse(_delta_chunk(reply, event.index, delta)) for delta in stream.update(text[0]))
-                    if not run.pending and out:
+                    # What is ready goes out together, at most a bounded batch at a time.
+                    if out and (not run.pending or len(out) >= _MAX_EVENTS_PER_WRITE):
                         yield b"".join(out)
                         out.clear()
                     continue
