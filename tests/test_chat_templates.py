@@ -148,10 +148,14 @@ def test_where_reasoning_is_optional_the_grammar_binds_from_the_first_token(smol
         assert r.text in ("yes", "no")
 
 
+def _served(model: slot_cpp.Model, model_id: str) -> Iterator[str]:
+    with running(model, ServerConfig(model_id=model_id, api_key="test-key")) as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
 def thinking_server(thinking: slot_cpp.Model) -> Iterator[str]:
-    with running(thinking, ServerConfig(model_id="smol-thinking", api_key="test-key")) as url:
-        yield url
+    yield from _served(thinking, "smol-thinking")
 
 
 def test_the_server_returns_reasoning_content_whole_and_streamed(thinking_server: str) -> None:
@@ -221,8 +225,7 @@ def test_a_template_without_tools_gets_json_calls(gemma: slot_cpp.Model) -> None
 
 @pytest.fixture(scope="module")
 def gemma_server(gemma: slot_cpp.Model) -> Iterator[str]:
-    with running(gemma, ServerConfig(model_id="gemma", api_key="test-key")) as url:
-        yield url
+    yield from _served(gemma, "gemma")
 
 
 def test_required_gives_a_call_on_the_embedded_model_through_the_openai_client(gemma_server: str) -> None:

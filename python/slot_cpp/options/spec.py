@@ -164,18 +164,23 @@ class OptionSpec:
         return f"{left}{low}, {high}{right}"
 
 
-def _schema_text(name: str, value: Any) -> str:
-    """A JSON schema given as a mapping, a pydantic model class or JSON text, as JSON text."""
-    if isinstance(value, type) and hasattr(value, "model_json_schema"):
-        value = value.model_json_schema()
-    elif isinstance(value, (str, bytes)):
+def _json_mapping(name: str, value: Any, what: str) -> Mapping[str, Any]:
+    """A mapping given as itself or as JSON text (TypeError/ValueError naming ``name`` and ``what`` it must be)."""
+    if isinstance(value, (str, bytes)):
         try:
             value = json.loads(value)
         except ValueError as exc:
             raise ValueError(f"{name} is not valid JSON: {exc}") from None
     if not isinstance(value, Mapping):
-        raise TypeError(f"{name} must be a JSON schema (a mapping, a pydantic model class or JSON text), "
-                        f"got {type(value).__name__}")
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return value
+
+
+def _schema_text(name: str, value: Any) -> str:
+    """A JSON schema given as a mapping, a pydantic model class or JSON text, as JSON text."""
+    if isinstance(value, type) and hasattr(value, "model_json_schema"):
+        value = value.model_json_schema()
+    value = _json_mapping(name, value, "a JSON schema (a mapping, a pydantic model class or JSON text)")
     try:
         return json.dumps(value, sort_keys=False)
     except (TypeError, ValueError) as exc:
@@ -235,13 +240,7 @@ def _kv_overrides(name: str, value: Any) -> tuple[tuple[str, str, str], ...]:
 
 def _object_text(name: str, value: Any) -> str:
     """A JSON object given as a mapping or JSON text, as JSON text."""
-    if isinstance(value, (str, bytes)):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise ValueError(f"{name} is not valid JSON: {exc}") from None
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{name} must be a JSON object (a mapping), got {type(value).__name__}")
+    value = _json_mapping(name, value, "a JSON object (a mapping)")
     try:
         return json.dumps(dict(value))
     except (TypeError, ValueError) as exc:
