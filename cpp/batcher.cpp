@@ -193,11 +193,7 @@ int Batcher::spare(int keep) const {
 }
 
 int Batcher::take_seq(int keep, std::vector<int>& taken) {
-    int best = -1;
-    for (int s = 0; s < static_cast<int>(live_.size()); ++s) {
-        if (!live_[static_cast<size_t>(s)] && e_.seq_tokens(s).empty()) { best = s; break; }
-    }
-    if (best < 0) best = victim(keep);
+    int best = spare(keep);
     if (best < 0 && keep >= 0 && !live_[static_cast<size_t>(keep)]) best = keep;
     if (best < 0) throw Error("internal error: no free sequence");
     live_[static_cast<size_t>(best)] = 1;

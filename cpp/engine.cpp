@@ -247,14 +247,21 @@ ContextPtr Engine::new_context(const llama_context_params& cp, const std::string
     ContextPtr ctx(llama_init_from_model(model_.get(), cp));
     if (!ctx) throw ModelLoadError(with_log_detail("llama.cpp could not create " + what));
     if (params_.deterministic) llama_set_cpu_use_ref(ctx.get(), true);
-    if (!adapters_.empty()) {
-        std::vector<llama_adapter_lora*> raw;
-        for (const auto& a : adapters_) raw.push_back(a.get());
-        if (llama_set_adapters_lora(ctx.get(), raw.data(), raw.size(), adapter_scales_.data()) != 0) {
-            throw ModelLoadError(with_log_detail("llama.cpp could not set the LoRA adapters on " + what));
-        }
+    if (!adapters_.empty() && !set_adapters(ctx.get(), adapter_scales_)) {
+        throw ModelLoadError(with_log_detail("llama.cpp could not set the LoRA adapters on " + what));
     }
     return ctx;
+}
+
+bool Engine::set_adapters(llama_context* ctx, const std::vector<float>& scales) const {
+    std::vector<llama_adapter_lora*> raw;
+    std::vector<float> kept;
+    for (size_t i = 0; i < adapters_.size(); ++i) {
+        if (scales[i] == 0.0f) continue;  // an adapter at scale 0 is left out of the graph
+        raw.push_back(adapters_[i].get());
+        kept.push_back(scales[i]);
+    }
+    return llama_set_adapters_lora(ctx, raw.data(), raw.size(), kept.data()) == 0;
 }
 
 void Engine::set_default_lora_scales(const std::vector<float>& scales) {
@@ -266,16 +273,7 @@ void Engine::set_default_lora_scales(const std::vector<float>& scales) {
 void Engine::set_lora_scales(const std::vector<float>& scales) {
     if (scales == active_scales_) return;
     if (scales.size() != adapters_.size()) throw std::invalid_argument("one scale per LoRA adapter is needed");
-    std::vector<llama_adapter_lora*> raw;
-    std::vector<float> kept;
-    for (size_t i = 0; i < adapters_.size(); ++i) {
-        if (scales[i] == 0.0f) continue;  // an adapter at scale 0 is left out of the graph
-        raw.push_back(adapters_[i].get());
-        kept.push_back(scales[i]);
-    }
-    if (llama_set_adapters_lora(ctx_.get(), raw.data(), raw.size(), kept.data()) != 0) {
-        throw Error(with_log_detail("llama.cpp could not set the LoRA adapters' scales"));
-    }
+    if (!set_adapters(ctx_.get(), scales)) throw Error(with_log_detail("llama.cpp could not set the LoRA adapters' scales"));
     active_scales_ = scales;
     clear_all();
 }

@@ -215,8 +215,10 @@ private:
     llama_context_params side_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq) const;
     // The RoPE and YaRN settings, on every context of the engine.
     void set_rope(llama_context_params& cp) const;
-    // A new context with the LoRA adapters set on it.
+    // A new context with the LoRA adapters set on it (their default scales).
     ContextPtr new_context(const llama_context_params& cp, const std::string& what);
+    // Sets the adapters on `ctx` at `scales` (one per adapter); false when llama.cpp refuses.
+    bool set_adapters(llama_context* ctx, const std::vector<float>& scales) const;
 
     EngineParams params_;
     std::vector<ggml_backend_dev_t> rpc_devices_;  // null-terminated, for the model's params

@@ -264,12 +264,7 @@ class Model:
         adapter id -> scale, or llama-server's list of {"id", "scale"}
         (adapters not named: 0). Requests that give ``lora`` choose their own."""
         pairs = opts.RequestExtras(lora=scales).lora or ()
-        full = [0.0] * self.n_adapters
-        for adapter, scale in pairs:
-            if adapter >= self.n_adapters:
-                raise ValueError(f"lora names adapter {adapter}; the model loaded {self.n_adapters}")
-            full[adapter] = scale
-        self._s().set_lora_defaults(full)
+        self._s().set_lora_defaults(opts.lora_scales(pairs, self.n_adapters))
 
     @property
     def n_vocab(self) -> int:

@@ -60,7 +60,7 @@ class ChatTemplates:
         check_messages(messages)
         templates = self.parsed(session, template)
         reasoning, thinking, kwargs = (chat or opts.ChatOptions()).template_inputs()
-        out = session().apply_chat(templates, _messages_json(messages), "", "none", False, add_generation_prompt,
+        out = session().apply_chat(templates, messages_json(messages), "", "none", False, add_generation_prompt,
                                    reasoning, thinking, kwargs)
         return str(out.prompt)
 
@@ -96,7 +96,8 @@ class ChatTemplates:
         return name
 
 
-def _messages_json(messages: Sequence[Message]) -> str:
+def messages_json(messages: Sequence[Message]) -> str:
+    """Chat messages as the JSON text llama.cpp's common/chat reads."""
     try:
         return json.dumps([dict(m) for m in messages])
     except (TypeError, ValueError) as exc:
@@ -165,8 +166,6 @@ def user_loss_mask(model: Tokenizer, prompt: Prompt, chat_template: Optional[str
         if m["role"] != "user" or not isinstance(m.get("content"), str) or not m["content"]:
             continue
         content = m["content"].encode("utf-8")
-        if not content:
-            continue
         at = data.find(content, cursor)
         if at < 0:
             raise ValueError(f"message {i}'s content does not appear verbatim in the formatted prompt; "

@@ -28,10 +28,11 @@ the first token.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Optional, Sequence, Union
 
-from . import _core
+from . import _core, _prompts
 from . import options as opts
 
 if TYPE_CHECKING:
@@ -145,6 +146,8 @@ class ChatFormat:
     _native: Any = field(repr=False, compare=False)
     dropped_messages: int = 0
     """Messages dropped from the start of the chat to fit the context (``drop_oldest_turns``)."""
+    messages: list[Mapping[str, Any]] = field(default_factory=list, repr=False, compare=False)
+    """The messages the prompt renders: the chat less the dropped ones."""
 
     @property
     def grammar(self) -> Optional[str]:
@@ -202,8 +205,6 @@ class ChatFormat:
 
 def _after(tag: str) -> str:
     """A lazy grammar trigger: the first non-space character after ``tag``."""
-    import re
-
     return r"[\s\S]*?" + re.escape(tag) + r"\s*([^\s][\s\S]*)"
 
 
@@ -281,12 +282,8 @@ def format_chat(model: Model, messages: Sequence[Mapping[str, Any]], *,
     chat_messages = list(messages)
     dropped = 0
     while True:
-        try:
-            messages_json = json.dumps(chat_messages)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"messages must be JSON-serialisable: {exc}") from None
         native = model.native_session().apply_chat(
-            templates, messages_json, json.dumps(rendered_tools) if rendered_tools else "", choice,
+            templates, _prompts.messages_json(chat_messages), json.dumps(rendered_tools) if rendered_tools else "", choice,
             parallel_tool_calls, add_generation_prompt, *chat.template_inputs())
         tokens = model.tokenize(native.prompt)
         if not tokens:
@@ -301,7 +298,7 @@ def format_chat(model: Model, messages: Sequence[Mapping[str, Any]], *,
         del chat_messages[cut[0]:cut[1]]
     return ChatFormat(prompt=native.prompt, tokens=tokens, format=native.format, tool_choice=choice,
                       parse_tool_calls=choice != "none" and bool(rendered_tools), _native=native,
-                      dropped_messages=dropped)
+                      dropped_messages=dropped, messages=chat_messages)
 
 
 def _oldest_turn(messages: list[Mapping[str, Any]]) -> Optional[tuple[int, int]]:

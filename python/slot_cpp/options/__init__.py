@@ -34,7 +34,7 @@ from .cli import (add_arguments, dest_of, flag_of, from_arguments, group_from_ar
 from .groups import (GROUPS, REASONING_FORMATS, ChatOptions, LmcorOptions, ModelSettings, QAlignOptions, RequestExtras, RtdOptions,
                      SamplingOptions, ServerSettings, SlotOptions, split_options)
 from .http import from_http, group_from_http, http_default, http_fields, request_model
-from .native import ModelFacts, check_delta, check_tokens, native_request, schema_grammar
+from .native import ModelFacts, check_delta, check_tokens, lora_scales, native_request, schema_grammar
 from .spec import AUTO_LR_REFERENCE, SAME, OptionSpec, check_float, check_int, specs
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "group_from_http",
     "http_default",
     "http_fields",
+    "lora_scales",
     "native_request",
     "parse_list",
     "parse_lr",

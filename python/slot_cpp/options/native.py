@@ -44,6 +44,16 @@ def check_delta(delta: Any, n_embd: int) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+def lora_scales(pairs: Any, n_adapters: int) -> list[float]:
+    """(adapter id, scale) pairs as one scale per adapter the model loaded (those not named: 0)."""
+    scales = [0.0] * n_adapters
+    for adapter, scale in pairs:
+        if adapter >= n_adapters:
+            raise ValueError(f"lora names adapter {adapter}; the model loaded {n_adapters}")
+        scales[adapter] = scale
+    return scales
+
+
 def schema_grammar(schema_json: str) -> str:
     """GBNF for a JSON schema (JSON text), by llama.cpp's json-schema-to-grammar
     (the conversion a request's ``json_schema`` gets in the C++ core; cached there)."""
@@ -100,12 +110,7 @@ def native_request(tokens: list[int], n: int, sampling: SamplingOptions, slot: S
             raise TypeError("score_tokens must be token ids")
         r.score_tokens = check_tokens(extras.score_tokens, facts.n_vocab)
     if extras.lora is not None:
-        scales = [0.0] * facts.n_adapters
-        for adapter, scale in extras.lora:
-            if adapter >= facts.n_adapters:
-                raise ValueError(f"lora names adapter {adapter}; the model loaded {facts.n_adapters}")
-            scales[adapter] = scale
-        r.lora_scales = scales
+        r.lora_scales = lora_scales(extras.lora, facts.n_adapters)
     if extras.chat_format is not None:
         apply = getattr(extras.chat_format, "_apply", None)
         if apply is None:

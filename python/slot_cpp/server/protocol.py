@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 import orjson
@@ -274,6 +274,8 @@ class Reply:
     created: int
     model: str
     chat: bool
+    _frames: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False, compare=False)
+    """piece_event's fixed parts, by choice index."""
 
     @classmethod
     def new(cls, model: str, *, chat: bool) -> Reply:
@@ -339,16 +341,12 @@ class Reply:
     def piece_event(self, index: int, text: str) -> bytes:
         """The server-sent event of a text piece: ``chunk(index, text, None)``
         as ``data: ...`` bytes, its fixed parts encoded once per response."""
-        frames = self.__dict__.get("_frames")
-        if frames is None:
-            frames = {}
-            object.__setattr__(self, "_frames", frames)
-        frame = frames.get(index)
+        frame = self._frames.get(index)
         if frame is None:
             probe = "\u0000slot\u0000"
             encoded = orjson.dumps(self.chunk(index, probe, None))
             head, _, tail = encoded.partition(orjson.dumps(probe))
-            frame = frames[index] = (b"data: " + head, tail + b"\n\n")
+            frame = self._frames[index] = (b"data: " + head, tail + b"\n\n")
         return frame[0] + orjson.dumps(text) + frame[1]
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:

@@ -74,16 +74,11 @@ async def chat_completions(body: ChatCompletionRequest, state: Served) -> Respon
     if top and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     fmt = _chat_format(state, body, messages, schema is not None, max_tokens)
-    if fmt.dropped_messages:
-        messages = messages[:_first_turn(messages)] + messages[_first_turn(messages) + fmt.dropped_messages:]
-    job = resolve(state, body, fmt.tokens, max_tokens, body.logprobs, top, messages=messages, chat_format=fmt)
+    job = resolve(state, body, fmt.tokens, max_tokens, body.logprobs, top, messages=list(fmt.messages),
+                  chat_format=fmt)
     if fmt.dropped_messages:
         job.applied["dropped_messages"] = fmt.dropped_messages
     return await respond(state, job, body, chat=True)
-
-
-def _first_turn(messages: list[dict[str, Any]]) -> int:
-    return next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
 
 
 @router.post("/apply-template")
