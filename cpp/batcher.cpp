@@ -51,9 +51,9 @@ size_t common_prefix(const std::vector<int32_t>& a, const std::vector<int32_t>& 
 
 }  // namespace
 
-Batcher::Batcher(Engine& engine, std::function<OutputHead&()> head, LoopCounters& stats,
+Batcher::Batcher(Engine& engine, Drafter* drafter, std::function<OutputHead&()> head, LoopCounters& stats,
                  std::function<void(const std::shared_ptr<BatchJob>&)> admitted)
-    : e_(engine), head_(std::move(head)), stats_(stats), admitted_(std::move(admitted)),
+    : e_(engine), drafter_(drafter), head_(std::move(head)), stats_(stats), admitted_(std::move(admitted)),
       live_(static_cast<size_t>(engine.n_parallel()), 0), pinned_(live_.size(), 0), last_use_(live_.size(), 0),
       scratch_(static_cast<size_t>(engine.n_vocab())), masked_(static_cast<size_t>(engine.n_vocab())) {}
 
@@ -277,15 +277,38 @@ void Batcher::step(BatchEvents& ev) {
     batch.reserve(lanes_.size());
     std::vector<std::vector<int32_t>> drafts(lanes_.size());
     size_t room = static_cast<size_t>(e_.n_batch()) - std::min(lanes_.size(), static_cast<size_t>(e_.n_batch()));
+    // Each speculating lane's draft length, within the batch's room.
+    std::vector<size_t> budget(lanes_.size(), 0);
+    for (size_t i = 0; i < lanes_.size() && room > 0; ++i) {
+        if (request_of(*lanes_[i]->group).draft_max <= 0) continue;
+        budget[i] = draft_budget(*lanes_[i], room);
+        room -= budget[i];
+    }
+    if (drafter_ != nullptr) {
+        std::vector<Drafter::Ask> asks;
+        std::vector<size_t> asked;
+        float p_min = 1.0f;
+        for (size_t i = 0; i < lanes_.size(); ++i) {
+            if (budget[i] == 0) continue;
+            asks.push_back({lanes_[i]->seq, &lanes_[i]->history, static_cast<int>(budget[i])});
+            asked.push_back(i);
+            // One draft model pass serves every lane: the lowest threshold asked for.
+            p_min = std::min(p_min, request_of(*lanes_[i]->group).draft_p_min);
+        }
+        if (!asks.empty()) {
+            auto proposed = drafter_->draft(asks, p_min);
+            for (size_t a = 0; a < asked.size(); ++a) drafts[asked[a]] = std::move(proposed[a]);
+        }
+    } else {
+        for (size_t i = 0; i < lanes_.size(); ++i) {
+            if (budget[i] > 0) drafts[i] = lookup(*lanes_[i], budget[i]);
+        }
+    }
     bool hidden = false;
     for (size_t i = 0; i < lanes_.size(); ++i) {
         const Lane& lane = *lanes_[i];
         batch.push_back({lane.seq, lane.pending, true});
-        if (room > 0 && request_of(*lane.group).draft_max > 0) {
-            drafts[i] = draft(lane, room);
-            room -= drafts[i].size();
-            for (int32_t t : drafts[i]) batch.push_back({lane.seq, t, true});
-        }
+        for (int32_t t : drafts[i]) batch.push_back({lane.seq, t, true});
         hidden = hidden || state_of(*lane.group).needs_hidden;
     }
     e_.decode(batch, [this] { return make_room(); }, {}, hidden);
@@ -320,15 +343,18 @@ void Batcher::step(BatchEvents& ev) {
     compact();
 }
 
-std::vector<int32_t> Batcher::draft(const Lane& lane, size_t room) const {
+size_t Batcher::draft_budget(const Lane& lane, size_t room) const {
     const GenerationRequest& req = request_of(*lane.group);
     const GenerationResult& res = lane.group->job->results[static_cast<size_t>(lane.result)];
     // Tokens left to generate after the pending one, and cells left in the sequence.
     const int left = req.max_tokens - static_cast<int>(res.tokens.size()) - 1;
     const int cells = e_.seq_capacity() - static_cast<int>(e_.seq_tokens(lane.seq).size()) - 1;
-    const size_t k = static_cast<size_t>(
+    return static_cast<size_t>(
         std::max(0, std::min({req.draft_max, lane.draft_len, left, cells, static_cast<int>(room)})));
-    if (k == 0) return {};
+}
+
+std::vector<int32_t> Batcher::lookup(const Lane& lane, size_t k) const {
+    const GenerationRequest& req = request_of(*lane.group);
     // The text so far: the context and the answer, the pending token last.
     const auto& all = lane.history;
     const size_t n_all = all.size();

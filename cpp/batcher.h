@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "drafter.h"
 #include "engine.h"
 #include "generation.h"
 #include "grammar.h"
@@ -83,7 +84,8 @@ public:
     // `admitted` runs (under the engine lock) when a call's last group gets
     // its sequences, before any of its work, so that the queue's length is
     // right even while a long prefill or a callback holds the loop.
-    Batcher(Engine& engine, std::function<OutputHead&()> head, LoopCounters& stats,
+    // `drafter` (may be null) drafts for speculating requests instead of prompt lookup.
+    Batcher(Engine& engine, Drafter* drafter, std::function<OutputHead&()> head, LoopCounters& stats,
             std::function<void(const std::shared_ptr<BatchJob>&)> admitted);
 
     bool busy() const { return !waiting_.empty() || !lanes_.empty(); }
@@ -193,9 +195,12 @@ private:
 
     // ---- the decode step (batcher.cpp) ----
     void step(BatchEvents& ev);
+    // How many tokens a speculating lane may draft this step: at most
+    // draft_max, its adaptive length, the tokens and cells it has left, `room`.
+    size_t draft_budget(const Lane& lane, size_t room) const;
     // Prompt lookup: the tokens that followed the latest earlier occurrence
-    // of the lane's last n tokens (n from draft_ngram down to 1), at most `room`.
-    std::vector<int32_t> draft(const Lane& lane, size_t room) const;
+    // of the lane's last n tokens (n from draft_ngram down to 1), at most k.
+    std::vector<int32_t> lookup(const Lane& lane, size_t k) const;
     // The logits after the request's stages: `logits` itself when it has
     // none, else the scratch buffer (valid until the next call).
     const float* staged(const RequestState& st, const float* logits, const float* hidden);
@@ -208,6 +213,7 @@ private:
     void emit(Lane& lane, size_t end);
 
     Engine& e_;
+    Drafter* drafter_;
     std::function<OutputHead&()> head_;
     LoopCounters& stats_;
     std::function<void(const std::shared_ptr<BatchJob>&)> admitted_;

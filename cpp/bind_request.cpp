@@ -111,6 +111,7 @@ void bind_request(py::module_& m) {
         .SLOT_FIELD("lora_scales", lora_scales)
         .SLOT_FIELD("draft_max", draft_max)
         .SLOT_FIELD("draft_ngram", draft_ngram)
+        .SLOT_FIELD("draft_p_min", draft_p_min)
         .SLOT_FIELD("score_tokens", score_tokens)
         .SLOT_FIELD("return_hidden", return_hidden)
         .SLOT_FIELD("rtd", rtd)

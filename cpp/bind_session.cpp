@@ -321,7 +321,8 @@ void bind_session(py::module_& m) {
                          const std::string& flash_attn, float rope_freq_base, float rope_freq_scale,
                          bool use_mlock, const std::string& rope_scaling, int yarn_orig_ctx, float yarn_ext_factor,
                          float yarn_attn_factor, float yarn_beta_fast, float yarn_beta_slow,
-                         const std::vector<std::tuple<std::string, std::string, std::string>>& kv_overrides) {
+                         const std::vector<std::tuple<std::string, std::string, std::string>>& kv_overrides,
+                         const std::string& draft_model) {
                  EngineParams p;
                  p.rope_scaling = rope_scaling;
                  p.yarn_orig_ctx = yarn_orig_ctx;
@@ -346,7 +347,7 @@ void bind_session(py::module_& m) {
                  p.n_gpu_layers = n_gpu_layers;
                  p.n_parallel = n_parallel;
                  p.use_mmap = use_mmap;
-                 return std::make_unique<Session>(p);
+                 return std::make_unique<Session>(p, draft_model);
              }),
              py::arg("path"), py::arg("n_ctx"), py::arg("n_batch"), py::arg("n_threads"), py::arg("n_gpu_layers"),
              py::arg("n_parallel"), py::arg("use_mmap"), py::arg("rpc_servers") = std::vector<std::string>{},
@@ -355,7 +356,8 @@ void bind_session(py::module_& m) {
              py::arg("rope_freq_base") = 0.0f, py::arg("rope_freq_scale") = 0.0f, py::arg("use_mlock") = false,
              py::arg("rope_scaling") = "", py::arg("yarn_orig_ctx") = 0, py::arg("yarn_ext_factor") = -1.0f,
              py::arg("yarn_attn_factor") = -1.0f, py::arg("yarn_beta_fast") = -1.0f, py::arg("yarn_beta_slow") = -1.0f,
-             py::arg("kv_overrides") = std::vector<std::tuple<std::string, std::string, std::string>>{}, kNoGil)
+             py::arg("kv_overrides") = std::vector<std::tuple<std::string, std::string, std::string>>{},
+             py::arg("draft_model") = "", kNoGil)
         .def("close", &Session::close, kNoGil)
         .def_property_readonly("closed", py::cpp_function(&Session::closed, kNoGil));
     def_generation(cls);

@@ -47,13 +47,17 @@ struct GenerationRequest {
     // loaded; empty: the model's current defaults. Requests with other
     // scales than the running ones wait for them to finish.
     std::vector<float> lora_scales;
-    // Prompt-lookup speculation: up to draft_max tokens drafted per step by
-    // matching the last draft_ngram (down to 1) tokens earlier in the
-    // context and the answer, checked in the same llama_decode. A sampled
+    // Speculation: up to draft_max tokens drafted per step, by the session's
+    // draft model or else by prompt lookup (matching the last draft_ngram,
+    // down to 1, tokens earlier in the context and the answer), checked in
+    // the same llama_decode. A sampled
     // token equal to the draft keeps the draft's next logits; the samples'
     // distribution is the same as without it (0: off).
     int draft_max = 0;
     int draft_ngram = 3;
+    // With a draft model: a draft ends at a token the draft model gives less
+    // than this probability.
+    float draft_p_min = 0.75f;
     // At the context's last position: the log-probabilities of these tokens
     // (under the request's stages), and its final normed hidden state.
     std::vector<int32_t> score_tokens;

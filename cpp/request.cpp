@@ -34,6 +34,9 @@ void validate_request(const ModelShape& e, const GenerationRequest& req, int ind
         throw std::invalid_argument(where + "draft_max needs a model whose sequences can be cut back; this one is "
                                     "recurrent or hybrid");
     }
+    if (!(req.draft_p_min >= 0.0f && req.draft_p_min <= 1.0f)) {
+        throw std::invalid_argument(where + "draft_p_min must be in [0, 1]");
+    }
     if (req.draft_ngram < 1 || req.draft_ngram > 16) {
         throw std::invalid_argument(where + "draft_ngram must be in [1, 16]");
     }

@@ -15,7 +15,9 @@
 
 namespace slot {
 
-Session::Session(const EngineParams& params) : engine_(std::make_unique<Engine>(params)) {
+Session::Session(const EngineParams& params, const std::string& draft_model)
+    : engine_(std::make_unique<Engine>(params)) {
+    if (!draft_model.empty()) drafter_ = std::make_unique<Drafter>(draft_model, *engine_);
     shape_ = {engine_->vocab(),         engine_->n_vocab(),      engine_->n_embd(), engine_->n_ctx(),
               engine_->n_parallel(),    engine_->seq_capacity(), engine_->deterministic(),
               engine_->n_adapters(),    engine_->recurrent()};
@@ -73,6 +75,7 @@ void Session::close() {
         if (batcher_) batcher_->fail_all(std::make_exception_ptr(Error("the model was closed")), ev);
         std::unique_lock<std::shared_mutex> life(life_);  // waits for tokenising calls
         batcher_.reset();
+        drafter_.reset();
         head_.reset();
         backend_.reset();
         engine_.reset();
@@ -97,7 +100,7 @@ Batcher& Session::batcher() {
     Engine& e = engine();
     if (!batcher_) {
         batcher_ = std::make_unique<Batcher>(
-            e, [this]() -> OutputHead& { return head(); }, counters_, [this](const std::shared_ptr<BatchJob>& job) {
+            e, drafter_.get(), [this]() -> OutputHead& { return head(); }, counters_, [this](const std::shared_ptr<BatchJob>& job) {
                 std::lock_guard<std::mutex> lock(jobs_mutex_);
                 if (job->counted_waiting) { job->counted_waiting = false; --waiting_; }
             });

@@ -53,6 +53,7 @@ private:
 ggml_backend_dev_t head_device(const EngineParams& params);
 
 class Batcher;
+class Drafter;
 struct BatchJob;
 struct BatchEvents;
 
@@ -66,7 +67,9 @@ struct BatchEvents;
 // cache, dropped least recently used first when cells are needed.
 class Session {
 public:
-    explicit Session(const EngineParams& params);
+    // draft_model: a GGUF with the model's vocabulary that drafts for
+    // speculation (requests with draft_max); empty: prompt lookup drafts.
+    explicit Session(const EngineParams& params, const std::string& draft_model = "");
     ~Session();
     void close();
     bool closed() const;
@@ -194,6 +197,7 @@ private:
     // template (thread-safe in llama.cpp) and so need not wait for a step.
     mutable std::shared_mutex life_;
     std::unique_ptr<Engine> engine_;
+    std::unique_ptr<Drafter> drafter_;
     std::unique_ptr<ComputeBackend> backend_;
     std::unique_ptr<OutputHead> head_;
     std::unique_ptr<Batcher> batcher_;

@@ -1,4 +1,4 @@
-"""Prompt-lookup speculation: drafted tokens checked in the same decode.
+"""Speculation: tokens drafted by prompt lookup or a draft model, checked in the same decode.
 
 A drafted token is kept when the token the sampler draws (after every
 stage: SLOT's delta, RTD's blend, penalties, logit_bias, the grammar) is
@@ -22,6 +22,7 @@ from scipy import stats
 import slot_cpp
 from slot_cpp.server import ServerConfig
 
+from conftest import VOCAB_GGUF, _hf_qwen2, write_qwen2_gguf
 from test_server import running
 
 COPY = ("Copy the text exactly.\nText: The old lighthouse keeper climbed the stairs every evening to light "
@@ -129,9 +130,9 @@ def _chi_square(samples: list[tuple[int, ...]], expected: dict[tuple[int, ...], 
     return float(stats.chisquare(observed, np.asarray(wanted) * sum(observed) / sum(wanted)).pvalue)
 
 
-def test_sampled_tokens_follow_the_target_distribution(det: slot_cpp.Model) -> None:
-    # The repeated words are the model's likely continuations, so drafts are made.
-    model = det
+def test_sampled_tokens_follow_the_target_distribution(gemma_path: Path) -> None:
+    # The repeated words are the model's likely continuations, so drafts are made (and kept).
+    model = slot_cpp.Model(gemma_path, n_ctx=2048, n_parallel=16, deterministic=True)
     prompt = model.tokenize("one two three one two three one two")
     cache: dict[tuple[int, ...], dict[int, float]] = {}
     # The exact joint distribution of the first three tokens.
@@ -164,6 +165,7 @@ def test_sampled_tokens_follow_the_target_distribution(det: slot_cpp.Model) -> N
     keys = list(wrong)
     picks = rng.choice(len(keys), size=len(samples), p=np.asarray([wrong[k] for k in keys]) / sum(wrong.values()))
     assert _chi_square([keys[i] for i in picks], expected) < 1e-6
+    model.close()
 
 
 def test_drafts_through_the_server(det: slot_cpp.Model) -> None:
@@ -177,3 +179,140 @@ def test_drafts_through_the_server(det: slot_cpp.Model) -> None:
         assert drafted["timings"]["draft_n_accepted"] > 0 and "draft_n" not in plain["timings"]
         r = http.post("/v1/completions", json={**body, "draft_max": 100})
         assert r.status_code == 400 and r.json()["error"]["param"] == "draft_max"
+
+
+# ---- a draft model ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def self_drafting(gemma_path: Path) -> Iterator[slot_cpp.Model]:
+    """Gemma drafting for itself: its drafts are its own greedy choices."""
+    model = slot_cpp.Model(gemma_path, n_ctx=2048, n_parallel=4, deterministic=True, draft_model=gemma_path)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory: pytest.TempPathFactory, peaked_path: Path) -> Iterator[slot_cpp.Model]:
+    """The peaked tiny model with a draft model of other random weights and the same vocabulary:
+    most of its drafts are refused."""
+    import gguf
+
+    n_vocab = len(gguf.GGUFReader(str(VOCAB_GGUF)).fields["tokenizer.ggml.tokens"].contents())
+    draft = write_qwen2_gguf(_hf_qwen2(n_vocab, seed=99), tmp_path_factory.mktemp("draft") / "draft.gguf",
+                             head_scale=12.0)
+    model = slot_cpp.Model(peaked_path, n_ctx=512, n_parallel=4, deterministic=True, draft_model=draft)
+    yield model
+    model.close()
+
+
+def test_a_draft_model_keeps_greedy_output_with_every_stage(self_drafting: slot_cpp.Model,
+                                                             tiny_pair: slot_cpp.Model) -> None:
+    prompt = "Question: What is the capital of France?\nAnswer:"
+    plain, drafted = _pair(self_drafting, prompt, draft_p_min=0.0)
+    assert drafted.tokens == plain.tokens
+    # Its own greedy choices: (nearly) every draft is kept.
+    assert drafted.accepted_tokens >= 0.9 * drafted.drafted_tokens > 0
+    delta = self_drafting.generate_with_slot(prompt, steps=3, lr=0.05, max_tokens=0).delta
+    for options in ({"delta": delta}, {"repeat_penalty": 1.3, "presence_penalty": 0.4},
+                    {"grammar": 'root ::= [ a-zA-Z.,]+'}, {"steps": 2, "lr": 0.05}):
+        plain, drafted = _pair(self_drafting, prompt, **options)
+        assert drafted.tokens == plain.tokens and drafted.drafted_tokens > 0, options
+    # A draft model of other weights: drafts refused, the answer still the target's own.
+    for p in ("one two three", "The quick brown fox"):
+        plain, drafted = _pair(tiny_pair, p, draft_p_min=0.0)
+        assert drafted.tokens == plain.tokens
+        assert 0 <= drafted.accepted_tokens < drafted.drafted_tokens
+
+
+def test_draft_p_min_ends_drafts_the_draft_model_doubts(tiny_pair: slot_cpp.Model) -> None:
+    bold = tiny_pair.generate("one two three", max_tokens=16, ignore_eos=True, draft_max=4, draft_p_min=0.0)
+    shy = tiny_pair.generate("one two three", max_tokens=16, ignore_eos=True, draft_max=4, draft_p_min=1.0)
+    assert bold.drafted_tokens > 0 and shy.drafted_tokens == 0 and shy.tokens == bold.tokens
+    with pytest.raises(ValueError, match="draft_p_min"):
+        tiny_pair.generate("x", max_tokens=2, draft_max=2, draft_p_min=1.5)
+
+
+def test_a_draft_model_beside_plain_requests(self_drafting: slot_cpp.Model) -> None:
+    prompts = [COPY, "Question: What is the capital of France?\nAnswer:", "Once upon a time"]
+    solo = [self_drafting.generate(p, max_tokens=16, ignore_eos=True, draft_max=4 * (i != 1)).tokens
+            for i, p in enumerate(prompts)]
+    got: dict[int, list[int]] = {}
+
+    def run(i: int) -> None:
+        got[i] = self_drafting.generate(prompts[i], max_tokens=16, ignore_eos=True, draft_max=4 * (i != 1)).tokens
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [got[i] for i in range(3)] == solo
+
+
+def test_samples_with_a_draft_model_follow_the_target_distribution(tiny_path: Path) -> None:
+    # The tiny model drafting for itself: drafts are its greedy choices, kept or refused by the samples.
+    model = slot_cpp.Model(tiny_path, n_ctx=512, n_parallel=4, deterministic=True, draft_model=tiny_path)
+    prompt = model.tokenize("My favourite colour is")
+    cache: dict[tuple[int, ...], dict[int, float]] = {}
+    expected: dict[tuple[int, ...], float] = {}
+    wrong: dict[tuple[int, ...], float] = {}  # keeping every draft: the draft model's greedy choices
+    for t1, p1 in _next(model, prompt, cache).items():
+        second = _next(model, prompt + [t1], cache)
+        g2 = max(second, key=second.__getitem__)
+        for t2, p2 in second.items():
+            third = _next(model, prompt + [t1, t2], cache)
+            for t3, p3 in third.items():
+                expected[(t1, t2, t3)] = p1 * p2 * p3
+        third = _next(model, prompt + [t1, g2], cache)
+        wrong[(t1, g2, max(third, key=third.__getitem__))] = p1
+    options = dict(max_tokens=3, ignore_eos=True, temperature=1.0, top_k=TOP_K, top_p=1.0, min_p=0.0,
+                   draft_max=4, draft_p_min=0.0, n=N_SAMPLES // 4)
+    samples: list[tuple[int, ...]] = []
+    drafted = accepted = 0
+    for seed in range(4):
+        for r in model.generate_batch([prompt], seed=1000 * seed, **options):
+            samples.append(tuple(r.tokens))
+            drafted += r.drafted_tokens
+            accepted += r.accepted_tokens
+    assert drafted > 0 and 0 < accepted < drafted
+    assert _chi_square(samples, expected) > 1e-3
+    rng = np.random.default_rng(0)
+    keys = list(wrong)
+    picks = rng.choice(len(keys), size=len(samples), p=np.asarray([wrong[k] for k in keys]) / sum(wrong.values()))
+    assert _chi_square([keys[i] for i in picks], expected) < 1e-6
+    model.close()
+
+
+def _vocab_with(tmp: Path, token: int, text: str) -> Path:
+    """VOCAB_GGUF with one token's text changed."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(VOCAB_GGUF))
+    writer = gguf.GGUFWriter(str(tmp / "vocab.gguf"), "gpt2")
+    for name, field in reader.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        value = field.contents()
+        if name == "tokenizer.ggml.tokens":
+            value = list(value)
+            value[token] = text
+        sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, value, field.types[0], sub_type=sub)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return tmp / "vocab.gguf"
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(tmp_path: Path, gemma_path: Path, tiny_path: Path,
+                                                          tiny_qwen2: tuple[Path, Any]) -> None:
+    with pytest.raises(ValueError, match=r"draft_model .*50257 tokens and the model's 262144"):
+        slot_cpp.Model(gemma_path, n_ctx=512, draft_model=tiny_path)
+    other = write_qwen2_gguf(tiny_qwen2[1], tmp_path / "other.gguf", vocab_path=_vocab_with(tmp_path, 1000, "zzz"))
+    with pytest.raises(ValueError, match="token 1000 is 'zzz' there"):
+        slot_cpp.Model(tiny_path, n_ctx=512, draft_model=other)
+    with pytest.raises(slot_cpp.ModelLoadError, match="draft_model: model file not found"):
+        slot_cpp.Model(tiny_path, n_ctx=512, draft_model=tmp_path / "missing.gguf")
+    with pytest.raises(TypeError, match="draft_model must be a str"):
+        slot_cpp.Model(tiny_path, n_ctx=512, draft_model=3)  # type: ignore[arg-type]

@@ -134,6 +134,7 @@ class Request(metaclass=_Pybind11Type):
     lora_scales: list[float]
     draft_max: int
     draft_ngram: int
+    draft_p_min: float
     score_tokens: list[int]
     return_hidden: bool
     rtd: Optional[RtdIndex]
@@ -222,7 +223,7 @@ class Session(metaclass=_Pybind11Type):
                  rope_freq_scale: float = ..., use_mlock: bool = ..., rope_scaling: str = ...,
                  yarn_orig_ctx: int = ..., yarn_ext_factor: float = ..., yarn_attn_factor: float = ...,
                  yarn_beta_fast: float = ..., yarn_beta_slow: float = ...,
-                 kv_overrides: Sequence[tuple[str, str, str]] = ...) -> None: ...
+                 kv_overrides: Sequence[tuple[str, str, str]] = ..., draft_model: str = ...) -> None: ...
     def adapter_meta(self, index: int, key: str) -> str: ...
     @property
     def n_adapters(self) -> int: ...

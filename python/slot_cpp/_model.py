@@ -96,6 +96,7 @@ class Model:
         yarn_beta_fast: float = -1.0,
         yarn_beta_slow: float = -1.0,
         kv_overrides: Any = None,
+        draft_model: Union[str, os.PathLike[str], None] = None,
     ) -> None:
         settings = opts.ModelSettings(n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, n_batch=n_batch,
                                       n_parallel=n_parallel, seed=seed, use_mmap=use_mmap, max_waiting=max_waiting,
@@ -105,7 +106,8 @@ class Model:
                                       deterministic=deterministic, rope_scaling=rope_scaling,
                                       yarn_orig_ctx=yarn_orig_ctx, yarn_ext_factor=yarn_ext_factor,
                                       yarn_attn_factor=yarn_attn_factor, yarn_beta_fast=yarn_beta_fast,
-                                      yarn_beta_slow=yarn_beta_slow, kv_overrides=kv_overrides)
+                                      yarn_beta_slow=yarn_beta_slow, kv_overrides=kv_overrides,
+                                      draft_model=os.fspath(draft_model) if isinstance(draft_model, os.PathLike) else draft_model)
         self._seed = settings.seed
         self._settings = settings
         self._weights: Optional[str] = None
@@ -125,7 +127,8 @@ class Model:
                                       settings.flash_attn, settings.rope_freq_base, settings.rope_freq_scale,
                                       settings.use_mlock, settings.rope_scaling or "", settings.yarn_orig_ctx,
                                       settings.yarn_ext_factor, settings.yarn_attn_factor, settings.yarn_beta_fast,
-                                      settings.yarn_beta_slow, list(settings.kv_overrides or ()))
+                                      settings.yarn_beta_slow, list(settings.kv_overrides or ()),
+                                      settings.draft_model or "")
         self._loras = loras
         # Fixed for the model's life: read once, so that argument checks never
         # wait for a call running in another thread.
@@ -286,6 +289,12 @@ class Model:
     def deterministic(self) -> bool:
         """Whether the model evaluates batch-invariantly (``Model(deterministic=True)``)."""
         return self._deterministic
+
+    @property
+    def draft_model(self) -> Optional[str]:
+        """The path of the model that drafts for speculation (``Model(draft_model=...)``), or None
+        when requests with ``draft_max`` draft by prompt lookup."""
+        return self._settings.draft_model
 
     @property
     def seq_capacity(self) -> int:

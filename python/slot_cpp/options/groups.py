@@ -52,11 +52,13 @@ class SamplingOptions(_Group):
     json_schema: Optional[str] = _opt(None, "a JSON schema every answer follows (converted to a grammar by "
                                       "llama.cpp's json-schema-to-grammar); a mapping, a pydantic model class "
                                       "or JSON text", "schema", optional=True, native=None)
-    draft_max: int = _opt(0, "prompt-lookup speculation: tokens drafted per step from the answer's last n-gram "
-                          "seen earlier in the prompt or the answer, checked in the same batch; the samples' "
-                          "distribution is unchanged (0: off)", "int", low=0, high=64)
-    draft_ngram: int = _opt(3, "speculation: the longest n-gram matched to draft (shorter ones are tried after)",
-                            "int", low=1, high=16)
+    draft_max: int = _opt(0, "speculation: tokens drafted per step, by the model's draft_model or else by prompt "
+                          "lookup (the answer's last n-gram seen earlier in the prompt or the answer), checked in "
+                          "the same batch; the samples' distribution is unchanged (0: off)", "int", low=0, high=64)
+    draft_ngram: int = _opt(3, "prompt-lookup speculation: the longest n-gram matched to draft (shorter ones are "
+                            "tried after)", "int", low=1, high=16)
+    draft_p_min: float = _opt(0.75, "draft-model speculation: a draft ends at a token the draft model gives less "
+                              "than this probability", "float", low=0.0, high=1.0)
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,9 @@ class ModelSettings(_Group):
         http=None, native=None)
     use_mlock: bool = _opt(False, "lock the model's memory so the system cannot swap it out", "bool", http=None,
                            native=None)
+    draft_model: Optional[str] = _opt(None, "a small GGUF model with this model's vocabulary that drafts tokens for "
+                                      "speculation (requests with draft_max; default: prompt lookup drafts)",
+                                      "text", optional=True, http=None, native=None)
     deterministic: bool = _opt(False, "batch-invariant evaluation: a request's tokens and logprobs are the same "
                                "whatever else runs beside it or sits in the prompt cache (each sequence gets "
                                "n_ctx / n_parallel KV cells of its own; CPU only)", "bool", http=None, native=None)
