@@ -304,6 +304,7 @@ void Batcher::step(BatchEvents& ev) {
             if (budget[i] > 0) drafts[i] = lookup(*lanes_[i], budget[i]);
         }
     }
+    for (size_t i = 0; i < lanes_.size(); ++i) trim_draft(*lanes_[i], drafts[i]);
     bool hidden = false;
     for (size_t i = 0; i < lanes_.size(); ++i) {
         const Lane& lane = *lanes_[i];
@@ -323,9 +324,11 @@ void Batcher::step(BatchEvents& ev) {
         GenerationResult& res = lane.group->job->results[static_cast<size_t>(lane.result)];
         advance(lane, e_.logits_row(row), hidden ? e_.hidden_row(row) : nullptr, ev);
         size_t matched = 0;
-        while (matched < d.size() && !lane.done && lane.pending == d[matched]) {
-            // The sampled token is the drafted one, whose logits this decode computed.
+        while (matched < d.size() && lane.sampled == d[matched]) {
+            // The sampled token is the drafted one, whose logits this decode computed
+            // (unless it ended the answer).
             ++matched;
+            if (lane.done) break;
             const int r = row + static_cast<int>(matched);
             advance(lane, e_.logits_row(r), hidden ? e_.hidden_row(r) : nullptr, ev);
         }
@@ -360,21 +363,52 @@ std::vector<int32_t> Batcher::lookup(const Lane& lane, size_t k) const {
     const size_t n_all = all.size();
     if (n_all < 2) return {};
     const auto at = [&](size_t i) { return all[i]; };
-    for (size_t n = std::min(static_cast<size_t>(req.draft_ngram), n_all - 1); n >= 1; --n) {
-        // The latest earlier occurrence of the last n tokens that has a token after it.
-        for (size_t start = n_all - n; start-- > 0;) {
-            bool same = true;
-            for (size_t j = 0; j < n && same; ++j) same = at(start + j) == at(n_all - n + j);
-            if (!same) continue;
-            // A shorter match than draft_ngram predicts less: its draft is short too (2^(n-1) tokens).
-            const size_t take =
-                n >= static_cast<size_t>(req.draft_ngram) ? k : std::min(k, size_t(1) << std::min<size_t>(n - 1, 16));
-            std::vector<int32_t> out;
-            for (size_t j = start + n; j < n_all && out.size() < take; ++j) out.push_back(at(j));
-            return out;
+    // First the n tokens ending at the last one; failing that, the n before
+    // it, skipping the token after their match: the last token took its place
+    // (a copy with one token changed, as in a correction).
+    for (size_t skip = 0; skip <= 1; ++skip) {
+        if (n_all < 2 + skip) break;
+        const size_t end = n_all - skip;  // the matched n-gram ends before `end`
+        for (size_t n = std::min(static_cast<size_t>(req.draft_ngram), end - 1); n >= 1; --n) {
+            // The latest earlier occurrence of the n-gram with a token (two with a skip) after it.
+            for (size_t start = end - n; start-- > 0;) {
+                if (start + n + skip >= n_all) continue;
+                bool same = true;
+                for (size_t j = 0; j < n && same; ++j) same = at(start + j) == at(end - n + j);
+                if (!same) continue;
+                // A shorter match than draft_ngram predicts less: its draft is short too (2^(n-1) tokens).
+                const size_t take = n >= static_cast<size_t>(req.draft_ngram)
+                                        ? k
+                                        : std::min(k, size_t(1) << std::min<size_t>(n - 1, 16));
+                std::vector<int32_t> out;
+                for (size_t j = start + n + skip; j < n_all && out.size() < take; ++j) out.push_back(at(j));
+                return out;
+            }
         }
     }
     return {};
+}
+
+void Batcher::trim_draft(const Lane& lane, std::vector<int32_t>& draft) const {
+    if (draft.empty()) return;
+    const GenerationRequest& req = request_of(*lane.group);
+    const size_t max_stop = state_of_const(*lane.group).max_stop;
+    const std::string& text = lane.group->job->results[static_cast<size_t>(lane.result)].text;
+    // The answer's last bytes that a stop string could end with, then each drafted piece.
+    std::string tail = text.substr(text.size() - std::min(text.size(), max_stop > 0 ? max_stop - 1 : 0));
+    for (size_t j = 0; j < draft.size(); ++j) {
+        bool ends = !req.ignore_eos && e_.is_eog(draft[j]);
+        if (!ends && max_stop > 0) {
+            const size_t before = tail.size();
+            tail += e_.token_piece(draft[j]);
+            const size_t from = before >= max_stop ? before - max_stop + 1 : 0;
+            for (const auto& s : req.stop) ends = ends || tail.find(s, from) != std::string::npos;
+        }
+        if (ends) {
+            draft.resize(j + 1);  // kept, generation would end there: nothing after it is needed
+            return;
+        }
+    }
 }
 
 const float* Batcher::staged(const RequestState& st, const float* logits, const float* hidden) {
@@ -408,6 +442,7 @@ void Batcher::advance(Lane& lane, const float* logits, const float* hidden, Batc
     } else {
         tok = lane.sampler->sample(z, nullptr, lane.history, st.context.size());
     }
+    lane.sampled = tok;
     if (!req.ignore_eos && e_.is_eog(tok)) return finish(lane, "eos", ev);
     // The grammar allowed it; end of generation only where the grammar is complete, which it leaves so.
     if (lane.grammar) grammar_accept(lane.grammar.get(), tok);

@@ -124,6 +124,7 @@ private:
         GrammarState grammar;  // this sample's place in the request's grammar
         std::vector<int32_t> history;
         int32_t pending = -1;
+        int32_t sampled = -1;  // the token the last advance() drew (also one that ended the answer)
         size_t emitted = 0;
         bool callback_stopped = false;
         int draft_len = 4;  // speculation: the next draft's length, doubled when one is kept whole, halved if not
@@ -142,6 +143,9 @@ private:
         return g.job->requests[static_cast<size_t>(g.request)];
     }
     RequestState& state_of(const Group& g) { return g.job->states[static_cast<size_t>(g.request)]; }
+    const RequestState& state_of_const(const Group& g) const {
+        return g.job->states[static_cast<size_t>(g.request)];
+    }
 
     // ---- scheduling (batcher.cpp) ----
     // The sequences waiting calls will fork from are dropped last.
@@ -199,8 +203,13 @@ private:
     // draft_max, its adaptive length, the tokens and cells it has left, `room`.
     size_t draft_budget(const Lane& lane, size_t room) const;
     // Prompt lookup: the tokens that followed the latest earlier occurrence
-    // of the lane's last n tokens (n from draft_ngram down to 1), at most k.
+    // of the lane's last n tokens (n from draft_ngram down to 1), at most k;
+    // failing that, of the n tokens before the last, one token skipped.
     std::vector<int32_t> lookup(const Lane& lane, size_t k) const;
+    // Cuts a draft after its first token that would end generation (an
+    // end-of-generation token, or one completing a stop string): the tokens
+    // after it could not be kept.
+    void trim_draft(const Lane& lane, std::vector<int32_t>& draft) const;
     // The logits after the request's stages: `logits` itself when it has
     // none, else the scratch buffer (valid until the next call).
     const float* staged(const RequestState& st, const float* logits, const float* hidden);

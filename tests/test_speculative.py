@@ -57,6 +57,14 @@ def test_greedy_with_drafts_is_plain_greedy_with_every_stage(det: slot_cpp.Model
     assert drafted.token_logprobs == plain.token_logprobs and drafted.top_logprobs == plain.top_logprobs
 
 
+def test_drafts_end_where_the_answer_would(det: slot_cpp.Model) -> None:
+    # The copied text goes on past the stop string; a draft stops at the token that completes it
+    # (kept: it is the answer's last), so no drafted token is wasted on text after the end.
+    r = det.generate(COPY, max_tokens=40, draft_max=8, stop=["lamp"])
+    assert r.finish_reason == "stop" and r.text.endswith(" light the ")
+    assert r.accepted_tokens == r.drafted_tokens > 0
+
+
 def test_a_drafting_request_beside_plain_ones(det: slot_cpp.Model) -> None:
     prompts = [COPY, "Question: What is the capital of France?\nAnswer:", "Once upon a time"]
     solo = [det.generate(p, max_tokens=20, ignore_eos=True, draft_max=6 * (i == 0)).tokens
@@ -105,12 +113,15 @@ def _next(model: slot_cpp.Model, tokens: list[int], cache: dict[tuple[int, ...],
 
 
 def _draft(history: list[int], n_max: int = 3) -> Optional[int]:
-    """The first drafted token after ``history``: prompt lookup as the engine does it."""
-    for n in range(min(n_max, len(history) - 1), 0, -1):
-        tail = history[-n:]
-        for start in range(len(history) - n - 1, -1, -1):
-            if history[start:start + n] == tail:
-                return history[start + n]
+    """The first drafted token after ``history``: prompt lookup as the engine does it (the last n
+    tokens matched earlier; failing that, the n before the last, the token after their match skipped)."""
+    for skip in (0, 1):
+        end = len(history) - skip
+        for n in range(min(n_max, end - 1), 0, -1):
+            tail = history[end - n:end]
+            for start in range(end - n - 1, -1, -1):
+                if history[start:start + n] == tail and start + n + skip < len(history):
+                    return history[start + n + skip]
     return None
 
 
