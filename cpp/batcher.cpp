@@ -413,12 +413,11 @@ void Batcher::trim_draft(const Lane& lane, std::vector<int32_t>& draft) const {
 
 const float* Batcher::staged(const RequestState& st, const float* logits, const float* hidden) {
     if (st.stages.empty()) return logits;
-    const int64_t V = e_.n_vocab();
-    std::copy(logits, logits + V, scratch_.begin());
     StageInput in;
-    in.n_vocab = V;
+    in.n_vocab = e_.n_vocab();
     in.hidden = hidden;
-    for (const auto& stage : st.stages) stage->apply(in, scratch_.data());
+    st.stages.front()->apply_from(in, logits, scratch_.data());
+    for (size_t i = 1; i < st.stages.size(); ++i) st.stages[i]->apply(in, scratch_.data());
     return scratch_.data();
 }
 

@@ -31,6 +31,11 @@ void BiasStage::apply(const StageInput& in, float* logits) const {
     for (int64_t v = 0; v < in.n_vocab; ++v) logits[v] += b[v];
 }
 
+void BiasStage::apply_from(const StageInput& in, const float* src, float* dst) const {
+    const float* b = bias_.data();
+    for (int64_t v = 0; v < in.n_vocab; ++v) dst[v] = src[v] + b[v];
+}
+
 void SparseBiasStage::apply(const StageInput& in, float* logits) const {
     for (const auto& [token, value] : bias_) {
         if (token >= 0 && token < in.n_vocab) logits[token] += value;

@@ -4,6 +4,7 @@
 // then greedy or temperature with top-k, top-p and min-p.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <random>
@@ -40,6 +41,11 @@ class LogitStage {
 public:
     virtual ~LogitStage() = default;
     virtual void apply(const StageInput& in, float* logits) const = 0;
+    // The same from src into dst (the first stage of a list): a copy, then apply.
+    virtual void apply_from(const StageInput& in, const float* src, float* dst) const {
+        std::copy(src, src + in.n_vocab, dst);
+        apply(in, dst);
+    }
     virtual bool needs_hidden() const { return false; }
 };
 
@@ -50,6 +56,8 @@ class BiasStage : public LogitStage {
 public:
     explicit BiasStage(std::vector<float> bias) : bias_(std::move(bias)) {}
     void apply(const StageInput& in, float* logits) const override;
+    // dst = src + bias in one pass over the vocabulary, not a copy and then a sum.
+    void apply_from(const StageInput& in, const float* src, float* dst) const override;
 
 private:
     std::vector<float> bias_;
