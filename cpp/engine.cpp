@@ -237,6 +237,8 @@ Engine::Engine(const EngineParams& params) : params_(params) {
     }
     cp.abort_callback = &Engine::abort_trampoline;
     cp.abort_callback_data = this;
+    cp.cb_eval = &Engine::main_graph_callback;
+    cp.cb_eval_user_data = this;
     ctx_ = new_context(cp, "a context for " + params.model_path);
     seq_tokens_.assign(static_cast<size_t>(params.n_parallel), {});
     active_scales_ = adapter_scales_;
@@ -492,7 +494,9 @@ void Engine::clear_all() {
 void Engine::append(int seq, const std::vector<int32_t>& tokens, Outputs outputs, int max_rows_per_batch,
                     const PrefillSink& sink, const MakeRoom& make_room, const InterruptCheck& interrupted,
                     bool last_hidden, bool prefill_hidden) {
-    const bool all_positions = outputs == Outputs::All;
+    const bool hidden_only = outputs == Outputs::Hidden;
+    const bool all_positions = outputs == Outputs::All || hidden_only;
+    if (hidden_only) prefill_hidden = true;
     if (tokens.empty()) throw std::invalid_argument("the prompt has no tokens");
     check_tokens(tokens);
     auto& held = seq_tokens_.at(static_cast<size_t>(seq));
@@ -521,19 +525,26 @@ void Engine::append(int seq, const std::vector<int32_t>& tokens, Outputs outputs
             batch.seq_id[i][0] = seq;
             batch.logits[i] = (all_positions || (outputs == Outputs::Last && start + i == n - 1)) ? 1 : 0;
         }
-        decode_with_room(batch, make_room, interrupted, "the prompt");
+        stop_at_norm_ = hidden_only;
+        try {
+            decode_with_room(batch, make_room, interrupted, "the prompt");
+        } catch (...) {
+            stop_at_norm_ = false;
+            throw;
+        }
+        stop_at_norm_ = false;
         held.insert(held.end(), tokens.begin() + start, tokens.begin() + start + count);
         if (all_positions && sink) {
-            const float* logits = llama_get_logits(ctx_.get());
+            const float* logits = hidden_only ? nullptr : llama_get_logits(ctx_.get());
             const float* hidden = prefill_hidden ? llama_get_embeddings(ctx_.get()) : nullptr;
-            if (logits == nullptr || (prefill_hidden && hidden == nullptr)) {
+            if ((!hidden_only && logits == nullptr) || (prefill_hidden && hidden == nullptr)) {
                 throw Error("llama.cpp returned no prefill outputs");
             }
             sink(start_pos + start, count, logits, hidden);
         }
         if (interrupted && start + count < n && interrupted()) throw Interrupted();
     }
-    if (outputs == Outputs::None) return;
+    if (outputs == Outputs::None || hidden_only) return;
     last_logits_ = llama_get_logits_ith(ctx_.get(), -1);
     if (last_logits_ == nullptr) throw Error("llama.cpp returned no logits for the last prompt position");
     if (last_hidden) {
@@ -646,6 +657,11 @@ bool Engine::stop_after_norm(ggml_tensor* t, bool ask, void*) {
     const bool is_norm = std::strcmp(t->name, "result_norm") == 0 || std::strcmp(t->name, "result_embd_pooled") == 0;
     if (ask) return is_norm;
     return !is_norm;
+}
+
+bool Engine::main_graph_callback(ggml_tensor* t, bool ask, void* data) {
+    if (!static_cast<const Engine*>(data)->stop_at_norm_) return !ask;  // nothing asked, nothing stopped
+    return stop_after_norm(t, ask, nullptr);
 }
 
 void Engine::hidden_states(const std::vector<std::vector<int32_t>>& rows, const StatesSink& sink,

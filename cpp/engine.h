@@ -146,7 +146,9 @@ public:
     void clear_all();
 
     // Which logits an evaluation produces.
-    enum class Outputs { None, Last, All };
+    // Hidden: every position's final normed hidden state and no logits (the
+    // graph stops after the final norm), for a caller with a head of its own.
+    enum class Outputs { None, Last, All, Hidden };
     // Evaluates `tokens` after what `seq` holds. With Outputs::All, every
     // position's logits and hidden state reach `sink` batch by batch (at most
     // max_rows_per_batch rows each; `first` counts from the sequence's start);
@@ -212,6 +214,9 @@ private:
     void set_embeddings(bool on);
     static bool abort_trampoline(void* data);
     static bool stop_after_norm(ggml_tensor* t, bool ask, void* data);
+    // The main context's graph callback: stop_after_norm while stop_at_norm_ is set, else nothing.
+    static bool main_graph_callback(ggml_tensor* t, bool ask, void* data);
+    bool stop_at_norm_ = false;
     llama_context_params side_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq) const;
     // The RoPE and YaRN settings, on every context of the engine.
     void set_rope(llama_context_params& cp) const;

@@ -245,6 +245,120 @@ void product_op(ggml_tensor* dst, int ith, int nth, void*) {
     for (int64_t v = v0; v < v1; ++v) out[v] = row_dot(wdata + static_cast<size_t>(v) * row_bytes, x, blocks);
 }
 
+// ---- W*H for many rows of H: the logits of a prompt's positions ----
+// A tile of kRowTile vocabulary rows is dequantised to float32 once, then
+// dotted with every row of H, kHTile at a time, all in float32 lanes: each
+// output element is one fixed sequence of multiply-adds over the hidden
+// dimension, whatever the number of rows or the tile it falls in.
+constexpr int kRowTile = 4;
+#if defined(__AVX512F__)
+constexpr int kHTile = 6;  // 24 accumulators of the 32 registers
+#else
+constexpr int kHTile = 3;  // 12 accumulators of the 16 registers
+#endif
+
+#if defined(__AVX512F__)
+constexpr int kLanes16 = 16;
+template <int NH>
+inline void tile_dots(const float* wf, int64_t d, const float* h, int64_t h_stride, float out[kRowTile][kHTile]) {
+    __m512 acc[kRowTile][NH];
+    for (int i = 0; i < kRowTile; ++i)
+        for (int j = 0; j < NH; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < d; k += kLanes16) {
+        __m512 hv[NH];
+        for (int j = 0; j < NH; ++j) hv[j] = _mm512_loadu_ps(h + j * h_stride + k);
+        for (int i = 0; i < kRowTile; ++i) {
+            const __m512 wv = _mm512_loadu_ps(wf + i * d + k);
+            for (int j = 0; j < NH; ++j) acc[i][j] = _mm512_fmadd_ps(wv, hv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < kRowTile; ++i)
+        for (int j = 0; j < NH; ++j) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+inline void dequantize_q8_0_row(const uint8_t* row, int64_t blocks, float* out) {
+    for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* q = row + static_cast<size_t>(b) * kQ8Bytes;
+        const __m512 s = _mm512_set1_ps(half_to_float(q));
+        _mm512_storeu_ps(out + b * kQ8Block, _mm512_mul_ps(s, int8x16(q + 2)));
+        _mm512_storeu_ps(out + b * kQ8Block + 16, _mm512_mul_ps(s, int8x16(q + 18)));
+    }
+}
+constexpr bool kSimdRows = true;
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+constexpr int kLanes16 = 8;
+template <int NH>
+inline void tile_dots(const float* wf, int64_t d, const float* h, int64_t h_stride, float out[kRowTile][kHTile]) {
+    __m256 acc[kRowTile][NH];
+    for (int i = 0; i < kRowTile; ++i)
+        for (int j = 0; j < NH; ++j) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < d; k += kLanes16) {
+        __m256 hv[NH];
+        for (int j = 0; j < NH; ++j) hv[j] = _mm256_loadu_ps(h + j * h_stride + k);
+        for (int i = 0; i < kRowTile; ++i) {
+            const __m256 wv = _mm256_loadu_ps(wf + i * d + k);
+            for (int j = 0; j < NH; ++j) acc[i][j] = _mm256_fmadd_ps(wv, hv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < kRowTile; ++i)
+        for (int j = 0; j < NH; ++j) {
+            const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
+            const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            out[i][j] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+        }
+}
+inline void dequantize_q8_0_row(const uint8_t* row, int64_t blocks, float* out) {
+    for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* q = row + static_cast<size_t>(b) * kQ8Bytes;
+        const __m256 s = _mm256_set1_ps(half_to_float(q));
+        for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + b * kQ8Block + 8 * k, _mm256_mul_ps(s, int8x8(q + 2 + 8 * k)));
+    }
+}
+constexpr bool kSimdRows = true;
+#else
+constexpr bool kSimdRows = false;
+#endif
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+void rows_product_op(ggml_tensor* dst, int ith, int nth, void*) {
+    const ggml_tensor* w = dst->src[0];
+    const ggml_tensor* hs = dst->src[1];
+    const int64_t d = w->ne[0], V = w->ne[1], n = hs->ne[1];
+    const int64_t blocks = d / kQ8Block;
+    const auto* wdata = static_cast<const uint8_t*>(w->data);
+    const auto* h = static_cast<const float*>(hs->data);
+    const int64_t h_stride = static_cast<int64_t>(hs->nb[1] / sizeof(float));
+    auto* out = static_cast<float*>(dst->data);
+    const int64_t out_stride = static_cast<int64_t>(dst->nb[1] / sizeof(float));
+    std::vector<float> wf(static_cast<size_t>(kRowTile * d), 0.0f);
+    const int64_t tiles = (V + kRowTile - 1) / kRowTile;
+    float part[kRowTile][kHTile];
+    for (int64_t t = tiles * ith / nth; t < tiles * (ith + 1) / nth; ++t) {
+        const int64_t v0 = t * kRowTile;
+        const int rows = static_cast<int>(std::min<int64_t>(kRowTile, V - v0));
+        for (int i = 0; i < rows; ++i) {
+            dequantize_q8_0_row(wdata + static_cast<size_t>(v0 + i) * w->nb[1], blocks, wf.data() + i * d);
+        }
+        for (int i = rows; i < kRowTile; ++i) std::fill(wf.begin() + i * d, wf.begin() + (i + 1) * d, 0.0f);
+        for (int64_t r = 0; r < n; r += kHTile) {
+            const int nh = static_cast<int>(std::min<int64_t>(kHTile, n - r));
+            const float* hr = h + r * h_stride;
+            switch (nh) {
+                case 6: tile_dots<6>(wf.data(), d, hr, h_stride, part); break;
+                case 5: tile_dots<5>(wf.data(), d, hr, h_stride, part); break;
+                case 4: tile_dots<4>(wf.data(), d, hr, h_stride, part); break;
+                case 3: tile_dots<3>(wf.data(), d, hr, h_stride, part); break;
+                case 2: tile_dots<2>(wf.data(), d, hr, h_stride, part); break;
+                default: tile_dots<1>(wf.data(), d, hr, h_stride, part); break;
+            }
+            for (int j = 0; j < nh; ++j) {
+                float* o = out + (r + j) * out_stride + v0;
+                for (int i = 0; i < rows; ++i) o[i] = part[i][j];
+            }
+        }
+    }
+}
+#endif
+
 // exp(x) for x <= 0 without a libm call, so that loops over it vectorise:
 // 2^n * e^r with n = round(x / ln 2) and |r| <= ln(2)/2, e^r by its Taylor
 // polynomial to degree 7 (truncation error < 3e-8 relative). Below -87.3 the
@@ -518,6 +632,20 @@ ggml_tensor* head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int
     check_q8_0_layout();
     ggml_tensor* args[] = {w, x};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], 1, 1, 1, args, 2, product_op, n_tasks, nullptr);
+}
+
+ggml_tensor* head_rows_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* h, int n_tasks) {
+    GGML_ASSERT(h->type == GGML_TYPE_F32 && h->ne[0] == w->ne[0] && h->nb[0] == sizeof(float));
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+    if (kSimdRows && w->type == GGML_TYPE_Q8_0 && w->ne[0] % kLanes16 == 0 && ggml_is_contiguous(w)) {
+        check_q8_0_layout();
+        ggml_tensor* args[] = {w, h};
+        return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], h->ne[1], 1, 1, args, 2, rows_product_op, n_tasks,
+                              nullptr);
+    }
+#endif
+    (void)n_tasks;
+    return ggml_mul_mat(ctx, w, h);
 }
 
 ggml_tensor* transposed_head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* g, int n_parts) {

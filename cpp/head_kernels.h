@@ -16,6 +16,14 @@ namespace slot {
 // is slower for a single vector. Other types and CPUs use ggml_mul_mat.
 ggml_tensor* head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int n_tasks);
 
+// W*H for W = [n_embd, n_vocab] and n rows of H (float32 [n_embd, n]): the
+// logits [n_vocab, n]. For a Q8_0 head on x86 (AVX2 or AVX-512) a custom op
+// dequantises a few rows of W at a time and keeps H in float32, several times
+// the speed of ggml's int8 tiles for a prompt's rows and without rounding H
+// to 8 bits; each element is computed the same way whatever n is. Other
+// types and CPUs use ggml_mul_mat.
+ggml_tensor* head_rows_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* h, int n_tasks);
+
 // Partial sums of W^T g for W = [n_embd, n_vocab] (any ggml type) and g of
 // n_vocab floats: the result is [n_embd, n_parts], and W^T g is the sum of its
 // columns. Each part covers a contiguous range of vocabulary rows.

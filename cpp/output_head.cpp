@@ -153,6 +153,12 @@ void OutputHead::make_transposed_copy(const uint8_t* raw) {
     }
 }
 
+ggml_tensor* OutputHead::rows_product(ggml_context* ctx, ggml_tensor* h) const {
+    // slot_cpp's own product on the CPU (H kept in float32), ggml's elsewhere.
+    if (backend_.is_cpu() && !portable_ops()) return head_rows_product(ctx, weight_, h, backend_.n_threads());
+    return ggml_mul_mat(ctx, weight_, h);
+}
+
 ggml_tensor* OutputHead::product(ggml_context* ctx, ggml_tensor* x) const {
     if (portable_ops()) return ggml_mul_mat(ctx, weight_, x);
     return head_product(ctx, weight_, x, backend_.n_threads());
@@ -197,7 +203,7 @@ void OutputHead::logits(const float* hidden, int64_t n_rows, float* out) {
     if (n_rows <= 0) return;
     GraphBuilder g(6);
     ggml_tensor* h = g.input(GGML_TYPE_F32, n_embd_, n_rows);
-    ggml_tensor* z = ggml_mul_mat(g.ctx, weight_, h);  // [n_vocab, n_rows]
+    ggml_tensor* z = rows_product(g.ctx, h);  // [n_vocab, n_rows]
     ggml_tensor* bias = nullptr;
     if (!bias_.empty()) {
         bias = g.input(GGML_TYPE_F32, n_vocab_);

@@ -1,6 +1,7 @@
 #include "slot_optimizer.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -54,6 +55,8 @@ void fill_slot_problem(Engine& engine, SlotProblem& problem, int seq, const std:
     // window or a user-content mask then costs the prefill only what it uses).
     const std::vector<uint8_t> mask = problem.output_mask();
     const auto in_loss = [&mask](size_t t) { return t < mask.size() && mask[t] != 0; };
+    // The head read from the file is the model's only without adapters (one may change it).
+    const bool own_head = problem.own_head() && engine.n_adapters() == 0;
     const PrefillSink sink = [&problem](int first, int count, const float* logits, const float* hidden) {
         problem.add(first, count, logits, hidden);
     };
@@ -63,7 +66,10 @@ void fill_slot_problem(Engine& engine, SlotProblem& problem, int seq, const std:
         while (j < tokens.size() && in_loss(j) == outputs) ++j;
         const std::vector<int32_t> run(tokens.begin() + static_cast<ptrdiff_t>(i),
                                        tokens.begin() + static_cast<ptrdiff_t>(j));
-        if (outputs) {
+        if (outputs && own_head) {
+            // Hidden states alone: the problem's head computes the logits.
+            engine.append(seq, run, Engine::Outputs::Hidden, problem.prefill_rows(), sink, make_room, interrupted);
+        } else if (outputs) {
             // Hidden states are kept only on the recompute path; asking
             // llama.cpp for them makes it compute every position's logits too.
             engine.append(seq, run, Engine::Outputs::All, problem.prefill_rows(), sink, make_room, interrupted,
@@ -206,11 +212,14 @@ void SlotProblem::add(int first, int count, const float* logits, const float* hi
         int j = i + 1;
         while (j < end && slot_of_[static_cast<size_t>(j)] >= 0) ++j;
         // hidden is null on the cached path (the prefill asked for logits alone).
-        add_run(slot_of_[static_cast<size_t>(i)], j - i, logits + static_cast<size_t>(i - first) * V_,
+        add_run(slot_of_[static_cast<size_t>(i)], j - i,
+                logits == nullptr ? nullptr : logits + static_cast<size_t>(i - first) * V_,
                 hidden == nullptr ? nullptr : hidden + static_cast<size_t>(i - first) * d_);
         i = j;
     }
 }
+
+bool SlotProblem::own_head() const { return head_.backend().is_cpu() && !head_.portable_ops(); }
 
 void SlotProblem::add_run(int first, int c, const float* logits, const float* hidden) {
     if (!cached_) {
@@ -218,6 +227,21 @@ void SlotProblem::add_run(int first, int c, const float* logits, const float* hi
                   hidden_.begin() + static_cast<ptrdiff_t>(first) * d_);
         return;
     }
+    if (logits != nullptr) {
+        add_logits_run(first, c, logits);
+        return;
+    }
+    // The logits from the hidden states, kOwnRows rows at a time.
+    constexpr int kOwnRows = 32;
+    own_logits_.resize(static_cast<size_t>(std::min(c, kOwnRows)) * static_cast<size_t>(V_));
+    for (int i = 0; i < c; i += kOwnRows) {
+        const int m = std::min(kOwnRows, c - i);
+        head_.logits(hidden + static_cast<size_t>(i) * static_cast<size_t>(d_), m, own_logits_.data());
+        add_logits_run(first + i, m, own_logits_.data());
+    }
+}
+
+void SlotProblem::add_logits_run(int first, int c, const float* logits) {
     if (bounded_) {
         TopRowsJob job;
         job.src = logits;
@@ -428,7 +452,7 @@ std::vector<double> SlotProblem::scaled_kl_bounded(const std::vector<float>& b, 
 SlotProblem::RecomputeChunk SlotProblem::build_recompute_chunk(GraphBuilder& g, int c) const {
     RecomputeChunk chunk;
     chunk.states = g.input(GGML_TYPE_F32, d_, c);
-    ggml_tensor* z = ggml_mul_mat(g.ctx, head_.weight(), chunk.states);
+    ggml_tensor* z = head_.rows_product(g.ctx, chunk.states);
     if (head_.has_bias()) {
         chunk.bias = g.input(GGML_TYPE_F32, V_);
         z = ggml_add(g.ctx, z, chunk.bias);

@@ -101,12 +101,17 @@ public:
     int n_positions() const { return n_; }  // loss positions: prompt length - 1, or the masked ones
     bool cached() const { return cached_; }
     int prefill_rows() const { return prefill_rows_; }
+    // Whether the prefill need only hand over hidden states: the problem then
+    // computes the logits with its own head (on the CPU, where its product
+    // beats llama.cpp's int8 tiles and keeps H in float32).
+    bool own_head() const;
     // Which prompt positions the prefill must produce outputs for: the loss
     // positions (one entry per position before the last).
     std::vector<uint8_t> output_mask() const;
     int64_t bytes() const;
-    // The prefill sink: rows [first, first+count) of logits (n_vocab each) and
-    // hidden states (n_embd each).
+    // The prefill sink: rows [first, first+count) of logits (n_vocab each;
+    // null with own_head(): computed here from the hidden states) and hidden
+    // states (n_embd each).
     void add(int first, int count, const float* logits, const float* hidden);
 
     SlotOutcome optimise(const SlotConfig& config, const InterruptCheck& interrupted);
@@ -148,6 +153,8 @@ private:
     std::vector<GraphInput> recompute_inputs(const RecomputeChunk& chunk, const float* states) const;
     // Cache rows [first, first + c) from consecutive prompt positions.
     void add_run(int first, int c, const float* logits, const float* hidden);
+    void add_logits_run(int first, int c, const float* logits);
+    std::vector<float> own_logits_;  // own_head(): a few rows of logits at a time
 
     OutputHead& head_;
     int rows_ = 0;                 // prompt positions that could be in the loss

@@ -55,14 +55,16 @@ def test_w_times_delta(q8):
 
 
 def test_slot_loss_and_gradient_on_a_q8_head(q8):
-    """The cached path's loss and W^T g against float64, from the same prompt logits."""
+    """The cached path's loss and W^T g against float64. Its prompt logits: W h from the states in
+    float32 with the CPU kernels; llama.cpp's (each block of h rounded to 8 bits) with portable ops."""
     model, weight, (_, loss_tol, grad_tol) = q8
     tokens = model.tokenize(TEXT)
-    _, logits = probes.prompt_states(model, tokens)
+    hidden, logits = probes.prompt_states(model, tokens)
     rng = np.random.default_rng(5)
     delta = (0.2 * rng.standard_normal(weight.shape[1])).astype(np.float32)
 
-    z0 = logits[:-1].astype(np.float64)
+    own_head = model.slot_backend == "CPU (CPU head kernels)"
+    z0 = hidden[:-1].astype(np.float64) @ weight.T if own_head else logits[:-1].astype(np.float64)
     z = z0 + weight @ delta.astype(np.float64)  # log p0 + b, up to a per-row constant
     z -= z.max(axis=1, keepdims=True)
     q = np.exp(z)

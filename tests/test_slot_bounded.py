@@ -83,8 +83,9 @@ def test_true_loss_lies_within_the_reported_bound(which, gemma_path, smollm2_pat
     path: Path = gemma_path if which == "gemma" else smollm2_path
     with slot_cpp.Model(path, n_ctx=1024, n_parallel=1) as model:
         ids = model.tokenize(TEXT * 3)
-        _, logits = probes.prompt_states(model, ids)
+        hidden, _ = probes.prompt_states(model, ids)
         weight = probes.output_matrix(model).astype(np.float64)
+        logits = hidden.astype(np.float64) @ weight.T  # the prompt logits, as the CPU's own head computes them
         y = np.asarray(ids[1:])
         rng = np.random.default_rng(5)
         for scale in (0.02, 0.2, 1.0):

@@ -102,8 +102,10 @@ def test_bf16_cache_against_float64_on_the_real_models(which, gemma_path, smollm
                                            memory_budget=budget, cache_prompt=False)
             assert run.slot_path == "cached_bf16"
             assert run.slot_cache_bytes == (len(ids) - 1) * model.n_vocab * 2
-        _, logits = probes.prompt_states(model, ids)
+        hidden, _ = probes.prompt_states(model, ids)
         weight = probes.output_matrix(model).astype(np.float64)
+        # The cache's prompt logits: W h from the states, in float32 lanes on the CPU.
+        logits = hidden.astype(np.float64) @ weight.T
         y = np.asarray(ids[1:])
         rng = np.random.default_rng(5)
         for scale in (0.02, 0.2):
