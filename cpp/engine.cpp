@@ -237,8 +237,13 @@ Engine::Engine(const EngineParams& params) : params_(params) {
     }
     cp.abort_callback = &Engine::abort_trampoline;
     cp.abort_callback_data = this;
-    cp.cb_eval = &Engine::main_graph_callback;
-    cp.cb_eval_user_data = this;
+    if (params.n_gpu_layers == 0 && params.rpc_servers.empty()) {
+        // CPU only: the callback that lets a prefill stop after the final norm
+        // (Outputs::Hidden). GPU backends keep their graphs whole.
+        cp.cb_eval = &Engine::main_graph_callback;
+        cp.cb_eval_user_data = this;
+        hidden_only_ok_ = true;
+    }
     ctx_ = new_context(cp, "a context for " + params.model_path);
     seq_tokens_.assign(static_cast<size_t>(params.n_parallel), {});
     active_scales_ = adapter_scales_;
@@ -495,6 +500,7 @@ void Engine::append(int seq, const std::vector<int32_t>& tokens, Outputs outputs
                     const PrefillSink& sink, const MakeRoom& make_room, const InterruptCheck& interrupted,
                     bool last_hidden, bool prefill_hidden) {
     const bool hidden_only = outputs == Outputs::Hidden;
+    if (hidden_only && !hidden_only_ok_) throw Error("internal error: Outputs::Hidden needs a CPU-only engine");
     const bool all_positions = outputs == Outputs::All || hidden_only;
     if (hidden_only) prefill_hidden = true;
     if (tokens.empty()) throw std::invalid_argument("the prompt has no tokens");

@@ -149,6 +149,8 @@ public:
     // Hidden: every position's final normed hidden state and no logits (the
     // graph stops after the final norm), for a caller with a head of its own.
     enum class Outputs { None, Last, All, Hidden };
+    // Whether append() takes Outputs::Hidden (a CPU-only engine).
+    bool hidden_only_ok() const { return hidden_only_ok_; }
     // Evaluates `tokens` after what `seq` holds. With Outputs::All, every
     // position's logits and hidden state reach `sink` batch by batch (at most
     // max_rows_per_batch rows each; `first` counts from the sequence's start);
@@ -217,6 +219,7 @@ private:
     // The main context's graph callback: stop_after_norm while stop_at_norm_ is set, else nothing.
     static bool main_graph_callback(ggml_tensor* t, bool ask, void* data);
     bool stop_at_norm_ = false;
+    bool hidden_only_ok_ = false;
     llama_context_params side_context_params(uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq) const;
     // The RoPE and YaRN settings, on every context of the engine.
     void set_rope(llama_context_params& cp) const;

@@ -56,7 +56,7 @@ void fill_slot_problem(Engine& engine, SlotProblem& problem, int seq, const std:
     const std::vector<uint8_t> mask = problem.output_mask();
     const auto in_loss = [&mask](size_t t) { return t < mask.size() && mask[t] != 0; };
     // The head read from the file is the model's only without adapters (one may change it).
-    const bool own_head = problem.own_head() && engine.n_adapters() == 0;
+    const bool own_head = problem.own_head() && engine.n_adapters() == 0 && engine.hidden_only_ok();
     const PrefillSink sink = [&problem](int first, int count, const float* logits, const float* hidden) {
         problem.add(first, count, logits, hidden);
     };
