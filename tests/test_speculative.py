@@ -141,6 +141,28 @@ def _chi_square(samples: list[tuple[int, ...]], expected: dict[tuple[int, ...], 
     return float(stats.chisquare(observed, np.asarray(wanted) * sum(observed) / sum(wanted)).pvalue)
 
 
+def _check_samples(model: slot_cpp.Model, prompt: list[int], expected: dict[tuple[int, ...], float],
+                   wrong: dict[tuple[int, ...], float], **speculation: Any) -> None:
+    """N_SAMPLES speculative samples of three tokens pass the chi-square against ``expected``
+    (drafts made, kept and refused), and samples drawn from ``wrong`` (a rule that keeps every
+    draft) fail the same test."""
+    options = dict(max_tokens=3, ignore_eos=True, temperature=1.0, top_k=TOP_K, top_p=1.0, min_p=0.0,
+                   n=N_SAMPLES // 4, **speculation)
+    samples: list[tuple[int, ...]] = []
+    drafted = accepted = 0
+    for seed in range(4):
+        for r in model.generate_batch([prompt], seed=1000 * seed, **options):
+            samples.append(tuple(r.tokens))
+            drafted += r.drafted_tokens
+            accepted += r.accepted_tokens
+    assert drafted > 0 and 0 < accepted < drafted
+    assert _chi_square(samples, expected) > 1e-3
+    rng = np.random.default_rng(0)
+    keys = list(wrong)
+    picks = rng.choice(len(keys), size=len(samples), p=np.asarray([wrong[k] for k in keys]) / sum(wrong.values()))
+    assert _chi_square([keys[i] for i in picks], expected) < 1e-6
+
+
 def test_sampled_tokens_follow_the_target_distribution(gemma_path: Path) -> None:
     # The repeated words are the model's likely continuations, so drafts are made (and kept).
     model = slot_cpp.Model(gemma_path, n_ctx=2048, n_parallel=16, deterministic=True)
@@ -160,22 +182,7 @@ def test_sampled_tokens_follow_the_target_distribution(gemma_path: Path) -> None
             else:
                 for t3, p3 in third.items():
                     wrong[(t1, t2, t3)] = wrong.get((t1, t2, t3), 0.0) + p1 * p2 * p3
-    options = dict(max_tokens=3, ignore_eos=True, temperature=1.0, top_k=TOP_K, top_p=1.0, min_p=0.0,
-                   draft_max=4, n=N_SAMPLES // 4)
-    samples: list[tuple[int, ...]] = []
-    drafted = accepted = 0
-    for seed in range(4):
-        for r in model.generate_batch([prompt], seed=1000 * seed, **options):
-            samples.append(tuple(r.tokens))
-            drafted += r.drafted_tokens
-            accepted += r.accepted_tokens
-    assert drafted > 0 and 0 < accepted < drafted  # drafts were made, kept and refused
-    assert _chi_square(samples, expected) > 1e-3
-    # The same test rejects samples drawn by the wrong rule.
-    rng = np.random.default_rng(0)
-    keys = list(wrong)
-    picks = rng.choice(len(keys), size=len(samples), p=np.asarray([wrong[k] for k in keys]) / sum(wrong.values()))
-    assert _chi_square([keys[i] for i in picks], expected) < 1e-6
+    _check_samples(model, prompt, expected, wrong, draft_max=4)
     model.close()
 
 
@@ -277,21 +284,7 @@ def test_samples_with_a_draft_model_follow_the_target_distribution(tiny_path: Pa
                 expected[(t1, t2, t3)] = p1 * p2 * p3
         third = _next(model, prompt + [t1, g2], cache)
         wrong[(t1, g2, max(third, key=third.__getitem__))] = p1
-    options = dict(max_tokens=3, ignore_eos=True, temperature=1.0, top_k=TOP_K, top_p=1.0, min_p=0.0,
-                   draft_max=4, draft_p_min=0.0, n=N_SAMPLES // 4)
-    samples: list[tuple[int, ...]] = []
-    drafted = accepted = 0
-    for seed in range(4):
-        for r in model.generate_batch([prompt], seed=1000 * seed, **options):
-            samples.append(tuple(r.tokens))
-            drafted += r.drafted_tokens
-            accepted += r.accepted_tokens
-    assert drafted > 0 and 0 < accepted < drafted
-    assert _chi_square(samples, expected) > 1e-3
-    rng = np.random.default_rng(0)
-    keys = list(wrong)
-    picks = rng.choice(len(keys), size=len(samples), p=np.asarray([wrong[k] for k in keys]) / sum(wrong.values()))
-    assert _chi_square([keys[i] for i in picks], expected) < 1e-6
+    _check_samples(model, prompt, expected, wrong, draft_max=4, draft_p_min=0.0)
     model.close()
 
 
