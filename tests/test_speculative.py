@@ -65,22 +65,27 @@ def test_drafts_end_where_the_answer_would(det: slot_cpp.Model) -> None:
     assert r.accepted_tokens == r.drafted_tokens > 0
 
 
-def test_a_drafting_request_beside_plain_ones(det: slot_cpp.Model) -> None:
+def _together_as_alone(model: slot_cpp.Model, draft_max: list[int], max_tokens: int, rounds: int) -> None:
+    """Three requests (draft_max[i] for the i-th) decoded together give each the tokens it gets alone."""
     prompts = [COPY, "Question: What is the capital of France?\nAnswer:", "Once upon a time"]
-    solo = [det.generate(p, max_tokens=20, ignore_eos=True, draft_max=6 * (i == 0)).tokens
-            for i, p in enumerate(prompts)]
+    solo = [model.generate(p, max_tokens=max_tokens, ignore_eos=True, draft_max=k).tokens
+            for p, k in zip(prompts, draft_max)]
     got: dict[int, list[int]] = {}
 
     def run(i: int) -> None:
-        got[i] = det.generate(prompts[i], max_tokens=20, ignore_eos=True, draft_max=6 * (i == 0)).tokens
+        got[i] = model.generate(prompts[i], max_tokens=max_tokens, ignore_eos=True, draft_max=draft_max[i]).tokens
 
-    for _ in range(2):
+    for _ in range(rounds):
         threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=120)
         assert [got[i] for i in range(3)] == solo
+
+
+def test_a_drafting_request_beside_plain_ones(det: slot_cpp.Model) -> None:
+    _together_as_alone(det, [6, 0, 0], max_tokens=20, rounds=2)
 
 
 def test_rtd_composes_with_drafts(det: slot_cpp.Model) -> None:
@@ -252,20 +257,7 @@ def test_draft_p_min_ends_drafts_the_draft_model_doubts(tiny_pair: slot_cpp.Mode
 
 
 def test_a_draft_model_beside_plain_requests(self_drafting: slot_cpp.Model) -> None:
-    prompts = [COPY, "Question: What is the capital of France?\nAnswer:", "Once upon a time"]
-    solo = [self_drafting.generate(p, max_tokens=16, ignore_eos=True, draft_max=4 * (i != 1)).tokens
-            for i, p in enumerate(prompts)]
-    got: dict[int, list[int]] = {}
-
-    def run(i: int) -> None:
-        got[i] = self_drafting.generate(prompts[i], max_tokens=16, ignore_eos=True, draft_max=4 * (i != 1)).tokens
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert [got[i] for i in range(3)] == solo
+    _together_as_alone(self_drafting, [4, 0, 4], max_tokens=16, rounds=1)
 
 
 def test_samples_with_a_draft_model_follow_the_target_distribution(tiny_path: Path) -> None:
