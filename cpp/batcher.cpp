@@ -42,13 +42,6 @@ size_t safe_emit_end(const std::string& s, size_t limit) {
     return end;
 }
 
-size_t common_prefix(const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
-    const size_t n = std::min(a.size(), b.size());
-    size_t i = 0;
-    while (i < n && a[i] == b[i]) ++i;
-    return i;
-}
-
 }  // namespace
 
 Batcher::Batcher(Engine& engine, Drafter* drafter, std::function<OutputHead&()> head, LoopCounters& stats,
@@ -392,7 +385,7 @@ std::vector<int32_t> Batcher::lookup(const Lane& lane, size_t k) const {
 void Batcher::trim_draft(const Lane& lane, std::vector<int32_t>& draft) const {
     if (draft.empty()) return;
     const GenerationRequest& req = request_of(*lane.group);
-    const size_t max_stop = state_of_const(*lane.group).max_stop;
+    const size_t max_stop = state_of(*lane.group).max_stop;
     const std::string& text = lane.group->job->results[static_cast<size_t>(lane.result)].text;
     // The answer's last bytes that a stop string could end with, then each drafted piece.
     std::string tail = text.substr(text.size() - std::min(text.size(), max_stop > 0 ? max_stop - 1 : 0));

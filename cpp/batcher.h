@@ -142,10 +142,7 @@ private:
     const GenerationRequest& request_of(const Group& g) const {
         return g.job->requests[static_cast<size_t>(g.request)];
     }
-    RequestState& state_of(const Group& g) { return g.job->states[static_cast<size_t>(g.request)]; }
-    const RequestState& state_of_const(const Group& g) const {
-        return g.job->states[static_cast<size_t>(g.request)];
-    }
+    RequestState& state_of(const Group& g) const { return g.job->states[static_cast<size_t>(g.request)]; }
 
     // ---- scheduling (batcher.cpp) ----
     // The sequences waiting calls will fork from are dropped last.

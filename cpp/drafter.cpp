@@ -73,7 +73,7 @@ std::unique_ptr<Engine> load_draft(const std::string& path, const Engine& target
 
 }  // namespace
 
-Drafter::Drafter(const std::string& path, const Engine& target) : path_(path), e_(load_draft(path, target)) {
+Drafter::Drafter(const std::string& path, const Engine& target) : e_(load_draft(path, target)) {
     if (e_->recurrent()) {
         throw std::invalid_argument("draft_model " + path + ": a recurrent or hybrid model cannot draft (its "
                                     "sequences cannot be cut back)");
@@ -95,9 +95,7 @@ void Drafter::catch_up(const Ask& ask, const MakeRoom& room) {
     const auto& history = *ask.history;
     const auto& held = e_->seq_tokens(ask.seq);
     const size_t want = history.size() - 1;
-    size_t common = 0;
-    const size_t n = std::min(held.size(), want);
-    while (common < n && held[common] == history[common]) ++common;
+    size_t common = std::min(common_prefix(held, history), want);
     if (common < held.size() && !e_->seq_truncate(ask.seq, static_cast<int>(common))) common = 0;
     if (common == want) return;
     e_->append(ask.seq, std::vector<int32_t>(history.begin() + static_cast<std::ptrdiff_t>(common), history.end() - 1),

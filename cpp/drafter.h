@@ -31,15 +31,12 @@ public:
     // empty (speculation only saves time; the answer is the target's).
     std::vector<std::vector<int32_t>> draft(const std::vector<Ask>& asks, float p_min);
 
-    const std::string& path() const { return path_; }
-
 private:
     // Clears a cached sequence that is not in `busy`; false when there is none.
     bool free_one(const std::vector<int>& busy);
     // Brings the sequence to its history less the last token, from what it holds.
     void catch_up(const Ask& ask, const MakeRoom& room);
 
-    std::string path_;
     std::unique_ptr<Engine> e_;
 };
 

@@ -61,6 +61,14 @@ struct EngineParams {
     std::vector<KvOverride> kv_overrides;
 };
 
+// How many leading tokens two token sequences share.
+inline size_t common_prefix(const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
+    const size_t n = a.size() < b.size() ? a.size() : b.size();
+    size_t i = 0;
+    while (i < n && a[i] == b[i]) ++i;
+    return i;
+}
+
 // Returns true when the current call should stop (a pending Ctrl-C).
 using InterruptCheck = std::function<bool()>;
 

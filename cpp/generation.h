@@ -50,9 +50,9 @@ struct GenerationRequest {
     // Speculation: up to draft_max tokens drafted per step, by the session's
     // draft model or else by prompt lookup (matching the last draft_ngram,
     // down to 1, tokens earlier in the context and the answer), checked in
-    // the same llama_decode. A sampled
-    // token equal to the draft keeps the draft's next logits; the samples'
-    // distribution is the same as without it (0: off).
+    // the same llama_decode. A sampled token equal to the draft keeps the
+    // draft's next logits; the samples' distribution is the same as without
+    // it (0: off).
     int draft_max = 0;
     int draft_ngram = 3;
     // With a draft model: a draft ends at a token the draft model gives less

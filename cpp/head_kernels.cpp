@@ -251,74 +251,68 @@ void product_op(ggml_tensor* dst, int ith, int nth, void*) {
 // output element is one fixed sequence of multiply-adds over the hidden
 // dimension, whatever the number of rows or the tile it falls in.
 constexpr int kRowTile = 4;
+
+// float32 lanes of the widest vector the compile has.
 #if defined(__AVX512F__)
+#define SLOT_SIMD_ROWS 1
+struct F32Lanes {
+    static constexpr int n = 16;
+    using V = __m512;
+    static V zero() { return _mm512_setzero_ps(); }
+    static V load(const float* p) { return _mm512_loadu_ps(p); }
+    static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+    static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static V scaled_int8(float s, const uint8_t* q) { return _mm512_mul_ps(_mm512_set1_ps(s), int8x16(q)); }
+    static float sum(V v) { return _mm512_reduce_add_ps(v); }
+};
 constexpr int kHTile = 6;  // 24 accumulators of the 32 registers
-#else
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define SLOT_SIMD_ROWS 1
+struct F32Lanes {
+    static constexpr int n = 8;
+    using V = __m256;
+    static V zero() { return _mm256_setzero_ps(); }
+    static V load(const float* p) { return _mm256_loadu_ps(p); }
+    static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+    static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    static V scaled_int8(float s, const uint8_t* q) { return _mm256_mul_ps(_mm256_set1_ps(s), int8x8(q)); }
+    static float sum(V v) {
+        const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+    }
+};
 constexpr int kHTile = 3;  // 12 accumulators of the 16 registers
 #endif
 
-#if defined(__AVX512F__)
-constexpr int kLanes16 = 16;
+#if defined(SLOT_SIMD_ROWS)
+using Lanes = F32Lanes;
 template <int NH>
 inline void tile_dots(const float* wf, int64_t d, const float* h, int64_t h_stride, float out[kRowTile][kHTile]) {
-    __m512 acc[kRowTile][NH];
+    Lanes::V acc[kRowTile][NH];
     for (int i = 0; i < kRowTile; ++i)
-        for (int j = 0; j < NH; ++j) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < d; k += kLanes16) {
-        __m512 hv[NH];
-        for (int j = 0; j < NH; ++j) hv[j] = _mm512_loadu_ps(h + j * h_stride + k);
+        for (int j = 0; j < NH; ++j) acc[i][j] = Lanes::zero();
+    for (int64_t k = 0; k < d; k += Lanes::n) {
+        Lanes::V hv[NH];
+        for (int j = 0; j < NH; ++j) hv[j] = Lanes::load(h + j * h_stride + k);
         for (int i = 0; i < kRowTile; ++i) {
-            const __m512 wv = _mm512_loadu_ps(wf + i * d + k);
-            for (int j = 0; j < NH; ++j) acc[i][j] = _mm512_fmadd_ps(wv, hv[j], acc[i][j]);
+            const Lanes::V wv = Lanes::load(wf + i * d + k);
+            for (int j = 0; j < NH; ++j) acc[i][j] = Lanes::fma(wv, hv[j], acc[i][j]);
         }
     }
     for (int i = 0; i < kRowTile; ++i)
-        for (int j = 0; j < NH; ++j) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+        for (int j = 0; j < NH; ++j) out[i][j] = Lanes::sum(acc[i][j]);
 }
 inline void dequantize_q8_0_row(const uint8_t* row, int64_t blocks, float* out) {
     for (int64_t b = 0; b < blocks; ++b) {
         const uint8_t* q = row + static_cast<size_t>(b) * kQ8Bytes;
-        const __m512 s = _mm512_set1_ps(half_to_float(q));
-        _mm512_storeu_ps(out + b * kQ8Block, _mm512_mul_ps(s, int8x16(q + 2)));
-        _mm512_storeu_ps(out + b * kQ8Block + 16, _mm512_mul_ps(s, int8x16(q + 18)));
+        const float s = half_to_float(q);
+        for (int k = 0; k < kQ8Block; k += Lanes::n) Lanes::store(out + b * kQ8Block + k, Lanes::scaled_int8(s, q + 2 + k));
     }
 }
-constexpr bool kSimdRows = true;
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-constexpr int kLanes16 = 8;
-template <int NH>
-inline void tile_dots(const float* wf, int64_t d, const float* h, int64_t h_stride, float out[kRowTile][kHTile]) {
-    __m256 acc[kRowTile][NH];
-    for (int i = 0; i < kRowTile; ++i)
-        for (int j = 0; j < NH; ++j) acc[i][j] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < d; k += kLanes16) {
-        __m256 hv[NH];
-        for (int j = 0; j < NH; ++j) hv[j] = _mm256_loadu_ps(h + j * h_stride + k);
-        for (int i = 0; i < kRowTile; ++i) {
-            const __m256 wv = _mm256_loadu_ps(wf + i * d + k);
-            for (int j = 0; j < NH; ++j) acc[i][j] = _mm256_fmadd_ps(wv, hv[j], acc[i][j]);
-        }
-    }
-    for (int i = 0; i < kRowTile; ++i)
-        for (int j = 0; j < NH; ++j) {
-            const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[i][j]), _mm256_extractf128_ps(acc[i][j], 1));
-            const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-            out[i][j] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
-        }
-}
-inline void dequantize_q8_0_row(const uint8_t* row, int64_t blocks, float* out) {
-    for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* q = row + static_cast<size_t>(b) * kQ8Bytes;
-        const __m256 s = _mm256_set1_ps(half_to_float(q));
-        for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + b * kQ8Block + 8 * k, _mm256_mul_ps(s, int8x8(q + 2 + 8 * k)));
-    }
-}
-constexpr bool kSimdRows = true;
-#else
-constexpr bool kSimdRows = false;
 #endif
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#if defined(SLOT_SIMD_ROWS)
 void rows_product_op(ggml_tensor* dst, int ith, int nth, void*) {
     const ggml_tensor* w = dst->src[0];
     const ggml_tensor* hs = dst->src[1];
@@ -636,8 +630,8 @@ ggml_tensor* head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int
 
 ggml_tensor* head_rows_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* h, int n_tasks) {
     GGML_ASSERT(h->type == GGML_TYPE_F32 && h->ne[0] == w->ne[0] && h->nb[0] == sizeof(float));
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
-    if (kSimdRows && w->type == GGML_TYPE_Q8_0 && w->ne[0] % kLanes16 == 0 && ggml_is_contiguous(w)) {
+#if defined(SLOT_SIMD_ROWS)
+    if (w->type == GGML_TYPE_Q8_0 && ggml_is_contiguous(w)) {  // rows of whole blocks: a multiple of the lanes
         check_q8_0_layout();
         ggml_tensor* args[] = {w, h};
         return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], h->ne[1], 1, 1, args, 2, rows_product_op, n_tasks,

@@ -1,7 +1,6 @@
 #include "slot_optimizer.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -211,7 +210,7 @@ void SlotProblem::add(int first, int count, const float* logits, const float* hi
         if (slot_of_[static_cast<size_t>(i)] < 0) { ++i; continue; }
         int j = i + 1;
         while (j < end && slot_of_[static_cast<size_t>(j)] >= 0) ++j;
-        // hidden is null on the cached path (the prefill asked for logits alone).
+        // hidden is null when the prefill handed logits alone; logits are null with the problem's own head.
         add_run(slot_of_[static_cast<size_t>(i)], j - i,
                 logits == nullptr ? nullptr : logits + static_cast<size_t>(i - first) * V_,
                 hidden == nullptr ? nullptr : hidden + static_cast<size_t>(i - first) * d_);
