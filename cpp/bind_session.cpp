@@ -216,6 +216,12 @@ void def_probes(py::class_<Session>& cls) {
                  return to_numpy(without_gil([&] { return probes::logit_bias(s, d); }));
              },
              py::arg("delta"))
+        .def("head_logits",
+             [](Session& s, const FloatArray& hidden) {
+                 const std::vector<float> h = from_numpy(hidden);
+                 return to_numpy(without_gil([&] { return probes::head_logits(s, h); }));
+             },
+             py::arg("hidden"))
         .def("token_logprobs",
              [](Session& s, const std::vector<int32_t>& tokens, int first, py::object delta) {
                  std::vector<float> d;

@@ -246,13 +246,12 @@ void product_op(ggml_tensor* dst, int ith, int nth, void*) {
 }
 
 // ---- W*H for many rows of H: the logits of a prompt's positions ----
-// A tile of kRowTile vocabulary rows is dequantised to float32 once, then
-// dotted with every row of H, kHTile at a time, all in float32 lanes: each
-// output element is one fixed sequence of multiply-adds over the hidden
-// dimension, whatever the number of rows or the tile it falls in.
-constexpr int kRowTile = 4;
-
-// float32 lanes of the widest vector the compile has.
+// Lanes run over vocabulary rows: a group of 2 * Lanes::n rows of W is
+// dequantised and transposed (column k of the group is two vectors), and each
+// row h of H adds h[k] * column k into its two accumulators for k = 0, 1, ...
+// Every output element is thus one chain of multiply-adds in the order of the
+// hidden dimension, whatever the number of rows of H or the tile it falls in,
+// and no sum across lanes is needed.
 #if defined(__AVX512F__)
 #define SLOT_SIMD_ROWS 1
 struct F32Lanes {
@@ -260,12 +259,42 @@ struct F32Lanes {
     using V = __m512;
     static V zero() { return _mm512_setzero_ps(); }
     static V load(const float* p) { return _mm512_loadu_ps(p); }
+    static V broadcast(const float* p) { return _mm512_set1_ps(*p); }
     static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
     static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-    static V scaled_int8(float s, const uint8_t* q) { return _mm512_mul_ps(_mm512_set1_ps(s), int8x16(q)); }
-    static float sum(V v) { return _mm512_reduce_add_ps(v); }
+    static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+    static V int8s(const uint8_t* q) { return int8x16(q); }
+    static V halves(const uint16_t* h) {
+        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h)));
+    }
+    // r[i] (row i of a 16 x 16 block) becomes column i.
+    static void transpose(V r[16]) {
+        __m512 t[16];
+        for (int i = 0; i < 16; i += 2) {
+            t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+            t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 16; i += 4) {
+            const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+            const __m512d c = _mm512_castps_pd(t[i + 2]), e = _mm512_castps_pd(t[i + 3]);
+            r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+            r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+            r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));
+            r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));
+        }
+        for (int h = 0; h < 16; h += 8) {
+            for (int i = 0; i < 4; ++i) {
+                t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+                t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+            }
+        }
+        for (int i = 0; i < 8; ++i) {
+            r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+            r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+        }
+    }
 };
-constexpr int kHTile = 6;  // 24 accumulators of the 32 registers
+constexpr int kHTile = 12;  // 24 accumulators of the 32 registers
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define SLOT_SIMD_ROWS 1
 struct F32Lanes {
@@ -273,81 +302,148 @@ struct F32Lanes {
     using V = __m256;
     static V zero() { return _mm256_setzero_ps(); }
     static V load(const float* p) { return _mm256_loadu_ps(p); }
+    static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
     static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
     static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-    static V scaled_int8(float s, const uint8_t* q) { return _mm256_mul_ps(_mm256_set1_ps(s), int8x8(q)); }
-    static float sum(V v) {
-        const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+    static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+    static V int8s(const uint8_t* q) { return int8x8(q); }
+    static V halves(const uint16_t* h) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h))); }
+    static void transpose(V r[8]) {
+        __m256 t[8], u[8];
+        for (int i = 0; i < 8; i += 2) {
+            t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+            t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 8; i += 4) {
+            u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+            u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+            u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+            u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+        }
+        for (int i = 0; i < 4; ++i) {
+            r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+            r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+        }
     }
 };
-constexpr int kHTile = 3;  // 12 accumulators of the 16 registers
+constexpr int kHTile = 6;  // 12 accumulators of the 16 registers
 #endif
 
 #if defined(SLOT_SIMD_ROWS)
 using Lanes = F32Lanes;
-template <int NH>
-inline void tile_dots(const float* wf, int64_t d, const float* h, int64_t h_stride, float out[kRowTile][kHTile]) {
-    Lanes::V acc[kRowTile][NH];
-    for (int i = 0; i < kRowTile; ++i)
-        for (int j = 0; j < NH; ++j) acc[i][j] = Lanes::zero();
-    for (int64_t k = 0; k < d; k += Lanes::n) {
-        Lanes::V hv[NH];
-        for (int j = 0; j < NH; ++j) hv[j] = Lanes::load(h + j * h_stride + k);
-        for (int i = 0; i < kRowTile; ++i) {
-            const Lanes::V wv = Lanes::load(wf + i * d + k);
-            for (int j = 0; j < NH; ++j) acc[i][j] = Lanes::fma(wv, hv[j], acc[i][j]);
+constexpr int kGroup = 2 * Lanes::n;  // vocabulary rows per group: two vectors
+// Columns of the group transposed at a time: 32 KiB of float32, which stays
+// in L1 while every tile of H is swept over it.
+constexpr int64_t kChunkBlocks = 32 * 1024 / (kGroup * kQ8Block * static_cast<int64_t>(sizeof(float)));
+
+// Blocks [b0, b1) of the group's rows (Q8_0, `rows[i]` for row i) as columns:
+// wt[(k - 32 * b0) * kGroup + i] = scale * q of row i at column k, the same
+// float32 product as a row-wise dequantisation. [ahead, ahead_end) is
+// prefetched along the way.
+void transpose_group_q8_0(const uint8_t* const rows[kGroup], int64_t b0, int64_t b1, float* wt,
+                          const uint8_t* ahead, const uint8_t* ahead_end) {
+    constexpr int n = Lanes::n;
+    const size_t step = static_cast<size_t>(ahead_end - ahead) / static_cast<size_t>(2 * (b1 - b0)) + 64;
+    for (int half = 0; half < kGroup; half += n) {
+        for (int64_t b = b0; b < b1; ++b) {
+            for (const uint8_t* end = std::min(ahead + step, ahead_end); ahead < end; ahead += 64) {
+                _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+            }
+            const size_t at = static_cast<size_t>(b) * kQ8Bytes;
+            uint16_t scale_bits[n];
+            for (int i = 0; i < n; ++i) std::memcpy(&scale_bits[i], rows[half + i] + at, sizeof(uint16_t));
+            const Lanes::V scale = Lanes::halves(scale_bits);
+            for (int c = 0; c < kQ8Block; c += n) {
+                Lanes::V r[n];
+                for (int i = 0; i < n; ++i) r[i] = Lanes::int8s(rows[half + i] + at + 2 + c);
+                Lanes::transpose(r);
+                float* col = wt + ((b - b0) * kQ8Block + c) * kGroup + half;
+                for (int k = 0; k < n; ++k) Lanes::store(col + k * kGroup, Lanes::mul(r[k], scale));
+            }
         }
     }
-    for (int i = 0; i < kRowTile; ++i)
-        for (int j = 0; j < NH; ++j) out[i][j] = Lanes::sum(acc[i][j]);
 }
-inline void dequantize_q8_0_row(const uint8_t* row, int64_t blocks, float* out) {
-    for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* q = row + static_cast<size_t>(b) * kQ8Bytes;
-        const float s = half_to_float(q);
-        for (int k = 0; k < kQ8Block; k += Lanes::n) Lanes::store(out + b * kQ8Block + k, Lanes::scaled_int8(s, q + 2 + k));
+
+// For NH rows of H: out[j * out_stride + i] (+)= sum over the chunk's columns k,
+// in order, of column k times h[j][k]. With `more`, the sums go on from what
+// out holds (the chunks before): one chain of multiply-adds per element.
+template <int NH>
+void group_dots(const float* wt, int64_t kc, const float* h, int64_t h_stride, float* out, int64_t out_stride,
+                bool more) {
+    Lanes::V lo[NH], hi[NH];
+    for (int j = 0; j < NH; ++j) {
+        lo[j] = more ? Lanes::load(out + j * out_stride) : Lanes::zero();
+        hi[j] = more ? Lanes::load(out + j * out_stride + Lanes::n) : Lanes::zero();
+    }
+    for (int64_t k = 0; k < kc; ++k) {
+        const Lanes::V w0 = Lanes::load(wt + k * kGroup), w1 = Lanes::load(wt + k * kGroup + Lanes::n);
+        for (int j = 0; j < NH; ++j) {
+            const Lanes::V hk = Lanes::broadcast(h + j * h_stride + k);
+            lo[j] = Lanes::fma(w0, hk, lo[j]);
+            hi[j] = Lanes::fma(w1, hk, hi[j]);
+        }
+    }
+    for (int j = 0; j < NH; ++j) {
+        Lanes::store(out + j * out_stride, lo[j]);
+        Lanes::store(out + j * out_stride + Lanes::n, hi[j]);
     }
 }
-#endif
 
-#if defined(SLOT_SIMD_ROWS)
+template <int NH>
+void group_dots_upto(int nh, const float* wt, int64_t kc, const float* h, int64_t h_stride, float* out,
+                     int64_t out_stride, bool more) {
+    if constexpr (NH > 1) {
+        if (nh < NH) return group_dots_upto<NH - 1>(nh, wt, kc, h, h_stride, out, out_stride, more);
+    }
+    group_dots<NH>(wt, kc, h, h_stride, out, out_stride, more);
+}
+
 void rows_product_op(ggml_tensor* dst, int ith, int nth, void*) {
-    const ggml_tensor* w = dst->src[0];
-    const ggml_tensor* hs = dst->src[1];
+    // W and H are the last two sources: after the destination itself when written in place.
+    const int first = dst->src[2] != nullptr ? 1 : 0;
+    const ggml_tensor* w = dst->src[first];
+    const ggml_tensor* hs = dst->src[first + 1];
     const int64_t d = w->ne[0], V = w->ne[1], n = hs->ne[1];
     const int64_t blocks = d / kQ8Block;
+    const size_t row_bytes = w->nb[1];
     const auto* wdata = static_cast<const uint8_t*>(w->data);
     const auto* h = static_cast<const float*>(hs->data);
     const int64_t h_stride = static_cast<int64_t>(hs->nb[1] / sizeof(float));
     auto* out = static_cast<float*>(dst->data);
     const int64_t out_stride = static_cast<int64_t>(dst->nb[1] / sizeof(float));
-    std::vector<float> wf(static_cast<size_t>(kRowTile * d), 0.0f);
-    const int64_t tiles = (V + kRowTile - 1) / kRowTile;
-    float part[kRowTile][kHTile];
-    for (int64_t t = tiles * ith / nth; t < tiles * (ith + 1) / nth; ++t) {
-        const int64_t v0 = t * kRowTile;
-        const int rows = static_cast<int>(std::min<int64_t>(kRowTile, V - v0));
-        for (int i = 0; i < rows; ++i) {
-            dequantize_q8_0_row(wdata + static_cast<size_t>(v0 + i) * w->nb[1], blocks, wf.data() + i * d);
+    std::vector<float> wt(static_cast<size_t>(kGroup * kQ8Block * kChunkBlocks));
+    const std::vector<uint8_t> zero_row(row_bytes, 0);  // stands in past the last row: scale 0
+    std::vector<float> part;  // a last group of fewer rows: its sums, kGroup per row of H
+    const int64_t groups = (V + kGroup - 1) / kGroup;
+    for (int64_t gi = groups * ith / nth; gi < groups * (ith + 1) / nth; ++gi) {
+        const int64_t v0 = gi * kGroup;
+        const int rows = static_cast<int>(std::min<int64_t>(kGroup, V - v0));
+        const uint8_t* row[kGroup];
+        for (int i = 0; i < kGroup; ++i) row[i] = i < rows ? wdata + static_cast<size_t>(v0 + i) * row_bytes : zero_row.data();
+        float* o = out + v0;
+        int64_t os = out_stride;
+        if (rows < kGroup) {
+            part.assign(static_cast<size_t>(n * kGroup), 0.0f);
+            o = part.data();
+            os = kGroup;
         }
-        for (int i = rows; i < kRowTile; ++i) std::fill(wf.begin() + i * d, wf.begin() + (i + 1) * d, 0.0f);
-        for (int64_t r = 0; r < n; r += kHTile) {
-            const int nh = static_cast<int>(std::min<int64_t>(kHTile, n - r));
-            const float* hr = h + r * h_stride;
-            switch (nh) {
-                case 6: tile_dots<6>(wf.data(), d, hr, h_stride, part); break;
-                case 5: tile_dots<5>(wf.data(), d, hr, h_stride, part); break;
-                case 4: tile_dots<4>(wf.data(), d, hr, h_stride, part); break;
-                case 3: tile_dots<3>(wf.data(), d, hr, h_stride, part); break;
-                case 2: tile_dots<2>(wf.data(), d, hr, h_stride, part); break;
-                default: tile_dots<1>(wf.data(), d, hr, h_stride, part); break;
+        // The next group's rows are prefetched a slice per chunk.
+        const uint8_t* next = wdata + static_cast<size_t>(v0 + kGroup) * row_bytes;
+        const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(kGroup, V - v0 - kGroup));
+        const size_t next_bytes = static_cast<size_t>(next_rows) * row_bytes;
+        for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
+            const int64_t b1 = std::min(blocks, b0 + kChunkBlocks);
+            const uint8_t* from = next + next_bytes * static_cast<size_t>(b0) / static_cast<size_t>(blocks);
+            const uint8_t* to = next + next_bytes * static_cast<size_t>(b1) / static_cast<size_t>(blocks);
+            transpose_group_q8_0(row, b0, b1, wt.data(), from, to);
+            const int64_t k0 = b0 * kQ8Block, kc = (b1 - b0) * kQ8Block;
+            for (int64_t r = 0; r < n; r += kHTile) {
+                const int nh = static_cast<int>(std::min<int64_t>(kHTile, n - r));
+                group_dots_upto<kHTile>(nh, wt.data(), kc, h + r * h_stride + k0, h_stride, o + r * os, os, b0 > 0);
             }
-            for (int j = 0; j < nh; ++j) {
-                float* o = out + (r + j) * out_stride + v0;
-                for (int i = 0; i < rows; ++i) o[i] = part[i][j];
-            }
+        }
+        if (rows < kGroup) {
+            for (int64_t j = 0; j < n; ++j) std::copy(o + j * kGroup, o + j * kGroup + rows, out + j * out_stride + v0);
         }
     }
 }
@@ -434,11 +530,12 @@ void softmax_rows_op(ggml_tensor* dst, int ith, int nth, void* userdata) {
         char* row = static_cast<char*>(dst->data) + r * dst->nb[1];
         float* y = bf16 ? staging.data() : reinterpret_cast<float*>(row);
         const float m = row_max(x, V);
+        const float target = x[job->targets[r]];  // read first: y may be x (in place)
         const double total = exp_shifted(x, m, V, y);
         const float scale = static_cast<float>(1.0 / total);
         for (int64_t i = 0; i < V; ++i) y[i] *= scale;
         if (bf16) ggml_fp32_to_bf16_row(y, reinterpret_cast<ggml_bf16_t*>(row), V);
-        job->target_logprob[r] = static_cast<double>(x[job->targets[r]]) - m - std::log(total);
+        job->target_logprob[r] = static_cast<double>(target) - m - std::log(total);
     }
 }
 
@@ -628,18 +725,22 @@ ggml_tensor* head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int
     return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], 1, 1, 1, args, 2, product_op, n_tasks, nullptr);
 }
 
-ggml_tensor* head_rows_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* h, int n_tasks) {
+ggml_tensor* head_rows_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* h, int n_tasks, ggml_tensor* into) {
     GGML_ASSERT(h->type == GGML_TYPE_F32 && h->ne[0] == w->ne[0] && h->nb[0] == sizeof(float));
+    GGML_ASSERT(into == nullptr || (into->type == GGML_TYPE_F32 && into->ne[0] == w->ne[1] && into->ne[1] == h->ne[1] &&
+                                    into->nb[0] == sizeof(float)));
 #if defined(SLOT_SIMD_ROWS)
     if (w->type == GGML_TYPE_Q8_0 && ggml_is_contiguous(w)) {  // rows of whole blocks: a multiple of the lanes
         check_q8_0_layout();
         ggml_tensor* args[] = {w, h};
+        if (into != nullptr) return ggml_custom_inplace(ctx, into, args, 2, rows_product_op, n_tasks, nullptr);
         return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], h->ne[1], 1, 1, args, 2, rows_product_op, n_tasks,
                               nullptr);
     }
 #endif
     (void)n_tasks;
-    return ggml_mul_mat(ctx, w, h);
+    ggml_tensor* z = ggml_mul_mat(ctx, w, h);
+    return into != nullptr ? ggml_cpy(ctx, z, into) : z;
 }
 
 ggml_tensor* transposed_head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* g, int n_parts) {

@@ -21,8 +21,11 @@ ggml_tensor* head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int
 // dequantises a few rows of W at a time and keeps H in float32, several times
 // the speed of ggml's int8 tiles for a prompt's rows and without rounding H
 // to 8 bits; each element is computed the same way whatever n is. Other
-// types and CPUs use ggml_mul_mat.
-ggml_tensor* head_rows_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* h, int n_tasks);
+// types and CPUs use ggml_mul_mat. With `into` (a float32 [n_vocab, n] view,
+// e.g. rows of a cache) the product is written there and the node returned
+// is a view of it.
+ggml_tensor* head_rows_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* h, int n_tasks,
+                               ggml_tensor* into = nullptr);
 
 // Partial sums of W^T g for W = [n_embd, n_vocab] (any ggml type) and g of
 // n_vocab floats: the result is [n_embd, n_parts], and W^T g is the sum of its

@@ -15,7 +15,8 @@ namespace slot {
 
 #define SLOT_KERNEL_DECLARATIONS                                                                               \
     ggml_tensor* head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int n_tasks);                 \
-    ggml_tensor* head_rows_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* h, int n_tasks);            \
+    ggml_tensor* head_rows_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* h, int n_tasks,             \
+                                   ggml_tensor* into);                                                         \
     ggml_tensor* transposed_head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* g, int n_parts);      \
     ggml_tensor* softmax_rows_from_host(ggml_context* ctx, ggml_tensor* dst, SoftmaxRowsJob* job);             \
     ggml_tensor* top_probabilities_from_host(ggml_context* ctx, int64_t rows, TopRowsJob* job);                \
@@ -93,8 +94,8 @@ Level level() {
 ggml_tensor* head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int n_tasks) {
     SLOT_DISPATCH(head_product(ctx, w, x, n_tasks))
 }
-ggml_tensor* head_rows_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* h, int n_tasks) {
-    SLOT_DISPATCH(head_rows_product(ctx, w, h, n_tasks))
+ggml_tensor* head_rows_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* h, int n_tasks, ggml_tensor* into) {
+    SLOT_DISPATCH(head_rows_product(ctx, w, h, n_tasks, into))
 }
 ggml_tensor* transposed_head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* g, int n_parts) {
     SLOT_DISPATCH(transposed_head_product(ctx, w, g, n_parts))

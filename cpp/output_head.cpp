@@ -153,10 +153,11 @@ void OutputHead::make_transposed_copy(const uint8_t* raw) {
     }
 }
 
-ggml_tensor* OutputHead::rows_product(ggml_context* ctx, ggml_tensor* h) const {
+ggml_tensor* OutputHead::rows_product(ggml_context* ctx, ggml_tensor* h, ggml_tensor* into) const {
     // slot_cpp's own product on the CPU (H kept in float32), ggml's elsewhere.
-    if (backend_.is_cpu() && !portable_ops()) return head_rows_product(ctx, weight_, h, backend_.n_threads());
-    return ggml_mul_mat(ctx, weight_, h);
+    if (backend_.is_cpu() && !portable_ops()) return head_rows_product(ctx, weight_, h, backend_.n_threads(), into);
+    ggml_tensor* z = ggml_mul_mat(ctx, weight_, h);
+    return into != nullptr ? ggml_cpy(ctx, z, into) : z;
 }
 
 ggml_tensor* OutputHead::product(ggml_context* ctx, ggml_tensor* x) const {

@@ -38,8 +38,9 @@ public:
     // partial sums [n_embd, parts] for g of n_vocab floats, which
     // read_transposed_product() adds up.
     ggml_tensor* product(ggml_context* ctx, ggml_tensor* x) const;
-    // W*H as [n_vocab, n] for n rows of H (float32 [n_embd, n]), without the bias.
-    ggml_tensor* rows_product(ggml_context* ctx, ggml_tensor* h) const;
+    // W*H as [n_vocab, n] for n rows of H (float32 [n_embd, n]), without the
+    // bias; written into `into` (float32 [n_vocab, n]) when given.
+    ggml_tensor* rows_product(ggml_context* ctx, ggml_tensor* h, ggml_tensor* into = nullptr) const;
     ggml_tensor* transposed_product(ggml_context* ctx, ggml_tensor* g) const;
     void read_transposed_product(ggml_tensor* partial, float* out) const;
     // Slabs for build_column_split_product: one per task on the CPU, one in all

@@ -48,6 +48,18 @@ std::vector<float> logit_bias(Session& s, const std::vector<float>& delta) {
     });
 }
 
+std::vector<float> head_logits(Session& s, const std::vector<float>& hidden) {
+    return s.with_model(nullptr, [&](Session::ModelAccess& m) {
+        OutputHead& h = m.head();
+        const auto d = static_cast<size_t>(h.n_embd());
+        if (hidden.empty() || hidden.size() % d != 0) throw std::invalid_argument("hidden must hold whole rows of n_embd floats");
+        const auto rows = static_cast<int64_t>(hidden.size() / d);
+        std::vector<float> z(static_cast<size_t>(rows) * static_cast<size_t>(h.n_vocab()));
+        h.logits(hidden.data(), rows, z.data());
+        return z;
+    });
+}
+
 void prompt_states(Session& s, const std::vector<int32_t>& tokens, std::vector<float>& hidden,
                    std::vector<float>& logits, const InterruptCheck& interrupted) {
     s.with_model("prompt_states", [&](Session::ModelAccess& m) {

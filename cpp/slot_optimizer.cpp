@@ -230,6 +230,19 @@ void SlotProblem::add_run(int first, int c, const float* logits, const float* hi
         add_logits_run(first, c, logits);
         return;
     }
+    if (!bounded_ && cache_type_ == GGML_TYPE_F32 && !head_.has_bias()) {
+        // The logits written straight into the cache rows, then turned into
+        // probabilities in place: one graph, no buffer of logits.
+        const size_t offset = p0_tensor_->nb[1] * static_cast<size_t>(first);
+        SoftmaxRowsJob job{reinterpret_cast<const float*>(static_cast<const char*>(p0_tensor_->data) + offset),
+                           targets_.data() + first, target_logp0_.data() + first};
+        GraphBuilder g(6);
+        ggml_tensor* h = g.input(GGML_TYPE_F32, d_, c);
+        ggml_tensor* rows = ggml_view_2d(g.ctx, p0_tensor_, V_, c, p0_tensor_->nb[1], offset);
+        g.output(softmax_rows_from_host(g.ctx, head_.rows_product(g.ctx, h, rows), &job));
+        head_.backend().run(g, "prompt logits and softmax", {{h, hidden}});
+        return;
+    }
     // The logits from the hidden states, kOwnRows rows at a time.
     constexpr int kOwnRows = 32;
     own_logits_.resize(static_cast<size_t>(std::min(c, kOwnRows)) * static_cast<size_t>(V_));

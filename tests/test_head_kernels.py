@@ -79,3 +79,26 @@ def test_slot_loss_and_gradient_on_a_q8_head(q8):
     loss, grad = probes.slot_loss_and_gradient(model, tokens, delta, recompute=False)
     assert loss == pytest.approx(want_loss, rel=loss_tol)
     assert np.linalg.norm(grad - want_grad) / np.linalg.norm(want_grad) < grad_tol
+
+
+def test_prompt_logits_are_exact_and_batch_invariant(tiny_q8_head):
+    """SLOT's own prompt logits on the CPU: W h in float32 within 1e-5 of float64, and each row's
+    logits bit for bit the same whether it is computed alone or among others (37 rows: neither a
+    multiple of the kernel's tiles of rows nor of its groups of vocabulary rows, 50257)."""
+    path, model = tiny_q8_head
+    assert model.slot_backend == "CPU (CPU head kernels)"
+    reader = gguf.GGUFReader(str(path))
+    head = next(t for t in reader.tensors if t.name == "output.weight")
+    weight = gguf.quants.dequantize(np.asarray(head.data), head.tensor_type).astype(np.float64)
+    rng = np.random.default_rng(3)
+    hidden = rng.standard_normal((37, weight.shape[1])).astype(np.float32)
+    together = probes.head_logits(model, hidden)
+    want = hidden.astype(np.float64) @ weight.T
+    assert together.shape == want.shape
+    assert np.abs(together - want).max() <= 1e-5 * np.abs(want).max()
+    for rows in (hidden[:1], hidden[5:18], hidden[36:]):
+        alone = probes.head_logits(model, rows)
+        first = int(np.flatnonzero((hidden == rows[0]).all(axis=1))[0])
+        np.testing.assert_array_equal(alone, together[first:first + len(rows)])
+    with pytest.raises(ValueError, match="shape"):
+        probes.head_logits(model, hidden[:, :-1])

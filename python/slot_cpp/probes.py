@@ -69,6 +69,20 @@ def logit_bias(model: Model, delta: np.ndarray) -> np.ndarray:
     return model.native_session().logit_bias(opts.check_delta(delta, model.n_embd))
 
 
+def head_logits(model: Model, hidden: np.ndarray) -> np.ndarray:
+    """W h for each row of final hidden states ([rows, n_embd]), as SLOT's prompt stage computes
+    its logits: [rows, n_vocab]."""
+    arr = np.asarray(hidden)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"hidden must be a floating-point array, got dtype {arr.dtype}")
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] != model.n_embd:
+        raise ValueError(f"hidden must have shape (rows, {model.n_embd}) with rows >= 1, got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("hidden contains NaN or infinite values")
+    z = model.native_session().head_logits(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1))
+    return z.reshape(arr.shape[0], -1)
+
+
 def token_logprobs(model: Model, tokens: Sequence[int], first: int, delta: Optional[np.ndarray] = None) -> np.ndarray:
     """log p(tokens[i] | tokens[:i]) for i >= first, under delta's logit bias if given."""
     toks = model.check_tokens(tokens)
