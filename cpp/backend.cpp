@@ -1,8 +1,13 @@
 #include "backend.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <fstream>
 #include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cpu_variant.h"
 #include "errors.h"
@@ -88,8 +93,18 @@ int64_t ComputeBackend::available_memory() const {
     return static_cast<int64_t>(free);
 }
 
-ComputeBackend::~ComputeBackend() {
+void ComputeBackend::free_reusable() {
     if (reusable_ != nullptr) ggml_backend_buffer_free(reusable_);
+    reusable_ = nullptr;
+#if defined(__linux__)
+    if (reusable_pages_ != nullptr) munmap(reusable_pages_, reusable_pages_bytes_);
+#endif
+    reusable_pages_ = nullptr;
+    reusable_pages_bytes_ = 0;
+}
+
+ComputeBackend::~ComputeBackend() {
+    free_reusable();
     ggml_gallocr_free(galloc_);
     ggml_backend_free(backend_);
 }
@@ -117,10 +132,33 @@ void ComputeBackend::allocate_reusable(StaticTensors& tensors, const char* what)
         size_t size = need;
         if (reusable_ != nullptr) {
             size = std::min(kMaxReusableBytes, std::max(need, ggml_backend_buffer_get_size(reusable_) * 2));
-            ggml_backend_buffer_free(reusable_);
-            reusable_ = nullptr;
+            free_reusable();
         }
-        reusable_ = ggml_backend_alloc_buffer(backend_, size);
+#if defined(__linux__)
+        if (is_cpu_) {
+            // Whole 2 MiB pages, which the kernel may back with huge pages
+            // (transparent huge pages in "madvise" or "always" mode): a fault
+            // per 2 MiB instead of per 4 KiB, and fewer TLB misses in the
+            // passes over the buffer.
+            constexpr size_t kHuge = size_t(2) << 20;
+            const size_t bytes = (size + kHuge - 1) / kHuge * kHuge;
+            const size_t mapped = bytes + kHuge;  // room to start on a 2 MiB boundary
+            void* p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (p != MAP_FAILED) {
+                const uintptr_t at = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) / kHuge * kHuge;
+                void* start = reinterpret_cast<void*>(at);
+                madvise(start, bytes, MADV_HUGEPAGE);  // advice only: 4 KiB pages if refused
+                reusable_ = ggml_backend_cpu_buffer_from_ptr(start, bytes);
+                if (reusable_ == nullptr) {
+                    munmap(p, mapped);
+                } else {
+                    reusable_pages_ = p;
+                    reusable_pages_bytes_ = mapped;
+                }
+            }
+        }
+#endif
+        if (reusable_ == nullptr) reusable_ = ggml_backend_alloc_buffer(backend_, size);
         if (reusable_ == nullptr) throw Error(std::string("out of memory allocating ") + what);
     }
     if (ggml_backend_tensor_alloc(reusable_, t, ggml_backend_buffer_get_base(reusable_)) != GGML_STATUS_SUCCESS) {

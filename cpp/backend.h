@@ -77,7 +77,8 @@ public:
     // The same for a single tensor rewritten for every prompt (a SLOT
     // problem's P0): it goes in a buffer the backend keeps between uses, when that is
     // free and the tensor is at most kMaxReusableBytes. Fresh memory costs a
-    // page fault per 4 KiB page when first written, about as much as the write.
+    // page fault per page when first written: 4 KiB pages cost about as much
+    // as the write, so on Linux the CPU's buffer asks for 2 MiB pages.
     void allocate_reusable(StaticTensors& tensors, const char* what);
     static constexpr size_t kMaxReusableBytes = size_t(256) << 20;
     // Checks that the backend supports every op of the graph (an unsupported op
@@ -99,6 +100,11 @@ private:
     std::mutex reusable_mutex_;
     ggml_backend_buffer_t reusable_ = nullptr;
     bool reusable_in_use_ = false;
+    // The reusable buffer's memory on the CPU where it is ours (Linux: an
+    // anonymous mapping in transparent huge pages), unmapped with it.
+    void* reusable_pages_ = nullptr;
+    size_t reusable_pages_bytes_ = 0;
+    void free_reusable();
 };
 
 }  // namespace slot

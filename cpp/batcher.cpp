@@ -420,8 +420,13 @@ void Batcher::advance(Lane& lane, const float* logits, const float* hidden, Batc
     const RequestState& st = state_of(g);
     GenerationResult& res = g.job->results[static_cast<size_t>(lane.result)];
     const int64_t V = e_.n_vocab();
-    const float* z = staged(st, logits, hidden);
     const bool want_logprobs = req.logprobs || req.top_logprobs > 0;
+    // A SLOT delta's bias alone (no grammar, no logprobs): the sampler adds it
+    // as it reads the logits, with no staged copy.
+    const auto* bias = st.stages.size() == 1 && !lane.grammar && !want_logprobs
+                           ? dynamic_cast<const BiasStage*>(st.stages.front().get())
+                           : nullptr;
+    const float* z = bias != nullptr ? logits : staged(st, logits, hidden);
     int32_t tok;
     if (lane.grammar) {
         tok = constrained_draw(lane, z, st.context.size());
@@ -432,7 +437,7 @@ void Batcher::advance(Lane& lane, const float* logits, const float* hidden, Batc
             z = masked_.data();
         }
     } else {
-        tok = lane.sampler->sample(z, nullptr, lane.history, st.context.size());
+        tok = lane.sampler->sample(z, bias != nullptr ? bias->values() : nullptr, lane.history, st.context.size());
     }
     lane.sampled = tok;
     if (!req.ignore_eos && e_.is_eog(tok)) return finish(lane, "eos", ev);

@@ -84,7 +84,26 @@ Sampler::Sampler(const SamplingParams& params, int64_t n_vocab)
 
 int32_t Sampler::sample(const float* logits, const float* bias, const std::vector<int32_t>& history,
                         size_t first_generated) {
+    if (params_.temperature == 0.0 && !penalises(history, first_generated)) {
+        // Greedy without penalties: the first maximum of logits (+ bias) in one
+        // pass, each sum the same float as in penalised(), nothing copied.
+        int32_t best = 0;
+        float best_z = bias != nullptr ? logits[0] + bias[0] : logits[0];
+        for (int64_t v = 1; v < n_vocab_; ++v) {
+            const float z = bias != nullptr ? logits[v] + bias[v] : logits[v];
+            if (best_z < z) {
+                best_z = z;
+                best = static_cast<int32_t>(v);
+            }
+        }
+        return best;
+    }
     return draw(penalised(logits, bias, history, first_generated));
+}
+
+bool Sampler::penalises(const std::vector<int32_t>& history, size_t first_generated) const {
+    return (params_.repeat_penalty != 1.0 && params_.repeat_last_n > 0 && !history.empty()) ||
+           ((params_.presence_penalty != 0.0 || params_.frequency_penalty != 0.0) && first_generated < history.size());
 }
 
 float* Sampler::penalised(const float* logits, const float* bias, const std::vector<int32_t>& history,

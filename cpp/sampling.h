@@ -58,6 +58,7 @@ public:
     void apply(const StageInput& in, float* logits) const override;
     // dst = src + bias in one pass over the vocabulary, not a copy and then a sum.
     void apply_from(const StageInput& in, const float* src, float* dst) const override;
+    const float* values() const { return bias_.data(); }
 
 private:
     std::vector<float> bias_;
@@ -108,6 +109,7 @@ public:
     const SamplingParams& params() const { return params_; }
 
 private:
+    bool penalises(const std::vector<int32_t>& history, size_t first_generated) const;
     SamplingParams params_;
     int64_t n_vocab_;
     std::mt19937_64 rng_;

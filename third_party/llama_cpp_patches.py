@@ -17,6 +17,12 @@ faster int8 tiles: with VNNI (AVX512-VNNI or AVX-VNNI), sgemm's 4xN tiles of
 take a + 128 as unsigned bytes times b in one dpbusd, from int32 lanes that
 start at -128 * sum(b), instead of |a| times sign(b, a): the same lanes, so
 the same results bit for bit, in fewer instructions.
+
+logits left in the graph: a llama_context can be told to keep no logits
+(llama_set_logits_copy), for batches whose graph an eval callback stops
+before the output head: its output buffer then holds no n_outputs * n_vocab
+floats (cleared, so faulted in, on every growth) and nothing that was never
+computed is copied into it.
 """
 
 from __future__ import annotations
@@ -84,6 +90,30 @@ EDITS: tuple[tuple[str, str, str], ...] = (
     ("ggml/src/ggml-cpu/llamafile/sgemm.cpp",
      '                for (int64_t j = 0; j < RN; ++j) {\n                        __m128 db = _mm_set1_ps(unhalf(B[ldb * (jj + j) + l].d));\n                        // Computation of product of delta values for four blocks and replicate it across 256 bit lane\n                        __m256 dvec =  _mm256_castps128_ps256(_mm_mul_ps(da, db));\n                        dvec = _mm256_permute2f128_ps(dvec ,dvec, 0);\n                        // Computation of dot product and multiplication with appropriate delta value products\n                        Cv[j][0] = madd(_mm256_shuffle_ps(dvec, dvec, 0),\n                                    updot(_mm256_sign_epi8(avec0, avec0),\n                                          _mm256_sign_epi8(load(B + ldb * (jj + j) + l), avec0)),\n                                    Cv[j][0]);\n',
      '#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)\n                // a + 128 (unsigned) times b, from lanes that start at -128 * sum(b): the same\n                // int32 lanes as |a| times sign(b, a), in one instruction instead of three.\n                const __m256i flip = _mm256_set1_epi8((char)0x80);\n                const __m256i au0 = _mm256_xor_si256(avec0, flip);\n                const __m256i au1 = _mm256_xor_si256(avec1, flip);\n                const __m256i au2 = _mm256_xor_si256(avec2, flip);\n                const __m256i au3 = _mm256_xor_si256(avec3, flip);\n                for (int64_t j = 0; j < RN; ++j) {\n                        __m128 db = _mm_set1_ps(unhalf(B[ldb * (jj + j) + l].d));\n                        __m256 dvec =  _mm256_castps128_ps256(_mm_mul_ps(da, db));\n                        dvec = _mm256_permute2f128_ps(dvec ,dvec, 0);\n                        const __m256i bvec = load(B + ldb * (jj + j) + l);\n                        const __m256i base = _mm256_sub_epi32(_mm256_setzero_si256(),\n                                                              SLOT_DPBUSD(_mm256_setzero_si256(), flip, bvec));\n                        Cv[j][0] = madd(_mm256_shuffle_ps(dvec, dvec, 0),\n                                        _mm256_cvtepi32_ps(SLOT_DPBUSD(base, au0, bvec)), Cv[j][0]);\n                        Cv[j][1] = madd(_mm256_shuffle_ps(dvec, dvec, 85),\n                                        _mm256_cvtepi32_ps(SLOT_DPBUSD(base, au1, bvec)), Cv[j][1]);\n                        Cv[j][2] = madd(_mm256_shuffle_ps(dvec, dvec, 170),\n                                        _mm256_cvtepi32_ps(SLOT_DPBUSD(base, au2, bvec)), Cv[j][2]);\n                        Cv[j][3] = madd(_mm256_shuffle_ps(dvec, dvec, 255),\n                                        _mm256_cvtepi32_ps(SLOT_DPBUSD(base, au3, bvec)), Cv[j][3]);\n                }\n                if (false)  // the loop without VNNI\n#endif\n                for (int64_t j = 0; j < RN; ++j) {\n                        __m128 db = _mm_set1_ps(unhalf(B[ldb * (jj + j) + l].d));\n                        // Computation of product of delta values for four blocks and replicate it across 256 bit lane\n                        __m256 dvec =  _mm256_castps128_ps256(_mm_mul_ps(da, db));\n                        dvec = _mm256_permute2f128_ps(dvec ,dvec, 0);\n                        // Computation of dot product and multiplication with appropriate delta value products\n                        Cv[j][0] = madd(_mm256_shuffle_ps(dvec, dvec, 0),\n                                    updot(_mm256_sign_epi8(avec0, avec0),\n                                          _mm256_sign_epi8(load(B + ldb * (jj + j) + l), avec0)),\n                                    Cv[j][0]);\n'),
+    ("include/llama.h",
+     "    LLAMA_API void llama_set_cpu_use_ref(struct llama_context * ctx, bool use_ref);\n",
+     "    LLAMA_API void llama_set_cpu_use_ref(struct llama_context * ctx, bool use_ref);\n\n"
+     "    // Whether llama_decode keeps logits, copied out of the graph (true by default)\n"
+     "    LLAMA_API void llama_set_logits_copy(struct llama_context * ctx, bool copy);\n"),
+    ("src/llama-context.h",
+     "    void set_cpu_use_ref(bool use_ref);\n",
+     "    void set_cpu_use_ref(bool use_ref);\n"
+     "    void set_logits_copy(bool copy);\n"
+     "    bool logits_copy = true;\n"),
+    ("src/llama-context.cpp",
+     "void llama_set_cpu_use_ref(llama_context * ctx, bool use_ref) {\n    ctx->set_cpu_use_ref(use_ref);\n}\n",
+     "void llama_set_cpu_use_ref(llama_context * ctx, bool use_ref) {\n    ctx->set_cpu_use_ref(use_ref);\n}\n\n"
+     "void llama_set_logits_copy(llama_context * ctx, bool copy) {\n    ctx->set_logits_copy(copy);\n}\n"),
+    ("src/llama-context.cpp",
+     "void llama_context::set_cpu_use_ref(bool use_ref) {\n",
+     "void llama_context::set_logits_copy(bool copy) {\n    logits_copy = copy;\n}\n\n"
+     "void llama_context::set_cpu_use_ref(bool use_ref) {\n"),
+    ("src/llama-context.cpp",
+     "    bool has_logits     = true;\n    bool has_embd       = cparams.embeddings;\n",
+     "    bool has_logits     = logits_copy;\n    bool has_embd       = cparams.embeddings;\n"),
+    ("src/llama-context.cpp",
+     "        if (logits.data && t_logits && n_outputs > 0 && needs_raw_logits(ubatch, sampling.samplers)) {\n",
+     "        if (logits_copy && logits.data && t_logits && n_outputs > 0 && needs_raw_logits(ubatch, sampling.samplers)) {\n"),
 )
 
 
