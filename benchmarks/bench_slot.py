@@ -4,7 +4,10 @@
     python benchmarks/bench_slot.py --data ../shared/data/gsm8k/train.jsonl --prompts 8
 
 Writes benchmarks/results/bench_slot.json and .md. Not a test: numbers depend
-on the machine; ratios are taken within the run.
+on the machine; ratios are taken within the run. Each prompt runs every mode
+from an empty prompt cache, in forward order on even prompts and backward on
+odd ones, so that a drift in the machine's speed during the run falls on
+every mode alike.
 """
 
 from __future__ import annotations
@@ -117,11 +120,15 @@ def run(args: argparse.Namespace) -> dict:
         model.generate(warm_up, max_tokens=4)
         model.generate_with_slot(warm_up, steps=1, max_tokens=1)
         common = dict(max_tokens=args.max_tokens, ignore_eos=True)
-        for prompt in prompts:
-            for name, kwargs in (("plain", dict(steps=0)),
-                                 ("slot_cached", dict(steps=args.steps, lr=args.lr)),
-                                 ("slot_recompute", dict(steps=args.steps, lr=args.lr, recompute=True)),
-                                 ("slot_auto", dict(steps=args.steps, lr="auto"))):
+        modes = (("plain", dict(steps=0)),
+                 ("slot_cached", dict(steps=args.steps, lr=args.lr)),
+                 ("slot_recompute", dict(steps=args.steps, lr=args.lr, recompute=True)),
+                 ("slot_auto", dict(steps=args.steps, lr="auto")))
+        for i, prompt in enumerate(prompts):
+            # Forward order on even prompts, backward on odd ones: a drift in the
+            # machine's speed during the run falls on every mode alike.
+            for name, kwargs in (modes if i % 2 == 0 else modes[::-1]):
+                model.clear_cache()  # every run evaluates its prompt whole
                 r = model.generate_with_slot(prompt, **kwargs, **common)
                 rows[name].append(dict(prompt_tokens=r.prompt_tokens, prefill=r.timings.prefill,
                                        optimise=r.timings.optimise, generate=r.timings.generate,
