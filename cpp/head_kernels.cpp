@@ -339,15 +339,19 @@ constexpr int64_t kChunkBlocks = 32 * 1024 / (kGroup * kQ8Block * static_cast<in
 // Blocks [b0, b1) of the group's rows (Q8_0, `rows[i]` for row i) as columns:
 // wt[(k - 32 * b0) * kGroup + i] = scale * q of row i at column k, the same
 // float32 product as a row-wise dequantisation. [ahead, ahead_end) is
-// prefetched along the way.
+// prefetched along the way (nothing when ahead is null).
 void transpose_group_q8_0(const uint8_t* const rows[kGroup], int64_t b0, int64_t b1, float* wt,
                           const uint8_t* ahead, const uint8_t* ahead_end) {
     constexpr int n = Lanes::n;
-    const size_t step = static_cast<size_t>(ahead_end - ahead) / static_cast<size_t>(2 * (b1 - b0)) + 64;
+    // Whole cache lines, from the one that holds `ahead`, a share per block.
+    const uintptr_t first_line = reinterpret_cast<uintptr_t>(ahead) & ~uintptr_t(63);
+    const size_t bytes = ahead == nullptr ? 0 : static_cast<size_t>(reinterpret_cast<uintptr_t>(ahead_end) - first_line);
+    const size_t share = bytes / static_cast<size_t>(2 * (b1 - b0)) + 64;
+    size_t done = 0;
     for (int half = 0; half < kGroup; half += n) {
         for (int64_t b = b0; b < b1; ++b) {
-            for (const uint8_t* end = std::min(ahead + step, ahead_end); ahead < end; ahead += 64) {
-                _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+            for (const size_t end = std::min(done + share, bytes); done < end; done += 64) {
+                _mm_prefetch(reinterpret_cast<const char*>(first_line + done), _MM_HINT_T0);
             }
             const size_t at = static_cast<size_t>(b) * kQ8Bytes;
             uint16_t scale_bits[n];
@@ -427,14 +431,14 @@ void rows_product_op(ggml_tensor* dst, int ith, int nth, void*) {
             o = part.data();
             os = kGroup;
         }
-        // The next group's rows are prefetched a slice per chunk.
-        const uint8_t* next = wdata + static_cast<size_t>(v0 + kGroup) * row_bytes;
+        // The next group's rows (none after the last group) are prefetched a slice per chunk.
         const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(kGroup, V - v0 - kGroup));
+        const uint8_t* next = next_rows > 0 ? wdata + static_cast<size_t>(v0 + kGroup) * row_bytes : nullptr;
         const size_t next_bytes = static_cast<size_t>(next_rows) * row_bytes;
         for (int64_t b0 = 0; b0 < blocks; b0 += kChunkBlocks) {
             const int64_t b1 = std::min(blocks, b0 + kChunkBlocks);
-            const uint8_t* from = next + next_bytes * static_cast<size_t>(b0) / static_cast<size_t>(blocks);
-            const uint8_t* to = next + next_bytes * static_cast<size_t>(b1) / static_cast<size_t>(blocks);
+            const uint8_t* from = next == nullptr ? nullptr : next + next_bytes * static_cast<size_t>(b0) / static_cast<size_t>(blocks);
+            const uint8_t* to = next == nullptr ? nullptr : next + next_bytes * static_cast<size_t>(b1) / static_cast<size_t>(blocks);
             transpose_group_q8_0(row, b0, b1, wt.data(), from, to);
             const int64_t k0 = b0 * kQ8Block, kc = (b1 - b0) * kQ8Block;
             for (int64_t r = 0; r < n; r += kHTile) {

@@ -18,10 +18,11 @@ ggml_tensor* head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* x, int
 
 // W*H for W = [n_embd, n_vocab] and n rows of H (float32 [n_embd, n]): the
 // logits [n_vocab, n]. For a Q8_0 head on x86 (AVX2 or AVX-512) a custom op
-// dequantises a few rows of W at a time and keeps H in float32, several times
-// the speed of ggml's int8 tiles for a prompt's rows and without rounding H
-// to 8 bits; each element is computed the same way whatever n is. Other
-// types and CPUs use ggml_mul_mat. With `into` (a float32 [n_vocab, n] view,
+// dequantises and transposes groups of rows of W and keeps H in float32, its
+// lanes running over vocabulary rows: several times the speed of ggml's int8
+// tiles for a prompt's rows, without rounding H to 8 bits, and each element
+// one chain of multiply-adds in column order whatever n is. Other types and
+// CPUs use ggml_mul_mat. With `into` (a float32 [n_vocab, n] view,
 // e.g. rows of a cache) the product is written there and the node returned
 // is a view of it.
 ggml_tensor* head_rows_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* h, int n_tasks,
@@ -33,8 +34,9 @@ ggml_tensor* head_rows_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* h
 ggml_tensor* transposed_head_product(ggml_context* ctx, ggml_tensor* w, ggml_tensor* g, int n_parts);
 
 // The prompt rows of a SlotProblem's P0: `count` rows of logits in host memory
-// (src, row-major, n_vocab floats each) become probabilities in `dst` (rows of
-// a CPU tensor), and each row's log-probability of its target token is
+// (src, row-major, n_vocab floats each; may be dst's own float32 rows, turned
+// into probabilities in place) become probabilities in `dst` (rows of a CPU
+// tensor), and each row's log-probability of its target token is
 // written to target_logprob (computed from the logits, so it does not
 // underflow). One pass fewer over the rows than a copy and ggml_soft_max.
 struct SoftmaxRowsJob {

@@ -21,8 +21,9 @@ std::string slot_backend(Session& s);
 std::vector<float> output_matrix(Session& s);  // n_vocab x n_embd
 // SLOT's logit bias W*delta.
 std::vector<float> logit_bias(Session& s, const std::vector<float>& delta);
-// W h for rows of final hidden states (n_embd floats each), as SLOT's prompt
-// stage computes its logits on this backend: rows x n_vocab.
+// W h (+ the head's bias) for rows of final hidden states (n_embd floats each)
+// by SLOT's own head product (its prompt logits on a CPU backend without
+// adapters): rows x n_vocab.
 std::vector<float> head_logits(Session& s, const std::vector<float>& hidden);
 // Every position's logits and final normed hidden state.
 void prompt_states(Session& s, const std::vector<int32_t>& tokens, std::vector<float>& hidden,

@@ -114,6 +114,7 @@ float* Sampler::penalised(const float* logits, const float* bias, const std::vec
     } else {
         std::copy(logits, logits + n_vocab_, z);
     }
+    if (!penalises(history, first_generated)) return z;
     if (params_.repeat_penalty != 1.0 && params_.repeat_last_n > 0 && !history.empty()) {
         const size_t from = history.size() > static_cast<size_t>(params_.repeat_last_n)
                                 ? history.size() - static_cast<size_t>(params_.repeat_last_n) : 0;

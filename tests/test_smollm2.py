@@ -109,3 +109,29 @@ def test_loss_on_user_content_masks_the_template(smol):
         model.generate_with_slot("raw text", steps=1, max_tokens=1, loss_on="user")
     with pytest.raises(ValueError, match="loss_on"):
         model.generate_with_slot(QUESTION, steps=1, max_tokens=1, loss_on="answer")
+
+
+def test_prompt_logits_batch_by_batch_and_chunk_by_chunk(smollm2_path):
+    """SLOT writes each batch's prompt logits into its cache rows and normalises them there. With a
+    budget that takes the prompt 10 rows at a time (rows written at offsets) it learns bit for bit
+    the delta of one whole batch (deterministic mode: llama.cpp's states do not depend on the
+    batches either). SmolLM2's 576-wide states also take the head product over several column
+    chunks, carried on from chunk to chunk: exact and the same for a row alone."""
+    with slot_cpp.Model(smollm2_path, n_ctx=512, n_parallel=1, deterministic=True) as model:
+        ids = model.tokenize("Question: A shop sells 7 pens for 3 dollars each and 2 books for 11 dollars "
+                             "each. What is the total cost? Answer: 7 * 3 = 21 and 2 * 11 = 22.")
+        assert len(ids) > 30
+        common = dict(prompt_token_ids=ids, steps=3, lr=0.05, max_tokens=0, cache_prompt=False,
+                      cache_precision="float32")
+        whole = model.generate_with_slot("", **common)
+        batched = model.generate_with_slot("", memory_budget=16 << 20, **common)  # 10 rows a batch
+        assert whole.slot_path == batched.slot_path == "cached"
+        np.testing.assert_array_equal(batched.losses, whole.losses)
+        np.testing.assert_array_equal(batched.delta, whole.delta)
+
+        hidden, _ = probes.prompt_states(model, ids)
+        weight = probes.output_matrix(model).astype(np.float64)
+        together = probes.head_logits(model, hidden)
+        want = hidden.astype(np.float64) @ weight.T
+        assert np.abs(together - want).max() <= 1e-5 * np.abs(want).max()
+        np.testing.assert_array_equal(probes.head_logits(model, hidden[7:8]), together[7:8])

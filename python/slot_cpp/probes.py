@@ -70,8 +70,9 @@ def logit_bias(model: Model, delta: np.ndarray) -> np.ndarray:
 
 
 def head_logits(model: Model, hidden: np.ndarray) -> np.ndarray:
-    """W h for each row of final hidden states ([rows, n_embd]), as SLOT's prompt stage computes
-    its logits: [rows, n_vocab]."""
+    """W h (+ the head's bias) for each row of final hidden states ([rows, n_embd]): [rows,
+    n_vocab], by SLOT's own head product, which gives SLOT's prompt logits on a CPU backend
+    without LoRA adapters (elsewhere SLOT takes llama.cpp's)."""
     arr = np.asarray(hidden)
     if not np.issubdtype(arr.dtype, np.floating):
         raise TypeError(f"hidden must be a floating-point array, got dtype {arr.dtype}")
