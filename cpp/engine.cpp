@@ -531,18 +531,20 @@ void Engine::append(int seq, const std::vector<int32_t>& tokens, Outputs outputs
             batch.seq_id[i][0] = seq;
             batch.logits[i] = (all_positions || (outputs == Outputs::Last && start + i == n - 1)) ? 1 : 0;
         }
-        // Stopped at the final norm, the graph computes no logits: none are copied out either.
-        stop_at_norm_ = hidden_only;
-        llama_set_logits_copy(ctx_.get(), !hidden_only);
-        try {
+        {
+            // Stopped at the final norm, the graph computes no logits: none are
+            // kept either. Both undone on leaving, by an exception too.
+            struct HiddenOnlyGuard {
+                Engine* e;
+                ~HiddenOnlyGuard() {
+                    e->stop_at_norm_ = false;
+                    llama_set_logits_copy(e->ctx_.get(), true);
+                }
+            } guard{this};
+            stop_at_norm_ = hidden_only;
+            llama_set_logits_copy(ctx_.get(), !hidden_only);
             decode_with_room(batch, make_room, interrupted, "the prompt");
-        } catch (...) {
-            stop_at_norm_ = false;
-            llama_set_logits_copy(ctx_.get(), true);
-            throw;
         }
-        stop_at_norm_ = false;
-        llama_set_logits_copy(ctx_.get(), true);
         held.insert(held.end(), tokens.begin() + start, tokens.begin() + start + count);
         if (all_positions && sink) {
             const float* logits = hidden_only ? nullptr : llama_get_logits(ctx_.get());

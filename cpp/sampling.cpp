@@ -84,7 +84,7 @@ Sampler::Sampler(const SamplingParams& params, int64_t n_vocab)
 
 int32_t Sampler::sample(const float* logits, const float* bias, const std::vector<int32_t>& history,
                         size_t first_generated) {
-    if (params_.temperature == 0.0 && !penalises(history, first_generated)) {
+    if (params_.temperature == 0.0 && !repeats(history) && !counts(history, first_generated)) {
         // Greedy without penalties: the first maximum of logits (+ bias) in one
         // pass, each sum the same float as in penalised(), nothing copied.
         int32_t best = 0;
@@ -101,9 +101,12 @@ int32_t Sampler::sample(const float* logits, const float* bias, const std::vecto
     return draw(penalised(logits, bias, history, first_generated));
 }
 
-bool Sampler::penalises(const std::vector<int32_t>& history, size_t first_generated) const {
-    return (params_.repeat_penalty != 1.0 && params_.repeat_last_n > 0 && !history.empty()) ||
-           ((params_.presence_penalty != 0.0 || params_.frequency_penalty != 0.0) && first_generated < history.size());
+bool Sampler::repeats(const std::vector<int32_t>& history) const {
+    return params_.repeat_penalty != 1.0 && params_.repeat_last_n > 0 && !history.empty();
+}
+
+bool Sampler::counts(const std::vector<int32_t>& history, size_t first_generated) const {
+    return (params_.presence_penalty != 0.0 || params_.frequency_penalty != 0.0) && first_generated < history.size();
 }
 
 float* Sampler::penalised(const float* logits, const float* bias, const std::vector<int32_t>& history,
@@ -114,8 +117,7 @@ float* Sampler::penalised(const float* logits, const float* bias, const std::vec
     } else {
         std::copy(logits, logits + n_vocab_, z);
     }
-    if (!penalises(history, first_generated)) return z;
-    if (params_.repeat_penalty != 1.0 && params_.repeat_last_n > 0 && !history.empty()) {
+    if (repeats(history)) {
         const size_t from = history.size() > static_cast<size_t>(params_.repeat_last_n)
                                 ? history.size() - static_cast<size_t>(params_.repeat_last_n) : 0;
         std::unordered_set<int32_t> seen(history.begin() + static_cast<ptrdiff_t>(from), history.end());
@@ -125,7 +127,7 @@ float* Sampler::penalised(const float* logits, const float* bias, const std::vec
             z[t] = z[t] > 0.0f ? z[t] / pen : z[t] * pen;
         }
     }
-    if ((params_.presence_penalty != 0.0 || params_.frequency_penalty != 0.0) && first_generated < history.size()) {
+    if (counts(history, first_generated)) {
         std::unordered_map<int32_t, int> counts;
         for (size_t i = first_generated; i < history.size(); ++i) ++counts[history[i]];
         for (const auto& [t, count] : counts) {

@@ -109,7 +109,9 @@ public:
     const SamplingParams& params() const { return params_; }
 
 private:
-    bool penalises(const std::vector<int32_t>& history, size_t first_generated) const;
+    // Whether the repetition penalty, and the presence and frequency penalties, apply now.
+    bool repeats(const std::vector<int32_t>& history) const;
+    bool counts(const std::vector<int32_t>& history, size_t first_generated) const;
     SamplingParams params_;
     int64_t n_vocab_;
     std::mt19937_64 rng_;
